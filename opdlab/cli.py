@@ -1,0 +1,157 @@
+"""The `opdlab` command: fit / validate / test (LightningCLI), plus toy and plugins.
+
+    opdlab fit --config configs/ta_opd.yaml        train (builds the toy models on first use)
+    opdlab fit --config configs/ta_opd.yaml --print_config   show every option with its value
+    opdlab toy --name add3                          build and cache the embedded toy models
+    opdlab plugins                                  list installed selectors and divergences
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+from lightning.pytorch.cli import LightningCLI
+
+from opdlab import plugins
+from opdlab.callbacks import SelectionMetrics
+from opdlab.data import PromptDataModule
+from opdlab.module import OPDModule
+
+TRAINER_DEFAULTS = {
+    "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger", "init_args": {"save_dir": "runs", "name": "opdlab"}},
+    "num_sanity_val_steps": 0,
+    "inference_mode": False,  # metrics and caches made in validation are reused in training
+    "max_steps": 200,
+}
+SHORT_NAME_ARGS = {"--model.selector": "opdlab.selectors", "--model.divergence": "opdlab.divergences"}
+
+
+class OPDLabCLI(LightningCLI):
+    """LightningCLI over `OPDModule` and `PromptDataModule`; `fit` also reports accuracy before/after."""
+
+    def add_arguments_to_parser(self, parser) -> None:
+        # Always-on callbacks, configurable under their own top-level keys.
+        parser.add_lightning_class_args(SelectionMetrics, "selection_metrics")
+
+    def before_fit(self) -> None:
+        self.fit_started = time.perf_counter()
+        self.accuracy_before = self._validate()
+
+    def after_fit(self) -> None:
+        seconds = time.perf_counter() - self.fit_started
+        model, trainer = self.model, self.trainer
+        after = self._validate() if model.last_val_step != trainer.global_step else model.last_val_accuracy
+        if trainer.is_global_zero:
+            export = Path(trainer.log_dir or "runs") / "student"
+            model.export_student(str(export))
+            teacher = trainer.callback_metrics.get("val/teacher_accuracy")
+            lines = [
+                f"steps: {trainer.global_step}   wall time: {seconds:.1f} s   "
+                f"response tokens/s: {model.response_tokens / max(seconds, 1e-9):.0f}",
+                f"student accuracy: before {self.accuracy_before:.1%} -> after {after:.1%}"
+                + (f"   (teacher {float(teacher):.1%})" if teacher is not None else ""),
+                f"student exported to {export}",
+            ]
+            print("\n".join(["", "opdlab fit summary", *lines]))
+
+    def _validate(self) -> float:
+        self.trainer.validate(self.model, datamodule=self.datamodule, verbose=False)
+        return self.model.last_val_accuracy
+
+
+def expand_short_names(argv: list[str]) -> list[str]:
+    """Turn registered plugin names (`--model.selector teachability`) into class paths."""
+    out = list(argv)
+    for i, arg in enumerate(out):
+        key, eq, value = arg.partition("=")
+        if key not in SHORT_NAME_ARGS:
+            continue
+        if not eq:
+            if i + 1 >= len(out):
+                continue
+            value = out[i + 1]
+        if "." in value or value.startswith(("{", "[")) or value[:1].isupper():
+            continue  # a class path, a class name, or inline JSON: jsonargparse handles it
+        try:
+            path = next(p.class_path for p in plugins.discover(SHORT_NAME_ARGS[key]).values() if p.name == value)
+        except StopIteration:
+            plugins.resolve(SHORT_NAME_ARGS[key], value)  # raises with did-you-mean
+            raise
+        if eq:
+            out[i] = f"{key}={path}"
+        else:
+            out[i + 1] = path
+    return out
+
+
+def run_toy(argv: list[str]) -> None:
+    from jsonargparse import CLI
+
+    from opdlab.toy import build_toy
+
+    def toy(name: str = "add3", seed: int = 0, cache_dir: str | None = None, force: bool = False) -> None:
+        """Build, gate and cache the embedded toy teacher and student.
+
+        Args:
+            name: which toy: add3 (reversed 3-digit addition, the default) or add2 (fast, for tests).
+            seed: training seed of both models.
+            cache_dir: where to cache them (default: $OPDLAB_CACHE/toy, i.e. ~/.cache/opdlab/toy).
+            force: rebuild even if a cached build exists.
+        """
+        path = build_toy(name, cache_dir=cache_dir, seed=seed, force=force)
+        print((path / "build.json").read_text())
+        print(f"toy models in {path}: use 'toy:{name}/teacher' and 'toy:{name}/student' as model paths")
+
+    CLI(toy, args=argv, prog="opdlab toy")
+
+
+def run_plugins(argv: list[str]) -> None:
+    if argv and argv[0] in ("-h", "--help"):
+        print("usage: opdlab plugins\n\nList every registered selector and divergence with the package it came from.")
+        return
+    rows = [(p.group.split(".")[-1], p.name, p.package, p.class_path) for p in plugins.list_plugins()]
+    widths = [max(len(r[i]) for r in [("group", "name", "package", "class"), *rows]) for i in range(4)]
+    for row in [("group", "name", "package", "class"), *rows]:
+        print("  ".join(col.ljust(w) for col, w in zip(row, widths, strict=True)))
+
+
+COMMANDS = {"toy": run_toy, "plugins": run_plugins}
+HELP = """usage: opdlab {fit,validate,test,toy,plugins} ...
+
+On-policy distillation with token selection (TA-OPD and baselines).
+
+commands:
+  fit        train a student by OPD:       opdlab fit --config configs/ta_opd.yaml
+  validate   greedy accuracy of a student: opdlab validate --config ... [--ckpt_path ...]
+  test       same, on the test split
+  toy        build the embedded toy teacher/student (done automatically by fit)
+  plugins    list installed selectors and divergences
+
+`opdlab <command> --help` explains every option of a command.
+"""
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(HELP)
+        return
+    if argv[0] in COMMANDS:
+        COMMANDS[argv[0]](argv[1:])
+        return
+    for group in plugins.GROUPS:
+        plugins.discover(group)  # import plugin classes so jsonargparse resolves their names
+    try:
+        argv = expand_short_names(argv)
+    except ValueError as err:
+        sys.exit(f"opdlab: error: {err}")
+    OPDLabCLI(
+        OPDModule, PromptDataModule, args=argv, trainer_defaults=TRAINER_DEFAULTS,
+        auto_configure_optimizers=False, save_config_kwargs={"overwrite": True},
+    )
+
+
+if __name__ == "__main__":
+    main()

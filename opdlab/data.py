@@ -1,0 +1,78 @@
+"""The DataModule: streams training prompts from a `PromptSource` and serves its held-out problems.
+
+Batches are plain text (`{"prompts": [...], "answers": [...]}`); the LightningModule tokenises them
+with the student's tokenizer, so data and models stay independent. The training stream is
+index-addressable: the DataModule counts the prompts the training loop consumed and saves that count
+in checkpoints, so a resumed run continues the stream where it stopped (at batch granularity).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import lightning as L
+from torch.utils.data import DataLoader, IterableDataset
+
+from opdlab.tasks.addition import AdditionTask
+from opdlab.tasks.base import Problem, PromptSource
+
+
+def collate_problems(problems: list[Problem]) -> dict[str, list[str]]:
+    return {"prompts": [p.prompt for p in problems], "answers": [p.answer for p in problems]}
+
+
+class PromptStream(IterableDataset):
+    """An endless stream of training problems; rank r of w reads indices start + r, start + r + w, ..."""
+
+    def __init__(self, source: PromptSource, start: int = 0, rank: int = 0, world_size: int = 1) -> None:
+        self.source, self.start, self.rank, self.world_size = source, start, rank, world_size
+
+    def __iter__(self) -> Iterator[Problem]:
+        for i, problem in enumerate(self.source.train_problems(self.start)):
+            if i % self.world_size == self.rank:
+                yield problem
+
+
+class PromptDataModule(L.LightningDataModule):
+    """Training prompts and held-out evaluation problems.
+
+    Args:
+        source: where prompts come from: `opdlab.tasks.AdditionTask` (the toy), `opdlab.tasks.JsonlPrompts`,
+            or any `PromptSource` subclass.
+        batch_size: prompts per training step and rank (each is sampled `num_samples` times by the model).
+        val_batch_size: prompts per validation batch.
+    """
+
+    def __init__(self, source: PromptSource | None = None, batch_size: int = 64, val_batch_size: int = 256) -> None:
+        super().__init__()
+        if batch_size < 1 or val_batch_size < 1:
+            raise ValueError(f"batch sizes must be >= 1, got batch_size={batch_size}, val_batch_size={val_batch_size}")
+        self.source = source if source is not None else AdditionTask()
+        self.batch_size, self.val_batch_size = batch_size, val_batch_size
+        self.consumed = 0  # training prompts consumed by the training loop, over all ranks
+
+    def verify(self, response: str, answer: str) -> bool:
+        return self.source.verify(response, answer)
+
+    def train_dataloader(self) -> DataLoader:
+        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
+        stream = PromptStream(self.source, start=self.consumed, rank=rank, world_size=world)
+        return DataLoader(stream, batch_size=self.batch_size, collate_fn=collate_problems)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.source.eval_problems(), batch_size=self.val_batch_size, collate_fn=collate_problems)
+
+    def test_dataloader(self) -> DataLoader:
+        return self.val_dataloader()
+
+    def on_before_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
+        # Called when the loop takes a batch (not when it prefetches), so the count matches the steps run.
+        if self.trainer is not None and self.trainer.training:
+            self.consumed += len(batch["prompts"]) * self.trainer.world_size
+        return batch
+
+    def state_dict(self) -> dict:
+        return {"consumed": self.consumed}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.consumed = int(state_dict["consumed"])

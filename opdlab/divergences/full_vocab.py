@@ -1,0 +1,89 @@
+"""Full-distribution divergences (the GKD family), per token over the vocabulary, in fp32.
+
+All take a loss `temperature` (logits are divided by it before the softmax; independent of the rollout
+temperature) and return (M,) from (M, V) logits.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from opdlab.divergences.base import Divergence, LossInputs, log_softmax_fp32, masked_kl
+
+
+def _pair(inputs: LossInputs, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return log_softmax_fp32(inputs.student_logits, temperature), log_softmax_fp32(inputs.teacher_logits, temperature)
+
+
+class ForwardKL(Divergence):
+    """KL(p_T || p_S): mass-covering (the supervised-KD direction)."""
+
+    def __init__(self, temperature: float = 1.0) -> None:
+        self.temperature = temperature
+
+    def token_loss(self, inputs: LossInputs) -> torch.Tensor:
+        s, t = _pair(inputs, self.temperature)
+        return masked_kl(t, s)
+
+
+class ReverseKL(Divergence):
+    """KL(p_S || p_T): mode-seeking, the usual on-policy distillation objective."""
+
+    def __init__(self, temperature: float = 1.0) -> None:
+        self.temperature = temperature
+
+    def token_loss(self, inputs: LossInputs) -> torch.Tensor:
+        s, t = _pair(inputs, self.temperature)
+        return masked_kl(s, t)
+
+
+class GeneralizedJSD(Divergence):
+    """Generalized Jensen-Shannon divergence with TRL's `generalized_jsd_loss` semantics.
+
+    beta = 0 gives KL(T || S), beta = 1 gives KL(S || T); otherwise beta·KL(T || M) + (1 - beta)·KL(S || M)
+    with M = beta·T + (1 - beta)·S.
+    """
+
+    def __init__(self, beta: float = 0.5, temperature: float = 1.0) -> None:
+        if not 0.0 <= beta <= 1.0:
+            raise ValueError(f"beta must be in [0, 1], got {beta}")
+        self.beta, self.temperature = beta, temperature
+
+    def token_loss(self, inputs: LossInputs) -> torch.Tensor:
+        s, t = _pair(inputs, self.temperature)
+        if self.beta == 0.0:
+            return masked_kl(t, s)
+        if self.beta == 1.0:
+            return masked_kl(s, t)
+        m = torch.logsumexp(torch.stack([s + math.log(1 - self.beta), t + math.log(self.beta)]), dim=0)
+        return self.beta * masked_kl(t, m) + (1 - self.beta) * masked_kl(s, m)
+
+
+class SkewKL(Divergence):
+    """Skew KL of DistiLLM: KL(p_T || α p_T + (1 - α) p_S); `reverse=True` gives KL(p_S || α p_S + (1 - α) p_T)."""
+
+    def __init__(self, alpha: float = 0.1, reverse: bool = False, temperature: float = 1.0) -> None:
+        if not 0.0 <= alpha < 1.0:
+            raise ValueError(f"alpha must be in [0, 1), got {alpha}")
+        self.alpha, self.reverse, self.temperature = alpha, reverse, temperature
+
+    def token_loss(self, inputs: LossInputs) -> torch.Tensor:
+        s, t = _pair(inputs, self.temperature)
+        p, q = (s, t) if self.reverse else (t, s)
+        if self.alpha == 0.0:
+            return masked_kl(p, q)
+        mix = torch.logsumexp(torch.stack([p + math.log(self.alpha), q + math.log(1 - self.alpha)]), dim=0)
+        return masked_kl(p, mix)
+
+
+class TotalVariation(Divergence):
+    """Total variation distance 0.5 · Σ |p_T - p_S|."""
+
+    def __init__(self, temperature: float = 1.0) -> None:
+        self.temperature = temperature
+
+    def token_loss(self, inputs: LossInputs) -> torch.Tensor:
+        s, t = _pair(inputs, self.temperature)
+        return 0.5 * (t.exp() - s.exp()).abs().sum(-1)

@@ -1,0 +1,140 @@
+"""Loading HF causal LMs and tokenizers, freezing the teacher, tokenizer checks, and the logit head.
+
+Every model path goes through `resolve_model_path`, so the embedded toy checkpoints (`toy:...`), local
+directories and hub ids all reach the same `from_pretrained` code the tests exercise.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_model_path(name: str) -> str:
+    """Turn `toy:<task>/<role>` into a local checkpoint (built on first use) and check local paths.
+
+    Hub ids (`Qwen/Qwen3-1.7B`) pass through unchanged; a path that looks local but does not exist
+    raises here, before anything is loaded.
+    """
+    if name.startswith("toy:"):
+        from opdlab.toy import resolve_toy_path
+
+        return str(resolve_toy_path(name))
+    looks_local = name.startswith((".", "/", "~")) or name.count("/") != 1 or Path(name).exists()
+    path = Path(name).expanduser()
+    if looks_local and not path.exists():
+        raise FileNotFoundError(
+            f"model path {name!r} does not exist; pass a local checkpoint directory, a hub id such as "
+            "'Qwen/Qwen3-1.7B', or a toy model such as 'toy:add3/student' (see `opdlab toy --help`)"
+        )
+    return str(path) if looks_local else name
+
+
+def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
+    """Load a tokenizer with left padding (prompts are left-padded for generation)."""
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(name), padding_side="left")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_causal_lm(name: str, dtype: str = "float32") -> PreTrainedModel:
+    """Load a causal LM from a local path or hub id in `dtype` (float32, bfloat16 or float16)."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    path = resolve_model_path(name)
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype])
+    except OSError as err:
+        raise OSError(
+            f"could not load model {name!r} ({err}); this machine may have no hub access: "
+            "download it elsewhere and pass the local directory"
+        ) from err
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    """Make `model` a frozen function: eval mode, no parameter requires grad."""
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def check_tokenizers_compatible(student: PreTrainedTokenizerBase, teacher: PreTrainedTokenizerBase) -> None:
+    """Refuse a teacher/student pair whose token ids mean different things.
+
+    Token-level distillation compares distributions id by id, so the vocabularies and the special
+    tokens must agree exactly. Embedding matrices padded to different sizes are fine (checked later).
+    """
+    problems = []
+    s_vocab, t_vocab = student.get_vocab(), teacher.get_vocab()
+    if s_vocab != t_vocab:
+        only_s = sorted(set(s_vocab) - set(t_vocab))[:5]
+        only_t = sorted(set(t_vocab) - set(s_vocab))[:5]
+        moved = [tok for tok in set(s_vocab) & set(t_vocab) if s_vocab[tok] != t_vocab[tok]][:5]
+        problems.append(
+            f"vocabularies differ (student {len(s_vocab)} tokens, teacher {len(t_vocab)}; "
+            f"only in student: {only_s}, only in teacher: {only_t}, different ids: {moved})"
+        )
+    for attr in ("eos_token_id", "bos_token_id", "pad_token_id"):
+        s, t = getattr(student, attr), getattr(teacher, attr)
+        if s != t:
+            problems.append(f"{attr} differs (student {s}, teacher {t})")
+    if problems:
+        raise ValueError(
+            "teacher and student tokenizers are incompatible: " + "; ".join(problems)
+            + ". Token-level OPD needs one shared tokenizer: pick a teacher and student from the same family."
+        )
+
+
+def check_vocab_sizes(student: PreTrainedModel, teacher: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> int:
+    """The number of logit columns both models share; both must cover the tokenizer."""
+    vs = student.get_output_embeddings().weight.shape[0]
+    vt = teacher.get_output_embeddings().weight.shape[0]
+    if min(vs, vt) < len(tokenizer):
+        raise ValueError(
+            f"model output sizes (student {vs}, teacher {vt}) are smaller than the tokenizer ({len(tokenizer)} tokens)"
+        )
+    return min(vs, vt)
+
+
+class LogitHead:
+    """hidden states -> logits exactly as the model's own `forward` computes them.
+
+    Applies the output embedding (tied or not) and the post-processing some families add:
+    Gemma's final logit soft-capping, Cohere's `logit_scale`, Granite's `logits_scaling`.
+    Calling it on a subset of rows is how opdlab avoids (N, L, V) logits. It is a plain callable, not
+    a module, so the output embedding is not registered (or checkpointed) a second time; calling the
+    embedding module still fires any sharding hooks on it.
+    """
+
+    def __init__(self, model: PreTrainedModel, num_columns: int | None = None) -> None:
+        config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        self.proj = model.get_output_embeddings()
+        self.softcap = getattr(config, "final_logit_softcapping", None)
+        self.scale = getattr(config, "logit_scale", None)
+        self.divide = getattr(config, "logits_scaling", None)
+        self.num_columns = num_columns
+
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:  # (..., H) -> (..., V)
+        logits = self.proj(hidden)
+        if self.scale is not None:
+            logits = logits * self.scale
+        if self.divide is not None:
+            logits = logits / self.divide
+        if self.softcap is not None:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits if self.num_columns is None else logits[..., : self.num_columns]
+
+
+def final_hidden_states(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Last-layer hidden states (after the final norm), (N, L) -> (N, L, H), without any logits."""
+    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    out = model.get_decoder()(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+    )
+    return out.last_hidden_state

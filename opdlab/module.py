@@ -1,0 +1,276 @@
+"""The LightningModule: a trainable student and a frozen teacher, one OPD step per batch.
+
+`training_step` reads as DESIGN.md's data-flow diagram:
+
+    prompts --rollout--> Rollout --score--> TokenStats --select--> keep mask --loss--> scalar
+
+The student runs one forward *with grad* to its final hidden states; selection features come from the
+LM heads applied chunk by chunk without grad; the student head is then applied with grad to the kept
+rows only. The teacher never materialises full-sequence logits either.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Literal
+
+import lightning as L
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torchmetrics import MeanMetric
+
+from opdlab.divergences import Divergence, SampledTokenOPD
+from opdlab.loss import LossNormalization, kept_token_loss, reduce_token_loss
+from opdlab.models import (
+    LogitHead, check_tokenizers_compatible, check_vocab_sizes, final_hidden_states, freeze, load_causal_lm,
+    load_tokenizer,
+)
+from opdlab.rollout import PromptBatch, Rollout, decode_responses, encode_prompts, sample_rollouts
+from opdlab.scoring import TokenStats, compute_token_stats
+from opdlab.selectors import FullSelector, TokenSelector
+
+
+@dataclass
+class StepRecord:
+    """What one training step selected, for callbacks (no hidden states or logits are kept)."""
+
+    rollout: Rollout
+    stats: TokenStats
+    keep: torch.Tensor  # (N, L) bool
+    seconds: dict[str, float]
+
+
+def default_optimizer(params) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0)
+
+
+class OPDModule(L.LightningModule):
+    """On-policy distillation of `student` from a frozen `teacher`, with a token selector.
+
+    Args:
+        student: student checkpoint: local directory, hub id, or `toy:<name>/student`.
+        teacher: teacher checkpoint, same forms. Its tokenizer must equal the student's.
+        selector: which response positions get the loss (default: all of them, full-token OPD).
+        divergence: the per-token loss at kept positions (default: the paper's sampled-token OPD).
+        optimizer: optimizer factory, applied to the student's parameters only.
+        scheduler: optional learning-rate scheduler factory (stepped every optimizer step).
+        num_samples: responses sampled per prompt.
+        max_new_tokens: response length limit for training rollouts and validation.
+        temperature: rollout sampling temperature (> 0 for training).
+        top_p: rollout nucleus-sampling threshold in (0, 1].
+        max_prompt_len: prompt length limit in tokens.
+        on_long_prompt: `truncate` (keep the last max_prompt_len tokens, with a warning) or `error`.
+        loss_normalization: `kept` (mean over kept tokens) or `valid` (sum over kept tokens divided by the
+            number of valid response tokens). See `opdlab.loss.reduce_token_loss`.
+        chunk_size: response rows whose logits the scoring pass materialises at once.
+        student_dtype, teacher_dtype: weight dtypes (float32, bfloat16, float16).
+        gradient_checkpointing: recompute student activations in backward to save memory.
+        seed: seed of rollout sampling and random selection (combined with step and rank).
+    """
+
+    def __init__(
+        self,
+        student: str = "toy:add3/student",
+        teacher: str = "toy:add3/teacher",
+        selector: TokenSelector | None = None,
+        divergence: Divergence | None = None,
+        optimizer: OptimizerCallable = default_optimizer,
+        scheduler: LRSchedulerCallable | None = None,
+        num_samples: int = 1,
+        max_new_tokens: int = 16,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        max_prompt_len: int = 512,
+        on_long_prompt: Literal["truncate", "error"] = "truncate",
+        loss_normalization: LossNormalization = "kept",
+        chunk_size: int = 1024,
+        student_dtype: str = "float32",
+        teacher_dtype: str = "float32",
+        gradient_checkpointing: bool = False,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if num_samples < 1 or max_new_tokens < 1:
+            raise ValueError(f"num_samples and max_new_tokens must be >= 1, got {num_samples} and {max_new_tokens}")
+        if temperature <= 0:
+            raise ValueError(f"training temperature must be > 0 (on-policy sampling), got {temperature}")
+        if loss_normalization not in ("kept", "valid"):
+            raise ValueError(f"loss_normalization must be 'kept' or 'valid', got {loss_normalization!r}")
+        self.save_hyperparameters(ignore=["selector", "divergence", "optimizer", "scheduler"])
+        self.student_path, self.teacher_path = student, teacher
+        self.selector = selector if selector is not None else FullSelector()
+        self.divergence = divergence if divergence is not None else SampledTokenOPD()
+        self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
+        self.student = self.teacher = self.tokenizer = None
+        self.val_accuracy = MeanMetric()
+        self.teacher_accuracy = MeanMetric()
+        self.teacher_evaluated = False
+        self.last_step: StepRecord | None = None
+        self.last_val_accuracy, self.last_val_step = float("nan"), -1
+        self.response_tokens = 0  # valid response tokens sampled in training, this process
+        self.strict_loading = False  # checkpoints leave out the frozen teacher (see on_save_checkpoint)
+
+    # ----------------------------------------------------------------------------- models
+    def configure_model(self) -> None:
+        """Load tokenizers (and check them) before any weights, then the student and the frozen teacher."""
+        if self.student is not None:
+            return
+        hp = self.hparams
+        self.tokenizer = load_tokenizer(self.student_path)
+        check_tokenizers_compatible(self.tokenizer, load_tokenizer(self.teacher_path))
+        self.student = load_causal_lm(self.student_path, hp.student_dtype)
+        self.teacher = freeze(load_causal_lm(self.teacher_path, hp.teacher_dtype))
+        if hp.gradient_checkpointing:
+            self.student.gradient_checkpointing_enable()
+        columns = check_vocab_sizes(self.student, self.teacher, self.tokenizer)
+        self.student_head = LogitHead(self.student, columns)
+        self.teacher_head = LogitHead(self.teacher, columns)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.teacher is not None:
+            self.teacher.eval()  # the teacher is a frozen function, never in train mode
+        return self
+
+    # ----------------------------------------------------------------------------- the OPD step
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        timer = StageTimer(self.device)
+        with timer("rollout"):
+            rollout = self.rollout(self.encode(batch))
+        with timer("forward"):
+            student_hidden, teacher_hidden = self.response_hidden_states(rollout)
+        with timer("score"):
+            stats = self.score(student_hidden, teacher_hidden, rollout)
+        with timer("select"):
+            keep = self.select(stats)
+        with timer("loss"):
+            loss = self.loss(student_hidden, teacher_hidden, keep, rollout, stats)
+        self.last_step = StepRecord(rollout, stats, keep, timer.seconds)
+        self.response_tokens += int(rollout.response_mask.sum())
+        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=rollout.response_mask.shape[0])
+        self.log_dict({f"time/{k}": v for k, v in timer.seconds.items()}, batch_size=1)
+        return loss
+
+    def encode(self, batch: dict) -> PromptBatch:
+        hp = self.hparams
+        return encode_prompts(
+            self.tokenizer, batch["prompts"], batch["answers"], hp.max_prompt_len, hp.on_long_prompt,
+            chat_template=self.chat_template,
+        )
+
+    def rollout(self, prompts: PromptBatch, greedy: bool = False, model=None) -> Rollout:
+        hp = self.hparams
+        return sample_rollouts(
+            model or self.student, prompts, self.tokenizer.eos_token_id, self.tokenizer.pad_token_id,
+            num_samples=1 if greedy else hp.num_samples, max_new_tokens=hp.max_new_tokens,
+            temperature=0.0 if greedy else hp.temperature, top_p=hp.top_p, generator=self.step_generator(),
+        )
+
+    def response_hidden_states(self, rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N, L, H) hidden states that predict each response token: student with grad, teacher without."""
+        p, length = rollout.prompt_len, rollout.response_mask.shape[1]
+        student = final_hidden_states(self.student, rollout.input_ids, rollout.attention_mask)
+        with torch.no_grad():
+            teacher = final_hidden_states(self.teacher, rollout.input_ids, rollout.attention_mask)
+        # Position p - 1 + t predicts response token t.
+        return student[:, p - 1 : p - 1 + length], teacher[:, p - 1 : p - 1 + length]
+
+    def score(self, student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, rollout: Rollout) -> TokenStats:
+        return compute_token_stats(
+            student_hidden.detach(), teacher_hidden, rollout.response_ids, rollout.response_mask,
+            self.student_head, self.teacher_head, top_k=self.selector.top_k,
+            chunk_size=self.hparams.chunk_size, full_kl=self.selector.needs_full_kl,
+        )
+
+    def select(self, stats: TokenStats) -> torch.Tensor:
+        keep = self.selector.select(stats, generator=self.step_generator(salt=1, device="cpu"))
+        if (keep & ~stats.valid).any():
+            raise RuntimeError(f"selector {type(self.selector).__name__} kept positions outside the response mask")
+        return keep
+
+    def loss(self, student_hidden, teacher_hidden, keep, rollout: Rollout, stats: TokenStats) -> torch.Tensor:
+        token_loss = kept_token_loss(
+            student_hidden, teacher_hidden, keep, rollout, stats, self.student_head, self.teacher_head, self.divergence
+        )
+        count = keep.sum() if self.hparams.loss_normalization == "kept" else stats.valid.sum()
+        return reduce_token_loss(token_loss, count)
+
+    # ----------------------------------------------------------------------------- evaluation
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        prompts = self.encode(batch)
+        self.val_accuracy.update(self.greedy_accuracy(prompts, self.student))
+        if not self.teacher_evaluated:
+            self.teacher_accuracy.update(self.greedy_accuracy(prompts, self.teacher))
+
+    def greedy_accuracy(self, prompts: PromptBatch, model) -> torch.Tensor:
+        texts = decode_responses(self.tokenizer, self.rollout(prompts, greedy=True, model=model))
+        verify = self.trainer.datamodule.verify
+        return torch.tensor([float(verify(t, a)) for t, a in zip(texts, prompts.answers, strict=True)])
+
+    def on_validation_epoch_end(self) -> None:
+        accuracy = self.val_accuracy.compute()
+        self.log("val/accuracy", accuracy, prog_bar=True)
+        self.val_accuracy.reset()
+        self.last_val_accuracy, self.last_val_step = float(accuracy), self.global_step
+        if not self.teacher_evaluated and not self.trainer.sanity_checking:
+            self.log("val/teacher_accuracy", self.teacher_accuracy.compute())
+            self.teacher_evaluated = True
+
+    test_step = validation_step
+
+    def on_test_epoch_end(self) -> None:
+        self.log("test/accuracy", self.val_accuracy.compute())
+        self.val_accuracy.reset()
+
+    # ----------------------------------------------------------------------------- plumbing
+    @property
+    def chat_template(self) -> bool:
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        return bool(getattr(getattr(dm, "source", None), "use_chat_template", False))
+
+    def step_generator(self, salt: int = 0, device: torch.device | str | None = None) -> torch.Generator:
+        """A generator seeded by (seed, global step, rank, salt): reproducible and resumable."""
+        rank = self.global_rank if self._trainer is not None else 0
+        step = self.global_step if self._trainer is not None else 0
+        gen = torch.Generator(device=device or self.device)
+        gen.manual_seed(hash((self.hparams.seed, step, rank, salt)) % (2**63))
+        return gen
+
+    def configure_optimizers(self):
+        optimizer = self.optimizer_factory(self.student.parameters())
+        if self.scheduler_factory is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer), "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # The teacher is frozen and reloaded from its path; keeping it out makes checkpoints student-sized.
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("teacher.")}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        expected = {k for k in self.state_dict() if k.startswith("student.")}
+        missing = sorted(expected - set(checkpoint["state_dict"]))
+        if missing:
+            raise KeyError(f"checkpoint lacks {len(missing)} student weights (e.g. {missing[:3]}); is it an opdlab checkpoint?")
+
+    def export_student(self, path: str) -> None:
+        """Save the student as a plain HF checkpoint (with its tokenizer)."""
+        self.student.save_pretrained(path)
+        self.tokenizer.save_pretrained(path)
+
+
+class StageTimer:
+    """Wall time of named stages of a step (synchronising CUDA so GPU time lands in the right stage)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.seconds = device, {}
+
+    @contextmanager
+    def __call__(self, name: str):
+        sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
+        sync()
+        start = time.perf_counter()
+        yield
+        sync()
+        self.seconds[name] = time.perf_counter() - start

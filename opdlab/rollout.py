@@ -1,0 +1,162 @@
+"""Student sampling: prompts -> `Rollout` (prompt + response ids, masks, sampling log-probs).
+
+Generation is a plain KV-cached loop rather than `generate()`: it records the log-probability of each
+sampled token under the sampling distribution (temperature, top-p) without keeping per-step (N, V)
+scores, only ever computes the last position's logits, and stops as soon as every row hit EOS.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+
+
+@dataclass
+class PromptBatch:
+    """Left-padded prompt ids. input_ids, attention_mask: (B, P)."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    answers: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Rollout:
+    """Prompt + sampled response. input_ids/attention_mask: (N, P + L); the rest (N, L).
+
+    `response_mask` is True on generated tokens up to and including EOS; later positions are padding.
+    `sampling_logp` is log p(token) under the distribution actually sampled from (after temperature
+    and top-p), the "old policy" of the PPO-style loss.
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    response_mask: torch.Tensor
+    sampling_logp: torch.Tensor
+    prompt_len: int
+    answers: list[str] = field(default_factory=list)
+
+    @property
+    def response_ids(self) -> torch.Tensor:  # (N, L)
+        return self.input_ids[:, self.prompt_len :]
+
+
+def encode_prompts(
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[str],
+    answers: list[str] | None = None,
+    max_prompt_len: int = 512,
+    on_long_prompt: Literal["truncate", "error"] = "truncate",
+    chat_template: bool = False,
+) -> PromptBatch:
+    """Tokenize and left-pad prompts.
+
+    A prompt longer than `max_prompt_len` tokens is either cut from the left (keeping its end, where the
+    question usually is) with a warning, or refused (`on_long_prompt="error"`).
+    """
+    if chat_template:
+        prompts = [
+            tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+            for p in prompts
+        ]
+    ids = tokenizer(prompts, add_special_tokens=not chat_template)["input_ids"]
+    too_long = [i for i, x in enumerate(ids) if len(x) > max_prompt_len]
+    if too_long:
+        longest = max(len(ids[i]) for i in too_long)
+        msg = (
+            f"{len(too_long)} of {len(ids)} prompts exceed max_prompt_len={max_prompt_len} tokens "
+            f"(longest {longest})"
+        )
+        if on_long_prompt == "error":
+            raise ValueError(f"{msg}; raise max_prompt_len or set on_long_prompt='truncate'")
+        warnings.warn(f"{msg}; keeping their last {max_prompt_len} tokens", stacklevel=2)
+        ids = [x[-max_prompt_len:] for x in ids]
+    width = max(len(x) for x in ids)
+    pad = tokenizer.pad_token_id
+    input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids], dtype=torch.long)
+    attention_mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], dtype=torch.long)
+    return PromptBatch(input_ids, attention_mask, list(answers or []))
+
+
+def sampling_logprobs(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """(N, V) logits -> (N, V) fp32 log-probs of the sampling distribution (-inf outside the top-p set)."""
+    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_logp, order = logp.sort(dim=-1, descending=True)
+        # Drop a token when the mass strictly before it already reaches top_p (the first always stays).
+        before = sorted_logp.exp().cumsum(-1) - sorted_logp.exp()
+        drop = (before >= top_p).scatter(-1, order, before >= top_p)
+        logp = torch.log_softmax(logp.masked_fill(drop, float("-inf")), dim=-1)
+    return logp
+
+
+@torch.no_grad()
+def sample_rollouts(
+    model: PreTrainedModel,
+    prompts: PromptBatch,
+    eos_token_id: int,
+    pad_token_id: int,
+    num_samples: int = 1,
+    max_new_tokens: int = 64,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> Rollout:
+    """Sample `num_samples` responses per prompt (greedy when temperature == 0)."""
+    if temperature < 0 or not 0 < top_p <= 1:
+        raise ValueError(f"need temperature >= 0 and top_p in (0, 1], got {temperature} and {top_p}")
+    device = next(model.parameters()).device
+    ids = prompts.input_ids.to(device).repeat_interleave(num_samples, 0)  # (N, P)
+    mask = prompts.attention_mask.to(device).repeat_interleave(num_samples, 0)
+    n = ids.shape[0]
+    was_training = model.training
+    model.eval()
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    out = model(
+        input_ids=ids, attention_mask=mask, position_ids=positions, cache=DynamicCache(config=model.config),
+        use_cache=True, logits_to_keep=1,
+    )
+    tokens, logps, alive_steps = [], [], []
+    alive = torch.ones(n, dtype=torch.bool, device=device)
+    next_pos = positions[:, -1:] + 1
+    for step in range(max_new_tokens):
+        logits = out.logits[:, -1]  # (N, V)
+        if temperature == 0:
+            logp = torch.log_softmax(logits.float(), dim=-1)
+            token = logp.argmax(-1)
+        else:
+            logp = sampling_logprobs(logits, temperature, top_p)
+            token = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(-1)
+        token = torch.where(alive, token, torch.full_like(token, pad_token_id))
+        tokens.append(token)
+        logps.append(logp.gather(-1, token[:, None]).squeeze(-1) * alive)
+        alive_steps.append(alive.clone())
+        alive &= token != eos_token_id
+        if not alive.any() or step == max_new_tokens - 1:
+            break
+        mask = torch.cat([mask, alive_steps[-1][:, None].long()], dim=1)
+        out = model(
+            input_ids=token[:, None], attention_mask=mask, position_ids=next_pos, cache=out.cache, use_cache=True
+        )
+        next_pos = next_pos + 1
+    model.train(was_training)
+    response = torch.stack(tokens, 1)  # (N, L)
+    response_mask = torch.stack(alive_steps, 1)
+    return Rollout(
+        input_ids=torch.cat([ids, response], 1),
+        attention_mask=torch.cat([prompts.attention_mask.to(device).repeat_interleave(num_samples, 0), response_mask.long()], 1),
+        response_mask=response_mask,
+        sampling_logp=torch.stack(logps, 1),
+        prompt_len=ids.shape[1],
+        answers=[a for a in prompts.answers for _ in range(num_samples)],
+    )
+
+
+def decode_responses(tokenizer: PreTrainedTokenizerBase, rollout: Rollout) -> list[str]:
+    """Response texts without special tokens or padding."""
+    ids = rollout.response_ids.masked_fill(~rollout.response_mask, tokenizer.pad_token_id)
+    return tokenizer.batch_decode(ids.tolist(), skip_special_tokens=True)

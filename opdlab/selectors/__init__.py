@@ -1,0 +1,17 @@
+"""Token-selection policies: one interface (`TokenSelector`), one small class per policy."""
+
+from opdlab.selectors.base import TokenSelector, apply_budget, budget_size, normalize_scores
+from opdlab.selectors.divergence import DivergenceSelector
+from opdlab.selectors.entropy import EntropySelector
+from opdlab.selectors.full import FullSelector
+from opdlab.selectors.random_tokens import RandomSelector
+from opdlab.selectors.teachability import (
+    CompatibilitySelector, IncompatibleSelector, TeachabilityEntropySelector, TeachabilitySelector,
+)
+from opdlab.selectors.tip import TipQ3Selector, TipSelector
+
+__all__ = [
+    "CompatibilitySelector", "DivergenceSelector", "EntropySelector", "FullSelector", "IncompatibleSelector",
+    "RandomSelector", "TeachabilityEntropySelector", "TeachabilitySelector", "TipQ3Selector", "TipSelector",
+    "TokenSelector", "apply_budget", "budget_size", "normalize_scores",
+]

@@ -1,0 +1,103 @@
+"""The TokenSelector interface, score normalisation, and the global budget rule.
+
+A selector turns `TokenStats` into a score per position (higher = keep first); `apply_budget` is the
+one place that turns scores into a keep mask (DESIGN.md §2):
+
+- the budget is global over the rollout batch: keep the top ceil(ratio · N_valid) valid positions;
+- ties are broken by flat position (sequence-major, then position), via a stable sort;
+- then every non-empty response that got nothing keeps its best-scoring position.
+Unkept positions stay in the context; they only get no loss.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from typing import ClassVar, Literal
+
+import torch
+
+from opdlab.scoring import TokenStats
+
+Normalization = Literal["quantile", "minmax", "none"]
+
+
+def budget_size(ratio: float, n_valid: int) -> int:
+    """ceil(ratio · n_valid), robust to float error (0.05 · 640 is 32, not 33)."""
+    return min(n_valid, math.ceil(round(ratio * n_valid, 6)))
+
+
+def normalize_scores(x: torch.Tensor, valid: torch.Tensor, method: Normalization = "quantile") -> torch.Tensor:
+    """Normalise x over the valid positions of the batch; invalid positions become 0.
+
+    quantile: clip((x - q05) / (q95 - q05), 0, 1) with linearly interpolated quantiles;
+    minmax: (x - min) / (max - min); none: x unchanged. A spread below 1e-12 gives all zeros.
+    """
+    x = x.float()
+    values = x[valid]
+    if method == "none" or values.numel() == 0:
+        return torch.where(valid, x, torch.zeros_like(x))
+    if method == "quantile":
+        lo, hi = torch.quantile(values, torch.tensor([0.05, 0.95], device=x.device, dtype=x.dtype)).unbind()
+    elif method == "minmax":
+        lo, hi = values.min(), values.max()
+    else:
+        raise ValueError(f"normalization must be 'quantile', 'minmax' or 'none', got {method!r}")
+    spread = hi - lo
+    if spread < 1e-12:
+        return torch.zeros_like(x)
+    return torch.where(valid, ((x - lo) / spread).clamp(0.0, 1.0), torch.zeros_like(x))
+
+
+def apply_budget(scores: torch.Tensor, valid: torch.Tensor, ratio: float) -> torch.Tensor:
+    """Keep mask (N, L) of the top ceil(ratio · N_valid) valid positions, at least one per non-empty row."""
+    valid = valid.bool()
+    flat_valid = valid.flatten()
+    rows = flat_valid.nonzero().squeeze(-1)  # (R,) flat indices, in position order
+    keep = torch.zeros_like(flat_valid)
+    k = budget_size(ratio, rows.numel())
+    if k > 0:
+        s = scores.flatten()[rows].float().nan_to_num(nan=float("-inf"))
+        order = torch.sort(s, descending=True, stable=True).indices[:k]
+        keep[rows[order]] = True
+    keep = keep.view_as(valid)
+    starved = valid.any(1) & ~keep.any(1)
+    if starved.any():
+        masked = scores.float().nan_to_num(nan=float("-inf")).masked_fill(~valid, float("-inf"))
+        # argmax returns the first maximum, so ties again go to the earliest position.
+        best = masked[starved].argmax(1)
+        keep[starved.nonzero().squeeze(-1), best] = True
+    return keep
+
+
+class TokenSelector(ABC):
+    """Chooses which response positions receive the OPD loss.
+
+    Subclasses implement `score`; `select` applies the shared budget rule. Class attributes tell the
+    scoring pass what to compute: `top_k` (K of the top-K features) and `needs_full_kl`.
+
+    Args:
+        ratio: fraction of valid response tokens to keep, in (0, 1].
+    """
+
+    top_k: int = 16
+    needs_full_kl: ClassVar[bool] = False
+
+    def __init__(self, ratio: float = 1.0) -> None:
+        if not 0.0 < ratio <= 1.0:
+            raise ValueError(f"ratio must be in (0, 1], got {ratio}; e.g. 0.05 keeps 5% of response tokens")
+        self.ratio = ratio
+
+    @abstractmethod
+    def score(self, stats: TokenStats, generator: torch.Generator | None = None) -> torch.Tensor:
+        """(N, L) scores; higher is kept first. Values at invalid positions are ignored."""
+
+    def select(self, stats: TokenStats, generator: torch.Generator | None = None) -> torch.Tensor:
+        """(N, L) bool keep mask, a subset of `stats.valid`."""
+        return apply_budget(self.score(stats, generator), stats.valid, self.ratio)
+
+
+def check_top_k(top_k: int) -> int:
+    if top_k < 1:
+        raise ValueError(f"top_k must be >= 1, got {top_k}")
+    return top_k

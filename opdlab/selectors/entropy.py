@@ -1,0 +1,19 @@
+"""`entropy`: keep positions where the student is most uncertain among its top-K (H̃)."""
+
+from __future__ import annotations
+
+import torch
+
+from opdlab.scoring import TokenStats
+from opdlab.selectors.base import Normalization, TokenSelector, check_top_k, normalize_scores
+
+
+class EntropySelector(TokenSelector):
+    """Score H̃: normalised entropy of the student's renormalised top-K distribution."""
+
+    def __init__(self, ratio: float = 0.05, top_k: int = 16, normalization: Normalization = "quantile") -> None:
+        super().__init__(ratio)
+        self.top_k, self.normalization = check_top_k(top_k), normalization
+
+    def score(self, stats: TokenStats, generator: torch.Generator | None = None) -> torch.Tensor:
+        return normalize_scores(stats.topk_entropy, stats.valid, self.normalization)

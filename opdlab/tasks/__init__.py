@@ -1,0 +1,7 @@
+"""Verifiable tasks: prompt sources with held-out evaluation problems and an answer checker."""
+
+from opdlab.tasks.addition import AdditionTask
+from opdlab.tasks.base import Problem, PromptSource
+from opdlab.tasks.jsonl import JsonlPrompts
+
+__all__ = ["AdditionTask", "JsonlPrompts", "Problem", "PromptSource"]

@@ -1,0 +1,93 @@
+"""Prompts from JSONL files: one `{"prompt": ..., "answer": ...}` object per line."""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Literal
+
+from opdlab.tasks.base import Problem, PromptSource
+
+
+def read_jsonl_problems(path: str | Path) -> list[Problem]:
+    """Read problems from a JSONL file; a malformed line raises with its file and line number."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"JSONL prompt file not found: {path}")
+    problems = []
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{where}: not valid JSON ({err.msg}); expected one object per line") from None
+            if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
+                raise ValueError(f'{where}: expected an object with a string "prompt" field, got {line.strip()[:80]!r}')
+            answer = record.get("answer", "")
+            problems.append(Problem(prompt=record["prompt"], answer=str(answer)))
+    if not problems:
+        raise ValueError(f"{path}: no problems found; expected lines like {{\"prompt\": \"...\", \"answer\": \"...\"}}")
+    return problems
+
+
+class JsonlPrompts(PromptSource):
+    """Prompts and answers from JSONL files.
+
+    Args:
+        train_path: training prompts, cycled forever in a seeded order reshuffled every pass.
+        eval_path: held-out evaluation prompts. If omitted, the last `num_eval` training lines are held
+            out (and removed from training).
+        num_eval: how many lines to hold out when `eval_path` is omitted.
+        verifier: `exact` (stripped string equality) or `math` (math-verify, `pip install opdlab[math]`).
+        chat_template: apply the tokenizer's chat template to each prompt (for chat models).
+        seed: shuffling seed.
+    """
+
+    def __init__(
+        self,
+        train_path: str,
+        eval_path: str | None = None,
+        num_eval: int = 64,
+        verifier: Literal["exact", "math"] = "exact",
+        chat_template: bool = False,
+        seed: int = 0,
+    ) -> None:
+        self._train = read_jsonl_problems(train_path)
+        if eval_path is not None:
+            self._eval = read_jsonl_problems(eval_path)
+        else:
+            if len(self._train) <= num_eval:
+                raise ValueError(
+                    f"{train_path} has {len(self._train)} problems, too few to hold out num_eval={num_eval}; "
+                    "pass eval_path or lower num_eval"
+                )
+            self._train, self._eval = self._train[:-num_eval], self._train[-num_eval:]
+        if verifier not in ("exact", "math"):
+            raise ValueError(f"verifier must be 'exact' or 'math', got {verifier!r}")
+        self.verifier, self.use_chat_template, self.seed = verifier, chat_template, seed
+
+    def train_problems(self, start: int = 0) -> Iterator[Problem]:
+        n = len(self._train)
+        index = start
+        while True:
+            epoch, offset = divmod(index, n)
+            order = list(range(n))
+            random.Random(f"{self.seed}-{epoch}").shuffle(order)
+            for i in order[offset:]:
+                yield self._train[i]
+                index += 1
+
+    def eval_problems(self) -> list[Problem]:
+        return list(self._eval)
+
+    def verify(self, response: str, answer: str) -> bool:
+        if self.verifier == "exact":
+            return response.strip() == answer.strip()
+        from opdlab.tasks.math_answers import verify_math_answer
+
+        return verify_math_answer(response, answer)

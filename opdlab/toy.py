@@ -1,0 +1,206 @@
+"""The embedded toy default: a character tokenizer and a Qwen2 teacher/student trained by opdlab itself.
+
+`opdlab toy` (or the first `fit` that names `toy:<name>/<role>`) trains both models on a verifiable
+task with a fixed seed, gates them on held-out accuracy (teacher >= 95%, student 20-60%: a student
+with room to learn from a teacher that knows the answer) and caches real HF checkpoints under
+`$OPDLAB_CACHE` (default `~/.cache/opdlab`). Nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+from opdlab.rollout import decode_responses, encode_prompts, sample_rollouts
+from opdlab.tasks.addition import CHARSET, AdditionTask
+from opdlab.tasks.base import PromptSource
+
+SPECIAL_TOKENS = ["<pad>", "<eos>", "<bos>", "<unk>"]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    hidden: int
+    layers: int
+    ffn: int
+    heads: int = 4
+    kv_heads: int = 2
+    lr: float = 1.5e-3
+    max_steps: int = 800
+    stop_at: float = 1.0  # stop training once held-out accuracy reaches this
+    gate: tuple[float, float] = (0.0, 1.0)  # accepted held-out accuracy range
+
+
+@dataclass(frozen=True)
+class ToySpec:
+    task: dict
+    teacher: ModelSpec
+    student: ModelSpec
+    batch_size: int = 128
+    eval_every: int = 25
+    version: int = 1  # bump to invalidate caches when the recipe changes
+    extra: dict = field(default_factory=dict)
+
+
+TOYS: dict[str, ToySpec] = {
+    # Reversed 3-digit addition (DESIGN.md §5): ~2.6M-param teacher, ~0.5M-param student.
+    "add3": ToySpec(
+        task={"digits": 3},
+        teacher=ModelSpec(hidden=256, layers=4, ffn=512, max_steps=1200, stop_at=0.97, gate=(0.95, 1.0)),
+        student=ModelSpec(hidden=128, layers=2, ffn=512, max_steps=600, stop_at=0.30, gate=(0.20, 0.60)),
+    ),
+    # Reversed 2-digit addition: builds in well under a minute, for tests.
+    "add2": ToySpec(
+        task={"digits": 2},
+        teacher=ModelSpec(hidden=128, layers=2, ffn=256, max_steps=800, stop_at=0.97, gate=(0.95, 1.0)),
+        student=ModelSpec(hidden=64, layers=2, ffn=128, max_steps=2000, stop_at=0.30, gate=(0.20, 0.60)),
+    ),
+}
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("OPDLAB_CACHE", Path.home() / ".cache" / "opdlab")).expanduser()
+
+
+def build_char_tokenizer(charset: str = CHARSET) -> PreTrainedTokenizerFast:
+    """A character-level HF tokenizer (WordLevel + per-character split) that saves and reloads offline."""
+    vocab = {tok: i for i, tok in enumerate([*SPECIAL_TOKENS, *charset])}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>", unk_token="<unk>",
+        padding_side="left",  # lost on reload unless given to the constructor
+    )
+
+
+def make_qwen2(spec: ModelSpec, tokenizer: PreTrainedTokenizerFast, max_len: int = 64) -> Qwen2ForCausalLM:
+    config = Qwen2Config(
+        vocab_size=len(tokenizer), hidden_size=spec.hidden, num_hidden_layers=spec.layers,
+        intermediate_size=spec.ffn, num_attention_heads=spec.heads, num_key_value_heads=spec.kv_heads,
+        max_position_embeddings=max_len, tie_word_embeddings=False, pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
+    )
+    return Qwen2ForCausalLM(config)
+
+
+def evaluate_accuracy(model, tokenizer, task: PromptSource, max_new_tokens: int = 8, batch_size: int = 256) -> float:
+    """Greedy exact-match accuracy on the task's held-out problems."""
+    problems = task.eval_problems()
+    correct = 0
+    for i in range(0, len(problems), batch_size):
+        chunk = problems[i : i + batch_size]
+        prompts = encode_prompts(tokenizer, [p.prompt for p in chunk], [p.answer for p in chunk])
+        rollout = sample_rollouts(model, prompts, tokenizer.eos_token_id, tokenizer.pad_token_id,
+                                  max_new_tokens=max_new_tokens, temperature=0.0)
+        texts = decode_responses(tokenizer, rollout)
+        correct += sum(task.verify(t, p.answer) for t, p in zip(texts, chunk, strict=True))
+    return correct / len(problems)
+
+
+def supervised_batch(tokenizer, task: AdditionTask, start: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T) ids of prompt+answer+EOS and labels that score only the answer and EOS."""
+    problems = [task.problem_at(start + i) for i in range(batch_size)]
+    ids, labels = [], []
+    for p in problems:
+        prompt = tokenizer(p.prompt)["input_ids"]
+        answer = tokenizer(p.answer)["input_ids"] + [tokenizer.eos_token_id]
+        ids.append(prompt + answer)
+        labels.append([-100] * len(prompt) + answer)
+    return torch.tensor(ids), torch.tensor(labels)  # fixed widths: every problem has the same length
+
+
+def train_supervised(model, tokenizer, task: AdditionTask, spec: ModelSpec, toy: ToySpec, desc: str) -> tuple[float, int]:
+    """Train with cross-entropy until held-out accuracy reaches `spec.stop_at` or `spec.max_steps`."""
+    opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=0.01, betas=(0.9, 0.98))
+    warmup = 50
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, spec.max_steps) / spec.max_steps))
+    )
+    accuracy, step = 0.0, 0
+    bar = tqdm(range(1, spec.max_steps + 1), desc=desc, leave=False)
+    for step in bar:
+        ids, labels = supervised_batch(tokenizer, task, (step - 1) * toy.batch_size, toy.batch_size)
+        loss = model(input_ids=ids, labels=labels).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if step % toy.eval_every == 0 or step == spec.max_steps:
+            model.eval()
+            accuracy = evaluate_accuracy(model, tokenizer, task)
+            model.train()
+            bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{accuracy:.2f}")
+            if accuracy >= spec.stop_at:
+                break
+    bar.close()
+    return accuracy, step
+
+
+def build_toy(name: str = "add3", cache_dir: str | Path | None = None, seed: int = 0, force: bool = False) -> Path:
+    """Train, gate and cache the toy teacher and student; returns the toy's directory.
+
+    The directory holds `teacher/` and `student/` (HF checkpoints with the tokenizer) and `build.json`.
+    A build is written to a temporary directory and renamed into place, so an interrupted build never
+    leaves a half-written cache.
+    """
+    if name not in TOYS:
+        raise ValueError(f"unknown toy {name!r}; available: {sorted(TOYS)}")
+    spec = TOYS[name]
+    target = Path(cache_dir or cache_root() / "toy") / f"{name}-v{spec.version}-seed{seed}"
+    if (target / "build.json").exists() and not force:
+        return target
+    task = AdditionTask(**spec.task, seed=seed)
+    tokenizer = build_char_tokenizer()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+    report = {"name": name, "seed": seed, "spec": asdict(spec)}
+    try:
+        for role in ("teacher", "student"):
+            mspec: ModelSpec = getattr(spec, role)
+            torch.manual_seed(seed + (0 if role == "teacher" else 1))
+            model = make_qwen2(mspec, tokenizer)
+            t0 = time.perf_counter()
+            accuracy, steps = train_supervised(model, tokenizer, task, mspec, spec, desc=f"toy {name}: {role}")
+            lo, hi = mspec.gate
+            report[role] = {"accuracy": accuracy, "steps": steps, "seconds": round(time.perf_counter() - t0, 1),
+                            "params": sum(p.numel() for p in model.parameters())}
+            print(f"toy {name}: {role} reached {accuracy:.1%} held-out accuracy in {steps} steps "
+                  f"({report[role]['seconds']} s)")
+            if not lo <= accuracy <= hi:
+                raise RuntimeError(
+                    f"toy {name}: {role} accuracy {accuracy:.1%} is outside its gate [{lo:.0%}, {hi:.0%}] "
+                    f"(seed {seed}); try another --seed or report this with the build log"
+                )
+            model.save_pretrained(tmp / role)
+            tokenizer.save_pretrained(tmp / role)
+        (tmp / "build.json").write_text(json.dumps(report, indent=2))
+        if target.exists():
+            shutil.rmtree(target)
+        tmp.rename(target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def resolve_toy_path(spec: str) -> Path:
+    """`toy:<name>/<role>` (role: teacher or student) -> checkpoint directory, building it if missing."""
+    body = spec.removeprefix("toy:")
+    name, _, role = body.partition("/")
+    if role not in ("teacher", "student"):
+        raise ValueError(f"toy model spec must be 'toy:<name>/teacher' or 'toy:<name>/student', got {spec!r}")
+    seed = int(os.environ.get("OPDLAB_TOY_SEED", "0"))
+    return build_toy(name, seed=seed) / role
