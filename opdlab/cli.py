@@ -32,8 +32,12 @@ class OPDLabCLI(LightningCLI):
     """LightningCLI over `OPDModule` and `PromptDataModule`; `fit` also reports accuracy before/after."""
 
     def add_arguments_to_parser(self, parser) -> None:
-        # Always-on callbacks, configurable under their own top-level keys.
+        from opdlab.callbacks import TeachabilityHistograms
+
+        # Always-on callbacks, configurable under their own top-level keys
+        # (e.g. `--teachability_histograms.every_n_steps 10`). TokenBank is opt-in via trainer.callbacks.
         parser.add_lightning_class_args(SelectionMetrics, "selection_metrics")
+        parser.add_lightning_class_args(TeachabilityHistograms, "teachability_histograms")
 
     def before_fit(self) -> None:
         self.fit_started = time.perf_counter()

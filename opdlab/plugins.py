@@ -2,27 +2,40 @@
 
 Groups `opdlab.selectors` and `opdlab.divergences` map a short name to a class; opdlab registers its
 own built-ins the same way (in its pyproject), so there is one mechanism. Discovery imports each entry
-point once (idempotent, cached), checks its type, refuses duplicate names, and records the package that
-supplied it. `OPDLAB_DISABLE_PLUGINS=1` keeps only opdlab's own entries (the off switch).
+point once (idempotent, cached), checks that it is a concrete subclass of the group's interface, refuses
+duplicate names, and records the package that supplied it. Every failure names the plugin and its
+package. `OPDLAB_DISABLE_PLUGINS=1` keeps only opdlab's own entries (the off switch).
+
+A plugin is declared in its own package's pyproject:
+
+    [project.entry-points."opdlab.selectors"]
+    low_confidence = "opdlab_plugin_example:LowConfidenceSelector"
 """
 
 from __future__ import annotations
 
 import difflib
+import inspect
 import os
+import re
 from dataclasses import dataclass
 from functools import cache
-from importlib.metadata import entry_points
+from importlib import metadata
 
 from opdlab.divergences.base import Divergence
 from opdlab.selectors.base import TokenSelector
 
 GROUPS: dict[str, type] = {"opdlab.selectors": TokenSelector, "opdlab.divergences": Divergence}
 GROUP_ALIASES = {"selector": "opdlab.selectors", "divergence": "opdlab.divergences"}
+BUILTIN_PACKAGE = "opdlab"
+DISABLE_ENV = "OPDLAB_DISABLE_PLUGINS"
+# Short names are used bare on the command line (`--model.selector teachability`), where a dot means a
+# class path and a leading capital a class name, so names are lower-case identifiers.
+NAME_PATTERN = re.compile(r"[a-z][a-z0-9_\-]*")
 
 
 class PluginError(RuntimeError):
-    """A plugin could not be registered (broken import, wrong type, duplicate name)."""
+    """A plugin could not be registered (broken import, wrong type, duplicate or malformed name)."""
 
 
 @dataclass(frozen=True)
@@ -38,32 +51,67 @@ class Plugin:
         return f"{self.cls.__module__}.{self.cls.__qualname__}"
 
 
+def plugins_disabled() -> bool:
+    return os.environ.get(DISABLE_ENV, "").strip().lower() not in ("", "0", "false", "no")
+
+
+def _package(ep: metadata.EntryPoint) -> str:
+    dist = getattr(ep, "dist", None)
+    return dist.name if dist is not None else "<unknown package>"
+
+
 @cache
 def discover(group: str) -> dict[str, Plugin]:
-    """Every plugin of `group` ('opdlab.selectors' or 'opdlab.divergences'), by name."""
+    """Every plugin of `group` ('opdlab.selectors' or 'opdlab.divergences', or 'selector'/'divergence'), by name.
+
+    Raises PluginError naming the plugin and its package when one cannot be registered.
+    """
     group = GROUP_ALIASES.get(group, group)
     if group not in GROUPS:
         raise ValueError(f"unknown plugin group {group!r}; expected one of {sorted(GROUPS)}")
-    only_builtin = os.environ.get("OPDLAB_DISABLE_PLUGINS", "") not in ("", "0")
     found: dict[str, Plugin] = {}
-    for ep in sorted(entry_points(group=group), key=lambda e: (e.dist.name if e.dist else "", e.name)):
-        package = ep.dist.name if ep.dist else "<unknown package>"
-        if only_builtin and package != "opdlab":
+    for ep in sorted(metadata.entry_points(group=group), key=lambda e: (_package(e), e.name)):
+        package = _package(ep)
+        if plugins_disabled() and package != BUILTIN_PACKAGE:
             continue
-        where = f"plugin {ep.name!r} ({ep.value}) from package {package!r} in group {group!r}"
-        try:
-            cls = ep.load()
-        except Exception as err:  # noqa: BLE001 - any import failure is reported the same way
-            raise PluginError(f"{where} failed to import: {type(err).__name__}: {err}") from err
-        if not (isinstance(cls, type) and issubclass(cls, GROUPS[group])):
-            raise PluginError(f"{where} is {cls!r}, not a subclass of {GROUPS[group].__module__}.{GROUPS[group].__name__}")
-        if ep.name in found and found[ep.name].cls is not cls:
+        plugin = _load(ep, group, package)
+        previous = found.get(plugin.name)
+        if previous is not None and previous.cls is not plugin.cls:
             raise PluginError(
-                f"{where} duplicates the name already registered by package {found[ep.name].package!r} "
-                f"({found[ep.name].target}); rename one of the entry points"
+                f"{_where(ep, group, package)} duplicates the name already registered by package "
+                f"{previous.package!r} ({previous.target}); rename one of the entry points"
+                f"{_off_switch_hint(package)}"
             )
-        found[ep.name] = Plugin(ep.name, group, cls, package, ep.value)
+        found.setdefault(plugin.name, plugin)
     return found
+
+
+def _load(ep: metadata.EntryPoint, group: str, package: str) -> Plugin:
+    """Import one entry point and check it; every error names the plugin and the package."""
+    where, hint = _where(ep, group, package), _off_switch_hint(package)
+    if not NAME_PATTERN.fullmatch(ep.name):
+        raise PluginError(f"{where} has a malformed name: use lower-case letters, digits, '_' or '-'{hint}")
+    try:
+        cls = ep.load()
+    except Exception as err:  # any import failure is reported the same way
+        raise PluginError(f"{where} failed to import: {type(err).__name__}: {err}{hint}") from err
+    base = GROUPS[group]
+    if not (isinstance(cls, type) and issubclass(cls, base)):
+        raise PluginError(f"{where} is {cls!r}, not a subclass of {base.__module__}.{base.__name__}{hint}")
+    if inspect.isabstract(cls):
+        missing = ", ".join(sorted(cls.__abstractmethods__))
+        raise PluginError(f"{where} is abstract (it does not implement {missing}){hint}")
+    return Plugin(ep.name, group, cls, package, ep.value)
+
+
+def _where(ep: metadata.EntryPoint, group: str, package: str) -> str:
+    return f"plugin {ep.name!r} ({ep.value}) from package {package!r} in group {group!r}"
+
+
+def _off_switch_hint(package: str) -> str:
+    if package == BUILTIN_PACKAGE:
+        return ""
+    return f". Fix or uninstall {package!r}, or set {DISABLE_ENV}=1 to load only opdlab's built-ins"
 
 
 def resolve(group: str, name: str) -> type:
@@ -71,10 +119,18 @@ def resolve(group: str, name: str) -> type:
     plugins = discover(group)
     if name in plugins:
         return plugins[name].cls
-    close = difflib.get_close_matches(name, list(plugins), n=3)
+    raise ValueError(unknown_name_message(group, name, list(plugins)))
+
+
+def unknown_name_message(group: str, name: str, known: list[str]) -> str:
+    group = GROUP_ALIASES.get(group, group)
+    kind = group.split(".")[-1].removesuffix("s")
+    close = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
     hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-    raise ValueError(f"unknown {group.split('.')[-1][:-1]} {name!r}.{hint} Available: {', '.join(sorted(plugins))}")
+    disabled = f" (third-party plugins are off: {DISABLE_ENV} is set)" if plugins_disabled() else ""
+    return f"unknown {kind} {name!r}.{hint} Available{disabled}: {', '.join(sorted(known))}"
 
 
 def list_plugins() -> list[Plugin]:
+    """Every registered plugin of every group, built-ins included."""
     return [p for group in GROUPS for p in discover(group).values()]

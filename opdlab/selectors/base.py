@@ -27,22 +27,35 @@ def budget_size(ratio: float, n_valid: int) -> int:
     return min(n_valid, math.ceil(round(ratio * n_valid, 6)))
 
 
+def linear_quantiles(values: torch.Tensor, qs: tuple[float, ...]) -> list[torch.Tensor]:
+    """Quantiles of a 1-D tensor with linear interpolation (numpy's default, `method="linear"`).
+
+    Sort-based rather than `torch.quantile`, which refuses inputs above 2**24 elements (a large rollout
+    batch can have more valid positions than that).
+    """
+    ordered = values.float().sort().values
+    n = ordered.numel()
+    out = []
+    for q in qs:
+        pos = q * (n - 1)
+        lo = math.floor(pos)
+        hi = min(lo + 1, n - 1)
+        out.append(ordered[lo] + (pos - lo) * (ordered[hi] - ordered[lo]))
+    return out
+
+
 def normalize_scores(x: torch.Tensor, valid: torch.Tensor, method: Normalization = "quantile") -> torch.Tensor:
     """Normalise x over the valid positions of the batch; invalid positions become 0.
 
     quantile: clip((x - q05) / (q95 - q05), 0, 1) with linearly interpolated quantiles;
     minmax: (x - min) / (max - min); none: x unchanged. A spread below 1e-12 gives all zeros.
     """
-    x = x.float()
+    check_normalization(method)
+    x, valid = x.float(), valid.bool()
     values = x[valid]
     if method == "none" or values.numel() == 0:
         return torch.where(valid, x, torch.zeros_like(x))
-    if method == "quantile":
-        lo, hi = torch.quantile(values, torch.tensor([0.05, 0.95], device=x.device, dtype=x.dtype)).unbind()
-    elif method == "minmax":
-        lo, hi = values.min(), values.max()
-    else:
-        raise ValueError(f"normalization must be 'quantile', 'minmax' or 'none', got {method!r}")
+    lo, hi = linear_quantiles(values, (0.05, 0.95)) if method == "quantile" else (values.min(), values.max())
     spread = hi - lo
     if spread < 1e-12:
         return torch.zeros_like(x)
@@ -52,20 +65,21 @@ def normalize_scores(x: torch.Tensor, valid: torch.Tensor, method: Normalization
 def apply_budget(scores: torch.Tensor, valid: torch.Tensor, ratio: float) -> torch.Tensor:
     """Keep mask (N, L) of the top ceil(ratio · N_valid) valid positions, at least one per non-empty row."""
     valid = valid.bool()
+    # NaN and -inf scores rank last among valid positions, but still above invalid ones.
+    lowest = torch.finfo(torch.float32).min
+    scores = scores.float().nan_to_num(nan=lowest, neginf=lowest).masked_fill(~valid, float("-inf"))
     flat_valid = valid.flatten()
     rows = flat_valid.nonzero().squeeze(-1)  # (R,) flat indices, in position order
     keep = torch.zeros_like(flat_valid)
     k = budget_size(ratio, rows.numel())
     if k > 0:
-        s = scores.flatten()[rows].float().nan_to_num(nan=float("-inf"))
-        order = torch.sort(s, descending=True, stable=True).indices[:k]
+        order = torch.sort(scores.flatten()[rows], descending=True, stable=True).indices[:k]
         keep[rows[order]] = True
     keep = keep.view_as(valid)
-    starved = valid.any(1) & ~keep.any(1)
+    starved = valid.any(1) & ~keep.any(1)  # (N,) non-empty responses that got nothing
     if starved.any():
-        masked = scores.float().nan_to_num(nan=float("-inf")).masked_fill(~valid, float("-inf"))
         # argmax returns the first maximum, so ties again go to the earliest position.
-        best = masked[starved].argmax(1)
+        best = scores[starved].argmax(1)
         keep[starved.nonzero().squeeze(-1), best] = True
     return keep
 
@@ -95,6 +109,12 @@ class TokenSelector(ABC):
     def select(self, stats: TokenStats, generator: torch.Generator | None = None) -> torch.Tensor:
         """(N, L) bool keep mask, a subset of `stats.valid`."""
         return apply_budget(self.score(stats, generator), stats.valid, self.ratio)
+
+
+def check_normalization(method: str) -> str:
+    if method not in ("quantile", "minmax", "none"):
+        raise ValueError(f"normalization must be 'quantile', 'minmax' or 'none', got {method!r}")
+    return method
 
 
 def check_top_k(top_k: int) -> int:

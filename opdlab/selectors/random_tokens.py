@@ -9,7 +9,15 @@ from opdlab.selectors.base import TokenSelector
 
 
 class RandomSelector(TokenSelector):
-    """Uniform random scores from the step's seeded generator."""
+    """Uniform random scores from the step's seeded generator (the same seed keeps the same positions).
+
+    Args:
+        ratio: fraction of valid response tokens to keep, in (0, 1].
+    """
+
+    def __init__(self, ratio: float = 0.05) -> None:
+        super().__init__(ratio)
 
     def score(self, stats: TokenStats, generator: torch.Generator | None = None) -> torch.Tensor:
+        # Drawn on the CPU so that a CPU generator gives the same subset on any device.
         return torch.rand(stats.valid.shape, generator=generator, device="cpu").to(stats.valid.device)

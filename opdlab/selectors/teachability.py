@@ -10,15 +10,39 @@ from __future__ import annotations
 import torch
 
 from opdlab.scoring import TokenStats
-from opdlab.selectors.base import Normalization, TokenSelector, check_top_k, normalize_scores
+from opdlab.selectors.base import Normalization, TokenSelector, check_normalization, check_top_k, normalize_scores
+
+
+def teachability_features(stats: TokenStats, normalization: Normalization = "quantile") -> dict[str, torch.Tensor]:
+    """The raw features and their products, each (N, L) and zero at invalid positions.
+
+    C, D, H are the raw per-position values; D_L = D̃ · C̃ (learnable) and D_I = D̃ · (1 - C̃)
+    (incompatible) use the batch normalisation of the selectors, so callbacks see what selection saw.
+    """
+    d = normalize_scores(stats.union_kl, stats.valid, normalization)
+    c = normalize_scores(stats.compat, stats.valid, normalization)
+    valid = stats.valid.float()
+    return {
+        "C": stats.compat * valid,
+        "D": stats.union_kl * valid,
+        "H": stats.topk_entropy * valid,
+        "D_L": d * c,
+        "D_I": d * (1 - c) * valid,
+    }
 
 
 class _DCSelector(TokenSelector):
-    """Shared constructor of the D/C family (interface plumbing only, no behaviour)."""
+    """Shared constructor of the D/C family (interface plumbing only, no behaviour).
+
+    Args:
+        ratio: fraction of valid response tokens to keep, in (0, 1].
+        top_k: K of the student/teacher top-K sets behind C and D.
+        normalization: batch normalisation of each score: quantile (q05/q95, the paper's), minmax, none.
+    """
 
     def __init__(self, ratio: float = 0.05, top_k: int = 16, normalization: Normalization = "quantile") -> None:
         super().__init__(ratio)
-        self.top_k, self.normalization = check_top_k(top_k), normalization
+        self.top_k, self.normalization = check_top_k(top_k), check_normalization(normalization)
 
     def _norm(self, x: torch.Tensor, stats: TokenStats) -> torch.Tensor:
         return normalize_scores(x, stats.valid, self.normalization)
