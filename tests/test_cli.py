@@ -1,0 +1,206 @@
+"""The `opdlab` command end to end on tiny models: fit, TensorBoard tags, export, help, plugins, resume."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from conftest import CONFIG_DIR, run_opdlab
+
+FAST = str(CONFIG_DIR / "fast.yaml")
+MAX_STEPS, BATCH = 4, 8
+
+
+def write_overrides(root: Path, tiny, version: str) -> Path:
+    """A second --config on top of configs/fast.yaml: tiny models, 4 steps, checkpoints every step."""
+    overrides = {
+        "trainer": {
+            "max_steps": MAX_STEPS,
+            "val_check_interval": 2,
+            "log_every_n_steps": 1,
+            "logger": {
+                "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                "init_args": {"save_dir": str(root / "runs"), "name": "fast", "version": version},
+            },
+            "callbacks": [{
+                "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                "init_args": {"dirpath": str(root / f"ckpt_{version}"), "every_n_train_steps": 1,
+                              "save_top_k": -1, "filename": "{step}"},
+            }],
+        },
+        "model": {"student": tiny.student, "teacher": tiny.teacher},
+        "data": {
+            "source": {"class_path": "opdlab.tasks.AdditionTask", "init_args": {"digits": 2, "num_eval": 32}},
+            "batch_size": BATCH,
+            "val_batch_size": 32,
+        },
+    }
+    path = root / f"overrides_{version}.yaml"
+    path.write_text(yaml.safe_dump(overrides))
+    return path
+
+
+def scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    acc = EventAccumulator(str(log_dir))
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def load_ckpt(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_checkpoints, tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli_fit")
+    result = run_opdlab(["fit", "--config", FAST, "--config", str(write_overrides(root, tiny_checkpoints, "full"))])
+    return root, result
+
+
+# ------------------------------------------------------------------------------ fit end to end
+def test_fit_end_to_end_summary(uninterrupted):
+    root, result = uninterrupted
+    assert result.code == 0, result.err[-3000:]
+    out = result.out
+    assert "opdlab fit summary" in out
+    assert f"steps: {MAX_STEPS}" in out
+    summary = out[out.index("opdlab fit summary"):]
+    assert "student accuracy: before" in summary and "-> after" in summary
+    assert "Epoch" in result.out + result.err, "a progress bar is shown"
+
+
+def test_fit_logs_namespaced_tensorboard_tags(uninterrupted):
+    root, result = uninterrupted
+    assert result.code == 0, result.err[-3000:]
+    tags = scalars(root / "runs" / "fast" / "full")
+    for tag in ("train/loss", "train/retained_ratio", "rollout/len_mean", "val/accuracy", "val/teacher_accuracy"):
+        assert tag in tags, f"{tag} missing from {sorted(tags)}"
+    assert [step for step, _ in tags["train/loss"]] == list(range(MAX_STEPS))
+    assert all(math.isfinite(v) for _, v in tags["train/loss"])
+    # fast.yaml keeps 20% of response tokens (at least one per response, so a bit more on short rollouts).
+    assert all(0.2 <= v <= 1.0 for _, v in tags["train/retained_ratio"])
+    assert all(1.0 <= v <= 6.0 for _, v in tags["rollout/len_mean"])  # max_new_tokens 6 in fast.yaml
+    assert all(0.0 <= v <= 1.0 for _, v in tags["val/accuracy"])
+    assert len(tags["val/teacher_accuracy"]) == 1, "the teacher's accuracy is logged once"
+
+
+def test_fit_exports_student_and_config(uninterrupted, tiny_checkpoints):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    root, result = uninterrupted
+    assert result.code == 0, result.err[-3000:]
+    export = root / "runs" / "fast" / "full" / "student"
+    assert f"student exported to {export}" in result.out
+    model = AutoModelForCausalLM.from_pretrained(export)
+    tokenizer = AutoTokenizer.from_pretrained(export)
+    assert tokenizer.get_vocab() == AutoTokenizer.from_pretrained(tiny_checkpoints.student).get_vocab()
+    # It is the trained student (same architecture, changed weights), not the teacher.
+    original = AutoModelForCausalLM.from_pretrained(tiny_checkpoints.student)
+    assert model.config.hidden_size == original.config.hidden_size
+    assert any(not torch.equal(a, b) for a, b in zip(model.parameters(), original.parameters(), strict=True))
+    final = load_ckpt(root / "ckpt_full" / f"step={MAX_STEPS}.ckpt")["state_dict"]
+    for name, p in model.state_dict().items():
+        assert torch.equal(p, final[f"student.{name}"]), name
+    assert (root / "runs" / "fast" / "full" / "config.yaml").exists()
+
+
+def test_checkpoints_every_step_without_teacher(uninterrupted):
+    root, result = uninterrupted
+    assert result.code == 0, result.err[-3000:]
+    for step in range(1, MAX_STEPS + 1):
+        ckpt = load_ckpt(root / "ckpt_full" / f"step={step}.ckpt")
+        assert ckpt["global_step"] == step
+        assert ckpt["PromptDataModule"] == {"consumed": step * BATCH}
+        assert not any(k.startswith("teacher.") for k in ckpt["state_dict"])
+
+
+# ------------------------------------------------------------------------------ resume
+def test_resume_continues_the_same_run(uninterrupted, tiny_checkpoints):
+    """Resuming at step 2 replays steps 3-4 exactly: same losses, data position, and final weights."""
+    root, first = uninterrupted
+    assert first.code == 0, first.err[-3000:]
+    k = 2
+    overrides = write_overrides(root, tiny_checkpoints, "resumed")
+    result = run_opdlab(["fit", "--config", FAST, "--config", str(overrides),
+                         "--ckpt_path", str(root / "ckpt_full" / f"step={k}.ckpt")])
+    assert result.code == 0, result.err[-3000:]
+    assert f"steps: {MAX_STEPS}" in result.out
+
+    # global_step and the prompt stream continue from the checkpoint (not from 0).
+    saved = sorted(p.name for p in (root / "ckpt_resumed").glob("*.ckpt"))
+    assert saved == [f"step={s}.ckpt" for s in range(k + 1, MAX_STEPS + 1)]
+    for step in range(k + 1, MAX_STEPS + 1):
+        ckpt = load_ckpt(root / "ckpt_resumed" / f"step={step}.ckpt")
+        assert ckpt["global_step"] == step
+        assert ckpt["PromptDataModule"] == {"consumed": step * BATCH}
+
+    full = dict(scalars(root / "runs" / "fast" / "full")["train/loss"])
+    resumed = dict(scalars(root / "runs" / "fast" / "resumed")["train/loss"])
+    assert sorted(resumed) == list(range(k, MAX_STEPS))
+    assert resumed == {step: full[step] for step in range(k, MAX_STEPS)}
+
+    a = load_ckpt(root / "ckpt_full" / f"step={MAX_STEPS}.ckpt")
+    b = load_ckpt(root / "ckpt_resumed" / f"step={MAX_STEPS}.ckpt")
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    for name in a["state_dict"]:
+        assert torch.equal(a["state_dict"][name], b["state_dict"][name]), name
+
+
+# ------------------------------------------------------------------------------ help and plugins
+def test_top_level_help():
+    for args in ([], ["--help"], ["-h"]):
+        result = run_opdlab(args)
+        assert result.code == 0
+        for command in ("fit", "validate", "test", "toy", "plugins"):
+            assert command in result.out
+
+
+def test_fit_help_documents_options():
+    result = run_opdlab(["fit", "--help"])
+    assert result.code == 0, result.err[-2000:]
+    out = " ".join(result.out.split())  # help text is wrapped
+    for option in ("--model.selector", "--model.divergence", "--model.loss_normalization", "--data.source",
+                   "--trainer.max_steps", "--ckpt_path", "--config", "--print_config"):
+        assert option in out, option
+    # Docstrings of OPDModule's arguments become the option help.
+    assert "which response positions get the loss" in out
+    assert "responses sampled per prompt" in out
+
+
+def test_toy_help():
+    result = run_opdlab(["toy", "--help"])
+    assert result.code == 0
+    assert "--name" in result.out and "add2" in result.out
+
+
+def test_plugins_lists_builtins():
+    result = run_opdlab(["plugins"])
+    assert result.code == 0, result.err
+    lines = result.out.splitlines()
+    assert lines[0].split() == ["group", "name", "package", "class"]
+    rows = {tuple(line.split()[:2]): line.split() for line in lines[1:]}
+    assert rows[("selectors", "teachability")][2:] == ["opdlab", "opdlab.selectors.teachability.TeachabilitySelector"]
+    assert ("selectors", "full") in rows and ("divergences", "sampled_token") in rows
+    assert ("divergences", "reverse_kl") in rows
+
+
+def test_console_script_is_installed():
+    script = Path(sys.executable).parent / "opdlab"
+    assert script.exists(), "pip install -e . should install the `opdlab` console script"
+    out = subprocess.run([str(script), "plugins"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "teachability" in out.stdout
+
+
+def test_validate_command(tiny_checkpoints, tmp_path):
+    overrides = write_overrides(tmp_path, tiny_checkpoints, "validate")
+    result = run_opdlab(["validate", "--config", FAST, "--config", str(overrides)])
+    assert result.code == 0, result.err[-3000:]
+    assert "val/accuracy" in result.out

@@ -1,0 +1,103 @@
+"""The embedded toy: `add2` builds, passes its accuracy gates, caches, and failed builds leave nothing."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import opdlab.toy as toy
+from opdlab.models import load_causal_lm, load_tokenizer, resolve_model_path
+from opdlab.tasks import AdditionTask
+from opdlab.toy import ModelSpec, ToySpec, build_char_tokenizer, build_toy, evaluate_accuracy
+
+
+@pytest.fixture(scope="module")
+def add2(tmp_path_factory):
+    """The real add2 build (seed 0) into a fresh cache directory (~20-40 s on 2 cores)."""
+    cache = tmp_path_factory.mktemp("toy_cache")
+    return cache, build_toy("add2", cache_dir=cache / "toy", seed=0)
+
+
+def test_add2_builds_and_passes_gates(add2):
+    _, path = add2
+    assert path.name == f"add2-v{toy.TOYS['add2'].version}-seed0"
+    report = json.loads((path / "build.json").read_text())
+    assert report["teacher"]["accuracy"] >= 0.95
+    assert 0.20 <= report["student"]["accuracy"] <= 0.60
+    assert report["teacher"]["params"] > report["student"]["params"]
+
+
+def test_add2_checkpoints_reload_and_reproduce_gate_accuracy(add2):
+    """The saved HF checkpoints (not the in-memory models) meet the gates on the held-out problems."""
+    _, path = add2
+    task = AdditionTask(**toy.TOYS["add2"].task, seed=0)
+    report = json.loads((path / "build.json").read_text())
+    for role in ("teacher", "student"):
+        tokenizer = load_tokenizer(str(path / role))
+        assert tokenizer.get_vocab() == build_char_tokenizer().get_vocab()
+        assert tokenizer.padding_side == "left"
+        model = load_causal_lm(str(path / role)).eval()
+        assert type(model).__name__ == "Qwen2ForCausalLM"
+        accuracy = evaluate_accuracy(model, tokenizer, task)
+        assert accuracy == pytest.approx(report[role]["accuracy"], abs=1e-9)
+
+
+def test_cached_build_is_reused(add2, monkeypatch):
+    cache, path = add2
+    monkeypatch.setattr(toy, "train_supervised", lambda *a, **k: pytest.fail("cached toy was rebuilt"))
+    assert build_toy("add2", cache_dir=cache / "toy", seed=0) == path
+    # `toy:` model paths resolve through $OPDLAB_CACHE/toy without building.
+    monkeypatch.setenv("OPDLAB_CACHE", str(cache))
+    assert resolve_model_path("toy:add2/teacher") == str(path / "teacher")
+    assert resolve_model_path("toy:add2/student") == str(path / "student")
+
+
+TINY_TOY = ToySpec(
+    task={"digits": 1, "num_eval": 8},
+    teacher=ModelSpec(hidden=16, layers=1, ffn=32, heads=2, kv_heads=1, max_steps=2, gate=(0.0, 1.0)),
+    student=ModelSpec(hidden=16, layers=1, ffn=32, heads=2, kv_heads=1, max_steps=2, gate=(0.0, 1.0)),
+    batch_size=8,
+    eval_every=1,
+)
+
+
+def test_failed_gate_leaves_no_directory(tmp_path, monkeypatch):
+    # The student can never reach an accuracy above 100%: the gate fails after the teacher was saved.
+    spec = ToySpec(**{**TINY_TOY.__dict__,
+                      "student": ModelSpec(**{**TINY_TOY.student.__dict__, "gate": (1.01, 1.0)})})
+    monkeypatch.setitem(toy.TOYS, "tiny", spec)
+    with pytest.raises(RuntimeError, match="outside its gate"):
+        build_toy("tiny", cache_dir=tmp_path, seed=0)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_interrupted_build_leaves_no_directory(tmp_path, monkeypatch):
+    monkeypatch.setitem(toy.TOYS, "tiny", TINY_TOY)
+    real = toy.train_supervised
+
+    def interrupted(model, tokenizer, task, spec, toy_spec, desc):
+        if "student" in desc:
+            raise KeyboardInterrupt
+        return real(model, tokenizer, task, spec, toy_spec, desc)
+
+    monkeypatch.setattr(toy, "train_supervised", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        build_toy("tiny", cache_dir=tmp_path, seed=0)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_successful_tiny_build_then_forced_rebuild(tmp_path, monkeypatch):
+    monkeypatch.setitem(toy.TOYS, "tiny", TINY_TOY)
+    path = build_toy("tiny", cache_dir=tmp_path, seed=0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]  # no temporary directory left over
+    assert {p.name for p in path.iterdir()} == {"teacher", "student", "build.json"}
+    first = (path / "build.json").read_text()
+    assert build_toy("tiny", cache_dir=tmp_path, seed=0, force=True) == path
+    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]
+    assert json.loads((path / "build.json").read_text())["name"] == json.loads(first)["name"] == "tiny"
+
+
+def test_unknown_toy():
+    with pytest.raises(ValueError, match="unknown toy 'nope'; available: \\['add2', 'add3'"):
+        build_toy("nope")
