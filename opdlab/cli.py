@@ -47,9 +47,9 @@ class OPDLabCLI(LightningCLI):
         seconds = time.perf_counter() - self.fit_started
         model, trainer = self.model, self.trainer
         after = self._validate() if model.last_val_step != trainer.global_step else model.last_val_accuracy
+        export = Path(trainer.log_dir or "runs") / "student"  # log_dir and export are collectives
+        model.export_student(str(export))
         if trainer.is_global_zero:
-            export = Path(trainer.log_dir or "runs") / "student"
-            model.export_student(str(export))
             teacher = trainer.callback_metrics.get("val/teacher_accuracy")
             lines = [
                 f"steps: {trainer.global_step}   wall time: {seconds:.1f} s   "

@@ -17,12 +17,22 @@ from opdlab.tasks.addition import AdditionTask
 from opdlab.tasks.base import Problem, PromptSource
 
 
-def collate_problems(problems: list[Problem]) -> dict[str, list[str]]:
-    return {"prompts": [p.prompt for p in problems], "answers": [p.answer for p in problems]}
+def collate_problems(items: list[Problem] | list[tuple[int, Problem]]) -> dict[str, list]:
+    """Batch problems (optionally with their stream indices) into lists of prompts, answers, indices."""
+    pairs = [item if isinstance(item, tuple) else (i, item) for i, item in enumerate(items)]
+    return {
+        "prompts": [p.prompt for _, p in pairs],
+        "answers": [p.answer for _, p in pairs],
+        "indices": [i for i, _ in pairs],
+    }
 
 
 class PromptStream(IterableDataset):
-    """An endless stream of training problems; rank r of w reads indices start + r, start + r + w, ..."""
+    """An endless stream of (index, problem); rank r of w reads indices start + r, start + r + w, ...
+
+    The index (the problem's position in the stream) seeds that prompt's rollout sampling, so a prompt
+    gets the same samples however the batch is split.
+    """
 
     def __init__(self, source: PromptSource, start: int = 0, rank: int = 0, world_size: int = 1) -> None:
         self.source, self.start, self.rank, self.world_size = source, start, rank, world_size
@@ -30,7 +40,7 @@ class PromptStream(IterableDataset):
     def __iter__(self) -> Iterator[Problem]:
         for i, problem in enumerate(self.source.train_problems(self.start)):
             if i % self.world_size == self.rank:
-                yield problem
+                yield self.start + i, problem
 
 
 class PromptDataModule(L.LightningDataModule):

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from typing import Literal
 
 import lightning as L
@@ -21,6 +21,9 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torchmetrics import MeanMetric
 
+from lightning.pytorch.utilities import rank_zero_warn
+
+from opdlab.distributed import all_reduce_sum, gather_stats, world_size
 from opdlab.divergences import Divergence, SampledTokenOPD
 from opdlab.loss import LossNormalization, kept_token_loss, reduce_token_loss
 from opdlab.models import (
@@ -30,6 +33,7 @@ from opdlab.models import (
 from opdlab.rollout import PromptBatch, Rollout, decode_responses, encode_prompts, sample_rollouts
 from opdlab.scoring import TokenStats, compute_token_stats
 from opdlab.selectors import FullSelector, TokenSelector
+from opdlab.sharding import is_sharded, shard_model
 
 
 @dataclass
@@ -67,7 +71,16 @@ class OPDModule(L.LightningModule):
         chunk_size: response rows whose logits the scoring pass materialises at once.
         student_dtype, teacher_dtype: weight dtypes (float32, bfloat16, float16).
         gradient_checkpointing: recompute student activations in backward to save memory.
-        seed: seed of rollout sampling and random selection (combined with step and rank).
+        micro_batch_size: rows (prompts x samples) per forward/backward; the whole batch when None.
+            Selection and loss normalisation always cover the whole batch (and all ranks), so the update
+            does not depend on this value; with several micro-batches the student forward runs twice
+            (no-grad for scoring, with grad on each micro-batch for the loss).
+        gradient_clip_val: clip the student's gradient norm to this value (None: no clipping).
+        max_bad_steps: consecutive steps with non-finite log-probs or gradients that are skipped (with a
+            warning, counted in `train/skipped_steps`) before training stops with an error.
+        shard_student: under a sharding strategy (ModelParallelStrategy), shard the student with FSDP2
+            as well as the teacher; the teacher is always sharded there.
+        seed: seed of rollout sampling (per prompt, from its stream index) and of random selection.
     """
 
     def __init__(
@@ -89,6 +102,10 @@ class OPDModule(L.LightningModule):
         student_dtype: str = "float32",
         teacher_dtype: str = "float32",
         gradient_checkpointing: bool = False,
+        micro_batch_size: int | None = None,
+        gradient_clip_val: float | None = None,
+        max_bad_steps: int = 5,
+        shard_student: bool = True,
         seed: int = 0,
     ) -> None:
         super().__init__()
@@ -96,6 +113,8 @@ class OPDModule(L.LightningModule):
             raise ValueError(f"num_samples and max_new_tokens must be >= 1, got {num_samples} and {max_new_tokens}")
         if temperature <= 0:
             raise ValueError(f"training temperature must be > 0 (on-policy sampling), got {temperature}")
+        if micro_batch_size is not None and micro_batch_size < 1:
+            raise ValueError(f"micro_batch_size must be >= 1 or None, got {micro_batch_size}")
         if loss_normalization not in ("kept", "valid"):
             raise ValueError(f"loss_normalization must be 'kept' or 'valid', got {loss_normalization!r}")
         self.save_hyperparameters(ignore=["selector", "divergence", "optimizer", "scheduler"])
@@ -111,6 +130,8 @@ class OPDModule(L.LightningModule):
         self.last_val_accuracy, self.last_val_step = float("nan"), -1
         self.response_tokens = 0  # valid response tokens sampled in training, this process
         self.strict_loading = False  # checkpoints leave out the frozen teacher (see on_save_checkpoint)
+        self.automatic_optimization = False  # global selection spans micro-batches: see training_step
+        self.skipped_steps = self.bad_steps_in_a_row = 0
 
     # ----------------------------------------------------------------------------- models
     def configure_model(self) -> None:
@@ -124,6 +145,12 @@ class OPDModule(L.LightningModule):
         self.teacher = freeze(load_causal_lm(self.teacher_path, hp.teacher_dtype))
         if hp.gradient_checkpointing:
             self.student.gradient_checkpointing_enable()
+        mesh = self.device_mesh if self._trainer is not None else None
+        if mesh is not None:  # ModelParallelStrategy: FSDP2 over its data-parallel mesh
+            dp_mesh = mesh["data_parallel"] if mesh.mesh_dim_names and "data_parallel" in mesh.mesh_dim_names else mesh
+            shard_model(self.teacher, dp_mesh)
+            if hp.shard_student:
+                shard_model(self.student, dp_mesh)
         columns = check_vocab_sizes(self.student, self.teacher, self.tokenizer)
         self.student_head = LogitHead(self.student, columns)
         self.teacher_head = LogitHead(self.teacher, columns)
@@ -135,23 +162,29 @@ class OPDModule(L.LightningModule):
         return self
 
     # ----------------------------------------------------------------------------- the OPD step
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
+        """rollout -> score -> select -> loss, then one optimizer step (manual optimisation)."""
         timer = StageTimer(self.device)
         with timer("rollout"):
-            rollout = self.rollout(self.encode(batch))
-        with timer("forward"):
-            student_hidden, teacher_hidden = self.response_hidden_states(rollout)
+            rollout = self.rollout(self.encode(batch), seeds=self.prompt_seeds(batch))
+        parts = micro_batches(rollout.response_mask.shape[0], self.hparams.micro_batch_size)
+        with timer("forward"):  # one micro-batch: the student forward with grad is reused by the loss
+            hidden = [self.response_hidden_states(rollout_rows(rollout, r), student_grad=len(parts) == 1) for r in parts]
         with timer("score"):
-            stats = self.score(student_hidden, teacher_hidden, rollout)
+            stats = cat_stats([self.score(s, t, rollout_rows(rollout, r)) for (s, t), r in zip(hidden, parts, strict=True)])
         with timer("select"):
             keep = self.select(stats)
-        with timer("loss"):
-            loss = self.loss(student_hidden, teacher_hidden, keep, rollout, stats)
         self.last_step = StepRecord(rollout, stats, keep, timer.seconds)
         self.response_tokens += int(rollout.response_mask.sum())
-        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=rollout.response_mask.shape[0])
+        if self.skip_non_finite(stats_are_finite(stats), "student or teacher log-probs"):
+            return None
+        with timer("loss"):  # kept-rows forward (again, when accumulating micro-batches) + backward
+            loss = self.backward_loss(hidden, parts, keep, rollout, stats)
+        with timer("optimizer"):
+            stepped = self.optimizer_step()
+        self.log("train/loss", loss, prog_bar=True, batch_size=rollout.response_mask.shape[0])
         self.log_dict({f"time/{k}": v for k, v in timer.seconds.items()}, batch_size=1)
-        return loss
+        return loss if stepped else None
 
     def encode(self, batch: dict) -> PromptBatch:
         hp = self.hparams
@@ -160,22 +193,33 @@ class OPDModule(L.LightningModule):
             chat_template=self.chat_template,
         )
 
-    def rollout(self, prompts: PromptBatch, greedy: bool = False, model=None) -> Rollout:
+    def prompt_seeds(self, batch: dict) -> list[int] | None:
+        """One sampling seed per prompt, from its stream index: samples do not depend on batch splits."""
+        if "indices" not in batch:
+            return None
+        return [hash((self.hparams.seed, int(i))) % (2**63) for i in batch["indices"]]
+
+    def rollout(self, prompts: PromptBatch, greedy: bool = False, model=None, seeds: list[int] | None = None) -> Rollout:
         hp = self.hparams
         return sample_rollouts(
             model or self.student, prompts, self.tokenizer.eos_token_id, self.tokenizer.pad_token_id,
             num_samples=1 if greedy else hp.num_samples, max_new_tokens=hp.max_new_tokens,
             temperature=0.0 if greedy else hp.temperature, top_p=hp.top_p, generator=self.step_generator(),
+            seeds=None if greedy else seeds, sync_ranks=world_size() > 1,
         )
 
-    def response_hidden_states(self, rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor]:
-        """(N, L, H) hidden states that predict each response token: student with grad, teacher without."""
+    def response_hidden_states(
+        self, rollout: Rollout, student_grad: bool = True, teacher: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(N, L, H) hidden states that predict each response token, for the student and the teacher."""
         p, length = rollout.prompt_len, rollout.response_mask.shape[1]
-        student = final_hidden_states(self.student, rollout.input_ids, rollout.attention_mask)
+        cut = slice(p - 1, p - 1 + length)  # position p - 1 + t predicts response token t
+        with torch.set_grad_enabled(student_grad):
+            student = final_hidden_states(self.student, rollout.input_ids, rollout.attention_mask)[:, cut]
+        if not teacher:
+            return student, None
         with torch.no_grad():
-            teacher = final_hidden_states(self.teacher, rollout.input_ids, rollout.attention_mask)
-        # Position p - 1 + t predicts response token t.
-        return student[:, p - 1 : p - 1 + length], teacher[:, p - 1 : p - 1 + length]
+            return student, final_hidden_states(self.teacher, rollout.input_ids, rollout.attention_mask)[:, cut]
 
     def score(self, student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, rollout: Rollout) -> TokenStats:
         return compute_token_stats(
@@ -185,17 +229,74 @@ class OPDModule(L.LightningModule):
         )
 
     def select(self, stats: TokenStats) -> torch.Tensor:
-        keep = self.selector.select(stats, generator=self.step_generator(salt=1, device="cpu"))
+        """Keep mask for this rank's rows; the budget and normalisation are global across ranks."""
+        everything, (offset, count, length) = gather_stats(stats)
+        # The same generator on every rank, so a random selector draws one global choice.
+        keep = self.selector.select(everything, generator=self.step_generator(salt=1, device="cpu", per_rank=False))
+        keep = keep[offset : offset + count, :length]
         if (keep & ~stats.valid).any():
             raise RuntimeError(f"selector {type(self.selector).__name__} kept positions outside the response mask")
         return keep
 
-    def loss(self, student_hidden, teacher_hidden, keep, rollout: Rollout, stats: TokenStats) -> torch.Tensor:
-        token_loss = kept_token_loss(
-            student_hidden, teacher_hidden, keep, rollout, stats, self.student_head, self.teacher_head, self.divergence
-        )
+    def backward_loss(self, hidden, parts, keep, rollout: Rollout, stats: TokenStats) -> torch.Tensor:
+        """Backpropagate sum(kept token losses) / global count, micro-batch by micro-batch.
+
+        The denominator is counted over all ranks and micro-batches, and each rank's loss is scaled by the
+        world size because data-parallel gradient reduction averages over ranks: the update equals the
+        single-process update on the whole batch. Returns the global loss value (for logging).
+        """
         count = keep.sum() if self.hparams.loss_normalization == "kept" else stats.valid.sum()
-        return reduce_token_loss(token_loss, count)
+        denominator = all_reduce_sum(count.float())
+        total = torch.zeros((), device=self.device)
+        for (student_hidden, teacher_hidden), rows in zip(hidden, parts, strict=True):
+            part = rollout_rows(rollout, rows)
+            if not student_hidden.requires_grad:
+                student_hidden, _ = self.response_hidden_states(part, student_grad=True, teacher=False)
+            token_loss = kept_token_loss(
+                student_hidden, teacher_hidden, keep[rows], part, stats_rows(stats, rows),
+                self.student_head, self.teacher_head, self.divergence,
+            )
+            loss = reduce_token_loss(token_loss, denominator)
+            self.manual_backward(loss * world_size())
+            total += loss.detach()
+        return all_reduce_sum(total)
+
+    def optimizer_step(self) -> bool:
+        """Clip, check the gradient norm, step. A non-finite norm skips the update (see skip_non_finite)."""
+        optimizer = self.optimizers()
+        params = [p for p in self.student.parameters() if p.grad is not None]
+        max_norm = self.hparams.gradient_clip_val or float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm) if params else torch.zeros(())
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+        if self.skip_non_finite(bool(torch.isfinite(norm)), "gradient norm"):
+            optimizer.zero_grad(set_to_none=True)
+            return False
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler = self.lr_schedulers()
+        if scheduler is not None:
+            scheduler.step()
+        self.log("train/grad_norm", norm.float(), batch_size=1)
+        return True
+
+    def skip_non_finite(self, finite: bool, what: str) -> bool:
+        """Agree across ranks whether this step is finite; count, warn, and stop after too many in a row."""
+        bad = all_reduce_sum(torch.tensor(0.0 if finite else 1.0, device=self.device)) > 0
+        if not bad:
+            self.bad_steps_in_a_row = 0
+            return False
+        self.skipped_steps += 1
+        self.bad_steps_in_a_row += 1
+        self.log("train/skipped_steps", float(self.skipped_steps), batch_size=1)
+        limit = self.hparams.max_bad_steps
+        if self.bad_steps_in_a_row > limit:
+            raise FloatingPointError(
+                f"non-finite {what} in {self.bad_steps_in_a_row} consecutive steps (limit max_bad_steps={limit}); "
+                "stopping. Lower the learning rate, check the teacher in float32, or raise max_bad_steps."
+            )
+        rank_zero_warn(f"non-finite {what} at step {self.global_step}: skipping this update "
+                       f"({self.skipped_steps} skipped so far)")
+        return True
 
     # ----------------------------------------------------------------------------- evaluation
     def validation_step(self, batch: dict, batch_idx: int) -> None:
@@ -230,9 +331,9 @@ class OPDModule(L.LightningModule):
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         return bool(getattr(getattr(dm, "source", None), "use_chat_template", False))
 
-    def step_generator(self, salt: int = 0, device: torch.device | str | None = None) -> torch.Generator:
+    def step_generator(self, salt: int = 0, device: torch.device | str | None = None, per_rank: bool = True) -> torch.Generator:
         """A generator seeded by (seed, global step, rank, salt): reproducible and resumable."""
-        rank = self.global_rank if self._trainer is not None else 0
+        rank = self.global_rank if self._trainer is not None and per_rank else 0
         step = self.global_step if self._trainer is not None else 0
         gen = torch.Generator(device=device or self.device)
         gen.manual_seed(hash((self.hparams.seed, step, rank, salt)) % (2**63))
@@ -255,9 +356,46 @@ class OPDModule(L.LightningModule):
             raise KeyError(f"checkpoint lacks {len(missing)} student weights (e.g. {missing[:3]}); is it an opdlab checkpoint?")
 
     def export_student(self, path: str) -> None:
-        """Save the student as a plain HF checkpoint (with its tokenizer)."""
-        self.student.save_pretrained(path)
-        self.tokenizer.save_pretrained(path)
+        """Save the student as a plain HF checkpoint (with its tokenizer). Call on every rank."""
+        state_dict = None
+        if is_sharded(self.student):  # gather the full weights (a collective: every rank takes part)
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            state_dict = get_model_state_dict(self.student, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if self.global_rank == 0:
+            self.student.save_pretrained(path, state_dict=state_dict)
+            self.tokenizer.save_pretrained(path)
+
+
+def micro_batches(n: int, size: int | None) -> list[slice]:
+    """Row slices of at most `size` rows covering n rows (one slice when size is None)."""
+    size = n if size is None else size
+    return [slice(i, min(i + size, n)) for i in range(0, n, size)] or [slice(0, 0)]
+
+
+def rollout_rows(rollout: Rollout, rows: slice) -> Rollout:
+    return replace(
+        rollout, input_ids=rollout.input_ids[rows], attention_mask=rollout.attention_mask[rows],
+        response_mask=rollout.response_mask[rows], sampling_logp=rollout.sampling_logp[rows],
+        answers=rollout.answers[rows],
+    )
+
+
+def stats_rows(stats: TokenStats, rows: slice) -> TokenStats:
+    return replace(stats, **{f.name: getattr(stats, f.name)[rows] for f in fields(stats) if getattr(stats, f.name) is not None})
+
+
+def cat_stats(parts: list[TokenStats]) -> TokenStats:
+    if len(parts) == 1:
+        return parts[0]
+    return replace(parts[0], **{
+        f.name: torch.cat([getattr(p, f.name) for p in parts]) for f in fields(parts[0]) if getattr(parts[0], f.name) is not None
+    })
+
+
+def stats_are_finite(stats: TokenStats) -> bool:
+    valid = stats.valid
+    return bool(torch.isfinite(stats.student_token_logp[valid]).all() and torch.isfinite(stats.teacher_token_logp[valid]).all())
 
 
 class StageTimer:

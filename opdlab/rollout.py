@@ -14,6 +14,8 @@ from typing import Literal
 import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
+from opdlab.distributed import all_reduce_sum
+
 
 @dataclass
 class PromptBatch:
@@ -105,8 +107,17 @@ def sample_rollouts(
     temperature: float = 1.0,
     top_p: float = 1.0,
     generator: torch.Generator | None = None,
+    seeds: list[int] | None = None,
+    sync_ranks: bool = False,
 ) -> Rollout:
-    """Sample `num_samples` responses per prompt (greedy when temperature == 0)."""
+    """Sample `num_samples` responses per prompt (greedy when temperature == 0).
+
+    With `seeds` (one per prompt), each response draws its randomness from its own generator, seeded by
+    (prompt seed, sample index): the same prompt gets the same samples however the batch is split across
+    ranks or micro-batches. Otherwise the whole batch shares `generator`.
+    With `sync_ranks`, every data-parallel rank runs the same number of decoding steps (stopping only
+    when all ranks are done), as sharded (FSDP) models need matching collectives on every rank.
+    """
     if temperature < 0 or not 0 < top_p <= 1:
         raise ValueError(f"need temperature >= 0 and top_p in (0, 1], got {temperature} and {top_p}")
     device = next(model.parameters()).device
@@ -123,6 +134,7 @@ def sample_rollouts(
     tokens, logps, alive_steps = [], [], []
     alive = torch.ones(n, dtype=torch.bool, device=device)
     next_pos = positions[:, -1:] + 1
+    uniforms = None if seeds is None else per_row_uniforms(seeds, num_samples, max_new_tokens, device)
     for step in range(max_new_tokens):
         logits = out.logits[:, -1]  # (N, V)
         if temperature == 0:
@@ -130,13 +142,17 @@ def sample_rollouts(
             token = logp.argmax(-1)
         else:
             logp = sampling_logprobs(logits, temperature, top_p)
-            token = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(-1)
+            if uniforms is None:
+                token = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(-1)
+            else:
+                token = inverse_cdf_sample(logp, uniforms[:, step])
         token = torch.where(alive, token, torch.full_like(token, pad_token_id))
         tokens.append(token)
         logps.append(logp.gather(-1, token[:, None]).squeeze(-1) * alive)
         alive_steps.append(alive.clone())
         alive &= token != eos_token_id
-        if not alive.any() or step == max_new_tokens - 1:
+        still_running = all_reduce_sum(alive.sum()) if sync_ranks else alive.sum()
+        if not still_running or step == max_new_tokens - 1:
             break
         mask = torch.cat([mask, alive_steps[-1][:, None].long()], dim=1)
         out = model(
@@ -154,6 +170,23 @@ def sample_rollouts(
         prompt_len=ids.shape[1],
         answers=[a for a in prompts.answers for _ in range(num_samples)],
     )
+
+
+def per_row_uniforms(seeds: list[int], num_samples: int, length: int, device: torch.device) -> torch.Tensor:
+    """(N, length) uniforms, row i*num_samples + j from a generator seeded by (seeds[i], j)."""
+    rows = []
+    for seed in seeds:
+        for j in range(num_samples):
+            gen = torch.Generator().manual_seed(hash((int(seed), j)) % (2**63))
+            rows.append(torch.rand(length, generator=gen, dtype=torch.float64))
+    return torch.stack(rows).to(device)
+
+
+def inverse_cdf_sample(logp: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Sample one token per row of (N, V) log-probs from (N,) uniforms; zero-probability tokens never win."""
+    cdf = logp.double().exp().cumsum(-1)  # fp64: no drift over 150k-entry vocabularies
+    target = (u * cdf[:, -1]).unsqueeze(-1)
+    return torch.searchsorted(cdf, target, right=True).squeeze(-1).clamp(max=logp.shape[-1] - 1)
 
 
 def decode_responses(tokenizer: PreTrainedTokenizerBase, rollout: Rollout) -> list[str]:
