@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import sys
 import time
+import warnings
 from pathlib import Path
 
 from lightning.pytorch.cli import LightningCLI
@@ -50,7 +51,7 @@ class OPDLabCLI(LightningCLI):
         export = Path(trainer.log_dir or "runs") / "student"  # log_dir and export are collectives
         model.export_student(str(export))
         if trainer.is_global_zero:
-            teacher = trainer.callback_metrics.get("val/teacher_accuracy")
+            teacher = model.teacher_val_accuracy
             lines = [
                 f"steps: {trainer.global_step}   wall time: {seconds:.1f} s   "
                 f"response tokens/s: {model.response_tokens / max(seconds, 1e-9):.0f}",
@@ -145,6 +146,8 @@ def main(argv: list[str] | None = None) -> None:
     if argv[0] in COMMANDS:
         COMMANDS[argv[0]](argv[1:])
         return
+    # The frozen teacher is in eval mode on purpose; Lightning warns about it at every fit.
+    warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
     for group in plugins.GROUPS:
         plugins.discover(group)  # import plugin classes so jsonargparse resolves their names
     try:

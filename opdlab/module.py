@@ -125,7 +125,7 @@ class OPDModule(L.LightningModule):
         self.student = self.teacher = self.tokenizer = None
         self.val_accuracy = MeanMetric()
         self.teacher_accuracy = MeanMetric()
-        self.teacher_evaluated = False
+        self.teacher_evaluated, self.teacher_val_accuracy = False, None
         self.last_step: StepRecord | None = None
         self.last_val_accuracy, self.last_val_step = float("nan"), -1
         self.response_tokens = 0  # valid response tokens sampled in training, this process
@@ -143,6 +143,7 @@ class OPDModule(L.LightningModule):
         check_tokenizers_compatible(self.tokenizer, load_tokenizer(self.teacher_path))
         self.student = load_causal_lm(self.student_path, hp.student_dtype)
         self.teacher = freeze(load_causal_lm(self.teacher_path, hp.teacher_dtype))
+        self.student.train()  # from_pretrained returns eval mode: dropout and checkpointing need train
         if hp.gradient_checkpointing:
             self.student.gradient_checkpointing_enable()
         mesh = self.device_mesh if self._trainer is not None else None
@@ -316,7 +317,8 @@ class OPDModule(L.LightningModule):
         self.val_accuracy.reset()
         self.last_val_accuracy, self.last_val_step = float(accuracy), self.global_step
         if not self.teacher_evaluated and not self.trainer.sanity_checking:
-            self.log("val/teacher_accuracy", self.teacher_accuracy.compute())
+            self.teacher_val_accuracy = float(self.teacher_accuracy.compute())
+            self.log("val/teacher_accuracy", self.teacher_val_accuracy)
             self.teacher_evaluated = True
 
     test_step = validation_step

@@ -148,7 +148,8 @@ def sample_rollouts(
                 token = inverse_cdf_sample(logp, uniforms[:, step])
         token = torch.where(alive, token, torch.full_like(token, pad_token_id))
         tokens.append(token)
-        logps.append(logp.gather(-1, token[:, None]).squeeze(-1) * alive)
+        # where, not a product: a finished row's pad may lie outside the top-p set (log-prob -inf).
+        logps.append(torch.where(alive, logp.gather(-1, token[:, None]).squeeze(-1), 0.0))
         alive_steps.append(alive.clone())
         alive &= token != eos_token_id
         still_running = all_reduce_sum(alive.sum()) if sync_ranks else alive.sum()

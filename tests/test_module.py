@@ -89,12 +89,6 @@ def test_teacher_frozen_during_real_training(fitted):
     assert all(p.grad is None for p in module.teacher.parameters())
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "HF from_pretrained returns the student in eval mode and Lightning 2.6 keeps per-module modes at fit "
-    "start, so the student trains in eval mode (dropout off; HF gradient checkpointing is skipped when "
-    "not self.training). Fix: put the student in train mode, e.g. `self.student.train()` in configure_model "
-    "or `self.train()` in on_train_start"
-))
 def test_student_in_train_mode_during_training(fitted):
     _, _, probe = fitted
     assert probe.student_training == [True, True]

@@ -14,7 +14,8 @@ from opdlab.divergences.base import Divergence, LossInputs, log_softmax_fp32, ma
 
 
 def _pair(inputs: LossInputs, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-    return log_softmax_fp32(inputs.student_logits, temperature), log_softmax_fp32(inputs.teacher_logits, temperature)
+    teacher = log_softmax_fp32(inputs.teacher_logits.detach(), temperature)  # the teacher is a constant
+    return log_softmax_fp32(inputs.student_logits, temperature), teacher
 
 
 class ForwardKL(Divergence):

@@ -31,8 +31,8 @@ class SampledTokenOPD(Divergence):
 
     def token_loss(self, inputs: LossInputs) -> torch.Tensor:
         logp = log_softmax_fp32(inputs.student_logits).gather(-1, inputs.tokens[:, None]).squeeze(-1)  # (M,)
-        advantage = -self.coef * (logp.detach() - inputs.teacher_token_logp.float())
+        advantage = -self.coef * (logp.detach() - inputs.teacher_token_logp.detach().float())
         advantage = torch.nan_to_num(advantage, nan=0.0, posinf=0.0, neginf=0.0)
-        ratio = torch.exp(logp - inputs.sampling_logp.float())
+        ratio = torch.exp(logp - inputs.sampling_logp.detach().float())
         clipped = ratio.clamp(1 - self.clip_low, 1 + self.clip_high)
         return -torch.minimum(ratio * advantage, clipped * advantage)

@@ -1,4 +1,4 @@
-"""Prompts from JSONL files: one `{"prompt": ..., "answer": ...}` object per line."""
+"""Prompts from JSONL files: one `{"prompt": ..., "answer": ...}` object per line (or DAPO-Math layout)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,24 @@ from pathlib import Path
 from typing import Literal
 
 from opdlab.tasks.base import Problem, PromptSource
+
+
+def parse_record(record) -> tuple[str | None, str]:
+    """(prompt, answer) of one JSONL record, or (None, "") when it has no usable prompt.
+
+    Accepts `{"prompt": str, "answer": ...}` and the DAPO-Math-17k layout
+    `{"prompt": [{"role": "user", "content": str}], "reward_model": {"ground_truth": ...}}`.
+    """
+    if not isinstance(record, dict):
+        return None, ""
+    prompt = record.get("prompt")
+    if isinstance(prompt, list):  # chat messages: the last user turn is the problem
+        users = [m.get("content") for m in prompt if isinstance(m, dict) and m.get("role") == "user"]
+        prompt = users[-1] if users else None
+    answer = record.get("answer")
+    if answer is None and isinstance(record.get("reward_model"), dict):
+        answer = record["reward_model"].get("ground_truth")
+    return (prompt if isinstance(prompt, str) else None), ("" if answer is None else str(answer))
 
 
 def read_jsonl_problems(path: str | Path) -> list[Problem]:
@@ -26,10 +44,13 @@ def read_jsonl_problems(path: str | Path) -> list[Problem]:
                 record = json.loads(line)
             except json.JSONDecodeError as err:
                 raise ValueError(f"{where}: not valid JSON ({err.msg}); expected one object per line") from None
-            if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
-                raise ValueError(f'{where}: expected an object with a string "prompt" field, got {line.strip()[:80]!r}')
-            answer = record.get("answer", "")
-            problems.append(Problem(prompt=record["prompt"], answer=str(answer)))
+            prompt, answer = parse_record(record)
+            if prompt is None:
+                raise ValueError(
+                    f'{where}: expected an object with a string "prompt" (or a DAPO-style list of chat '
+                    f'messages), got {line.strip()[:80]!r}'
+                )
+            problems.append(Problem(prompt=prompt, answer=answer))
     if not problems:
         raise ValueError(f"{path}: no problems found; expected lines like {{\"prompt\": \"...\", \"answer\": \"...\"}}")
     return problems
