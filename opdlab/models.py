@@ -110,6 +110,10 @@ class LogitHead:
     Calling it on a subset of rows is how opdlab avoids (N, L, V) logits. It is a plain callable, not
     a module, so the output embedding is not registered (or checkpointed) a second time; calling the
     embedding module still fires any sharding hooks on it.
+
+    `head(hidden, out=buffer)` writes the logits into a preallocated buffer instead (the no-grad scoring
+    pass reuses one buffer per chunk: on CPU a fresh (R, V) allocation costs as much page-faulting as
+    several elementwise passes over it). Only the first `num_columns` rows of the weight are multiplied.
     """
 
     def __init__(self, model: PreTrainedModel, num_columns: int | None = None) -> None:
@@ -120,21 +124,76 @@ class LogitHead:
         self.divide = getattr(config, "logits_scaling", None)
         self.num_columns = num_columns
 
-    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:  # (..., H) -> (..., V)
+    def __call__(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:  # (..., H) -> (..., V)
+        if out is not None:
+            return self._into(hidden, out)
         logits = self.proj(hidden)
+        if self.num_columns is not None:
+            logits = logits[..., : self.num_columns]
+        return self._postprocess(logits, inplace=False)
+
+    @property
+    def num_logits(self) -> int:
+        """V, the number of logit columns the head returns."""
+        rows = self.proj.weight.shape[0]  # a sharded DTensor reports its global shape
+        return rows if self.num_columns is None else min(rows, self.num_columns)
+
+    def parameters(self) -> list[nn.Parameter]:
+        """The trainable parameters the head reads (the output embedding; tied or not)."""
+        return [p for p in self.proj.parameters() if p.requires_grad]
+
+    @property
+    def is_plain_linear(self) -> bool:
+        """True when the weight can be used directly (a local nn.Linear, not a sharded DTensor)."""
+        if type(self.proj) is not nn.Linear:
+            return False
+        try:
+            from torch.distributed.tensor import DTensor
+        except ImportError:  # pragma: no cover - builds without torch.distributed
+            return True
+        return not isinstance(self.proj.weight, DTensor)
+
+    @torch.no_grad()
+    def _into(self, hidden: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """No-grad logits of (R, H) rows written into `out` (R, V) (any float dtype); returns `out`."""
+        weight = self.proj.weight if self.is_plain_linear else None
+        if weight is not None and weight.dtype == out.dtype == hidden.dtype and self.proj.bias is None:
+            if self.num_columns is not None:
+                weight = weight[: self.num_columns]  # contiguous rows: no wasted columns
+            torch.matmul(hidden, weight.t(), out=out)
+        else:
+            logits = self.proj(hidden)
+            out.copy_(logits if self.num_columns is None else logits[..., : self.num_columns])
+        return self._postprocess(out, inplace=True)
+
+    def _postprocess(self, logits: torch.Tensor, inplace: bool) -> torch.Tensor:
+        # Same order and formulas as the HF forwards (Cohere, Granite, Gemma 2/3).
         if self.scale is not None:
-            logits = logits * self.scale
+            logits = logits.mul_(self.scale) if inplace else logits * self.scale
         if self.divide is not None:
-            logits = logits / self.divide
+            logits = logits.div_(self.divide) if inplace else logits / self.divide
         if self.softcap is not None:
-            logits = torch.tanh(logits / self.softcap) * self.softcap
-        return logits if self.num_columns is None else logits[..., : self.num_columns]
+            if inplace:
+                logits = logits.div_(self.softcap).tanh_().mul_(self.softcap)
+            else:
+                logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
 
 
 def final_hidden_states(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Last-layer hidden states (after the final norm), (N, L) -> (N, L, H), without any logits."""
+    """Last-layer hidden states (after the final norm), (N, L) -> (N, L, H), without full logits.
+
+    The call goes through the model's own (root) forward with `logits_to_keep=1`, so wrappers that hook
+    the root module (FSDP2 `fully_shard`, DDP) see a normal forward: they gather the parameters and keep
+    the root's output embedding available for the kept-rows head afterwards. A hook on the decoder
+    captures its output; the only logits computed are one position per row.
+    """
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-    out = model.get_decoder()(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
-    )
-    return out.last_hidden_state
+    captured = []
+    handle = model.get_decoder().register_forward_hook(lambda mod, args, out: captured.append(out.last_hidden_state))
+    try:
+        model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
+              logits_to_keep=1)
+    finally:
+        handle.remove()
+    return captured[-1]

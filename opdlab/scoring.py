@@ -55,44 +55,111 @@ def entropy_from_logp(logp: torch.Tensor) -> torch.Tensor:
 
 
 def union_kl(
-    s_logp: torch.Tensor, t_logp: torch.Tensor, s_ids: torch.Tensor, t_ids: torch.Tensor
+    s_union_logp: torch.Tensor, t_union_logp: torch.Tensor, s_ids: torch.Tensor, t_ids: torch.Tensor
 ) -> torch.Tensor:
-    """KL(pbar_T || pbar_S) restricted to U = S ∪ T and renormalised. (R, V), (R, K) -> (R,)."""
+    """KL(pbar_T || pbar_S) restricted to U = S ∪ T and renormalised.
+
+    Args:
+        s_union_logp, t_union_logp: (R, 2K) log-probs at the ids cat([s_ids, t_ids]).
+        s_ids, t_ids: (R, K) top-K ids; a teacher id already in S counts once.
+    """
     dup = (t_ids[:, :, None] == s_ids[:, None, :]).any(-1)  # teacher ids already in S
-    union = torch.cat([s_ids, t_ids], -1)  # (R, 2K)
-    member = torch.cat([torch.ones_like(dup), ~dup], -1)
-    p_t = t_logp.gather(-1, union).exp() * member
-    p_s = s_logp.gather(-1, union).exp() * member
+    member = torch.cat([torch.ones_like(dup), ~dup], -1)  # (R, 2K)
+    p_t = t_union_logp.exp() * member
+    p_s = s_union_logp.exp() * member
     p_t = p_t / p_t.sum(-1, keepdim=True).clamp_min(EPS)
     p_s = p_s / p_s.sum(-1, keepdim=True).clamp_min(EPS)
     terms = p_t * (p_t.clamp_min(EPS).log() - p_s.clamp_min(EPS).log())
     return (terms * member).sum(-1)
 
 
-def row_stats(s_logits: torch.Tensor, t_logits: torch.Tensor, tokens: torch.Tensor, k: int, full_kl: bool) -> dict:
-    """All statistics of R rows from their logits (R, V) -> dict of (R,) / (R, K), in fp32."""
-    s_logp = torch.log_softmax(s_logits.float(), -1)
-    t_logp = torch.log_softmax(t_logits.float(), -1)
-    s_top_logp, s_top_ids = s_logp.topk(k, -1)
-    t_top_logp, t_top_ids = t_logp.topk(k, -1)
-    s_top_norm = torch.log_softmax(s_top_logp, -1)
+class Workspace:
+    """Reusable fp32 (rows, V) buffers for the no-grad scoring pass, allocated on first use.
+
+    Reusing them chunk after chunk keeps the memory at a few chunks and avoids paying first-touch page
+    faults for every fresh (R, V) tensor (on CPU that costs as much as several elementwise passes).
+    """
+
+    def __init__(self, rows: int) -> None:
+        self.rows = rows
+        self.buffers: dict[str, torch.Tensor] = {}
+
+    def get(self, name: str, rows: int, columns: int, device: torch.device) -> torch.Tensor:
+        """An uninitialised fp32 (rows, columns) view of the buffer `name`."""
+        buf = self.buffers.get(name)
+        if buf is None or buf.shape[0] < rows or buf.shape[1] != columns or buf.device != device:
+            buf = self.buffers[name] = torch.empty(max(self.rows, rows), columns, device=device)
+        return buf[:rows]
+
+    def like(self, name: str, z: torch.Tensor) -> torch.Tensor:
+        return self.get(name, z.shape[0], z.shape[1], z.device)
+
+
+def logsumexp_entropy(z: torch.Tensor, row_max: torch.Tensor, work: Workspace) -> tuple[torch.Tensor, torch.Tensor]:
+    """log Z and the entropy of softmax(z) in three streaming passes, without allocating (R, V).
+
+    With x = z - max, e = exp(x), Z = Σ e: log-sum-exp = max + log Z, entropy = log Z - Σ e·x / Z.
+    -inf logits are clamped to the most negative float first so that e·x is 0, not nan.
+    z: (R, V) fp32 (left unchanged); row_max: (R,) -> (R,), (R,).
+    """
+    x = torch.sub(z, row_max[:, None], out=work.like("shifted", z)).clamp_min_(torch.finfo(z.dtype).min)
+    e = torch.exp(x, out=work.like("exp", z))
+    total = e.sum(-1)
+    weighted = e.mul_(x).sum(-1)
+    log_total = total.log()
+    return row_max + log_total, log_total - weighted / total
+
+
+def chunk_stats(
+    s_logits: torch.Tensor, t_logits: torch.Tensor, tokens: torch.Tensor, k: int, full_kl: bool, work: Workspace
+) -> dict:
+    """All statistics of R rows from their fp32 logits (R, V) -> dict of (R,) / (R, K); inputs unchanged.
+
+    Top-K and gathers read the logits directly (log p = logit - logsumexp), so each model's full
+    vocabulary is streamed a handful of times and no (R, V) log-prob tensor is built.
+    """
+    s_top, s_ids = s_logits.topk(k, -1)  # sorted: s_top[:, 0] is the row max
+    t_top, t_ids = t_logits.topk(k, -1)
+    union = torch.cat([s_ids, t_ids], -1)  # (R, 2K)
+    s_lse, s_entropy = logsumexp_entropy(s_logits, s_top[:, 0], work)
+    t_lse, t_entropy = logsumexp_entropy(t_logits, t_top[:, 0], work)
+    s_union = s_logits.gather(-1, union) - s_lse[:, None]
+    t_union = t_logits.gather(-1, union) - t_lse[:, None]
+    s_top_logp = s_top - s_lse[:, None]
     out = {
-        "student_token_logp": s_logp.gather(-1, tokens[:, None]).squeeze(-1),
-        "teacher_token_logp": t_logp.gather(-1, tokens[:, None]).squeeze(-1),
-        "student_entropy": entropy_from_logp(s_logp),
-        "teacher_entropy": entropy_from_logp(t_logp),
-        "compat": t_logp.gather(-1, s_top_ids).exp().sum(-1).clamp(0.0, 1.0),
-        "union_kl": union_kl(s_logp, t_logp, s_top_ids, t_top_ids),
-        "topk_entropy": entropy_from_logp(s_top_norm) / math.log(k) if k > 1 else torch.zeros_like(s_top_logp[:, 0]),
-        "student_topk_ids": s_top_ids,
+        "student_token_logp": s_logits.gather(-1, tokens[:, None]).squeeze(-1) - s_lse,
+        "teacher_token_logp": t_logits.gather(-1, tokens[:, None]).squeeze(-1) - t_lse,
+        "student_entropy": s_entropy,
+        "teacher_entropy": t_entropy,
+        "compat": t_union[:, :k].exp().sum(-1).clamp(0.0, 1.0),  # teacher mass on the student's top-K
+        "union_kl": union_kl(s_union, t_union, s_ids, t_ids),
+        "topk_entropy": (
+            entropy_from_logp(torch.log_softmax(s_top_logp, -1)) / math.log(k) if k > 1 else torch.zeros_like(s_lse)
+        ),
+        "student_topk_ids": s_ids,
         "student_topk_logp": s_top_logp,
-        "teacher_topk_ids": t_top_ids,
-        "teacher_topk_logp": t_top_logp,
+        "teacher_topk_ids": t_ids,
+        "teacher_topk_logp": t_top - t_lse[:, None],
     }
-    if full_kl:
+    if full_kl:  # optional: two more (R, V) temporaries per chunk
+        s_logp, t_logp = s_logits - s_lse[:, None], t_logits - t_lse[:, None]
         out["forward_kl"] = kl_from_logp(t_logp, s_logp)
         out["reverse_kl"] = kl_from_logp(s_logp, t_logp)
     return out
+
+
+def row_stats(s_logits: torch.Tensor, t_logits: torch.Tensor, tokens: torch.Tensor, k: int, full_kl: bool) -> dict:
+    """All statistics of R rows from their logits (R, V) (any float dtype) -> dict of (R,) / (R, K), fp32."""
+    return chunk_stats(s_logits.float(), t_logits.float(), tokens, k, full_kl, Workspace(s_logits.shape[0]))
+
+
+def head_logits(head: Callable[..., torch.Tensor], hidden: torch.Tensor, work: Workspace, name: str) -> torch.Tensor:
+    """No-grad fp32 logits (R, V) of (R, H) rows; a `LogitHead` writes them into a reused buffer."""
+    from opdlab.models import LogitHead  # models imports transformers; keep this module light to import
+
+    if isinstance(head, LogitHead):
+        return head(hidden, out=work.get(name, hidden.shape[0], head.num_logits, hidden.device))
+    return head(hidden).float()
 
 
 @torch.no_grad()
@@ -112,7 +179,8 @@ def compute_token_stats(
     Args:
         student_hidden, teacher_hidden: (N, L, H) final hidden states that predict `tokens`.
         tokens: (N, L) sampled response tokens; response_mask: (N, L) bool.
-        chunk_size: rows whose logits are materialised at once (peak extra memory ~ 2 · chunk · V fp32).
+        chunk_size: rows whose logits are materialised at once. Peak extra memory is about
+            4 · chunk_size · V fp32 (both models' logits and two work buffers), whatever N · L is.
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
@@ -122,13 +190,16 @@ def compute_token_stats(
     t_flat = teacher_hidden.flatten(0, 1)
     tok_flat = tokens.flatten()
     chunks = []
+    work = Workspace(min(chunk_size, rows.numel()))
     for start in range(0, rows.numel(), chunk_size):
         idx = rows[start : start + chunk_size]
-        chunks.append(row_stats(student_head(s_flat[idx]), teacher_head(t_flat[idx]), tok_flat[idx], top_k, full_kl))
-    return _scatter_rows(chunks, rows, valid, top_k, full_kl)
+        s_logits = head_logits(student_head, s_flat[idx], work, "student")  # (R, V) fp32
+        t_logits = head_logits(teacher_head, t_flat[idx], work, "teacher")
+        chunks.append(chunk_stats(s_logits, t_logits, tok_flat[idx], top_k, full_kl, work))
+    return scatter_rows(chunks, rows, valid, top_k, full_kl)
 
 
-def _scatter_rows(chunks: list[dict], rows: torch.Tensor, valid: torch.Tensor, k: int, full_kl: bool) -> TokenStats:
+def scatter_rows(chunks: list[dict], rows: torch.Tensor, valid: torch.Tensor, k: int, full_kl: bool) -> TokenStats:
     """Place per-row statistics back at their (N, L) positions, zeros elsewhere."""
     n, length = valid.shape
     values = {}

@@ -1,0 +1,285 @@
+"""Peak memory and time of one training step's loss path: opdlab vs the full-logits (TRL-style) way.
+
+The loss path starts from final hidden states (student: a leaf with grad, teacher: no grad) and ends
+after backward: scoring + selection + loss + backward, with random LM heads of a real vocabulary.
+
+    python benchmarks/loss_memory.py                       # vocab 151,936, hidden 1024, 2,048 tokens
+    python benchmarks/loss_memory.py --tokens 8192         # opdlab only: the naive way needs > 40 GB
+    python benchmarks/loss_memory.py --device cuda --tokens 8192
+
+Methods (each configuration runs in a fresh subprocess; rounds are interleaved and rotated):
+- naive: student logits (T, V) with grad and teacher logits (T, V), the selection features read off
+  those logits, the divergence on every row, the loss masked by the keep mask. This is what a
+  TRL-style trainer or the reference TA-OPD code does.
+- opdlab: `compute_token_stats` (chunked, no grad) -> selector -> `kept_token_loss` (heads on kept
+  rows only) -> `reduce_token_loss` -> backward, as `OPDModule.training_step` runs them.
+- opdlab-fused (ratio 1 only): `score_and_loss_all_rows`, one projection per chunk for both.
+- floor: just the two heads' no-grad matmuls over all rows, chunk by chunk (the time floor).
+
+Peak memory: CPU = VmHWM - VmRSS after the inputs are allocated (the high-water mark is reset via
+/proc/self/clear_refs); CUDA = max_memory_allocated - memory_allocated at the same point.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from types import SimpleNamespace
+
+import torch
+from torch import nn
+
+from opdlab.divergences import LossInputs, ReverseKL, SampledTokenOPD
+from opdlab.loss import kept_token_loss, reduce_token_loss, score_and_loss_all_rows
+from opdlab.models import LogitHead
+from opdlab.rollout import Rollout
+from opdlab.scoring import Workspace, chunk_stats, compute_token_stats, head_logits, scatter_rows
+from opdlab.selectors import TeachabilitySelector
+
+DIVERGENCES = {"reverse_kl": ReverseKL, "sampled_token": SampledTokenOPD}
+SEQ_LEN = 256  # response length; N = tokens / SEQ_LEN sequences, every position valid
+NAIVE_BYTES_PER_LOGIT = 4 * 10  # ~10 fp32 (T, V) tensors alive at the naive peak (measured: 9-11)
+
+
+# ------------------------------------------------------------------------------------------ inputs
+class HeadOnly(nn.Module):
+    """Just enough of a causal LM for `LogitHead`: an output embedding and a config."""
+
+    def __init__(self, hidden: int, vocab: int, dtype: torch.dtype, device: str, trainable: bool) -> None:
+        super().__init__()
+        self.config = SimpleNamespace()
+        self.lm_head = nn.Linear(hidden, vocab, bias=False, device=device, dtype=dtype)
+        with torch.no_grad():
+            self.lm_head.weight.normal_(0.0, 1.0 / math.sqrt(hidden))  # logits of O(1), like a real head
+        self.lm_head.weight.requires_grad_(trainable)
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+
+def make_inputs(args) -> SimpleNamespace:
+    torch.manual_seed(0)
+    dtype = getattr(torch, args.dtype)
+    n = args.tokens // SEQ_LEN
+    student, teacher = (HeadOnly(args.hidden, args.vocab, dtype, args.device, args.train_head and i == 0)
+                        for i in range(2))
+    s_hidden = torch.randn(n, SEQ_LEN, args.hidden, device=args.device, dtype=dtype).requires_grad_(True)
+    t_hidden = torch.randn(n, SEQ_LEN, args.hidden, device=args.device, dtype=dtype)
+    tokens = torch.randint(0, args.vocab, (n, SEQ_LEN), device=args.device)
+    valid = torch.ones(n, SEQ_LEN, dtype=torch.bool, device=args.device)
+    rollout = Rollout(
+        input_ids=torch.cat([torch.zeros(n, 1, dtype=torch.long, device=args.device), tokens], 1),
+        attention_mask=torch.ones(n, SEQ_LEN + 1, dtype=torch.long, device=args.device),
+        response_mask=valid, sampling_logp=-torch.rand(n, SEQ_LEN, device=args.device) * 3, prompt_len=1,
+    )
+    return SimpleNamespace(student=student, teacher=teacher, s_head=LogitHead(student), t_head=LogitHead(teacher),
+                           s_hidden=s_hidden, t_hidden=t_hidden, tokens=tokens, valid=valid, rollout=rollout)
+
+
+# ------------------------------------------------------------------------------------------ methods
+def run_opdlab(x, selector, divergence, chunk: int) -> None:
+    stats = compute_token_stats(x.s_hidden.detach(), x.t_hidden, x.tokens, x.valid, x.s_head, x.t_head,
+                                top_k=selector.top_k, chunk_size=chunk)
+    keep = selector.select(stats)
+    token_loss = kept_token_loss(x.s_hidden, x.t_hidden, keep, x.rollout, stats, x.s_head, x.t_head, divergence,
+                                 chunk_size=chunk)
+    reduce_token_loss(token_loss, keep.sum()).backward()
+
+
+def run_fused(x, selector, divergence, chunk: int) -> None:
+    assert selector.ratio == 1.0, "the fused path is the ratio-1 path"
+    stats, token_loss = score_and_loss_all_rows(x.s_hidden, x.t_hidden, x.rollout, x.s_head, x.t_head, divergence,
+                                                top_k=selector.top_k, chunk_size=chunk)
+    keep = selector.select(stats)  # == valid at ratio 1
+    reduce_token_loss(token_loss, keep.sum()).backward()
+
+
+def run_naive(x, selector, divergence, chunk: int) -> None:
+    """Full (T, V) logits of both models, features read off them, the loss masked (TRL / reference code)."""
+    s_logits = x.s_head(x.s_hidden.flatten(0, 1))  # (T, V) with grad
+    with torch.no_grad():
+        t_logits = x.t_head(x.t_hidden.flatten(0, 1))  # (T, V)
+        rows = torch.arange(s_logits.shape[0], device=s_logits.device)
+        tok = x.tokens.flatten()
+        work, chunks = Workspace(1024), []  # features from the logits already held, 1024 rows at a time
+        for start in range(0, rows.numel(), 1024):
+            r = slice(start, start + 1024)
+            chunks.append(chunk_stats(s_logits[r].detach().float(), t_logits[r].float(), tok[r], selector.top_k,
+                                      False, work))
+        del work
+        stats = scatter_rows(chunks, rows, x.valid, selector.top_k, False)
+    keep = selector.select(stats).flatten()
+    token_loss = divergence.token_loss(LossInputs(
+        student_logits=s_logits, teacher_logits=t_logits, tokens=tok,
+        sampling_logp=x.rollout.sampling_logp.flatten(), teacher_token_logp=stats.teacher_token_logp.flatten(),
+    ))
+    loss = torch.where(keep, token_loss, torch.zeros_like(token_loss)).sum() / keep.sum()
+    loss.backward()
+
+
+@torch.no_grad()
+def run_floor(x, selector, divergence, chunk: int) -> None:
+    """The time floor: both heads' matmuls over every row, chunk by chunk, nothing else."""
+    s_flat, t_flat = x.s_hidden.detach().flatten(0, 1), x.t_hidden.flatten(0, 1)
+    work = Workspace(chunk)
+    for start in range(0, s_flat.shape[0], chunk):
+        head_logits(x.s_head, s_flat[start : start + chunk], work, "student")
+        head_logits(x.t_head, t_flat[start : start + chunk], work, "teacher")
+
+
+METHODS = {"naive": run_naive, "opdlab": run_opdlab, "opdlab-fused": run_fused, "floor": run_floor}
+
+
+# ------------------------------------------------------------------------------------------ measuring
+def memory_now(device: str) -> tuple[float, float]:
+    """(current, peak) in MB for this process on `device`."""
+    if device.startswith("cuda"):
+        return torch.cuda.memory_allocated() / 2**20, torch.cuda.max_memory_allocated() / 2**20
+    status = dict(line.split(":", 1) for line in open("/proc/self/status"))
+    return int(status["VmRSS"].split()[0]) / 1024, int(status["VmHWM"].split()[0]) / 1024
+
+
+def reset_peak(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current RSS
+
+
+def worker(args) -> dict:
+    """One configuration in this (fresh) process: one measured run after a tiny warm-up."""
+    x = make_inputs(args)
+    selector = TeachabilitySelector(ratio=args.ratio, top_k=16)
+    divergence = DIVERGENCES.get(args.divergence, ReverseKL)()
+    small = SimpleNamespace(**{**vars(args), "tokens": SEQ_LEN, "vocab": 1024})
+    METHODS[args.method](make_inputs(small), selector, divergence, args.chunk_size)  # thread pools, kernels
+    x.s_hidden.grad = None
+    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
+    reset_peak(args.device)
+    base, _ = memory_now(args.device)
+    sync()
+    start, cpu_start = time.perf_counter(), time.process_time()
+    METHODS[args.method](x, selector, divergence, args.chunk_size)
+    sync()
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
+    _, peak = memory_now(args.device)
+    if args.method != "floor":
+        assert x.s_hidden.grad is not None and torch.isfinite(x.s_hidden.grad).all()
+    return {"peak_mb": peak - base, "seconds": seconds, "cpu_seconds": cpu_seconds}
+
+
+def run_config(args, method: str, ratio: float, divergence: str) -> dict:
+    cmd = [sys.executable, __file__, "--worker", "--method", method, "--ratio", str(ratio), "--divergence", divergence,
+           "--device", args.device, "--vocab", str(args.vocab), "--hidden", str(args.hidden),
+           "--tokens", str(args.tokens), "--chunk-size", str(args.chunk_size), "--dtype", args.dtype]
+    if args.train_head:
+        cmd.append("--train-head")
+    out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        raise RuntimeError(f"{method} ratio={ratio} {divergence} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def configs(args) -> list[tuple[str, float, str]]:
+    naive_gb = NAIVE_BYTES_PER_LOGIT * args.tokens * args.vocab / 2**30
+    run_naive_too = naive_gb <= args.max_gb
+    if not run_naive_too:
+        print(f"# naive skipped: it would need ~{naive_gb:.0f} GB (> --max-gb {args.max_gb}) at {args.tokens} tokens")
+    out = [("floor", 1.0, "-")]
+    for div in args.divergences:
+        for ratio in args.ratios:
+            if run_naive_too:
+                out.append(("naive", ratio, div))
+            out.append(("opdlab", ratio, div))
+            if ratio == 1.0:
+                out.append(("opdlab-fused", ratio, div))
+    return out
+
+
+def table(args, results: dict) -> str:
+    med = {k: tuple(statistics.median(r[key] for r in v) for key in ("peak_mb", "seconds", "cpu_seconds"))
+           for k, v in results.items()}
+    floor_s, floor_cpu = med[("floor", 1.0, "-")][1:]
+    v, c = args.vocab, min(args.chunk_size, args.tokens)
+    lines = [
+        "| divergence | ratio | method | peak MB | time s | naive/this memory | naive/this time "
+        "(CPU time) | memory floor MB | this/floor memory | this/floor time (CPU time) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for (method, ratio, div), (mb, s, cpu) in med.items():
+        if method == "floor":
+            continue
+        naive = med.get(("naive", ratio, div))
+        kept = math.ceil(round(ratio * args.tokens, 6))
+        floor_mb = (2 * kept * v * 4 + 2 * c * v * 4) / 2**20
+        lines.append(
+            f"| {div} | {ratio:g} | {method} | {mb:,.0f} | {s:.2f} | "
+            + (f"{naive[0] / mb:.1f}x | {naive[1] / s:.2f}x ({naive[2] / cpu:.2f}x)" if naive and method != "naive"
+               else "- | -")
+            + f" | {floor_mb:,.0f} | {mb / floor_mb:.2f} | {s / floor_s:.2f} ({cpu / floor_cpu:.2f}) |"
+        )
+    lines.append(f"\nTime floor (two no-grad head matmuls over all {args.tokens} rows, chunk {c}): {floor_s:.2f} s "
+                 f"({floor_cpu:.2f} s CPU). "
+                 "Memory floor: 2 · kept rows · V · 4 B (kept logits + their gradient) + 2 · chunk · V · 4 B "
+                 "(one scoring chunk per model).")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--vocab", type=int, default=151_936)
+    p.add_argument("--hidden", type=int, default=1024)
+    p.add_argument("--tokens", type=int, default=2048, help="N·L response tokens (multiple of 256)")
+    p.add_argument("--ratios", type=float, nargs="+", default=[1.0, 0.10, 0.05])
+    p.add_argument("--divergences", nargs="+", default=list(DIVERGENCES), choices=list(DIVERGENCES))
+    p.add_argument("--chunk-size", type=int, default=256)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--train-head", action="store_true", help="the student head weight also gets a gradient")
+    p.add_argument("--repeats", type=int, default=3, help="interleaved rounds; medians are reported")
+    p.add_argument("--max-gb", type=float, default=18.0, help="skip the naive reference above this estimate")
+    p.add_argument("--output", help="append the markdown result here")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--method", help=argparse.SUPPRESS)
+    p.add_argument("--ratio", type=float, help=argparse.SUPPRESS)
+    p.add_argument("--divergence", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.tokens % SEQ_LEN:
+        p.error(f"--tokens must be a multiple of {SEQ_LEN}, got {args.tokens}")
+    if args.worker:
+        print(json.dumps(worker(args)))
+        return
+    todo, results = configs(args), {}
+    for rnd in range(args.repeats):
+        shift = rnd % len(todo)
+        for cfg in todo[shift:] + todo[:shift]:  # rotate so no method always runs first or last
+            r = run_config(args, *cfg)
+            results.setdefault(cfg, []).append(r)
+            print(f"# round {rnd + 1}: {cfg[0]:>12} ratio {cfg[1]:<5g} {cfg[2]:<13} "
+                  f"{r['peak_mb']:9,.0f} MB {r['seconds']:7.2f} s {r['cpu_seconds']:7.2f} s CPU", flush=True)
+    results = {cfg: results[cfg] for cfg in todo}
+    header = (f"## loss_memory — {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC\n\n"
+              f"Machine: {platform.node()}, {platform.processor() or platform.machine()}, "
+              f"{os.cpu_count()} CPU threads, torch {torch.__version__}, device {args.device}.\n"
+              f"Command: `python {' '.join(sys.argv)}`\n"
+              f"Vocab {args.vocab:,}, hidden {args.hidden}, {args.tokens:,} response tokens, {args.dtype}, "
+              f"chunk {args.chunk_size}, teachability selector (top-K 16), medians of {args.repeats} rounds.\n")
+    text = header + "\n" + table(args, results) + "\n"
+    print(text)
+    if args.output:
+        with open(args.output, "a") as f:
+            f.write(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
