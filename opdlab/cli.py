@@ -17,6 +17,8 @@ from lightning.pytorch.cli import LightningCLI
 
 from opdlab import plugins
 from opdlab.callbacks import SelectionMetrics
+from opdlab.compare import run_compare
+from opdlab.diagnose import run_diagnose
 from opdlab.data import PromptDataModule
 from opdlab.module import OPDModule
 
@@ -25,6 +27,7 @@ TRAINER_DEFAULTS = {
     "num_sanity_val_steps": 0,
     "inference_mode": False,  # metrics and caches made in validation are reused in training
     "max_steps": 200,
+    "plugins": [{"class_path": "opdlab.checkpointing.AtomicCheckpointIO"}],
 }
 SHORT_NAME_ARGS = {"--model.selector": "opdlab.selectors", "--model.divergence": "opdlab.divergences"}
 
@@ -122,8 +125,8 @@ def run_plugins(argv: list[str]) -> None:
         print("  ".join(col.ljust(w) for col, w in zip(row, widths, strict=True)))
 
 
-COMMANDS = {"toy": run_toy, "plugins": run_plugins}
-HELP = """usage: opdlab {fit,validate,test,toy,plugins} ...
+COMMANDS = {"toy": run_toy, "plugins": run_plugins, "diagnose": run_diagnose, "compare": run_compare}
+HELP = """usage: opdlab {fit,validate,test,toy,plugins,diagnose,compare} ...
 
 On-policy distillation with token selection (TA-OPD and baselines).
 
@@ -133,6 +136,8 @@ commands:
   test       same, on the test split
   toy        build the embedded toy teacher/student (done automatically by fit)
   plugins    list installed selectors and divergences
+  diagnose   fixed-context diagnostic: does θ0 teachability predict OPD gain? (DESIGN.md §3)
+  compare    selectors side by side over seeds, plus a budget sweep: opdlab compare --help
 
 `opdlab <command> --help` explains every option of a command.
 """

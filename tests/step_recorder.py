@@ -1,0 +1,49 @@
+"""A test-only callback that appends one JSON line per optimizer step (used by subprocess runs).
+
+Each line: global step, the prompt stream indices of the batch, the logged loss, and for rank 0 of a
+sharded run what it saw of the teacher (sharded? any grad? in the optimizer?).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import lightning as L
+
+
+class StepRecorder(L.Callback):
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        from torch.distributed.fsdp import FSDPModule
+        from torch.distributed.tensor import DTensor
+
+        def sharded(model) -> bool:
+            # Decoder layers stay sharded between uses (the root unit is kept gathered after forward).
+            layer = model.get_decoder().layers[0]
+            return isinstance(model, FSDPModule) and all(isinstance(p, DTensor) for p in layer.parameters())
+
+        teacher_params = list(pl_module.teacher.parameters())
+        opt_ids = {id(p) for group in trainer.optimizers[0].param_groups for p in group["params"]}
+        row = {
+            "rank": trainer.global_rank,
+            "step": trainer.global_step,
+            "indices": list(batch["indices"]),
+            "loss": float(outputs["loss"]) if isinstance(outputs, dict) and "loss" in outputs else (
+                float(outputs) if outputs is not None else None),
+            "teacher_sharded": sharded(pl_module.teacher),
+            "teacher_has_grad": any(p.grad is not None for p in teacher_params),
+            "teacher_in_optimizer": any(id(p) in opt_ids for p in teacher_params),
+            "student_sharded": sharded(pl_module.student),
+        }
+        with open(f"{self.path}.rank{trainer.global_rank}", "a") as f:
+            f.write(json.dumps(row) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def read_records(path, rank: int = 0) -> list[dict]:
+    with open(f"{path}.rank{rank}") as f:
+        return [json.loads(line) for line in f]

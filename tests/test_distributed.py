@@ -1,0 +1,105 @@
+"""Data-parallel correctness: 2 CPU processes (gloo, FSDP2-sharded teacher) equal 1 process, and
+micro-batching (gradient accumulation) does not change the update."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from step_recorder import read_records
+from conftest import REPO_ROOT
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+
+def fit_subprocess(tiny_checkpoints, tmp_path, name, extra, steps=3, batch_size=8, env=None, **popen):
+    record = tmp_path / f"{name}.jsonl"
+    args = [
+        sys.executable, "-m", "opdlab.cli", "fit", "--config", str(REPO_ROOT / "configs/fast.yaml"),
+        "--model.student", tiny_checkpoints.student, "--model.teacher", tiny_checkpoints.teacher,
+        "--model.selector", "teachability", "--model.selector.ratio", "0.3",
+        "--trainer.max_steps", str(steps), "--trainer.val_check_interval", "1000",
+        "--trainer.logger.init_args.save_dir", str(tmp_path / name),
+        "--trainer.enable_progress_bar", "false",
+        "--trainer.callbacks+=step_recorder.StepRecorder", f"--trainer.callbacks.path={record}",
+        "--data.batch_size", str(batch_size), "--data.val_batch_size", "16",
+        "--data.source.init_args.num_eval", "16", *extra,
+    ]
+    full_env = {**os.environ, "PYTHONPATH": f"{REPO_ROOT / 'tests'}{os.pathsep}{REPO_ROOT}", "OMP_NUM_THREADS": "1",
+                **(env or {})}
+    if popen:
+        return subprocess.Popen(args, cwd=tmp_path, env=full_env, **popen), record
+    proc = subprocess.run(args, cwd=tmp_path, env=full_env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc, record
+
+
+MODEL_PARALLEL_2 = [
+    "--trainer.accelerator", "cpu", "--trainer.devices", "2",
+    "--trainer.strategy", "lightning.pytorch.strategies.ModelParallelStrategy",
+    "--trainer.strategy.data_parallel_size", "2", "--trainer.strategy.tensor_parallel_size", "1",
+]
+
+
+def test_two_processes_with_sharded_teacher_match_one_process(tiny_checkpoints, tmp_path):
+    # Two ranks with 4 prompts each see exactly the prompts of one process with 8: rank r reads stream
+    # indices r, r+2, ...; sampling is seeded per prompt, selection and normalisation are global.
+    _, one = fit_subprocess(tiny_checkpoints, tmp_path, "one", [], batch_size=8)
+    _, two = fit_subprocess(tiny_checkpoints, tmp_path, "two", MODEL_PARALLEL_2, batch_size=4)
+    single = read_records(one)
+    ranks = [read_records(two, r) for r in (0, 1)]
+    assert [len(r) for r in ranks] == [3, 3]
+    for step in range(3):
+        both = sorted(ranks[0][step]["indices"] + ranks[1][step]["indices"])
+        assert both == sorted(single[step]["indices"])
+        for rank_rows in ranks:
+            row = rank_rows[step]
+            assert row["teacher_sharded"] and row["student_sharded"]
+            assert not row["teacher_has_grad"] and not row["teacher_in_optimizer"]
+        assert ranks[0][step]["loss"] == pytest.approx(ranks[1][step]["loss"], rel=1e-6)  # the global loss
+        assert ranks[0][step]["loss"] == pytest.approx(single[step]["loss"], rel=1e-4, abs=1e-6)
+    assert not single[0]["teacher_sharded"]
+
+
+def run_in_process(tiny_checkpoints, micro_batch_size, steps=3):
+    import lightning as L
+
+    from opdlab.data import PromptDataModule
+    from opdlab.divergences import ReverseKL
+    from opdlab.module import OPDModule
+    from opdlab.selectors import TeachabilitySelector
+    from opdlab.tasks import AdditionTask
+
+    losses = []
+
+    class Losses(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            losses.append(float(outputs["loss"] if isinstance(outputs, dict) else outputs))
+
+    module = OPDModule(
+        student=tiny_checkpoints.student, teacher=tiny_checkpoints.teacher, selector=TeachabilitySelector(0.3, top_k=4),
+        divergence=ReverseKL(), optimizer=lambda p: torch.optim.SGD(p, lr=0.5), max_new_tokens=5,
+        micro_batch_size=micro_batch_size,
+    )
+    data = PromptDataModule(AdditionTask(digits=2, num_eval=8), batch_size=8, val_batch_size=8)
+    trainer = L.Trainer(
+        max_steps=steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, callbacks=[Losses()],
+        inference_mode=False,
+    )
+    trainer.fit(module, datamodule=data)
+    return losses, {k: v.detach().clone() for k, v in module.student.state_dict().items()}
+
+
+def test_micro_batches_do_not_change_the_update(tiny_checkpoints):
+    """Batch 8 as 8 x 1, 4 x 2 and 2 x 4 micro-batches: same losses, same weights after 3 steps."""
+    reference_losses, reference_weights = run_in_process(tiny_checkpoints, None)
+    for micro in (4, 2):
+        losses, weights = run_in_process(tiny_checkpoints, micro)
+        assert losses == pytest.approx(reference_losses, rel=1e-5, abs=1e-7)
+        for name, value in reference_weights.items():
+            torch.testing.assert_close(weights[name], value, rtol=1e-5, atol=1e-6, msg=name)
