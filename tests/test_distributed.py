@@ -103,3 +103,43 @@ def test_micro_batches_do_not_change_the_update(tiny_checkpoints):
         assert losses == pytest.approx(reference_losses, rel=1e-5, abs=1e-7)
         for name, value in reference_weights.items():
             torch.testing.assert_close(weights[name], value, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_sigkill_mid_training_resumes_without_repeating_or_skipping_prompts(tiny_checkpoints, tmp_path):
+    """A run killed with SIGKILL resumes from its last checkpoint: every checkpoint file loads, and the
+    prompts of each step equal those of an uninterrupted run (granularity: steps after the last
+    checkpoint are redone, nothing else)."""
+    import signal
+    import time
+
+    steps = 8
+    _, full = fit_subprocess(tiny_checkpoints, tmp_path, "full", [], steps=steps)
+    ckpt = ["--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
+            "--trainer.callbacks.every_n_train_steps=1", "--trainer.callbacks.save_last=true",
+            f"--trainer.callbacks.dirpath={tmp_path / 'ckpts'}", "--trainer.callbacks.save_top_k=-1"]
+    proc, killed = fit_subprocess(
+        tiny_checkpoints, tmp_path, "killed", ckpt, steps=steps, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 300
+    while not (tmp_path / "ckpts" / "epoch=0-step=3.ckpt").exists():
+        assert proc.poll() is None and time.time() < deadline, "run ended before its third checkpoint"
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    before_kill = read_records(killed)
+    assert len(before_kill) < steps, "the run finished before it was killed"
+    for path in (tmp_path / "ckpts").glob("*.ckpt"):  # nothing truncated: every file loads
+        torch.load(path, map_location="cpu", weights_only=False)
+    assert not list((tmp_path / "ckpts").glob("*.tmp"))
+    fit_subprocess(tiny_checkpoints, tmp_path, "killed", [*ckpt, "--ckpt_path", str(tmp_path / "ckpts" / "last.ckpt")],
+                   steps=steps)
+    reference = {row["step"]: row["indices"] for row in read_records(full)}
+    rows = read_records(killed)
+    resumed_from = rows[len(before_kill)]["step"] - 1  # the first step after resuming
+    assert resumed_from >= 3
+    by_step = {}
+    for row in rows:  # a step redone after the kill overwrites its first attempt
+        by_step[row["step"]] = row["indices"]
+    assert by_step == reference  # same prompts at every step, none skipped
+    redone = [row["step"] for row in rows].count(resumed_from + 1)
+    assert redone <= 2

@@ -1,0 +1,63 @@
+"""Non-finite log-probs or gradients: the step is skipped with a warning and counted; repeated
+failures stop training with a clear error."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+
+from opdlab.data import PromptDataModule
+from opdlab.divergences import ReverseKL
+from opdlab.module import OPDModule
+from opdlab.selectors import FullSelector
+from opdlab.tasks import AdditionTask
+
+
+class PoisonTeacher(L.Callback):
+    """Fill the teacher's LM head with NaN before the listed steps, restore it after."""
+
+    def __init__(self, bad_steps: set[int]) -> None:
+        self.bad_steps, self.saved, self.calls = bad_steps, None, 0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        weight = pl_module.teacher.lm_head.weight
+        if self.calls in self.bad_steps:
+            self.saved = weight.detach().clone()
+            with torch.no_grad():
+                weight.fill_(float("nan"))
+        self.calls += 1
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self.saved is not None:
+            with torch.no_grad():
+                pl_module.teacher.lm_head.weight.copy_(self.saved)
+            self.saved = None
+
+
+def fit(tiny_checkpoints, bad_steps, max_steps, max_bad_steps=2):
+    module = OPDModule(
+        student=tiny_checkpoints.student, teacher=tiny_checkpoints.teacher, selector=FullSelector(),
+        divergence=ReverseKL(), max_new_tokens=4, max_bad_steps=max_bad_steps,
+    )
+    trainer = L.Trainer(
+        max_steps=max_steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, inference_mode=False,
+        callbacks=[PoisonTeacher(bad_steps)],
+    )
+    data = PromptDataModule(AdditionTask(digits=2, num_eval=8), batch_size=4, val_batch_size=8)
+    trainer.fit(module, datamodule=data)
+    return module, trainer
+
+
+def test_a_nan_teacher_step_is_skipped_and_counted(tiny_checkpoints):
+    with pytest.warns(UserWarning, match="non-finite student or teacher log-probs"):
+        module, trainer = fit(tiny_checkpoints, bad_steps={1}, max_steps=3)
+    assert module.skipped_steps == 1
+    assert trainer.global_step == 3  # the skipped batch did not count as an optimizer step
+    assert all(torch.isfinite(p).all() for p in module.student.parameters())
+
+
+def test_repeated_non_finite_steps_stop_training(tiny_checkpoints):
+    with pytest.raises(FloatingPointError, match="3 consecutive steps.*max_bad_steps=2"):
+        fit(tiny_checkpoints, bad_steps={0, 1, 2, 3, 4}, max_steps=5, max_bad_steps=2)
