@@ -1,0 +1,28 @@
+"""The README's two commands are the contract: CI runs exactly the test command, and the quick-start
+command names things that exist."""
+
+from __future__ import annotations
+
+import re
+
+from conftest import REPO_ROOT
+
+README = (REPO_ROOT / "README.md").read_text()
+COMMANDS = re.findall(r"```bash\n(python3 -m venv[^\n]*)\n```", README)
+
+
+def test_readme_has_the_run_and_test_commands():
+    assert len(COMMANDS) == 2, COMMANDS
+    run, test = COMMANDS
+    assert "opdlab fit --config configs/ta_opd.yaml" in run
+    assert test.rstrip().endswith("pytest")
+
+
+def test_ci_runs_the_readme_test_command():
+    ci = (REPO_ROOT / ".ci/run").read_text().splitlines()
+    assert COMMANDS[1] in ci, "the .ci/run command and the README's test command have drifted apart"
+
+
+def test_quick_start_files_exist():
+    for path in re.findall(r"(configs/[\w./-]+\.yaml)", README):
+        assert (REPO_ROOT / path).exists(), path
