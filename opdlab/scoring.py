@@ -95,19 +95,18 @@ class Workspace:
         return self.get(name, z.shape[0], z.shape[1], z.device)
 
 
-def logsumexp_entropy(z: torch.Tensor, row_max: torch.Tensor, work: Workspace) -> tuple[torch.Tensor, torch.Tensor]:
-    """log Z and the entropy of softmax(z) in three streaming passes, without allocating (R, V).
+def logsumexp_entropy(
+    z: torch.Tensor, top_value: torch.Tensor, top_id: torch.Tensor, work: Workspace
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """log-sum-exp and entropy of softmax(z), from one fused softmax written into a reused buffer.
 
-    With x = z - max, e = exp(x), Z = Σ e: log-sum-exp = max + log Z, entropy = log Z - Σ e·x / Z.
-    -inf logits are clamped to the most negative float first so that e·x is 0, not nan.
-    z: (R, V) fp32 (left unchanged); row_max: (R,) -> (R,), (R,).
+    The arg-max's probability is exp(0) / Z, so lse = max - log p_max; the entropy is lse - Σ p·z, where
+    nansum drops the 0·(-inf) terms of impossible tokens. Two full passes after the softmax kernel,
+    no (R, V) allocation. z: (R, V) fp32 (left unchanged); top_value, top_id: (R,) row max and its id.
     """
-    x = torch.sub(z, row_max[:, None], out=work.like("shifted", z)).clamp_min_(torch.finfo(z.dtype).min)
-    e = torch.exp(x, out=work.like("exp", z))
-    total = e.sum(-1)
-    weighted = e.mul_(x).sum(-1)
-    log_total = total.log()
-    return row_max + log_total, log_total - weighted / total
+    p = torch.ops.aten._softmax.out(z, -1, False, out=work.like("probs", z))  # (R, V)
+    lse = top_value - p.gather(-1, top_id[:, None]).squeeze(-1).log()
+    return lse, lse - torch.nansum(p.mul_(z), -1)
 
 
 def chunk_stats(
@@ -121,8 +120,8 @@ def chunk_stats(
     s_top, s_ids = s_logits.topk(k, -1)  # sorted: s_top[:, 0] is the row max
     t_top, t_ids = t_logits.topk(k, -1)
     union = torch.cat([s_ids, t_ids], -1)  # (R, 2K)
-    s_lse, s_entropy = logsumexp_entropy(s_logits, s_top[:, 0], work)
-    t_lse, t_entropy = logsumexp_entropy(t_logits, t_top[:, 0], work)
+    s_lse, s_entropy = logsumexp_entropy(s_logits, s_top[:, 0], s_ids[:, 0], work)
+    t_lse, t_entropy = logsumexp_entropy(t_logits, t_top[:, 0], t_ids[:, 0], work)
     s_union = s_logits.gather(-1, union) - s_lse[:, None]
     t_union = t_logits.gather(-1, union) - t_lse[:, None]
     s_top_logp = s_top - s_lse[:, None]
@@ -180,7 +179,7 @@ def compute_token_stats(
         student_hidden, teacher_hidden: (N, L, H) final hidden states that predict `tokens`.
         tokens: (N, L) sampled response tokens; response_mask: (N, L) bool.
         chunk_size: rows whose logits are materialised at once. Peak extra memory is about
-            4 · chunk_size · V fp32 (both models' logits and two work buffers), whatever N · L is.
+            3 · chunk_size · V fp32 (both models' logits and one softmax buffer), whatever N · L is.
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
