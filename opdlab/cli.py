@@ -13,7 +13,7 @@ import time
 import warnings
 from pathlib import Path
 
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from opdlab import plugins
 from opdlab.callbacks import SelectionMetrics
@@ -30,6 +30,43 @@ TRAINER_DEFAULTS = {
     "plugins": [{"class_path": "opdlab.checkpointing.AtomicCheckpointIO"}],
 }
 SHORT_NAME_ARGS = {"--model.selector": "opdlab.selectors", "--model.divergence": "opdlab.divergences"}
+
+
+class OPDLabArgumentParser(LightningArgumentParser):
+    """Adds "did you mean" to errors about unknown options or config keys (typos)."""
+
+    def error(self, message: str, ex: Exception | None = None):
+        return super().error(message + closest_keys_hint(message, self), ex)
+
+
+def closest_keys_hint(message: str, parser) -> str:
+    """' Did you mean ...?' for the unknown keys named in a jsonargparse error message, else ''."""
+    import difflib
+    import re
+
+    unknown = re.findall(r"--([\w.]+)", message.partition("unrecognized arguments:")[2])
+    for group, option in re.findall(r"Group '([\w.]+)' does not accept option '([\w]+)", message):
+        unknown.append(f"{group}.{option}")
+    unknown += re.findall(r"Key '([\w.]+)' is not expected", message)
+    known = sorted(set(option_keys(parser)))
+    hints = []
+    for key in unknown:
+        close = difflib.get_close_matches(key, known, n=3, cutoff=0.6)
+        if close:
+            hints.append(f"'{key}': did you mean {' or '.join(repr(c) for c in close)}?")
+    return ("\n" + "\n".join(hints)) if hints else ""
+
+
+def option_keys(parser) -> list[str]:
+    """Every option key of a parser and of its subcommands' parsers (fit, validate, ...)."""
+    keys = []
+    for action in parser._actions:
+        for sub in (getattr(action, "choices", None) or {}).values() if hasattr(action, "_name_parser_map") else ():
+            keys += option_keys(sub)
+        if action.dest and action.dest not in ("help", "config") and not action.dest.endswith(".help") \
+                and not hasattr(action, "_name_parser_map"):
+            keys.append(action.dest)
+    return keys
 
 
 class OPDLabCLI(LightningCLI):
@@ -162,6 +199,7 @@ def main(argv: list[str] | None = None) -> None:
     OPDLabCLI(
         OPDModule, PromptDataModule, args=argv, trainer_defaults=TRAINER_DEFAULTS,
         auto_configure_optimizers=False, save_config_kwargs={"overwrite": True},
+        parser_class=OPDLabArgumentParser,
     )
 
 
