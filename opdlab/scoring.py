@@ -88,7 +88,7 @@ class Workspace:
         """An uninitialised fp32 (rows, columns) view of the buffer `name`."""
         buf = self.buffers.get(name)
         if buf is None or buf.shape[0] < rows or buf.shape[1] != columns or buf.device != device:
-            buf = self.buffers[name] = torch.empty(max(self.rows, rows), columns, device=device)
+            buf = self.buffers[name] = torch.empty(max(self.rows, rows), columns, device=device, dtype=torch.float32)
         return buf[:rows]
 
     def like(self, name: str, z: torch.Tensor) -> torch.Tensor:
