@@ -8,6 +8,7 @@ with room to learn from a teacher that knows the answer) and caches real HF chec
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import os
@@ -23,7 +24,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
 from opdlab.rollout import decode_responses, encode_prompts, sample_rollouts
-from opdlab.tasks.addition import CHARSET, AdditionTask
+from opdlab.tasks.addition import CHARSET
 from opdlab.tasks.base import PromptSource
 
 SPECIAL_TOKENS = ["<pad>", "<eos>", "<bos>", "<unk>"]
@@ -51,6 +52,10 @@ class ToySpec:
     eval_every: int = 25
     version: int = 1  # bump to invalidate caches when the recipe changes
     extra: dict = field(default_factory=dict)
+    task_class: str = "opdlab.tasks.AdditionTask"  # a PromptSource with `problem_at(index)`
+    # Per-role constructor arguments added to `task` when pre-training that role, e.g. the spelling a
+    # role is taught; they may change only the task's `demonstration`, never its prompts or verifier.
+    role_task: dict = field(default_factory=dict)
 
 
 TOYS: dict[str, ToySpec] = {
@@ -64,6 +69,20 @@ TOYS: dict[str, ToySpec] = {
     "add2": ToySpec(
         task={"digits": 2},
         teacher=ModelSpec(hidden=128, layers=2, ffn=256, max_steps=800, stop_at=0.97, gate=(0.95, 1.0)),
+        student=ModelSpec(hidden=64, layers=2, ffn=128, max_steps=2000, stop_at=0.30, gate=(0.20, 0.60)),
+    ),
+    # Spelled reversed 2-digit addition (opdlab.tasks.spelled_addition): every digit may be written as a
+    # digit or a letter. The teacher answers in digits (from contexts spelled at random); the student was
+    # taught a letter at answer position 0, either spelling (50/50) at 1 and a digit at 2, so the two
+    # disagree learnably (position 1, carries) and incompatibly (position 0). Builds in ~1-2 min.
+    "spell2": ToySpec(
+        task={"digits": 2},
+        task_class="opdlab.tasks.SpelledAdditionTask",
+        role_task={
+            "teacher": {"letter_prob": [0.0, 0.0, 0.0], "context_letter_prob": 0.5},
+            "student": {"letter_prob": [1.0, 0.5, 0.0]},
+        },
+        teacher=ModelSpec(hidden=128, layers=2, ffn=256, max_steps=1000, stop_at=0.97, gate=(0.95, 1.0)),
         student=ModelSpec(hidden=64, layers=2, ffn=128, max_steps=2000, stop_at=0.30, gate=(0.20, 0.60)),
     ),
 }
@@ -109,19 +128,42 @@ def evaluate_accuracy(model, tokenizer, task: PromptSource, max_new_tokens: int 
     return correct / len(problems)
 
 
-def supervised_batch(tokenizer, task: AdditionTask, start: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, T) ids of prompt+answer+EOS and labels that score only the answer and EOS."""
-    problems = [task.problem_at(start + i) for i in range(batch_size)]
+def make_task(spec: ToySpec, seed: int, role: str | None = None) -> PromptSource:
+    """The toy's task; with `role`, constructed with that role's pre-training arguments too."""
+    module, _, name = spec.task_class.rpartition(".")
+    task_class = getattr(importlib.import_module(module), name)
+    return task_class(**spec.task, **(spec.role_task.get(role, {}) if role else {}), seed=seed)
+
+
+def demonstration(task: PromptSource, index: int) -> tuple[str, str, str]:
+    """(prompt, context answer, target answer) of pre-training example `index`.
+
+    Tasks with several correct answer spellings define `demonstration` (see SpelledAdditionTask); for the
+    others the context and the target are both the reference answer.
+    """
+    if hasattr(task, "demonstration"):
+        return task.demonstration(index)
+    problem = task.problem_at(index)
+    return problem.prompt, problem.answer, problem.answer
+
+
+def supervised_batch(tokenizer, task: PromptSource, start: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T) ids of prompt+answer+EOS and labels that score only the answer and EOS.
+
+    The input holds the context spelling of the answer and the labels its target spelling (the same
+    for tasks with one spelling): label t is predicted from the prompt and context characters before t.
+    """
     ids, labels = [], []
-    for p in problems:
-        prompt = tokenizer(p.prompt)["input_ids"]
-        answer = tokenizer(p.answer)["input_ids"] + [tokenizer.eos_token_id]
-        ids.append(prompt + answer)
-        labels.append([-100] * len(prompt) + answer)
+    for i in range(batch_size):
+        prompt, context, target = demonstration(task, start + i)
+        prompt_ids = tokenizer(prompt)["input_ids"]
+        eos = [tokenizer.eos_token_id]
+        ids.append(prompt_ids + tokenizer(context)["input_ids"] + eos)
+        labels.append([-100] * len(prompt_ids) + tokenizer(target)["input_ids"] + eos)
     return torch.tensor(ids), torch.tensor(labels)  # fixed widths: every problem has the same length
 
 
-def train_supervised(model, tokenizer, task: AdditionTask, spec: ModelSpec, toy: ToySpec, desc: str) -> tuple[float, int]:
+def train_supervised(model, tokenizer, task: PromptSource, spec: ModelSpec, toy: ToySpec, desc: str) -> tuple[float, int]:
     """Train with cross-entropy until held-out accuracy reaches `spec.stop_at` or `spec.max_steps`."""
     opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=0.01, betas=(0.9, 0.98))
     warmup = 50
@@ -162,14 +204,14 @@ def build_toy(name: str = "add3", cache_dir: str | Path | None = None, seed: int
     target = Path(cache_dir or cache_root() / "toy") / f"{name}-v{spec.version}-seed{seed}"
     if (target / "build.json").exists() and not force:
         return target
-    task = AdditionTask(**spec.task, seed=seed)
-    tokenizer = build_char_tokenizer()
+    tokenizer = build_char_tokenizer(getattr(make_task(spec, seed), "charset", CHARSET))
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
     report = {"name": name, "seed": seed, "spec": asdict(spec)}
     try:
         for role in ("teacher", "student"):
             mspec: ModelSpec = getattr(spec, role)
+            task = make_task(spec, seed, role)
             torch.manual_seed(seed + (0 if role == "teacher" else 1))
             model = make_qwen2(mspec, tokenizer)
             t0 = time.perf_counter()

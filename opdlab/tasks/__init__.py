@@ -3,5 +3,6 @@
 from opdlab.tasks.addition import AdditionTask
 from opdlab.tasks.base import Problem, PromptSource
 from opdlab.tasks.jsonl import JsonlPrompts
+from opdlab.tasks.spelled_addition import SpelledAdditionTask
 
-__all__ = ["AdditionTask", "JsonlPrompts", "Problem", "PromptSource"]
+__all__ = ["AdditionTask", "JsonlPrompts", "Problem", "PromptSource", "SpelledAdditionTask"]
