@@ -1,0 +1,1 @@
+"""Statistics and plots of the fixed-context diagnostic (`opdlab diagnose`) and of `opdlab compare`."""

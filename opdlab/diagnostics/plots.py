@@ -1,0 +1,107 @@
+"""PNG plots of the fixed-context diagnostic (matplotlib, Agg backend: no display needed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+
+def pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_deciles(deciles: dict[str, dict[str, dict[str, np.ndarray]]], path: Path, title: str) -> None:
+    """One panel per predictor: mean gain per predictor decile (±1.96 SE), one line per gain kind.
+
+    deciles: predictor -> gain kind (e.g. "forward") -> output of `stats.decile_means`.
+    """
+    plt = pyplot()
+    names = list(deciles)
+    fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 3.2), sharey=True, squeeze=False)
+    for ax, name in zip(axes[0], names, strict=True):
+        for kind, d in deciles[name].items():
+            x = np.arange(1, len(d["y_mean"]) + 1)
+            ax.errorbar(x, d["y_mean"], yerr=1.96 * np.nan_to_num(d["y_se"]), marker="o", ms=3, capsize=2, label=kind)
+        ax.set_title(name)
+        ax.set_xlabel("decile")
+        ax.axhline(0.0, color="grey", lw=0.5)
+    axes[0][0].set_ylabel("mean gain G")
+    axes[0][-1].legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_tercile_gaps(gaps: dict[str, dict[str, dict]], path: Path, title: str) -> None:
+    """Bars of top-minus-bottom tercile gain per predictor with their 95% bootstrap intervals.
+
+    gaps: gain kind -> predictor -> {"estimate", "low", "high"}.
+    """
+    plt = pyplot()
+    kinds = list(gaps)
+    names = list(next(iter(gaps.values())))
+    width = 0.8 / len(kinds)
+    fig, ax = plt.subplots(figsize=(1.2 * len(names) + 2, 3.5))
+    for i, kind in enumerate(kinds):
+        est = np.array([gaps[kind][n]["estimate"] for n in names])
+        err = np.array([[est[j] - gaps[kind][n]["low"], gaps[kind][n]["high"] - est[j]] for j, n in enumerate(names)]).T
+        ax.bar(np.arange(len(names)) + (i - (len(kinds) - 1) / 2) * width, est, width, yerr=err, capsize=3, label=kind)
+    ax.set_xticks(np.arange(len(names)), names)
+    ax.axhline(0.0, color="grey", lw=0.5)
+    ax.set_ylabel("mean G: top tercile - bottom tercile")
+    ax.legend(fontsize=8)
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_coefficients(models: dict[str, dict], path: Path, title: str) -> None:
+    """Standardised OLS coefficients ±1.96 cluster-robust SE; one panel per model, a marker per winsorising.
+
+    models: model name -> winsorising label -> `OLSResult.as_dict()`.
+    """
+    plt = pyplot()
+    fig, axes = plt.subplots(1, len(models), figsize=(4.5 * len(models), 3.5), squeeze=False)
+    for ax, (model, fits) in zip(axes[0], models.items(), strict=True):
+        labels = list(fits)
+        names = list(next(iter(fits.values()))["coefficients"])
+        for i, label in enumerate(labels):
+            coefs = fits[label]["coefficients"]
+            y = np.arange(len(names)) + (i - (len(labels) - 1) / 2) * 0.25
+            ax.errorbar([coefs[n]["coef"] for n in names], y, xerr=[1.96 * coefs[n]["se_cluster"] for n in names],
+                        fmt="o", ms=4, capsize=2, label=f"{label} (R²={fits[label]['r2']:.3f})")
+        ax.set_yticks(np.arange(len(names)), names)
+        ax.axvline(0.0, color="grey", lw=0.5)
+        ax.set_xlabel("standardised coefficient")
+        ax.set_title(model, fontsize=9)
+        ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_curves(curves: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]], path: Path, title: str,
+                xlabel: str = "step", ylabel: str = "val/accuracy") -> None:
+    """Mean curve ± std band per method. curves: label -> (x, mean, std)."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, (x, mean, std) in curves.items():
+        (line,) = ax.plot(x, mean, marker="o", ms=2, label=label)
+        ax.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.15)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
