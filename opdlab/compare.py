@@ -1,0 +1,345 @@
+"""`opdlab compare`: side-by-side runs of configs that differ only in the selector (and its ratio).
+
+    opdlab compare --fit_config [configs/ta_opd.yaml] --selectors [full,random,entropy,divergence,teachability] \
+        --ratio 0.05 --seeds [0,1,2] --out_dir runs/compare/add3
+    opdlab compare --fit_config [configs/ta_opd.yaml] --selectors [] --sweep_selector teachability \
+        --sweep_ratios [0.01,0.05,0.1,0.3,1.0]
+
+Each run is an `opdlab fit` subprocess over the base config(s) plus the selector overlay
+`configs/selectors/<name>.yaml`, with `--model.selector.init_args.ratio`, `--seed_everything S
+--model.seed S`, a step count, frequent validation and per-step logging. Curves are read back from the
+run's TensorBoard events (`val/accuracy`, `train/kept_tokens`, `train/valid_tokens`); wall time is the
+fit's own (from its summary line). A finished run leaves `result.json` and is not rerun (unless
+`--rerun true`), so an interrupted comparison resumes.
+
+Outputs in `out_dir`: results.csv (one row per run), table.csv and table.md (mean ± std over seeds per
+method, then the budget sweep), curves.csv, accuracy_vs_step.png and, with a sweep, sweep.png.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from opdlab.diagnostics import plots
+
+NO_RATIO = {"full"}  # overlays whose selector takes no ratio (always every valid token)
+INVOCATION: list[str] | None = None  # the command line, recorded by run_compare for the table header
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    selector: str
+    ratio: float
+    seed: int
+
+    @property
+    def label(self) -> str:
+        """The selector's short name (an overlay path's file stem)."""
+        return Path(self.selector).stem if self.selector.endswith((".yaml", ".yml")) else self.selector
+
+    @property
+    def method(self) -> str:
+        return self.label if self.label in NO_RATIO else f"{self.label}@{self.ratio:g}"
+
+    @property
+    def name(self) -> str:
+        """Directory name of the method's runs."""
+        return self.label if self.label in NO_RATIO else f"{self.label}_r{self.ratio:g}"
+
+
+@dataclass
+class RunResult:
+    spec: RunSpec
+    ok: bool
+    val_steps: list[int] = field(default_factory=list)
+    val_accuracy: list[float] = field(default_factory=list)
+    kept_tokens: float = float("nan")
+    valid_tokens: float = float("nan")
+    fit_seconds: float = float("nan")
+    process_seconds: float = float("nan")
+    error: str = ""
+
+    @property
+    def before(self) -> float:
+        return self.val_accuracy[0] if self.val_steps and self.val_steps[0] == 0 else float("nan")
+
+    @property
+    def final(self) -> float:
+        return self.val_accuracy[-1] if self.val_accuracy else float("nan")
+
+    @property
+    def best(self) -> float:
+        """Best validation accuracy after training started (step > 0)."""
+        during = [a for s, a in zip(self.val_steps, self.val_accuracy, strict=True) if s > 0]
+        return max(during) if during else float("nan")
+
+
+def overlay_path(selector: str, overlays_dir: Path) -> Path:
+    """A selector overlay YAML: a path as given, or `<overlays_dir>/<name>.yaml`."""
+    path = Path(selector) if selector.endswith((".yaml", ".yml")) else overlays_dir / f"{selector}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in overlays_dir.glob("*.yaml"))
+        raise FileNotFoundError(f"no selector overlay {path}; known in {overlays_dir}: {known}")
+    return path
+
+
+def fit_command(spec: RunSpec, configs: list[str], overlays_dir: Path, run_root: Path, steps: int,
+                val_check_interval: int, extra_args: list[str]) -> list[str]:
+    """The `opdlab fit` command line of one run."""
+    cmd = [sys.executable, "-m", "opdlab.cli", "fit"]
+    for config in configs:
+        cmd += ["--config", config]
+    cmd += ["--config", str(overlay_path(spec.selector, overlays_dir))]
+    if spec.label not in NO_RATIO:
+        cmd += ["--model.selector.init_args.ratio", f"{spec.ratio:g}"]
+    cmd += [
+        "--seed_everything", str(spec.seed), "--model.seed", str(spec.seed),
+        "--trainer.max_steps", str(steps), "--trainer.val_check_interval", str(val_check_interval),
+        "--trainer.log_every_n_steps", "1",
+        "--trainer.logger.class_path", "lightning.pytorch.loggers.TensorBoardLogger",
+        "--trainer.logger.init_args.save_dir", str(run_root),
+        "--trainer.logger.init_args.name", spec.name,
+        "--trainer.logger.init_args.version", f"seed{spec.seed}",
+    ]
+    return cmd + list(extra_args)
+
+
+def read_scalars(log_dir: Path) -> dict[str, list[float]]:
+    """TensorBoard scalars of one run: tag -> values in the order they were written."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(log_dir), size_guidance={"scalars": 0}, purge_orphaned_data=False)
+    acc.Reload()
+    return {tag: [e.value for e in sorted(acc.Scalars(tag), key=lambda e: e.wall_time)] for tag in acc.Tags()["scalars"]}
+
+
+def validation_steps(count: int, steps: int, val_check_interval: int) -> list[int]:
+    """Training steps of a fit's `count` validations: before training, every interval, and at the end.
+
+    Lightning logs a validation inside fit at the step *before* the one that triggered it, and the one
+    `opdlab fit` runs before training also at step 0, so the logged steps are ambiguous; the schedule is not.
+    """
+    return [min(i * val_check_interval, steps) for i in range(count)]
+
+
+def parse_fit_seconds(text: str) -> float:
+    match = re.findall(r"wall time: ([0-9.]+) s", text)
+    return float(match[-1]) if match else float("nan")
+
+
+def run_one(spec: RunSpec, command: list[str], log_dir: Path, env: dict, rerun: bool, schedule: tuple[int, int]) -> RunResult:
+    """Run (or reload) one fit; parse its TensorBoard events into a RunResult."""
+    done = log_dir / "result.json"
+    if done.is_file() and not rerun:
+        return result_from_json(json.loads(done.read_text()))
+    log_dir.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    proc = subprocess.run(command, capture_output=True, text=True, env=env)
+    seconds = time.perf_counter() - started
+    (log_dir / "fit.log").write_text(" ".join(command) + "\n\n" + proc.stdout + "\n" + proc.stderr)
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
+        print(f"compare: {spec.name} seed {spec.seed} failed (exit {proc.returncode}): {' | '.join(tail)}")
+        return RunResult(spec, ok=False, process_seconds=seconds, error="\n".join(tail))
+    scalars = read_scalars(log_dir)
+    val = scalars.get("val/accuracy", [])
+    result = RunResult(
+        spec, ok=True, val_steps=validation_steps(len(val), *schedule), val_accuracy=val,
+        kept_tokens=sum(scalars.get("train/kept_tokens", [])), valid_tokens=sum(scalars.get("train/valid_tokens", [])),
+        fit_seconds=parse_fit_seconds(proc.stdout), process_seconds=round(seconds, 1),
+    )
+    done.write_text(json.dumps({**asdict(result), "spec": asdict(spec)}, indent=2))
+    return result
+
+
+def result_from_json(data: dict) -> RunResult:
+    return RunResult(**{**data, "spec": RunSpec(**data["spec"])})
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    x = np.array([v for v in values if np.isfinite(v)], dtype=float)
+    if x.size == 0:
+        return float("nan"), float("nan")
+    return float(x.mean()), float(x.std(ddof=1)) if x.size > 1 else 0.0
+
+
+def summarize(results: list[RunResult]) -> list[dict]:
+    """One row per method (selector, ratio): mean ± std over seeds."""
+    rows = []
+    for method in dict.fromkeys(r.spec.method for r in results):
+        runs = [r for r in results if r.spec.method == method]
+        ok = [r for r in runs if r.ok]
+        row = {"method": method, "selector": runs[0].spec.selector, "ratio": runs[0].spec.ratio,
+               "seeds": len(ok), "failed": len(runs) - len(ok)}
+        for key, values in (
+            ("before", [r.before for r in ok]), ("final", [r.final for r in ok]), ("best", [r.best for r in ok]),
+            ("supervised_tokens", [r.kept_tokens for r in ok]),
+            ("retained_ratio", [r.kept_tokens / r.valid_tokens if r.valid_tokens else float("nan") for r in ok]),
+            ("fit_seconds", [r.fit_seconds for r in ok]),
+        ):
+            row[f"{key}_mean"], row[f"{key}_std"] = mean_std(values)
+        rows.append(row)
+    return rows
+
+
+def markdown_table(rows: list[dict]) -> str:
+    head = ("| method | seeds | before | final val/accuracy | best val/accuracy | supervised tokens "
+            "| retained ratio | fit wall time (s) |")
+    lines = [head, "|" + "---|" * 8]
+    for r in rows:
+        pm = lambda k, fmt: f"{r[k + '_mean']:{fmt}} ± {r[k + '_std']:{fmt}}"  # noqa: E731
+        failed = f" ({r['failed']} failed)" if r["failed"] else ""
+        lines.append(
+            f"| {r['method']} | {r['seeds']}{failed} | {r['before_mean']:.3f} | {pm('final', '.3f')} | {pm('best', '.3f')} "
+            f"| {r['supervised_tokens_mean']:,.0f} | {r['retained_ratio_mean']:.3f} | {pm('fit_seconds', '.1f')} |"
+        )
+    return "\n".join(lines)
+
+
+def mean_curves(results: list[RunResult]) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """method -> (steps, mean accuracy, std) over the seeds that share those validation steps."""
+    curves = {}
+    for method in dict.fromkeys(r.spec.method for r in results):
+        runs = [r for r in results if r.spec.method == method and r.ok and r.val_steps]
+        if not runs:
+            continue
+        steps = sorted(set.intersection(*(set(r.val_steps) for r in runs)))
+        acc = np.array([[dict(zip(r.val_steps, r.val_accuracy, strict=True))[s] for s in steps] for r in runs])
+        curves[method] = (np.array(steps), acc.mean(0), acc.std(0))
+    return curves
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    if not rows:
+        return
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def run_rows(results: list[RunResult]) -> list[dict]:
+    return [{"method": r.spec.method, "selector": r.spec.selector, "ratio": r.spec.ratio, "seed": r.spec.seed,
+             "ok": r.ok, "before": r.before, "final": r.final, "best": r.best, "supervised_tokens": r.kept_tokens,
+             "valid_tokens": r.valid_tokens, "fit_seconds": r.fit_seconds, "process_seconds": r.process_seconds}
+            for r in results]
+
+
+def curve_rows(curves: dict) -> list[dict]:
+    return [{"method": m, "step": int(s), "mean": float(a), "std": float(d)}
+            for m, (steps, mean, std) in curves.items() for s, a, d in zip(steps, mean, std, strict=True)]
+
+
+def run_specs(selectors: list[str], ratio: float, seeds: list[int], sweep_selector: str | None,
+              sweep_ratios: list[float]) -> tuple[list[RunSpec], list[RunSpec]]:
+    """(comparison runs, sweep runs); a sweep run equal to a comparison run is shared, not repeated."""
+    main = [RunSpec(s, 1.0 if RunSpec(s, 1.0, 0).label in NO_RATIO else ratio, seed) for s in selectors for seed in seeds]
+    sweep = [RunSpec(sweep_selector, r, seed) for r in sweep_ratios for seed in seeds] if sweep_selector else []
+    return main, sweep
+
+
+def compare(
+    fit_config: list[str] = ["configs/ta_opd.yaml"],  # noqa: B006 (jsonargparse reads the default)
+    selectors: list[str] = ["full", "random", "entropy", "divergence", "teachability"],  # noqa: B006
+    ratio: float = 0.05,
+    seeds: list[int] = [0, 1, 2],  # noqa: B006
+    steps: int = 200,
+    val_check_interval: int = 20,
+    sweep_selector: str | None = None,
+    sweep_ratios: list[float] = [0.01, 0.05, 0.1, 0.3, 1.0],  # noqa: B006
+    overlays_dir: str | None = None,
+    out_dir: str = "runs/compare",
+    jobs: int = 1,
+    threads: int | None = None,
+    extra_args: list[str] = [],  # noqa: B006
+    rerun: bool = False,
+) -> list[dict]:
+    """Run `opdlab fit` for every selector x seed (and a budget sweep), then tabulate and plot.
+
+    Args:
+        fit_config: base `opdlab fit` config(s), applied in order before each selector overlay
+            (`--config` is compare's own config file, as for every jsonargparse command).
+        selectors: selector overlays to compare: names in `overlays_dir` (full, random, entropy,
+            divergence, teachability, ...) or paths to overlay YAML files.
+        ratio: budget of every selector that takes one (`full` always keeps every token).
+        seeds: seeds of each method (`--seed_everything S --model.seed S`).
+        steps: training steps per run (`--trainer.max_steps`).
+        val_check_interval: validate every this many steps, for the accuracy curves.
+        sweep_selector: also run this selector at every ratio of `sweep_ratios` (a budget sweep).
+        sweep_ratios: the ratios of the sweep.
+        overlays_dir: directory of the selector overlays (default: `selectors/` next to the first fit config).
+        out_dir: where runs, tables and plots go.
+        jobs: runs at once (each is its own process; on a 2-core CPU keep 1 or 2).
+        threads: torch threads per run (OMP_NUM_THREADS), e.g. 1 with jobs=2 on 2 cores.
+        extra_args: more `opdlab fit` arguments for every run, e.g. `[--trainer.callbacks=[]]`.
+        rerun: rerun runs that already have a result.json.
+    """
+    out = Path(out_dir)
+    overlays = Path(overlays_dir) if overlays_dir else Path(fit_config[0]).parent / "selectors"
+    main, sweep = run_specs(selectors, ratio, seeds, sweep_selector, sweep_ratios)
+    specs = list(dict.fromkeys(main + sweep))
+    env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
+
+    def launch(spec: RunSpec) -> RunResult:
+        log_dir = out / "runs" / spec.name / f"seed{spec.seed}"
+        command = fit_command(spec, fit_config, overlays, out / "runs", steps, val_check_interval, extra_args)
+        result = run_one(spec, command, log_dir, env, rerun, (steps, val_check_interval))
+        print(f"compare: {spec.method} seed {spec.seed}: final {result.final:.3f} best {result.best:.3f} "
+              f"({result.fit_seconds:.0f} s)", flush=True)
+        return result
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        results = dict(zip(specs, pool.map(launch, specs), strict=True))
+    table = summarize([results[s] for s in main])
+    sweep_table = summarize([results[s] for s in sweep])
+    write_outputs(out, results, main, sweep, table, sweep_table, header=command_header(fit_config, started))
+    return table + sweep_table
+
+
+def command_header(config: list[str], started: float) -> str:
+    command = "opdlab compare " + " ".join(INVOCATION) if INVOCATION is not None else "compare() from python"
+    return (f"command: `{command}`  \n"
+            f"base config: {', '.join(config)}  \n"
+            f"machine: {platform.node()} ({platform.machine()}, {os.cpu_count()} CPUs), python {platform.python_version()}  \n"
+            f"date: {time.strftime('%Y-%m-%d %H:%M')}, total wall time {time.perf_counter() - started:.0f} s")
+
+
+def write_outputs(out: Path, results: dict, main: list[RunSpec], sweep: list[RunSpec], table: list[dict],
+                  sweep_table: list[dict], header: str) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    write_csv(out / "results.csv", run_rows(list(results.values())))
+    write_csv(out / "table.csv", table + sweep_table)
+    curves = mean_curves([results[s] for s in main])
+    write_csv(out / "curves.csv", curve_rows(curves))
+    text = ["# opdlab compare", "", header, ""]
+    if table:
+        plots.plot_curves(curves, out / "accuracy_vs_step.png", "val/accuracy (mean ± std over seeds)")
+        text += ["## Selectors", "", markdown_table(table), "", "![accuracy vs step](accuracy_vs_step.png)", ""]
+    if sweep_table:
+        plots.plot_curves(mean_curves([results[s] for s in sweep]), out / "sweep.png",
+                          f"budget sweep of {sweep[0].selector}: val/accuracy (mean ± std)")
+        text += ["## Budget sweep", "", markdown_table(sweep_table), "", "![sweep](sweep.png)", ""]
+    (out / "table.md").write_text("\n".join(text))
+    print("\n".join(text))
+
+
+def run_compare(argv: list[str]) -> None:
+    """`opdlab compare ...`: jsonargparse turns `compare`'s signature and docstring into --help."""
+    from jsonargparse import CLI
+
+    global INVOCATION
+    INVOCATION = list(argv)
+    CLI(compare, args=argv, prog="opdlab compare")

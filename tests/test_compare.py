@@ -1,0 +1,123 @@
+"""`opdlab compare`: run commands, aggregation over seeds, and a tiny end-to-end comparison through the CLI."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import CONFIG_DIR, run_opdlab
+from opdlab.compare import (
+    RunResult, RunSpec, fit_command, markdown_table, mean_curves, run_specs, summarize, validation_steps,
+)
+
+OVERLAYS = CONFIG_DIR / "selectors"
+
+
+def test_fit_command_applies_overlay_ratio_and_seed(tmp_path):
+    cmd = fit_command(RunSpec("random", 0.05, 3), ["base.yaml"], OVERLAYS, tmp_path, steps=7, val_check_interval=2,
+                      extra_args=["--trainer.callbacks=[]"])
+    joined = " ".join(cmd)
+    assert cmd[1:4] == ["-m", "opdlab.cli", "fit"]
+    assert f"--config base.yaml --config {OVERLAYS / 'random.yaml'}" in joined
+    assert "--model.selector.init_args.ratio 0.05" in joined
+    assert "--seed_everything 3 --model.seed 3" in joined
+    assert "--trainer.max_steps 7 --trainer.val_check_interval 2 --trainer.log_every_n_steps 1" in joined
+    assert "--trainer.logger.init_args.name random_r0.05 --trainer.logger.init_args.version seed3" in joined
+    assert cmd[-1] == "--trainer.callbacks=[]"
+    full = " ".join(fit_command(RunSpec("full", 1.0, 0), ["b.yaml"], OVERLAYS, tmp_path, 7, 2, []))
+    assert "ratio" not in full and "--trainer.logger.init_args.name full " in full
+
+
+def test_unknown_overlay_lists_the_known_ones(tmp_path):
+    with pytest.raises(FileNotFoundError, match="teachability"):
+        fit_command(RunSpec("nope", 0.05, 0), ["b.yaml"], OVERLAYS, tmp_path, 7, 2, [])
+
+
+def test_run_specs_share_the_sweep_point_with_the_comparison():
+    main, sweep = run_specs(["full", "teachability"], 0.05, [0, 1], "teachability", [0.05, 0.3])
+    assert [(s.method, s.seed) for s in main] == [("full", 0), ("full", 1), ("teachability@0.05", 0), ("teachability@0.05", 1)]
+    assert len(set(main) | set(sweep)) == 6  # teachability@0.05 runs once for both tables
+
+
+def fake(selector, ratio, seed, acc, kept=10.0, valid=100.0, seconds=5.0):
+    return RunResult(RunSpec(selector, ratio, seed), ok=True, val_steps=[0, 5, 10], val_accuracy=acc,
+                     kept_tokens=kept, valid_tokens=valid, fit_seconds=seconds)
+
+
+def test_summarize_means_and_stds_over_seeds():
+    results = [fake("random", 0.1, 0, [0.2, 0.6, 0.4]), fake("random", 0.1, 1, [0.2, 0.4, 0.6], kept=20.0),
+               RunResult(RunSpec("random", 0.1, 2), ok=False, error="boom")]
+    (row,) = summarize(results)
+    assert row["method"] == "random@0.1" and row["seeds"] == 2 and row["failed"] == 1
+    assert row["final_mean"] == pytest.approx(0.5) and row["final_std"] == pytest.approx(0.1414213, rel=1e-5)
+    assert row["best_mean"] == pytest.approx(0.6) and row["best_std"] == 0.0  # best excludes step 0
+    assert row["before_mean"] == pytest.approx(0.2)
+    assert row["supervised_tokens_mean"] == 15.0 and row["retained_ratio_mean"] == pytest.approx(0.15)
+    assert "| random@0.1 | 2 (1 failed) | 0.200 | 0.500 ± 0.141 | 0.600 ± 0.000 | 15 | 0.150 |" in markdown_table([row])
+    steps, mean, std = mean_curves(results)["random@0.1"]
+    assert steps.tolist() == [0, 5, 10] and mean.tolist() == pytest.approx([0.2, 0.5, 0.5])
+
+
+@pytest.fixture(scope="module")
+def compared(tiny_checkpoints, tmp_path_factory):
+    root = tmp_path_factory.mktemp("compare")
+    base = yaml.safe_load((CONFIG_DIR / "fast.yaml").read_text())
+    base["model"].update(student=tiny_checkpoints.student, teacher=tiny_checkpoints.teacher)
+    base["data"] = {"source": {"class_path": "opdlab.tasks.AdditionTask", "init_args": {"digits": 2, "num_eval": 16}},
+                    "batch_size": 8, "val_batch_size": 16}
+    (root / "base.yaml").write_text(yaml.safe_dump(base))
+    out = root / "out"
+    result = run_opdlab([
+        "compare", "--fit_config", f"[{root / 'base.yaml'}]", "--selectors", "[full,random]", "--ratio", "0.25",
+        "--seeds", "[0]", "--steps", "3", "--val_check_interval", "1", "--overlays_dir", str(OVERLAYS),
+        "--out_dir", str(out), "--jobs", "2", "--threads", "1",
+    ])
+    assert result.code == 0, result.err[-3000:] + result.out[-3000:]
+    return out, result
+
+
+def test_compare_writes_table_curves_and_plot(compared):
+    out, result = compared
+    for name in ("table.md", "table.csv", "results.csv", "curves.csv", "accuracy_vs_step.png"):
+        assert (out / name).is_file(), name
+    table = (out / "table.md").read_text()
+    assert "command: `opdlab compare --fit_config" in table and "machine:" in table and "date:" in table
+    assert "| full | 1 |" in table and "| random@0.25 | 1 |" in table
+    with open(out / "table.csv") as f:
+        rows = {r["method"]: r for r in csv.DictReader(f)}
+    assert set(rows) == {"full", "random@0.25"}
+    assert float(rows["full"]["retained_ratio_mean"]) == pytest.approx(1.0)
+    assert 0.25 <= float(rows["random@0.25"]["retained_ratio_mean"]) < 0.6  # ceil + one per response
+    assert float(rows["full"]["supervised_tokens_mean"]) > float(rows["random@0.25"]["supervised_tokens_mean"]) > 0
+    assert float(rows["full"]["fit_seconds_mean"]) > 0
+
+
+def test_compare_reads_validation_curves_and_resumes(compared, monkeypatch):
+    out, _ = compared
+    run = json.loads((out / "runs" / "random_r0.25" / "seed0" / "result.json").read_text())
+    assert run["val_steps"] == [0, 1, 2, 3]  # before training, then every step
+    assert len(run["val_accuracy"]) == 4
+    # A finished run is reloaded, not rerun.
+    import opdlab.compare as compare
+
+    monkeypatch.setattr(compare.subprocess, "run", lambda *a, **k: pytest.fail("a finished run was rerun"))
+    results = compare.compare(fit_config=[str(out.parent / "base.yaml")], selectors=["random"], ratio=0.25, seeds=[0],
+                              steps=3, val_check_interval=1, overlays_dir=str(OVERLAYS), out_dir=str(out))
+    assert results[0]["final_mean"] == pytest.approx(run["val_accuracy"][-1])
+
+
+def test_compare_help_documents_every_option():
+    result = run_opdlab(["compare", "--help"])
+    assert result.code == 0
+    for option in ("--fit_config", "--selectors", "--ratio", "--seeds", "--steps", "--val_check_interval",
+                   "--sweep_selector", "--sweep_ratios", "--overlays_dir", "--out_dir", "--jobs", "--extra_args"):
+        assert option in result.out, option
+
+
+def test_validation_steps_follow_the_schedule():
+    assert validation_steps(4, 3, 1) == [0, 1, 2, 3]
+    assert validation_steps(4, 50, 20) == [0, 20, 40, 50]  # the extra validation at the end of fit
