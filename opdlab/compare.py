@@ -245,8 +245,9 @@ def curve_rows(curves: dict) -> list[dict]:
 def run_specs(selectors: list[str], ratio: float, seeds: list[int], sweep_selector: str | None,
               sweep_ratios: list[float]) -> tuple[list[RunSpec], list[RunSpec]]:
     """(comparison runs, sweep runs); a sweep run equal to a comparison run is shared, not repeated."""
-    main = [RunSpec(s, 1.0 if RunSpec(s, 1.0, 0).label in NO_RATIO else ratio, seed) for s in selectors for seed in seeds]
-    sweep = [RunSpec(sweep_selector, r, seed) for r in sweep_ratios for seed in seeds] if sweep_selector else []
+    # Seed-major order: an interrupted comparison has every method for its first seeds.
+    main = [RunSpec(s, 1.0 if RunSpec(s, 1.0, 0).label in NO_RATIO else ratio, seed) for seed in seeds for s in selectors]
+    sweep = [RunSpec(sweep_selector, r, seed) for seed in seeds for r in sweep_ratios] if sweep_selector else []
     return main, sweep
 
 

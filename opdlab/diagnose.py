@@ -274,7 +274,9 @@ def gain_statistics(table: dict[str, np.ndarray], opts: StatsOptions) -> dict:
 def write_plots(result: dict, out: Path, label: str) -> list[str]:
     deciles = {name: {kind: result["deciles"][kind][name] for kind in GAINS} for name in PREDICTORS}
     plots.plot_deciles(deciles, out / "deciles.png", f"mean gain per predictor decile ({label})")
-    plots.plot_tercile_gaps(result["terciles"], out / "terciles.png", f"tercile gaps, 95% cluster bootstrap ({label})")
+    winsorized = {k: v for k, v in result["terciles_winsorized"].items() if k != "level"}
+    panels = {"mean G": result["terciles"], f"G winsorised at {result['terciles_winsorized']['level']:g}": winsorized}
+    plots.plot_tercile_gaps(panels, out / "terciles.png", f"tercile gaps, 95% cluster bootstrap ({label})")
     plots.plot_coefficients(result["ols"]["forward"], out / "coefficients.png",
                             f"standardised OLS of G_f, ±1.96 cluster-robust SE ({label})")
     return ["deciles.png", "terciles.png", "coefficients.png"]

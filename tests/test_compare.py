@@ -39,7 +39,7 @@ def test_unknown_overlay_lists_the_known_ones(tmp_path):
 
 def test_run_specs_share_the_sweep_point_with_the_comparison():
     main, sweep = run_specs(["full", "teachability"], 0.05, [0, 1], "teachability", [0.05, 0.3])
-    assert [(s.method, s.seed) for s in main] == [("full", 0), ("full", 1), ("teachability@0.05", 0), ("teachability@0.05", 1)]
+    assert [(s.method, s.seed) for s in main] == [("full", 0), ("teachability@0.05", 0), ("full", 1), ("teachability@0.05", 1)]
     assert len(set(main) | set(sweep)) == 6  # teachability@0.05 runs once for both tables
 
 

@@ -39,25 +39,27 @@ def plot_deciles(deciles: dict[str, dict[str, dict[str, np.ndarray]]], path: Pat
     plt.close(fig)
 
 
-def plot_tercile_gaps(gaps: dict[str, dict[str, dict]], path: Path, title: str) -> None:
+def plot_tercile_gaps(panels: dict[str, dict[str, dict[str, dict]]], path: Path, title: str) -> None:
     """Bars of top-minus-bottom tercile gain per predictor with their 95% bootstrap intervals.
 
-    gaps: gain kind -> predictor -> {"estimate", "low", "high"}.
+    panels: panel title -> gain kind -> predictor -> {"estimate", "low", "high"}.
     """
     plt = pyplot()
-    kinds = list(gaps)
-    names = list(next(iter(gaps.values())))
-    width = 0.8 / len(kinds)
-    fig, ax = plt.subplots(figsize=(1.2 * len(names) + 2, 3.5))
-    for i, kind in enumerate(kinds):
-        est = np.array([gaps[kind][n]["estimate"] for n in names])
-        err = np.array([[est[j] - gaps[kind][n]["low"], gaps[kind][n]["high"] - est[j]] for j, n in enumerate(names)]).T
-        ax.bar(np.arange(len(names)) + (i - (len(kinds) - 1) / 2) * width, est, width, yerr=err, capsize=3, label=kind)
-    ax.set_xticks(np.arange(len(names)), names)
-    ax.axhline(0.0, color="grey", lw=0.5)
-    ax.set_ylabel("mean G: top tercile - bottom tercile")
-    ax.legend(fontsize=8)
-    ax.set_title(title, fontsize=10)
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 3.5), squeeze=False)
+    for ax, (panel, gaps) in zip(axes[0], panels.items(), strict=True):
+        kinds = list(gaps)
+        names = list(next(iter(gaps.values())))
+        width = 0.8 / len(kinds)
+        for i, kind in enumerate(kinds):
+            est = np.array([gaps[kind][n]["estimate"] for n in names])
+            err = np.array([[e - gaps[kind][n]["low"], gaps[kind][n]["high"] - e] for e, n in zip(est, names, strict=True)]).T
+            ax.bar(np.arange(len(names)) + (i - (len(kinds) - 1) / 2) * width, est, width, yerr=err, capsize=3, label=kind)
+        ax.set_xticks(np.arange(len(names)), names)
+        ax.axhline(0.0, color="grey", lw=0.5)
+        ax.set_ylabel("G: top tercile - bottom tercile")
+        ax.set_title(panel, fontsize=9)
+        ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
