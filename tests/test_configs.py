@@ -13,7 +13,7 @@ from opdlab.divergences import Divergence
 from opdlab.module import OPDModule
 from opdlab.selectors import TokenSelector
 
-from conftest import CONFIG_DIR, run_opdlab
+from conftest import CONFIG_DIR, REPO_ROOT, run_opdlab
 
 CONFIGS = sorted(CONFIG_DIR.glob("*.yaml")) + sorted(CONFIG_DIR.glob("*.yml"))
 
@@ -44,7 +44,14 @@ def test_config_instantiates(config, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "argv", ["opdlab"])
     raw = yaml.safe_load(config.read_text())
-    cli = OPDLabCLI(OPDModule, PromptDataModule, args=["--config", str(config)], run=False,
+    args = ["--config", str(config)]
+    train_path = raw.get("data", {}).get("source", {}).get("init_args", {}).get("train_path")
+    if train_path and not (REPO_ROOT / train_path).exists():  # GPU configs name data a user downloads
+        args += ["--data.source.init_args.train_path", str(REPO_ROOT / "data/math_sample.jsonl"),
+                 "--data.source.init_args.num_eval", "4"]
+    if raw.get("trainer", {}).get("accelerator") == "gpu":  # instantiating needs the hardware it names
+        args += ["--trainer.accelerator", "cpu", "--trainer.devices", "1"]
+    cli = OPDLabCLI(OPDModule, PromptDataModule, args=args, run=False,
                     trainer_defaults=TRAINER_DEFAULTS, auto_configure_optimizers=False)
     assert isinstance(cli.model, OPDModule) and isinstance(cli.datamodule, PromptDataModule)
     assert isinstance(cli.model.selector, TokenSelector) and isinstance(cli.model.divergence, Divergence)

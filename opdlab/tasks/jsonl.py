@@ -47,7 +47,7 @@ def read_jsonl_problems(path: str | Path) -> list[Problem]:
             prompt, answer = parse_record(record)
             if prompt is None:
                 raise ValueError(
-                    f'{where}: expected an object with a string "prompt" (or a DAPO-style list of chat '
+                    f'{where}: expected an object with a string "prompt" field (or DAPO-style chat '
                     f'messages), got {line.strip()[:80]!r}'
                 )
             problems.append(Problem(prompt=prompt, answer=answer))
