@@ -18,8 +18,8 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from opdlab import plugins
 from opdlab.callbacks import SelectionMetrics
 from opdlab.compare import run_compare
-from opdlab.diagnose import run_diagnose
 from opdlab.data import PromptDataModule
+from opdlab.diagnose import run_diagnose
 from opdlab.module import OPDModule
 
 TRAINER_DEFAULTS = {

@@ -12,10 +12,10 @@ statistics and the loss share one projection per chunk, so nothing is multiplied
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal
 
 import torch
-from collections.abc import Callable
 
 from opdlab.divergences.base import Divergence, LossInputs
 from opdlab.rollout import Rollout

@@ -13,21 +13,26 @@ from __future__ import annotations
 
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass
 from typing import Literal
 
 import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from torchmetrics import MeanMetric
-
 from lightning.pytorch.utilities import rank_zero_warn
+from torchmetrics import MeanMetric
 
 from opdlab.distributed import all_reduce_sum, gather_stats, world_size
 from opdlab.divergences import Divergence, SampledTokenOPD
 from opdlab.loss import LossNormalization, kept_token_loss, reduce_token_loss
+from opdlab.microbatch import cat_stats, micro_batches, rollout_rows, stats_are_finite, stats_rows
 from opdlab.models import (
-    LogitHead, check_tokenizers_compatible, check_vocab_sizes, final_hidden_states, freeze, load_causal_lm,
+    LogitHead,
+    check_tokenizers_compatible,
+    check_vocab_sizes,
+    final_hidden_states,
+    freeze,
+    load_causal_lm,
     load_tokenizer,
 )
 from opdlab.rollout import PromptBatch, Rollout, decode_responses, encode_prompts, sample_rollouts
@@ -367,37 +372,6 @@ class OPDModule(L.LightningModule):
         if self.global_rank == 0:
             self.student.save_pretrained(path, state_dict=state_dict)
             self.tokenizer.save_pretrained(path)
-
-
-def micro_batches(n: int, size: int | None) -> list[slice]:
-    """Row slices of at most `size` rows covering n rows (one slice when size is None)."""
-    size = n if size is None else size
-    return [slice(i, min(i + size, n)) for i in range(0, n, size)] or [slice(0, 0)]
-
-
-def rollout_rows(rollout: Rollout, rows: slice) -> Rollout:
-    return replace(
-        rollout, input_ids=rollout.input_ids[rows], attention_mask=rollout.attention_mask[rows],
-        response_mask=rollout.response_mask[rows], sampling_logp=rollout.sampling_logp[rows],
-        answers=rollout.answers[rows],
-    )
-
-
-def stats_rows(stats: TokenStats, rows: slice) -> TokenStats:
-    return replace(stats, **{f.name: getattr(stats, f.name)[rows] for f in fields(stats) if getattr(stats, f.name) is not None})
-
-
-def cat_stats(parts: list[TokenStats]) -> TokenStats:
-    if len(parts) == 1:
-        return parts[0]
-    return replace(parts[0], **{
-        f.name: torch.cat([getattr(p, f.name) for p in parts]) for f in fields(parts[0]) if getattr(parts[0], f.name) is not None
-    })
-
-
-def stats_are_finite(stats: TokenStats) -> bool:
-    valid = stats.valid
-    return bool(torch.isfinite(stats.student_token_logp[valid]).all() and torch.isfinite(stats.teacher_token_logp[valid]).all())
 
 
 class StageTimer:

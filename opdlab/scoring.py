@@ -12,10 +12,10 @@ tensor is ever held. Definitions follow DESIGN.md §2 (TA-OPD reference code):
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 
 import torch
-from collections.abc import Callable
 
 EPS = 1e-12
 
