@@ -146,7 +146,7 @@ def run_one(spec: RunSpec, command: list[str], log_dir: Path, env: dict, rerun: 
         return result_from_json(json.loads(done.read_text()))
     log_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    proc = subprocess.run(command, capture_output=True, text=True, env=env)
+    proc = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
     seconds = time.perf_counter() - started
     (log_dir / "fit.log").write_text(" ".join(command) + "\n\n" + proc.stdout + "\n" + proc.stderr)
     if proc.returncode != 0:
@@ -194,16 +194,20 @@ def summarize(results: list[RunResult]) -> list[dict]:
     return rows
 
 
+def plus_minus(row: dict, key: str, fmt: str) -> str:
+    return f"{row[key + '_mean']:{fmt}} ± {row[key + '_std']:{fmt}}"
+
+
 def markdown_table(rows: list[dict]) -> str:
     head = ("| method | seeds | before | final val/accuracy | best val/accuracy | supervised tokens "
             "| retained ratio | fit wall time (s) |")
     lines = [head, "|" + "---|" * 8]
     for r in rows:
-        pm = lambda k, fmt: f"{r[k + '_mean']:{fmt}} ± {r[k + '_std']:{fmt}}"  # noqa: E731
         failed = f" ({r['failed']} failed)" if r["failed"] else ""
         lines.append(
-            f"| {r['method']} | {r['seeds']}{failed} | {r['before_mean']:.3f} | {pm('final', '.3f')} | {pm('best', '.3f')} "
-            f"| {r['supervised_tokens_mean']:,.0f} | {r['retained_ratio_mean']:.3f} | {pm('fit_seconds', '.1f')} |"
+            f"| {r['method']} | {r['seeds']}{failed} | {r['before_mean']:.3f} | {plus_minus(r, 'final', '.3f')} "
+            f"| {plus_minus(r, 'best', '.3f')} | {r['supervised_tokens_mean']:,.0f} | {r['retained_ratio_mean']:.3f} "
+            f"| {plus_minus(r, 'fit_seconds', '.1f')} |"
         )
     return "\n".join(lines)
 

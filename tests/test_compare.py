@@ -4,14 +4,20 @@ from __future__ import annotations
 
 import csv
 import json
-from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import CONFIG_DIR, run_opdlab
+
 from opdlab.compare import (
-    RunResult, RunSpec, fit_command, markdown_table, mean_curves, run_specs, summarize, validation_steps,
+    RunResult,
+    RunSpec,
+    fit_command,
+    markdown_table,
+    mean_curves,
+    run_specs,
+    summarize,
+    validation_steps,
 )
 
 OVERLAYS = CONFIG_DIR / "selectors"
@@ -58,7 +64,7 @@ def test_summarize_means_and_stds_over_seeds():
     assert row["before_mean"] == pytest.approx(0.2)
     assert row["supervised_tokens_mean"] == 15.0 and row["retained_ratio_mean"] == pytest.approx(0.15)
     assert "| random@0.1 | 2 (1 failed) | 0.200 | 0.500 ± 0.141 | 0.600 ± 0.000 | 15 | 0.150 |" in markdown_table([row])
-    steps, mean, std = mean_curves(results)["random@0.1"]
+    steps, mean, _std = mean_curves(results)["random@0.1"]
     assert steps.tolist() == [0, 5, 10] and mean.tolist() == pytest.approx([0.2, 0.5, 0.5])
 
 
@@ -81,7 +87,7 @@ def compared(tiny_checkpoints, tmp_path_factory):
 
 
 def test_compare_writes_table_curves_and_plot(compared):
-    out, result = compared
+    out, _ = compared
     for name in ("table.md", "table.csv", "results.csv", "curves.csv", "accuracy_vs_step.png"):
         assert (out / name).is_file(), name
     table = (out / "table.md").read_text()

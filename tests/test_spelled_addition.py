@@ -38,11 +38,11 @@ def test_demonstrations_follow_the_role_spellings():
     teacher = SpelledAdditionTask(digits=2, letter_prob=[0.0, 0.0, 0.0], context_letter_prob=0.5)
     mixed = []
     for i in range(200):
-        prompt, context, target = student.demonstration(i)
+        _, context, target = student.demonstration(i)
         assert context == target and student.verify(target, student.problem_at(i).answer)
         assert target[0] in LETTERS and target[2].isdigit()
         mixed.append(target[1] in LETTERS)
-        prompt, context, target = teacher.demonstration(i)
+        _, context, target = teacher.demonstration(i)
         assert target == teacher.problem_at(i).answer  # the teacher always answers in digits ...
         assert canonical(context) == target  # ... after contexts spelled at random
     assert 0.3 < sum(mixed) / len(mixed) < 0.7
@@ -70,7 +70,7 @@ def test_toy_registry_builds_role_tasks_and_batches():
     # add2/add3 keep their task and their one spelling
     plain = make_task(toy.TOYS["add2"], 0, "student")
     assert type(plain) is AdditionTask
-    p, c, t = demonstration(plain, 5)
+    _, c, t = demonstration(plain, 5)
     assert c == t == plain.problem_at(5).answer
 
 

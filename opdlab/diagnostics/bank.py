@@ -1,0 +1,174 @@
+"""The frozen bank of the fixed-context diagnostic: sample it, save/load it, score it, tabulate it.
+
+A bank is a list of `Rollout` parts (one per sampling batch) of student-generated contexts. Scoring
+applies `compute_token_stats` (full_kl=True) to every valid response position under the module's
+current student; `bank_table` joins the θ0 and θ1 scores of the same positions into one row each.
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from opdlab.rollout import Rollout, encode_prompts, sample_rollouts
+from opdlab.scoring import compute_token_stats
+from opdlab.selectors.base import Normalization, normalize_scores
+from opdlab.tasks import PromptSource
+
+
+@dataclass
+class BankOptions:
+    """The frozen bank of student-generated contexts.
+
+    Args:
+        contexts: number of contexts (prompts, one sampled student response each); the paper used 300.
+        max_response_tokens: response tokens kept per context (the paper: the first 192).
+        top_k: K of the student/teacher top-K sets behind C, D and H.
+        temperature: sampling temperature of the bank's responses.
+        seed: seed of the responses' sampling (one generator per prompt).
+        prompt_offset: stream index of the first bank prompt in the source's training stream (far from
+            the prompts a short training run consumes).
+        batch_size: contexts sampled and scored at once.
+        path: reuse this saved bank (bank.pt of an earlier run) instead of sampling a new one.
+    """
+
+    contexts: int = 300
+    max_response_tokens: int = 192
+    top_k: int = 16
+    temperature: float = 1.0
+    seed: int = 0
+    prompt_offset: int = 1_000_000
+    batch_size: int = 64
+    path: str | None = None
+
+
+
+def sample_bank(module, source: PromptSource, opts: BankOptions, device: torch.device) -> list[Rollout]:
+    """Sample the bank with the current student (θ0): a list of Rollout parts of `opts.batch_size` rows."""
+    stream = source.train_problems(opts.prompt_offset)
+    problems = [next(stream) for _ in range(opts.contexts)]
+    parts = []
+    for start in tqdm(range(0, len(problems), opts.batch_size), desc="bank: sampling θ0 contexts"):
+        chunk = problems[start : start + opts.batch_size]
+        prompts = encode_prompts(module.tokenizer, [p.prompt for p in chunk], [p.answer for p in chunk],
+                                 chat_template=source.use_chat_template)
+        seeds = [hash((opts.seed, opts.prompt_offset + start + i)) % (2**63) for i in range(len(chunk))]
+        rollout = sample_rollouts(
+            module.student, prompts, module.tokenizer.eos_token_id, module.tokenizer.pad_token_id,
+            max_new_tokens=opts.max_response_tokens, temperature=opts.temperature, seeds=seeds,
+        )
+        parts.append(rollout_to(rollout, torch.device("cpu")))
+    return parts
+
+
+def rollout_to(rollout: Rollout, device: torch.device) -> Rollout:
+    tensors = {k: getattr(rollout, k).to(device) for k in ("input_ids", "attention_mask", "response_mask", "sampling_logp")}
+    return Rollout(**tensors, prompt_len=rollout.prompt_len, answers=list(rollout.answers))
+
+
+def save_bank(parts: list[Rollout], path: Path) -> None:
+    torch.save([asdict(p) for p in parts], path)
+
+
+def load_bank(path: str | Path) -> list[Rollout]:
+    return [Rollout(**p) for p in torch.load(path, weights_only=True)]
+
+
+@torch.no_grad()
+def score_bank(module, parts: list[Rollout], top_k: int, device: torch.device, desc: str) -> dict[str, np.ndarray]:
+    """Features of every valid response position of the bank under the module's current student.
+
+    Returns flat arrays (one entry per valid position, contexts in bank order, positions in order).
+    """
+    module.student.eval()
+    columns: dict[str, list] = {}
+    first_context = 0
+    with tqdm(total=sum(p.response_mask.shape[0] for p in parts), desc=desc, unit="ctx") as bar:
+        for part in parts:
+            rollout = rollout_to(part, device)
+            s_hidden, t_hidden = module.response_hidden_states(rollout, student_grad=False)
+            st = compute_token_stats(
+                s_hidden, t_hidden, rollout.response_ids, rollout.response_mask, module.student_head,
+                module.teacher_head, top_k=top_k, chunk_size=module.hparams.chunk_size, full_kl=True,
+            )
+            valid = st.valid
+            n, length = valid.shape
+            context = torch.arange(first_context, first_context + n, device=valid.device)[:, None].expand(n, length)
+            position = torch.arange(length, device=valid.device)[None, :].expand(n, length)
+            values = {
+                "context": context, "position": position, "token_id": rollout.response_ids,
+                "D": st.union_kl, "C": st.compat, "H": st.topk_entropy, "teacher_entropy": st.teacher_entropy,
+                "student_entropy": st.student_entropy, "student_token_logp": st.student_token_logp,
+                "teacher_token_logp": st.teacher_token_logp, "kl_f": st.forward_kl, "kl_r": st.reverse_kl,
+            }
+            for name, value in values.items():
+                columns.setdefault(name, []).append(value[valid].cpu().numpy())
+            first_context += n
+            bar.update(n)
+    return {k: np.concatenate(v) for k, v in columns.items()}
+
+
+def teachability_columns(base: dict[str, np.ndarray], normalization: Normalization) -> dict[str, np.ndarray]:
+    """D̃, C̃ normalised over the whole bank (like `teachability_features` over a batch), D^L and D^I."""
+    def norm(x: np.ndarray) -> np.ndarray:
+        t = torch.from_numpy(x).float()[None]
+        return normalize_scores(t, torch.ones_like(t, dtype=torch.bool), normalization)[0].numpy()
+
+    d, c = norm(base["D"]), norm(base["C"])
+    return {"D_norm": d, "C_norm": c, "D_L": d * c, "D_I": d * (1.0 - c)}
+
+
+def gain(before: np.ndarray, after: np.ndarray, floor: float) -> np.ndarray:
+    """(before - after) / before, NaN where before < floor."""
+    out = np.full(before.shape, np.nan)
+    ok = before >= floor
+    out[ok] = (before[ok] - after[ok]) / before[ok]
+    return out
+
+
+def bank_table(base: dict, after: dict, tokenizer, normalization: Normalization, min_base_kl: float) -> dict[str, np.ndarray]:
+    """One row per valid position: θ0 features, θ1 KLs, gains, and whether the row enters the statistics."""
+    if not np.array_equal(base["token_id"], after["token_id"]):
+        raise RuntimeError("θ0 and θ1 were scored on different contexts; this is a bug in the bank handling")
+    table = {k: v for k, v in base.items() if k not in ("kl_f", "kl_r")}
+    table["token"] = np.array([tokenizer.convert_ids_to_tokens(int(i)) for i in base["token_id"]], dtype=object)
+    table.update(teachability_columns(base, normalization))
+    table["HxD"] = base["H"] * base["D"]
+    table.update(kl_f_base=base["kl_f"], kl_r_base=base["kl_r"], kl_f_after=after["kl_f"], kl_r_after=after["kl_r"])
+    table["gain_f"] = gain(base["kl_f"], after["kl_f"], min_base_kl)
+    table["gain_r"] = gain(base["kl_r"], after["kl_r"], min_base_kl)
+    table["included"] = np.isfinite(table["gain_f"]) & np.isfinite(table["gain_r"])
+    return table
+
+
+def write_bank(table: dict[str, np.ndarray], out: Path) -> list[str]:
+    """bank.csv (and bank.parquet when pyarrow is importable); returns the file names written."""
+    names = list(table)
+    with open(out / "bank.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(names)
+        for row in zip(*(table[n].tolist() for n in names), strict=True):
+            writer.writerow([f"{v:.6g}" if isinstance(v, float) else v for v in row])
+    written = ["bank.csv"]
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        return written
+    pq.write_table(pa.table({n: table[n].tolist() for n in names}), out / "bank.parquet")
+    return [*written, "bank.parquet"]
+
+
+def bank_counts(table: dict[str, np.ndarray]) -> dict:
+    rows = table["included"]
+    return {
+        "contexts": int(np.unique(table["context"]).size), "positions": int(rows.size), "included": int(rows.sum()),
+        "mean_gain_f": float(np.mean(table["gain_f"][rows])) if rows.any() else float("nan"),
+        "mean_gain_r": float(np.mean(table["gain_r"][rows])) if rows.any() else float("nan"),
+        "mean_kl_f_base": float(table["kl_f_base"].mean()), "mean_kl_f_after": float(table["kl_f_after"].mean()),
+    }

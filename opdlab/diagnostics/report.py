@@ -1,0 +1,106 @@
+"""Statistics, plots and the text report of the fixed-context diagnostic (`opdlab diagnose`)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from opdlab.diagnostics import plots
+from opdlab.diagnostics.stats import bootstrap_tercile_gap, decile_means, standardized_ols, winsorize
+from opdlab.selectors.base import Normalization
+
+PREDICTORS = ["D", "H", "C", "D_L", "D_I"]
+RAW_MODEL = ["H", "D", "HxD", "C", "position", "teacher_entropy"]
+TEACHABILITY_MODEL = ["H", "D_L", "D_I", "position", "teacher_entropy"]
+GAINS = {"forward": "gain_f", "reverse": "gain_r"}
+
+
+@dataclass
+class StatsOptions:
+    """The statistics of the gain.
+
+    Args:
+        min_base_kl: positions whose θ0 forward KL is below this are left out of every statistic.
+        winsorize: winsorising levels of the OLS (each variable clipped to its [p, 1-p] quantiles).
+        bootstrap: cluster-bootstrap draws (clusters: contexts) of the tercile gaps.
+        normalization: normalisation of D and C before D^L and D^I (the selectors' `quantile` by default).
+        seed: seed of the bootstrap.
+    """
+
+    min_base_kl: float = 1e-4
+    winsorize: list[float] = field(default_factory=lambda: [0.01, 0.05])
+    bootstrap: int = 1000
+    normalization: Normalization = "quantile"
+    seed: int = 0
+
+
+def gain_statistics(table: dict[str, np.ndarray], opts: StatsOptions) -> dict:
+    """Tercile gaps (with bootstrap intervals), standardised OLS fits and decile means, per gain kind."""
+    rows = table["included"]
+    clusters = table["context"][rows]
+    level = min(opts.winsorize, default=0.0)
+    result = {"terciles": {}, "terciles_winsorized": {"level": level}, "ols": {}, "deciles": {}}
+    for kind, column in GAINS.items():
+        g = table[column][rows]
+        # G is unbounded below (KL^after >> KL^base at a few positions), so the plain means are
+        # outlier-prone; the same gaps of G winsorised at the smallest OLS level are reported beside them.
+        for key, y in (("terciles", g), ("terciles_winsorized", winsorize(g, level))):
+            result[key][kind] = {
+                name: asdict(bootstrap_tercile_gap(table[name][rows], y, clusters, opts.bootstrap, seed=opts.seed))
+                for name in PREDICTORS
+            }
+        result["ols"][kind] = {
+            model: {
+                f"winsor_{level:g}": standardized_ols(g, {c: table[c][rows] for c in names}, clusters, level).as_dict()
+                for level in opts.winsorize
+            }
+            for model, names in (("raw: G ~ H + D + HxD + C + pos + H_T", RAW_MODEL),
+                                 ("teachability: G ~ H + D_L + D_I + pos + H_T", TEACHABILITY_MODEL))
+        }
+        result["deciles"][kind] = {name: decile_means(table[name][rows], g) for name in PREDICTORS}
+    return result
+
+
+def write_plots(result: dict, out: Path, label: str) -> list[str]:
+    deciles = {name: {kind: result["deciles"][kind][name] for kind in GAINS} for name in PREDICTORS}
+    plots.plot_deciles(deciles, out / "deciles.png", f"mean gain per predictor decile ({label})")
+    winsorized = {k: v for k, v in result["terciles_winsorized"].items() if k != "level"}
+    panels = {"mean G": result["terciles"], f"G winsorised at {result['terciles_winsorized']['level']:g}": winsorized}
+    plots.plot_tercile_gaps(panels, out / "terciles.png", f"tercile gaps, 95% cluster bootstrap ({label})")
+    plots.plot_coefficients(result["ols"]["forward"], out / "coefficients.png",
+                            f"standardised OLS of G_f, ±1.96 cluster-robust SE ({label})")
+    return ["deciles.png", "terciles.png", "coefficients.png"]
+
+
+def format_report(result: dict, counts: dict) -> str:
+    """A short text report of the headline numbers (printed at the end of the command)."""
+    head = (f"positions: {counts['positions']} in {counts['contexts']} contexts, "
+            f"{counts['included']} with KL_f^base >= min_base_kl; mean G_f {counts['mean_gain_f']:.3f}")
+    lines = [head]
+    level = result["terciles_winsorized"]["level"]
+    for kind in GAINS:
+        lines.append(f"tercile gap of G_{kind[0]} (top - bottom, 95% CI)   | G winsorised at {level:g}:")
+        for name, r in result["terciles"][kind].items():
+            w = result["terciles_winsorized"][kind][name]
+            lines.append(f"  {name:4s} {r['estimate']:+.3f}  [{r['low']:+.3f}, {r['high']:+.3f}]   "
+                         f"| {w['estimate']:+.3f}  [{w['low']:+.3f}, {w['high']:+.3f}]")
+    for model, fits in result["ols"]["forward"].items():
+        lines.append(f"OLS {model} (G_f; coef ± cluster SE):")
+        for label, fit in fits.items():
+            coefs = "  ".join(f"{n} {c['coef']:+.3f}±{c['se_cluster']:.3f}" for n, c in fit["coefficients"].items())
+            lines.append(f"  {label}: {coefs}  R² {fit['r2']:.3f}")
+    return "\n".join(lines)
+
+
+def to_jsonable(obj):
+    if isinstance(obj, dict):
+        return {k: to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, np.generic):
+        return obj.item()
+    return obj
