@@ -310,7 +310,8 @@ def compare(
         results = dict(zip(specs, pool.map(launch, specs), strict=True))
     table = summarize([results[s] for s in main])
     sweep_table = summarize([results[s] for s in sweep])
-    write_outputs(out, results, main, sweep, table, sweep_table, header=command_header(fit_config, started))
+    write_outputs(out, results, main, sweep, table, sweep_table, header=command_header(fit_config, started),
+                  label=", ".join(Path(c).name for c in fit_config))
     return table + sweep_table
 
 
@@ -319,11 +320,12 @@ def command_header(config: list[str], started: float) -> str:
     return (f"command: `{command}`  \n"
             f"base config: {', '.join(config)}  \n"
             f"machine: {platform.node()} ({platform.machine()}, {os.cpu_count()} CPUs), python {platform.python_version()}  \n"
-            f"date: {time.strftime('%Y-%m-%d %H:%M')}, total wall time {time.perf_counter() - started:.0f} s")
+            f"date: {time.strftime('%Y-%m-%d %H:%M')}, wall time of this invocation {time.perf_counter() - started:.0f} s "
+            "(finished runs are reloaded, not rerun)")
 
 
 def write_outputs(out: Path, results: dict, main: list[RunSpec], sweep: list[RunSpec], table: list[dict],
-                  sweep_table: list[dict], header: str) -> None:
+                  sweep_table: list[dict], header: str, label: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
     write_csv(out / "results.csv", run_rows(list(results.values())))
     write_csv(out / "table.csv", table + sweep_table)
@@ -331,11 +333,11 @@ def write_outputs(out: Path, results: dict, main: list[RunSpec], sweep: list[Run
     write_csv(out / "curves.csv", curve_rows(curves))
     text = ["# opdlab compare", "", header, ""]
     if table:
-        plots.plot_curves(curves, out / "accuracy_vs_step.png", "val/accuracy (mean ± std over seeds)")
+        plots.plot_curves(curves, out / "accuracy_vs_step.png", f"{label}: val/accuracy (mean ± std over seeds)")
         text += ["## Selectors", "", markdown_table(table), "", "![accuracy vs step](accuracy_vs_step.png)", ""]
     if sweep_table:
         plots.plot_curves(mean_curves([results[s] for s in sweep]), out / "sweep.png",
-                          f"budget sweep of {sweep[0].selector}: val/accuracy (mean ± std)")
+                          f"{label}: budget sweep of {sweep[0].label}, val/accuracy (mean ± std)")
         text += ["## Budget sweep", "", markdown_table(sweep_table), "", "![sweep](sweep.png)", ""]
     (out / "table.md").write_text("\n".join(text))
     print("\n".join(text))
