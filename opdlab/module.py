@@ -11,12 +11,14 @@ rows only. The teacher never materialises full-sequence logits either.
 
 from __future__ import annotations
 
+import random
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Literal
 
 import lightning as L
+import numpy as np
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_warn
@@ -355,12 +357,17 @@ class OPDModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # The teacher is frozen and reloaded from its path; keeping it out makes checkpoints student-sized.
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("teacher.")}
+        # Sampling is seeded per prompt and step; the global RNGs are saved too, for user code that uses them.
+        checkpoint["opdlab"] = {"rng": capture_rng_state(), "skipped_steps": self.skipped_steps}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         expected = {k for k in self.state_dict() if k.startswith("student.")}
         missing = sorted(expected - set(checkpoint["state_dict"]))
         if missing:
             raise KeyError(f"checkpoint lacks {len(missing)} student weights (e.g. {missing[:3]}); is it an opdlab checkpoint?")
+        if "opdlab" in checkpoint:
+            restore_rng_state(checkpoint["opdlab"]["rng"])
+            self.skipped_steps = checkpoint["opdlab"]["skipped_steps"]
 
     def export_student(self, path: str) -> None:
         """Save the student as a plain HF checkpoint (with its tokenizer). Call on every rank."""
@@ -372,6 +379,21 @@ class OPDModule(L.LightningModule):
         if self.global_rank == 0:
             self.student.save_pretrained(path, state_dict=state_dict)
             self.tokenizer.save_pretrained(path)
+
+
+def capture_rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 class StageTimer:

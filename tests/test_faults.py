@@ -61,3 +61,21 @@ def test_a_nan_teacher_step_is_skipped_and_counted(tiny_checkpoints):
 def test_repeated_non_finite_steps_stop_training(tiny_checkpoints):
     with pytest.raises(FloatingPointError, match="3 consecutive steps.*max_bad_steps=2"):
         fit(tiny_checkpoints, bad_steps={0, 1, 2, 3, 4}, max_steps=5, max_bad_steps=2)
+
+
+def test_checkpoint_carries_rng_and_skip_counter(tiny_checkpoints):
+    import random
+
+    import numpy as np
+
+    module = OPDModule(student=tiny_checkpoints.student, teacher=tiny_checkpoints.teacher)
+    module.configure_model()
+    module.skipped_steps = 3
+    checkpoint = {"state_dict": module.state_dict()}
+    module.on_save_checkpoint(checkpoint)
+    expected = (torch.rand(3), random.random(), np.random.rand())
+    module.skipped_steps = 0
+    module.on_load_checkpoint(checkpoint)  # rewinds the global RNGs to the save point
+    assert torch.equal(torch.rand(3), expected[0])
+    assert random.random() == expected[1] and np.random.rand() == expected[2]
+    assert module.skipped_steps == 3
