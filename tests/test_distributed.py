@@ -130,7 +130,7 @@ def test_sigkill_mid_training_resumes_without_repeating_or_skipping_prompts(tiny
     assert len(before_kill) < steps, "the run finished before it was killed"
     for path in (tmp_path / "ckpts").glob("*.ckpt"):  # nothing truncated: every file loads
         torch.load(path, map_location="cpu", weights_only=False)
-    assert not list((tmp_path / "ckpts").glob("*.tmp"))
+    # A kill during a save may leave a hidden `.name.pid.tmp` file, never a truncated `.ckpt`.
     fit_subprocess(tiny_checkpoints, tmp_path, "killed", [*ckpt, "--ckpt_path", str(tmp_path / "ckpts" / "last.ckpt")],
                    steps=steps)
     reference = {row["step"]: row["indices"] for row in read_records(full)}
