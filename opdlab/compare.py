@@ -310,18 +310,20 @@ def compare(
         results = dict(zip(specs, pool.map(launch, specs), strict=True))
     table = summarize([results[s] for s in main])
     sweep_table = summarize([results[s] for s in sweep])
-    write_outputs(out, results, main, sweep, table, sweep_table, header=command_header(fit_config, started),
+    header = command_header(fit_config, started, sum(r.process_seconds for r in results.values() if r.ok))
+    write_outputs(out, results, main, sweep, table, sweep_table, header=header,
                   label=", ".join(Path(c).name for c in fit_config))
     return table + sweep_table
 
 
-def command_header(config: list[str], started: float) -> str:
+def command_header(config: list[str], started: float, run_seconds: float) -> str:
     command = "opdlab compare " + " ".join(INVOCATION) if INVOCATION is not None else "compare() from python"
     return (f"command: `{command}`  \n"
             f"base config: {', '.join(config)}  \n"
             f"machine: {platform.node()} ({platform.machine()}, {os.cpu_count()} CPUs), python {platform.python_version()}  \n"
-            f"date: {time.strftime('%Y-%m-%d %H:%M')}, wall time of this invocation {time.perf_counter() - started:.0f} s "
-            "(finished runs are reloaded, not rerun)")
+            f"date: {time.strftime('%Y-%m-%d %H:%M')}; runs took {run_seconds:.0f} s in all (process time, summed over "
+            f"runs that may have run in parallel); this invocation {time.perf_counter() - started:.0f} s (finished runs "
+            "are reloaded, not rerun)")
 
 
 def write_outputs(out: Path, results: dict, main: list[RunSpec], sweep: list[RunSpec], table: list[dict],
