@@ -1,6 +1,7 @@
 """`opdlab diagnose`: the paper's fixed-context diagnostic (DESIGN.md §3) as one command.
 
-    opdlab diagnose --config configs/diagnose.yaml                 # toy add3, short full-OPD run
+    opdlab diagnose --config configs/diagnose/add3.yaml            # toy add3, short full-OPD run
+    opdlab diagnose --config configs/diagnose/spell2.yaml          # the second toy (spelled addition)
     opdlab diagnose --student_after runs/ta_opd/version_0/student  # score a trained student instead
 
 1. Freeze a bank of student-generated contexts: `bank.contexts` prompts, one response each sampled by
