@@ -140,7 +140,8 @@ def run_toy(argv: list[str]) -> None:
         """Build, gate and cache the embedded toy teacher and student.
 
         Args:
-            name: which toy: add3 (reversed 3-digit addition, the default) or add2 (fast, for tests).
+            name: which toy: add3 (reversed 3-digit addition, the default), add2 (fast, for tests) or
+                spell2 (2-digit addition with digit or letter spellings: teacher and student disagree).
             seed: training seed of both models.
             cache_dir: where to cache them (default: $OPDLAB_CACHE/toy, i.e. ~/.cache/opdlab/toy).
             force: rebuild even if a cached build exists.
