@@ -135,8 +135,9 @@ def test_sigkill_mid_training_resumes_without_repeating_or_skipping_prompts(tiny
                    steps=steps)
     reference = {row["step"]: row["indices"] for row in read_records(full)}
     rows = read_records(killed)
-    resumed_from = rows[len(before_kill)]["step"] - 1  # the first step after resuming
-    assert resumed_from >= 3
+    resumed_from = rows[len(before_kill)]["step"] - 1  # the checkpoint's step
+    # last.ckpt is written just after the step-numbered file, so a kill in between resumes one step earlier.
+    assert resumed_from >= 2
     by_step = {}
     for row in rows:  # a step redone after the kill overwrites its first attempt
         by_step[row["step"]] = row["indices"]
