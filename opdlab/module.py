@@ -26,7 +26,7 @@ from torchmetrics import MeanMetric
 
 from opdlab.distributed import all_reduce_sum, gather_stats, world_size
 from opdlab.divergences import Divergence, SampledTokenOPD
-from opdlab.loss import LossNormalization, kept_token_loss, reduce_token_loss
+from opdlab.loss import LossNormalization, kept_token_loss, reduce_token_loss, score_and_loss_all_rows
 from opdlab.microbatch import cat_stats, micro_batches, rollout_rows, stats_are_finite, stats_rows
 from opdlab.models import (
     LogitHead,
@@ -137,6 +137,7 @@ class OPDModule(L.LightningModule):
         self.last_val_accuracy, self.last_val_step = float("nan"), -1
         self.response_tokens = 0  # valid response tokens sampled in training, this process
         self.strict_loading = False  # checkpoints leave out the frozen teacher (see on_save_checkpoint)
+        self.fuse_full_selection = True  # see keeps_every_position; off only to test the two paths agree
         self.automatic_optimization = False  # global selection spans micro-batches: see training_step
         self.skipped_steps = self.bad_steps_in_a_row = 0
 
@@ -178,16 +179,25 @@ class OPDModule(L.LightningModule):
         parts = micro_batches(rollout.response_mask.shape[0], self.hparams.micro_batch_size)
         with timer("forward"):  # one micro-batch: the student forward with grad is reused by the loss
             hidden = [self.response_hidden_states(rollout_rows(rollout, r), student_grad=len(parts) == 1) for r in parts]
-        with timer("score"):
-            stats = cat_stats([self.score(s, t, rollout_rows(rollout, r)) for (s, t), r in zip(hidden, parts, strict=True)])
-        with timer("select"):
-            keep = self.select(stats)
+        token_loss = None
+        if self.keeps_every_position(parts):  # ratio 1: the keep mask is known before any score
+            with timer("score"):  # scoring and loss share one LM-head projection per chunk
+                stats, token_loss = score_and_loss_all_rows(
+                    *hidden[0], rollout, self.student_head, self.teacher_head, self.divergence,
+                    self.selector.top_k, self.hparams.chunk_size, self.selector.needs_full_kl,
+                )
+            keep = stats.valid.clone()
+        else:
+            with timer("score"):
+                stats = cat_stats([self.score(s, t, rollout_rows(rollout, r)) for (s, t), r in zip(hidden, parts, strict=True)])
+            with timer("select"):
+                keep = self.select(stats)
         self.last_step = StepRecord(rollout, stats, keep, timer.seconds)
         self.response_tokens += int(rollout.response_mask.sum())
         if self.skip_non_finite(stats_are_finite(stats), "student or teacher log-probs"):
             return None
         with timer("loss"):  # kept-rows forward (again, when accumulating micro-batches) + backward
-            loss = self.backward_loss(hidden, parts, keep, rollout, stats)
+            loss = self.backward_loss(hidden, parts, keep, rollout, stats, token_loss)
         with timer("optimizer"):
             stepped = self.optimizer_step()
         self.log("train/loss", loss, prog_bar=True, batch_size=rollout.response_mask.shape[0])
@@ -246,7 +256,13 @@ class OPDModule(L.LightningModule):
             raise RuntimeError(f"selector {type(self.selector).__name__} kept positions outside the response mask")
         return keep
 
-    def backward_loss(self, hidden, parts, keep, rollout: Rollout, stats: TokenStats) -> torch.Tensor:
+    def keeps_every_position(self, parts: list[slice]) -> bool:
+        """True when selection is the identity (ratio 1 with the shared budget rule), in one micro-batch."""
+        select = type(self.selector).select
+        return (self.fuse_full_selection and len(parts) == 1 and self.selector.ratio >= 1.0
+                and select in (TokenSelector.select, FullSelector.select))
+
+    def backward_loss(self, hidden, parts, keep, rollout: Rollout, stats: TokenStats, token_loss=None) -> torch.Tensor:
         """Backpropagate sum(kept token losses) / global count, micro-batch by micro-batch.
 
         The denominator is counted over all ranks and micro-batches, and each rank's loss is scaled by the
@@ -255,6 +271,10 @@ class OPDModule(L.LightningModule):
         """
         count = keep.sum() if self.hparams.loss_normalization == "kept" else stats.valid.sum()
         denominator = all_reduce_sum(count.float())
+        if token_loss is not None:  # already computed at every valid row (keeps_every_position)
+            loss = reduce_token_loss(token_loss, denominator)
+            self.manual_backward(loss * world_size())
+            return all_reduce_sum(loss.detach())
         total = torch.zeros((), device=self.device)
         for (student_hidden, teacher_hidden), rows in zip(hidden, parts, strict=True):
             part = rollout_rows(rollout, rows)
