@@ -1,4 +1,6 @@
-"""Crash-safe checkpoint files: a checkpoint is written beside its target and renamed into place.
+"""Checkpoint plumbing: crash-safe checkpoint files, and the global RNG states a checkpoint carries.
+
+A checkpoint is written beside its target and renamed into place.
 
 A process killed mid-save (SIGKILL, pre-emption, OOM) leaves the previous checkpoint intact and at most
 a stray `*.tmp` file, never a truncated `.ckpt` that `--ckpt_path` would then fail to load.
@@ -7,9 +9,11 @@ a stray `*.tmp` file, never a truncated `.ckpt` that `--ckpt_path` would then fa
 from __future__ import annotations
 
 import os
+import random
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
@@ -31,3 +35,22 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             os.replace(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)
+
+
+def capture_rng_state() -> dict:
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    # Plain tensors and numbers only, so the checkpoint loads with torch.load(weights_only=True).
+    numpy_state = [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)]
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": numpy_state}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

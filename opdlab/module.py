@@ -11,19 +11,16 @@ rows only. The teacher never materialises full-sequence logits either.
 
 from __future__ import annotations
 
-import random
-import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Literal
 
 import lightning as L
-import numpy as np
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_warn
 from torchmetrics import MeanMetric
 
+from opdlab.checkpointing import capture_rng_state, restore_rng_state
 from opdlab.distributed import all_reduce_sum, gather_stats, world_size
 from opdlab.divergences import Divergence, SampledTokenOPD
 from opdlab.loss import LossNormalization, kept_token_loss, reduce_token_loss, score_and_loss_all_rows
@@ -41,6 +38,7 @@ from opdlab.rollout import PromptBatch, Rollout, decode_responses, encode_prompt
 from opdlab.scoring import TokenStats, compute_token_stats
 from opdlab.selectors import FullSelector, TokenSelector
 from opdlab.sharding import is_sharded, shard_model
+from opdlab.timing import StageTimer
 
 
 @dataclass
@@ -399,38 +397,3 @@ class OPDModule(L.LightningModule):
         if self.global_rank == 0:
             self.student.save_pretrained(path, state_dict=state_dict)
             self.tokenizer.save_pretrained(path)
-
-
-def capture_rng_state() -> dict:
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    # Plain tensors and numbers only, so the checkpoint loads with torch.load(weights_only=True).
-    numpy_state = [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)]
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": numpy_state}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def restore_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    kind, keys, pos, has_gauss, gauss = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-class StageTimer:
-    """Wall time of named stages of a step (synchronising CUDA so GPU time lands in the right stage)."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device, self.seconds = device, {}
-
-    @contextmanager
-    def __call__(self, name: str):
-        sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
-        sync()
-        start = time.perf_counter()
-        yield
-        sync()
-        self.seconds[name] = time.perf_counter() - start

@@ -1,0 +1,24 @@
+"""Wall time of the named stages of a training step (logged as `time/<stage>`)."""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+
+import torch
+
+
+class StageTimer:
+    """Wall time of named stages of a step (synchronising CUDA so GPU time lands in the right stage)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.seconds = device, {}
+
+    @contextmanager
+    def __call__(self, name: str):
+        sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
+        sync()
+        start = time.perf_counter()
+        yield
+        sync()
+        self.seconds[name] = time.perf_counter() - start
