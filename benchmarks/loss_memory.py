@@ -90,7 +90,7 @@ def run_opdlab(x, selector, divergence, chunk: int) -> None:
                                 top_k=selector.top_k, chunk_size=chunk)
     keep = selector.select(stats)
     token_loss = kept_token_loss(x.s_hidden, x.t_hidden, keep, x.rollout, stats, x.s_head, x.t_head, divergence,
-                                 chunk_size=chunk)
+                                 chunk_size=x.loss_chunk or max(1, chunk // 4))
     reduce_token_loss(token_loss, keep.sum()).backward()
 
 
@@ -162,7 +162,9 @@ def worker(args) -> dict:
     selector = TeachabilitySelector(ratio=args.ratio, top_k=16)
     divergence = DIVERGENCES.get(args.divergence, ReverseKL)()
     small = SimpleNamespace(**{**vars(args), "tokens": SEQ_LEN, "vocab": 1024})
-    METHODS[args.method](make_inputs(small), selector, divergence, args.chunk_size)  # thread pools, kernels
+    warm = make_inputs(small)
+    warm.loss_chunk = x.loss_chunk = args.loss_chunk_size
+    METHODS[args.method](warm, selector, divergence, args.chunk_size)  # thread pools, kernels
     x.s_hidden.grad = None
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
     reset_peak(args.device)
@@ -181,7 +183,8 @@ def worker(args) -> dict:
 def run_config(args, method: str, ratio: float, divergence: str) -> dict:
     cmd = [sys.executable, __file__, "--worker", "--method", method, "--ratio", str(ratio), "--divergence", divergence,
            "--device", args.device, "--vocab", str(args.vocab), "--hidden", str(args.hidden),
-           "--tokens", str(args.tokens), "--chunk-size", str(args.chunk_size), "--dtype", args.dtype]
+           "--tokens", str(args.tokens), "--chunk-size", str(args.chunk_size), "--dtype", args.dtype,
+           "--loss-chunk-size", str(args.loss_chunk_size)]
     if args.train_head:
         cmd.append("--train-head")
     out = subprocess.run(cmd, capture_output=True, text=True, check=False)
@@ -244,6 +247,8 @@ def main() -> None:
     p.add_argument("--ratios", type=float, nargs="+", default=[1.0, 0.10, 0.05])
     p.add_argument("--divergences", nargs="+", default=list(DIVERGENCES), choices=list(DIVERGENCES))
     p.add_argument("--chunk-size", type=int, default=256)
+    p.add_argument("--loss-chunk-size", type=int, default=0,
+                   help="kept rows per chunk of opdlab's loss pass (default: --chunk-size // 4)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--train-head", action="store_true", help="the student head weight also gets a gradient")
     p.add_argument("--repeats", type=int, default=3, help="interleaved rounds; medians are reported")

