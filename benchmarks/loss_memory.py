@@ -12,8 +12,9 @@ Methods (each configuration runs in a fresh subprocess; rounds are interleaved a
   those logits, the divergence on every row, the loss masked by the keep mask. This is what a
   TRL-style trainer or the reference TA-OPD code does.
 - opdlab: `compute_token_stats` (chunked, no grad) -> selector -> `kept_token_loss` (heads on kept
-  rows only) -> `reduce_token_loss` -> backward, as `OPDModule.training_step` runs them.
-- opdlab-fused (ratio 1 only): `score_and_loss_all_rows`, one projection per chunk for both.
+  rows only) -> `reduce_token_loss` -> backward: `OPDModule.training_step` below ratio 1.
+- opdlab-fused (ratio 1 only): `score_and_loss_all_rows`, one projection per chunk for both: what
+  `OPDModule` runs at ratio 1 (where `opdlab` is the older two-pass way, kept for comparison).
 - floor: just the two heads' no-grad matmuls over all rows, chunk by chunk (the time floor).
 
 Peak memory: CPU = VmHWM - VmRSS after the inputs are allocated (the high-water mark is reset via

@@ -12,8 +12,8 @@ out of the main environment (it is large): a side venv that sees the main one wo
 Both sides get the same student, teacher, prompts, batch, response length, sampling (temperature 1,
 no top-k/top-p), optimizer (AdamW, lr 1e-4) and loss: TRL `GKDTrainer(lmbda=1, beta)` (student
 rollouts every step, `generalized_jsd_loss` on full logits) vs `OPDModule(FullSelector(),
-GeneralizedJSD(beta))` as shipped, and the same with the proposed fused ratio-1 step (`opdlab-fused`).
-Each run is a fresh subprocess; the three rotate for `--rounds` rounds.
+GeneralizedJSD(beta))` (at ratio 1 the module scores and takes the loss from one projection per chunk).
+Each run is a fresh subprocess; the two alternate for `--rounds` rounds.
 """
 
 from __future__ import annotations
@@ -141,36 +141,6 @@ def run_trl(args) -> dict:
     return {"steps": steps[args.warmup :], "tokens": tokens[args.warmup :], "peak_mb": rss_peak_mb() - base}
 
 
-def fused_module_class():
-    """OPDModule plus the proposed ratio-1 step (not in OPDModule yet): when every valid position is kept,
-    `score_and_loss_all_rows` computes the statistics and the loss from one projection per chunk."""
-    from opdlab.loss import reduce_token_loss, score_and_loss_all_rows
-    from opdlab.module import OPDModule
-
-    class FusedRatioOneOPD(OPDModule):
-        fused_loss = None
-
-        def score(self, student_hidden, teacher_hidden, rollout):
-            if self.selector.ratio < 1.0 or not student_hidden.requires_grad:
-                return super().score(student_hidden, teacher_hidden, rollout)
-            stats, self.fused_loss = score_and_loss_all_rows(
-                student_hidden, teacher_hidden, rollout, self.student_head, self.teacher_head, self.divergence,
-                top_k=self.selector.top_k, chunk_size=self.hparams.chunk_size, full_kl=self.selector.needs_full_kl,
-            )
-            return stats
-
-        def backward_loss(self, hidden, parts, keep, rollout, stats):
-            if self.fused_loss is None or len(parts) != 1:
-                return super().backward_loss(hidden, parts, keep, rollout, stats)
-            count = keep.sum() if self.hparams.loss_normalization == "kept" else stats.valid.sum()
-            loss = reduce_token_loss(self.fused_loss, count)
-            self.manual_backward(loss)
-            self.fused_loss = None
-            return loss.detach()
-
-    return FusedRatioOneOPD
-
-
 def run_opdlab(args) -> dict:
     import lightning as L
     import torch
@@ -180,8 +150,6 @@ def run_opdlab(args) -> dict:
     from opdlab.module import OPDModule
     from opdlab.selectors import FullSelector
     from opdlab.tasks import AdditionTask
-
-    module_class = fused_module_class() if args.worker == "opdlab-fused" else OPDModule
 
     steps, tokens = [], []
 
@@ -193,7 +161,7 @@ def run_opdlab(args) -> dict:
             steps.append(time.perf_counter() - self.start)
             tokens.append(module.response_tokens - self.tokens)
 
-    module = module_class(
+    module = OPDModule(
         student=args.student, teacher=args.teacher, selector=FullSelector(), divergence=GeneralizedJSD(beta=args.beta),
         max_new_tokens=args.max_new_tokens,
         optimizer=lambda params: torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.98), weight_decay=0.0),
@@ -224,7 +192,7 @@ def main() -> None:
     p.add_argument("--vocab", type=int, default=0,
                    help="instead of the toy models, random-init Qwen2 models with this many logits (e.g. 151936)")
     p.add_argument("--output", help="append the markdown result here")
-    p.add_argument("--worker", choices=["trl", "opdlab", "opdlab-fused"], help=argparse.SUPPRESS)
+    p.add_argument("--worker", choices=["trl", "opdlab"], help=argparse.SUPPRESS)
     args = p.parse_args()
     if not has_trl():
         print("vs_trl: skipped: `trl` is not importable (pip install trl accelerate datasets, ideally in a side "
@@ -240,10 +208,9 @@ def main() -> None:
     tmp = tempfile.TemporaryDirectory()
     if args.vocab:
         args.student, args.teacher = build_random_pair(args.vocab, tmp.name)
-    results = {"trl": [], "opdlab": [], "opdlab-fused": []}
-    names = list(results)
+    results = {"trl": [], "opdlab": []}
     for rnd in range(args.rounds):
-        for name in names[rnd % 3 :] + names[: rnd % 3]:
+        for name in (["trl", "opdlab"] if rnd % 2 == 0 else ["opdlab", "trl"]):
             cmd = [sys.executable, __file__, "--worker", name, "--student", args.student, "--teacher", args.teacher]
             cmd += [f"--{k}={getattr(args, k.replace('-', '_'))}" for k in
                     ("digits", "batch-size", "max-new-tokens", "beta", "steps", "warmup", "threads")]
@@ -263,11 +230,8 @@ def main() -> None:
     lines = ["| trainer | response tok/s | step s | peak RSS delta MB | response tokens/step |", "|---|---|---|---|---|"]
     for name, (tok_s, step, mb, toks) in rows.items():
         lines.append(f"| {name} | {tok_s:,.1f} | {step:.3f} | {mb:,.0f} | {toks:.0f} |")
-    for name in ("opdlab", "opdlab-fused"):
-        lines.append(f"\n{name} / TRL throughput: {rows[name][0] / rows['trl'][0]:.2f}x; "
-                     f"TRL / {name} peak memory: {rows['trl'][2] / max(rows[name][2], 1e-9):.2f}x.")
-    lines.append("\n`opdlab-fused` is OPDModule with the proposed ratio-1 step (scoring and loss from one projection "
-                 "per chunk, `opdlab.loss.score_and_loss_all_rows`); `opdlab` is OPDModule as shipped.")
+    lines.append(f"\nopdlab / TRL throughput: {rows['opdlab'][0] / rows['trl'][0]:.2f}x; "
+                 f"TRL / opdlab peak memory: {rows['trl'][2] / max(rows['opdlab'][2], 1e-9):.2f}x.")
     import trl
 
     header = (f"## vs_trl — {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC\n\n"
