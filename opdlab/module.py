@@ -73,7 +73,8 @@ class OPDModule(L.LightningModule):
         on_long_prompt: `truncate` (keep the last max_prompt_len tokens, with a warning) or `error`.
         loss_normalization: `kept` (mean over kept tokens) or `valid` (sum over kept tokens divided by the
             number of valid response tokens). See `opdlab.loss.reduce_token_loss`.
-        chunk_size: response rows whose logits the scoring pass materialises at once.
+        chunk_size: response rows whose logits the scoring pass materialises at once (about
+            3 · chunk_size · V fp32 per model); the loss pass uses chunks of a quarter of it.
         student_dtype, teacher_dtype: weight dtypes (float32, bfloat16, float16).
         gradient_checkpointing: recompute student activations in backward to save memory.
         micro_batch_size: rows (prompts x samples) per forward/backward; the whole batch when None.
@@ -103,7 +104,7 @@ class OPDModule(L.LightningModule):
         max_prompt_len: int = 512,
         on_long_prompt: Literal["truncate", "error"] = "truncate",
         loss_normalization: LossNormalization = "kept",
-        chunk_size: int = 1024,
+        chunk_size: int = 256,
         student_dtype: str = "float32",
         teacher_dtype: str = "float32",
         gradient_checkpointing: bool = False,
@@ -281,6 +282,7 @@ class OPDModule(L.LightningModule):
             token_loss = kept_token_loss(
                 student_hidden, teacher_hidden, keep[rows], part, stats_rows(stats, rows),
                 self.student_head, self.teacher_head, self.divergence,
+                chunk_size=max(1, self.hparams.chunk_size // 4),  # loss rows hold logits and their grads
             )
             loss = reduce_token_loss(token_loss, denominator)
             self.manual_backward(loss * world_size())

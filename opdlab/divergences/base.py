@@ -49,7 +49,8 @@ def log_softmax_fp32(logits: torch.Tensor, temperature: float = 1.0) -> torch.Te
         raise ValueError(f"loss temperature must be > 0, got {temperature}")
     # -inf (masked vocabulary) becomes the most negative float: exp() is still exactly 0, but the
     # backward of 0 · (-inf - -inf) no longer produces NaN gradients.
-    return torch.log_softmax(logits.float() / temperature, dim=-1).clamp_min(torch.finfo(torch.float32).min)
+    scaled = logits.float() if temperature == 1.0 else logits.float() / temperature
+    return torch.log_softmax(scaled, dim=-1).clamp_min(torch.finfo(torch.float32).min)
 
 
 def masked_kl(logp_p: torch.Tensor, logp_q: torch.Tensor) -> torch.Tensor:
