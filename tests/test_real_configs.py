@@ -67,7 +67,8 @@ def test_real_configs_use_the_papers_hyperparameters():
         assert opt["init_args"]["lr"] == 1.0e-6 and opt["init_args"]["weight_decay"] == 0.1
         assert opt["init_args"]["betas"] == [0.9, 0.98]
         assert cfg["model"]["divergence"]["class_path"].endswith("SampledTokenOPD")
-        assert cfg["model"]["temperature"] == 1.0 and cfg["trainer"]["precision"] == "bf16-true"
+        assert cfg["model"]["temperature"] == 1.0 and cfg["trainer"]["precision"] == "bf16-mixed"
+        assert cfg["model"]["student_dtype"] == "float32" and cfg["model"]["teacher_dtype"] == "bfloat16"
         assert cfg["data"]["source"]["init_args"]["verifier"] == "math"
         assert cfg["data"]["source"]["init_args"]["chat_template"] is True
         assert "ModelParallelStrategy" in cfg["trainer"]["strategy"]["class_path"]
