@@ -17,6 +17,8 @@ from dataclasses import dataclass, fields
 
 import torch
 
+from opdlab.divergences.base import masked_kl  # one KL (0·log 0 = 0) for scoring and losses
+
 EPS = 1e-12
 
 
@@ -44,14 +46,8 @@ class TokenStats:
         return self.student_topk_ids.shape[-1]
 
 
-def kl_from_logp(logp_a: torch.Tensor, logp_b: torch.Tensor) -> torch.Tensor:
-    """KL(a || b) over the last dim from log-probs; 0·log 0 = 0 so -inf logits are safe."""
-    terms = logp_a.exp() * (logp_a - logp_b)
-    return torch.where(logp_a > float("-inf"), terms, torch.zeros_like(terms)).sum(-1)
-
-
 def entropy_from_logp(logp: torch.Tensor) -> torch.Tensor:
-    return kl_from_logp(logp, torch.zeros_like(logp)).neg()
+    return masked_kl(logp, torch.zeros_like(logp)).neg()
 
 
 def union_kl(
@@ -142,8 +138,8 @@ def chunk_stats(
     }
     if full_kl:  # optional: two more (R, V) temporaries per chunk
         s_logp, t_logp = s_logits - s_lse[:, None], t_logits - t_lse[:, None]
-        out["forward_kl"] = kl_from_logp(t_logp, s_logp)
-        out["reverse_kl"] = kl_from_logp(s_logp, t_logp)
+        out["forward_kl"] = masked_kl(t_logp, s_logp)
+        out["reverse_kl"] = masked_kl(s_logp, t_logp)
     return out
 
 
