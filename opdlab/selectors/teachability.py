@@ -52,14 +52,14 @@ class TeachabilitySelector(_DCSelector):
     """TA-OPD: score D^L = D̃ · C̃ (learnable disagreement)."""
 
     def score(self, stats: TokenStats, generator: torch.Generator | None = None) -> torch.Tensor:
-        return self._norm(stats.union_kl, stats) * self._norm(stats.compat, stats)
+        return teachability_features(stats, self.normalization)["D_L"]
 
 
 class IncompatibleSelector(_DCSelector):
     """Score D^I = D̃ · (1 - C̃) (disagreement the student cannot easily follow)."""
 
     def score(self, stats: TokenStats, generator: torch.Generator | None = None) -> torch.Tensor:
-        return self._norm(stats.union_kl, stats) * (1 - self._norm(stats.compat, stats)) * stats.valid
+        return teachability_features(stats, self.normalization)["D_I"]
 
 
 class CompatibilitySelector(_DCSelector):
