@@ -11,7 +11,8 @@ Methods (each configuration runs in a fresh subprocess; rounds are interleaved a
 - naive: student logits (T, V) with grad and teacher logits (T, V), the selection features read off
   those logits, the divergence on every row, the loss masked by the keep mask. This is what a
   TRL-style trainer or the reference TA-OPD code does.
-- opdlab: `compute_token_stats` (chunked, no grad) -> selector -> `kept_token_loss` (heads on kept
+- opdlab: `compute_token_stats` (chunked, no grad; no full-vocabulary entropies, which no built-in
+  selector reads: the training step's default) -> selector -> `kept_token_loss` (heads on kept
   rows only) -> `reduce_token_loss` -> backward: `OPDModule.training_step` below ratio 1.
 - opdlab-fused (ratio 1 only): `score_and_loss_all_rows`, one projection per chunk for both: what
   `OPDModule` runs at ratio 1 (where `opdlab` is the older two-pass way, kept for comparison).
@@ -88,7 +89,7 @@ def make_inputs(args) -> SimpleNamespace:
 # ------------------------------------------------------------------------------------------ methods
 def run_opdlab(x, selector, divergence, chunk: int) -> None:
     stats = compute_token_stats(x.s_hidden.detach(), x.t_hidden, x.tokens, x.valid, x.s_head, x.t_head,
-                                top_k=selector.top_k, chunk_size=chunk)
+                                top_k=selector.top_k, chunk_size=chunk, full_entropy=False)
     keep = selector.select(stats)
     token_loss = kept_token_loss(x.s_hidden, x.t_hidden, keep, x.rollout, stats, x.s_head, x.t_head, divergence,
                                  chunk_size=x.loss_chunk or max(1, chunk // 4))
@@ -98,7 +99,7 @@ def run_opdlab(x, selector, divergence, chunk: int) -> None:
 def run_fused(x, selector, divergence, chunk: int) -> None:
     assert selector.ratio == 1.0, "the fused path is the ratio-1 path"
     stats, token_loss = score_and_loss_all_rows(x.s_hidden, x.t_hidden, x.rollout, x.s_head, x.t_head, divergence,
-                                                top_k=selector.top_k, chunk_size=chunk)
+                                                top_k=selector.top_k, chunk_size=chunk, full_entropy=False)
     keep = selector.select(stats)  # == valid at ratio 1
     reduce_token_loss(token_loss, keep.sum()).backward()
 
@@ -114,9 +115,9 @@ def run_naive(x, selector, divergence, chunk: int) -> None:
         for start in range(0, rows.numel(), 1024):
             r = slice(start, start + 1024)
             chunks.append(chunk_stats(s_logits[r].detach().float(), t_logits[r].float(), tok[r], selector.top_k,
-                                      False, work))
+                                      False, work, full_entropy=False))
         del work
-        stats = scatter_rows(chunks, rows, x.valid, selector.top_k, False)
+        stats = scatter_rows(chunks, rows, x.valid, selector.top_k, False, full_entropy=False)
     keep = selector.select(stats).flatten()
     token_loss = divergence.token_loss(LossInputs(
         student_logits=s_logits, teacher_logits=t_logits, tokens=tok,
@@ -186,8 +187,8 @@ def run_config(args, method: str, ratio: float, divergence: str) -> dict:
            "--device", args.device, "--vocab", str(args.vocab), "--hidden", str(args.hidden),
            "--tokens", str(args.tokens), "--chunk-size", str(args.chunk_size), "--dtype", args.dtype,
            "--loss-chunk-size", str(args.loss_chunk_size)]
-    if args.train_head:
-        cmd.append("--train-head")
+    if not args.train_head:
+        cmd.append("--frozen-head")
     out = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if out.returncode != 0:
         raise RuntimeError(f"{method} ratio={ratio} {divergence} failed:\n{out.stderr[-3000:]}")
@@ -215,6 +216,7 @@ def table(args, results: dict) -> str:
            for k, v in results.items()}
     floor_s, floor_cpu = med[("floor", 1.0, "-")][1:]
     v, c = args.vocab, min(args.chunk_size, args.tokens)
+    head_grad = v * args.hidden * 4 if args.train_head else 0  # the head weight's own gradient: every method holds it
     lines = [
         "| divergence | ratio | method | peak MB | time s | naive/this memory | naive/this time "
         "(CPU time) | memory floor MB | this/floor memory | this/floor time (CPU time) |",
@@ -225,7 +227,7 @@ def table(args, results: dict) -> str:
             continue
         naive = med.get(("naive", ratio, div))
         kept = math.ceil(round(ratio * args.tokens, 6))
-        floor_mb = (2 * kept * v * 4 + 2 * c * v * 4) / 2**20
+        floor_mb = (2 * kept * v * 4 + 2 * c * v * 4 + head_grad) / 2**20
         lines.append(
             f"| {div} | {ratio:g} | {method} | {mb:,.0f} | {s:.2f} | "
             + (f"{naive[0] / mb:.1f}x | {naive[1] / s:.2f}x ({naive[2] / cpu:.2f}x)" if naive and method != "naive"
@@ -235,7 +237,9 @@ def table(args, results: dict) -> str:
     lines.append(f"\nTime floor (two no-grad head matmuls over all {args.tokens} rows, chunk {c}): {floor_s:.2f} s "
                  f"({floor_cpu:.2f} s CPU). "
                  "Memory floor: 2 · kept rows · V · 4 B (kept logits + their gradient) + 2 · chunk · V · 4 B "
-                 "(one scoring chunk per model).")
+                 "(one scoring chunk per model)"
+                 + (" + V · H · 4 B (the trained head weight's gradient, which every method holds)." if args.train_head
+                    else "; head frozen."))
     return "\n".join(lines)
 
 
@@ -251,7 +255,9 @@ def main() -> None:
     p.add_argument("--loss-chunk-size", type=int, default=0,
                    help="kept rows per chunk of opdlab's loss pass (default: --chunk-size // 4)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument("--train-head", action="store_true", help="the student head weight also gets a gradient")
+    p.add_argument("--frozen-head", dest="train_head", action="store_false",
+                   help="freeze the student head weight (only the hidden states get a gradient, as with a frozen "
+                        "or LoRA-adapted head); by default it is trained, as in full-parameter OPD")
     p.add_argument("--repeats", type=int, default=3, help="interleaved rounds; medians are reported")
     p.add_argument("--max-gb", type=float, default=18.0, help="skip the naive reference above this estimate")
     p.add_argument("--output", help="append the markdown result here")
@@ -279,7 +285,8 @@ def main() -> None:
               f"{os.cpu_count()} CPU threads, torch {torch.__version__}, device {args.device}.\n"
               f"Command: `python {' '.join(sys.argv)}`\n"
               f"Vocab {args.vocab:,}, hidden {args.hidden}, {args.tokens:,} response tokens, {args.dtype}, "
-              f"chunk {args.chunk_size}, teachability selector (top-K 16), medians of {args.repeats} rounds.\n")
+              f"chunk {args.chunk_size}, teachability selector (top-K 16), student head "
+              f"{'trained' if args.train_head else 'frozen'}, medians of {args.repeats} rounds.\n")
     text = header + "\n" + table(args, results) + "\n"
     print(text)
     if args.output:

@@ -12,17 +12,18 @@ statistics and the loss share one projection per chunk, so nothing is multiplied
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 
 from opdlab.divergences.base import Divergence, LossInputs
 from opdlab.rollout import Rollout
 from opdlab.scoring import TokenStats, Workspace, chunk_stats, head_logits, scatter_rows
 
 LossNormalization = Literal["kept", "valid"]
-RowLoss = Callable[[torch.Tensor, slice], torch.Tensor]  # (R, H) hidden rows with grad, their slice -> (R,)
+LogitsLoss = Callable[[torch.Tensor, slice], torch.Tensor]  # (R, V) student logits with grad, their slice -> (R,)
 
 
 def kept_token_loss(
@@ -53,13 +54,13 @@ def kept_token_loss(
     teacher_token_logp = stats.teacher_token_logp.flatten()[idx]
     teacher_rows = teacher_hidden.flatten(0, 1)[idx]
 
-    def rows_loss(hidden: torch.Tensor, rows: slice) -> torch.Tensor:
+    def logits_loss(student_logits: torch.Tensor, rows: slice) -> torch.Tensor:
         teacher_logits = None
         if divergence.needs_teacher_logits:
             with torch.no_grad():
                 teacher_logits = teacher_head(teacher_rows[rows])
         inputs = LossInputs(
-            student_logits=student_head(hidden),  # (R, V) with grad
+            student_logits=student_logits,  # (R, V) with grad
             teacher_logits=teacher_logits,
             tokens=tokens[rows],
             sampling_logp=sampling_logp[rows],
@@ -69,8 +70,8 @@ def kept_token_loss(
 
     student_rows = student_hidden.flatten(0, 1)[idx]  # (M, H), with grad
     if idx.numel() <= chunk_size or not chunkable(student_head):
-        return rows_loss(student_rows, slice(None))
-    return ChunkedRowLoss.apply(rows_loss, chunk_size, student_rows, *student_head.parameters())
+        return logits_loss(student_head(student_rows), slice(None))
+    return ChunkedRowLoss.apply(logits_loss, student_head, chunk_size, student_rows, *student_head.parameters())
 
 
 def chunkable(head: Callable) -> bool:
@@ -83,60 +84,92 @@ def chunkable(head: Callable) -> bool:
 class ChunkedRowLoss(torch.autograd.Function):
     """Per-row losses of (M, H) hidden rows; each chunk's gradient is taken in forward, its logits freed.
 
-    forward(rows_loss, chunk_size, hidden, *params) -> (M,) losses, where rows_loss(h, rows) builds the
-    (R,) loss of one chunk from its hidden rows h (R, H). Rows are independent, so for any upstream
-    gradient g, d(Σ g_i l_i)/dh_i = g_i · dl_i/dh_i: the stored (M, H) row gradients are exact. The head
-    parameters' gradient Σ_i g_i dl_i/dW is stored for the sum and scaled when g is uniform (it is for
-    `reduce_token_loss`); any other g recomputes the chunks (exact, slower).
+    forward(logits_loss, head, chunk_size, hidden, *params) -> (M,) losses, where logits_loss(z, rows)
+    builds the (R,) loss of one chunk from its student logits z = head(h) (R, V). Rows are independent,
+    so for any upstream gradient g, d(Σ g_i l_i)/dh_i = g_i · dl_i/dh_i: the stored (M, H) row gradients
+    are exact. The head parameters' gradient Σ_i dl_i/dW is accumulated in place, one addmm per chunk
+    (the matmul is differentiated by hand: dW += dZᵀ h, dh = dZ W), and scaled once in backward when g
+    is uniform (it is for `reduce_token_loss`); any other g, or a second backward through a retained
+    graph, recomputes the chunks (exact, slower).
     """
 
     @staticmethod
-    def forward(ctx, rows_loss: RowLoss, chunk_size: int, hidden: torch.Tensor, *params: torch.Tensor):
+    def forward(ctx, logits_loss: LogitsLoss, head, chunk_size: int, hidden: torch.Tensor, *params: torch.Tensor):
         losses = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
-        grad_hidden = torch.zeros_like(hidden)
-        grad_params = [torch.zeros_like(p) for p in params]
+        grad_hidden = torch.empty_like(hidden)
+        grad_params = [torch.empty_like(p) for p in params]  # the first chunk writes, later chunks add
         for start in range(0, hidden.shape[0], chunk_size):
             rows = slice(start, start + chunk_size)
-            loss, grads = chunk_loss_and_grads(rows_loss, hidden[rows], rows, params)
-            losses[rows] = loss
-            grad_hidden[rows] = grads[0]
-            for acc, g in zip(grad_params, grads[1:]):
-                acc += g
-        ctx.rows_loss, ctx.chunk_size = rows_loss, chunk_size
-        ctx.save_for_backward(hidden, grad_hidden, *params, *grad_params)
+            losses[rows], grad_hidden[rows] = chunk_loss_and_grads(logits_loss, head, hidden[rows], rows, params,
+                                                                   grad_params, first=start == 0)
+        ctx.logits_loss, ctx.head, ctx.chunk_size = logits_loss, head, chunk_size
+        ctx.grad_params = grad_params  # not saved tensors: backward scales them in place, once
+        ctx.save_for_backward(hidden, grad_hidden, *params)
         return losses
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        hidden, grad_hidden, *rest = ctx.saved_tensors
-        params, grad_params = rest[: len(rest) // 2], rest[len(rest) // 2 :]
+        hidden, grad_hidden, *params = ctx.saved_tensors
         grad_out = grad_out.to(grad_hidden.dtype)
-        d_hidden = grad_hidden * grad_out[:, None] if ctx.needs_input_grad[2] else None
+        d_hidden = grad_hidden * grad_out[:, None] if ctx.needs_input_grad[3] else None
         if not params:
-            return None, None, d_hidden
-        if bool((grad_out == grad_out[0]).all()):
-            d_params = [g * grad_out[0] for g in grad_params]
-        else:  # a non-uniform upstream gradient: recompute each chunk with its weights
+            return None, None, None, d_hidden
+        if ctx.grad_params is not None and bool((grad_out == grad_out[0]).all()):
+            d_params = [g.mul_(grad_out[0]) for g in ctx.grad_params]  # in place: no second (V, H) tensor
+            ctx.grad_params = None
+        else:  # a non-uniform upstream gradient, or a second backward: recompute each chunk with its weights
             d_params = [torch.zeros_like(p) for p in params]
             for start in range(0, hidden.shape[0], ctx.chunk_size):
                 rows = slice(start, start + ctx.chunk_size)
-                _, grads = chunk_loss_and_grads(ctx.rows_loss, hidden[rows], rows, params, grad_out[rows])
-                for acc, g in zip(d_params, grads[1:]):
-                    acc += g
-        return None, None, d_hidden, *d_params
+                chunk_loss_and_grads(ctx.logits_loss, ctx.head, hidden[rows], rows, params, d_params, grad_out[rows])
+        return None, None, None, d_hidden, *d_params
 
 
 def chunk_loss_and_grads(
-    rows_loss: RowLoss, hidden: torch.Tensor, rows: slice, params, weights: torch.Tensor | None = None
-) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """(R,) loss of one chunk and the gradients of Σ weights·loss w.r.t. (hidden, *params)."""
+    logits_loss: LogitsLoss,
+    head,
+    hidden: torch.Tensor,
+    rows: slice,
+    params: Sequence[torch.Tensor],
+    grads_into: list[torch.Tensor],
+    weights: torch.Tensor | None = None,
+    first: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(R,) loss of one chunk and d(Σ weights·loss)/dhidden (R, H); the head parameters' gradients are
+    added into `grads_into` (same order as `params`), or written there when `first` (no zero-fill pass
+    over a (V, H) buffer)."""
+    if not params:  # a frozen head: autograd through the head for the hidden rows only
+        with torch.enable_grad():
+            h = hidden.detach().requires_grad_(True)
+            loss = logits_loss(head(h), rows)
+            total = loss.sum() if weights is None else (loss * weights).sum()
+            grad = torch.autograd.grad(total, h)[0] if total.requires_grad else torch.zeros_like(h)
+        return loss.detach(), grad
+    weight, bias = head.linear_parts()
+    with torch.no_grad():
+        pre = F.linear(hidden, weight, bias)  # (R, V) before the model's post-processing
     with torch.enable_grad():
-        h = hidden.detach().requires_grad_(True)
-        loss = rows_loss(h, rows)
+        pre.requires_grad_(True)
+        loss = logits_loss(head.postprocess(pre), rows)
         total = loss.sum() if weights is None else (loss * weights).sum()
-        inputs = [h, *params]
-        grads = torch.autograd.grad(total, inputs, allow_unused=True) if total.requires_grad else [None] * len(inputs)
-    return loss.detach(), [torch.zeros_like(x) if g is None else g for x, g in zip(inputs, grads)]
+        d_pre = torch.autograd.grad(total, pre)[0] if total.requires_grad else torch.zeros_like(pre)
+    with torch.no_grad():
+        grad_hidden = torch.mm(d_pre, weight.to(d_pre.dtype)).to(hidden.dtype)
+        for p, acc in zip(params, grads_into, strict=True):
+            rows_of = acc[: d_pre.shape[1]]  # a narrowed head (num_columns) only touches its first V rows
+            if first and rows_of.shape[0] < acc.shape[0]:
+                acc[rows_of.shape[0] :].zero_()
+            if p is head.proj.weight:
+                if d_pre.dtype == acc.dtype == hidden.dtype:  # in place: no (V, H) temporary per chunk
+                    torch.mm(d_pre.t(), hidden, out=rows_of) if first else rows_of.addmm_(d_pre.t(), hidden)
+                else:  # mixed precision: the product in the autocast dtype, accumulated in the parameter's
+                    product = torch.mm(d_pre.t(), hidden.to(d_pre.dtype))
+                    rows_of.copy_(product) if first else rows_of.add_(product)
+            elif p is head.proj.bias:
+                rows_of.copy_(d_pre.sum(0)) if first else rows_of.add_(d_pre.sum(0).to(acc.dtype))
+            else:  # pragma: no cover - chunkable() admits plain nn.Linear heads only
+                raise TypeError("ChunkedRowLoss: a head parameter that is neither its weight nor its bias")
+    return loss.detach(), grad_hidden
 
 
 def score_and_loss_all_rows(
@@ -149,6 +182,7 @@ def score_and_loss_all_rows(
     top_k: int = 16,
     chunk_size: int = 1024,
     full_kl: bool = False,
+    full_entropy: bool = True,
 ) -> tuple[TokenStats, torch.Tensor]:
     """TokenStats and the (R,) per-token loss at *every* valid position, from one projection per chunk.
 
@@ -163,11 +197,11 @@ def score_and_loss_all_rows(
     teacher_rows = teacher_hidden.flatten(0, 1)[idx]
     work, chunks = Workspace(min(chunk_size, idx.numel())), []
 
-    def rows_loss(hidden: torch.Tensor, rows: slice) -> torch.Tensor:
+    def logits_loss(student_logits: torch.Tensor, rows: slice) -> torch.Tensor:
         with torch.no_grad():
             teacher_logits = head_logits(teacher_head, teacher_rows[rows], work, "teacher")  # (R, V) fp32
-        student_logits = student_head(hidden)  # (R, V) with grad
-        st = chunk_stats(student_logits.detach().float(), teacher_logits, tokens[rows], top_k, full_kl, work)
+        st = chunk_stats(student_logits.detach().float(), teacher_logits, tokens[rows], top_k, full_kl, work,
+                         full_entropy)
         chunks.append(st)
         inputs = LossInputs(
             student_logits=student_logits,
@@ -183,11 +217,12 @@ def score_and_loss_all_rows(
         from opdlab.scoring import compute_token_stats
 
         stats = compute_token_stats(student_hidden.detach(), teacher_hidden, rollout.response_ids, valid,
-                                    student_head, teacher_head, top_k, chunk_size, full_kl)
+                                    student_head, teacher_head, top_k, chunk_size, full_kl, full_entropy)
         return stats, kept_token_loss(student_hidden, teacher_hidden, valid, rollout, stats, student_head,
                                       teacher_head, divergence, chunk_size)
-    token_loss = ChunkedRowLoss.apply(rows_loss, chunk_size, student_rows, *student_head.parameters())
-    return scatter_rows(chunks, idx, valid, top_k, full_kl), token_loss
+    token_loss = ChunkedRowLoss.apply(logits_loss, student_head, chunk_size, student_rows,
+                                      *student_head.parameters())
+    return scatter_rows(chunks, idx, valid, top_k, full_kl, full_entropy), token_loss
 
 
 def reduce_token_loss(token_loss: torch.Tensor, denominator: float | torch.Tensor) -> torch.Tensor:

@@ -166,6 +166,24 @@ class LogitHead:
             out.copy_(logits if self.num_columns is None else logits[..., : self.num_columns])
         return self._postprocess(out, inplace=True)
 
+    def linear_parts(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(weight (V, H), bias (V,) or None): the rows of a plain-linear head that produce the V logits.
+
+        `head(h) == head.postprocess(F.linear(h, *head.linear_parts()))`; the chunked loss uses this to
+        differentiate through the matmul by hand and accumulate the weight gradient in place.
+        """
+        if not self.is_plain_linear:
+            raise TypeError(f"linear_parts needs a local nn.Linear head, got {type(self.proj).__name__}")
+        weight, bias = self.proj.weight, self.proj.bias
+        if self.num_columns is not None:
+            weight = weight[: self.num_columns]
+            bias = None if bias is None else bias[: self.num_columns]
+        return weight, bias
+
+    def postprocess(self, logits: torch.Tensor) -> torch.Tensor:
+        """The model's elementwise logit post-processing (scale, soft-cap), out of place, differentiable."""
+        return self._postprocess(logits, inplace=False)
+
     def _postprocess(self, logits: torch.Tensor, inplace: bool) -> torch.Tensor:
         # Same order and formulas as the HF forwards (Cohere, Granite, Gemma 2/3).
         if self.scale is not None:

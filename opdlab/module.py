@@ -137,6 +137,7 @@ class OPDModule(L.LightningModule):
         self.response_tokens = 0  # valid response tokens sampled in training, this process
         self.strict_loading = False  # checkpoints leave out the frozen teacher (see on_save_checkpoint)
         self.fuse_full_selection = True  # see keeps_every_position; off only to test the two paths agree
+        self.full_entropy_requested = False  # see request_full_entropy
         self.automatic_optimization = False  # global selection spans micro-batches: see training_step
         self.skipped_steps = self.bad_steps_in_a_row = 0
 
@@ -184,6 +185,7 @@ class OPDModule(L.LightningModule):
                 stats, token_loss = score_and_loss_all_rows(
                     *hidden[0], rollout, self.student_head, self.teacher_head, self.divergence,
                     self.selector.top_k, self.hparams.chunk_size, self.selector.needs_full_kl,
+                    self.scores_full_entropy,
                 )
             keep = stats.valid.clone()
         else:
@@ -243,7 +245,18 @@ class OPDModule(L.LightningModule):
             student_hidden.detach(), teacher_hidden, rollout.response_ids, rollout.response_mask,
             self.student_head, self.teacher_head, top_k=self.selector.top_k,
             chunk_size=self.hparams.chunk_size, full_kl=self.selector.needs_full_kl,
+            full_entropy=self.scores_full_entropy,
         )
+
+    def request_full_entropy(self) -> None:
+        """Ask the scoring pass for the full-vocabulary entropies (`TokenStats.student_entropy`,
+        `teacher_entropy`) from now on; callbacks that read them call this in `setup`. They cost two
+        extra passes over every chunk's logits, so no step computes them unless asked."""
+        self.full_entropy_requested = True
+
+    @property
+    def scores_full_entropy(self) -> bool:
+        return self.full_entropy_requested or getattr(self.selector, "needs_full_entropy", False)
 
     def select(self, stats: TokenStats) -> torch.Tensor:
         """Keep mask for this rank's rows; the budget and normalisation are global across ranks."""

@@ -29,8 +29,6 @@ class TokenStats:
     valid: torch.Tensor  # (N, L) bool: the response mask
     student_token_logp: torch.Tensor  # log p_S(y_t)
     teacher_token_logp: torch.Tensor  # log p_T(y_t)
-    student_entropy: torch.Tensor  # full-vocabulary entropy of p_S
-    teacher_entropy: torch.Tensor  # full-vocabulary entropy of p_T
     compat: torch.Tensor  # C
     union_kl: torch.Tensor  # D
     topk_entropy: torch.Tensor  # H
@@ -38,6 +36,8 @@ class TokenStats:
     student_topk_logp: torch.Tensor  # (N, L, K)
     teacher_topk_ids: torch.Tensor  # (N, L, K)
     teacher_topk_logp: torch.Tensor  # (N, L, K)
+    student_entropy: torch.Tensor | None = None  # full-vocabulary entropy of p_S, when requested
+    teacher_entropy: torch.Tensor | None = None  # full-vocabulary entropy of p_T, when requested
     forward_kl: torch.Tensor | None = None  # full-vocabulary KL(p_T || p_S), when requested
     reverse_kl: torch.Tensor | None = None  # full-vocabulary KL(p_S || p_T), when requested
 
@@ -92,40 +92,46 @@ class Workspace:
 
 
 def logsumexp_entropy(
-    z: torch.Tensor, top_value: torch.Tensor, top_id: torch.Tensor, work: Workspace
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """log-sum-exp and entropy of softmax(z), from one fused softmax written into a reused buffer.
+    z: torch.Tensor, top_value: torch.Tensor, top_id: torch.Tensor, work: Workspace, entropy: bool = True
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """log-sum-exp and (when `entropy`) entropy of softmax(z), from one fused softmax into a reused buffer.
 
     The arg-max's probability is exp(0) / Z, so lse = max - log p_max; the entropy is lse - Σ p·z, where
-    nansum drops the 0·(-inf) terms of impossible tokens. Two full passes after the softmax kernel,
-    no (R, V) allocation. z: (R, V) fp32 (left unchanged); top_value, top_id: (R,) row max and its id.
+    nansum drops the 0·(-inf) terms of impossible tokens. Two full passes after the softmax kernel (none
+    without the entropy), no (R, V) allocation. z: (R, V) fp32 (left unchanged); top_value, top_id: (R,)
+    row max and its id.
     """
     p = torch.ops.aten._softmax.out(z, -1, False, out=work.like("probs", z))  # (R, V)
     lse = top_value - p.gather(-1, top_id[:, None]).squeeze(-1).log()
-    return lse, lse - torch.nansum(p.mul_(z), -1)
+    return lse, (lse - torch.nansum(p.mul_(z), -1)) if entropy else None
 
 
 def chunk_stats(
-    s_logits: torch.Tensor, t_logits: torch.Tensor, tokens: torch.Tensor, k: int, full_kl: bool, work: Workspace
+    s_logits: torch.Tensor,
+    t_logits: torch.Tensor,
+    tokens: torch.Tensor,
+    k: int,
+    full_kl: bool,
+    work: Workspace,
+    full_entropy: bool = True,
 ) -> dict:
     """All statistics of R rows from their fp32 logits (R, V) -> dict of (R,) / (R, K); inputs unchanged.
 
     Top-K and gathers read the logits directly (log p = logit - logsumexp), so each model's full
-    vocabulary is streamed a handful of times and no (R, V) log-prob tensor is built.
+    vocabulary is streamed a handful of times and no (R, V) log-prob tensor is built. The optional
+    full-vocabulary entropies (`full_entropy`) and KLs (`full_kl`) cost extra passes over the logits.
     """
     s_top, s_ids = s_logits.topk(k, -1)  # sorted: s_top[:, 0] is the row max
     t_top, t_ids = t_logits.topk(k, -1)
     union = torch.cat([s_ids, t_ids], -1)  # (R, 2K)
-    s_lse, s_entropy = logsumexp_entropy(s_logits, s_top[:, 0], s_ids[:, 0], work)
-    t_lse, t_entropy = logsumexp_entropy(t_logits, t_top[:, 0], t_ids[:, 0], work)
+    s_lse, s_entropy = logsumexp_entropy(s_logits, s_top[:, 0], s_ids[:, 0], work, full_entropy)
+    t_lse, t_entropy = logsumexp_entropy(t_logits, t_top[:, 0], t_ids[:, 0], work, full_entropy)
     s_union = s_logits.gather(-1, union) - s_lse[:, None]
     t_union = t_logits.gather(-1, union) - t_lse[:, None]
     s_top_logp = s_top - s_lse[:, None]
     out = {
         "student_token_logp": s_logits.gather(-1, tokens[:, None]).squeeze(-1) - s_lse,
         "teacher_token_logp": t_logits.gather(-1, tokens[:, None]).squeeze(-1) - t_lse,
-        "student_entropy": s_entropy,
-        "teacher_entropy": t_entropy,
         "compat": t_union[:, :k].exp().sum(-1).clamp(0.0, 1.0),  # teacher mass on the student's top-K
         "union_kl": union_kl(s_union, t_union, s_ids, t_ids),
         "topk_entropy": (
@@ -136,6 +142,8 @@ def chunk_stats(
         "teacher_topk_ids": t_ids,
         "teacher_topk_logp": t_top - t_lse[:, None],
     }
+    if full_entropy:
+        out["student_entropy"], out["teacher_entropy"] = s_entropy, t_entropy
     if full_kl:  # optional: two more (R, V) temporaries per chunk
         s_logp, t_logp = s_logits - s_lse[:, None], t_logits - t_lse[:, None]
         out["forward_kl"] = masked_kl(t_logp, s_logp)
@@ -144,7 +152,8 @@ def chunk_stats(
 
 
 def row_stats(s_logits: torch.Tensor, t_logits: torch.Tensor, tokens: torch.Tensor, k: int, full_kl: bool) -> dict:
-    """All statistics of R rows from their logits (R, V) (any float dtype) -> dict of (R,) / (R, K), fp32."""
+    """All statistics (full-vocabulary entropies included) of R rows from their logits (R, V), any float
+    dtype -> dict of (R,) / (R, K), fp32."""
     return chunk_stats(s_logits.float(), t_logits.float(), tokens, k, full_kl, Workspace(s_logits.shape[0]))
 
 
@@ -168,6 +177,7 @@ def compute_token_stats(
     top_k: int = 16,
     chunk_size: int = 1024,
     full_kl: bool = False,
+    full_entropy: bool = True,
 ) -> TokenStats:
     """Statistics at every valid response position.
 
@@ -176,6 +186,9 @@ def compute_token_stats(
         tokens: (N, L) sampled response tokens; response_mask: (N, L) bool.
         chunk_size: rows whose logits are materialised at once. Peak extra memory is about
             3 · chunk_size · V fp32 (both models' logits and one softmax buffer), whatever N · L is.
+        full_kl, full_entropy: also compute the full-vocabulary KLs / entropies (None in the result
+            otherwise). No built-in selector reads the entropies; the training step skips them unless
+            a selector (`needs_full_entropy`) or a callback (`OPDModule.request_full_entropy`) asks.
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
@@ -190,16 +203,23 @@ def compute_token_stats(
         idx = rows[start : start + chunk_size]
         s_logits = head_logits(student_head, s_flat[idx], work, "student")  # (R, V) fp32
         t_logits = head_logits(teacher_head, t_flat[idx], work, "teacher")
-        chunks.append(chunk_stats(s_logits, t_logits, tok_flat[idx], top_k, full_kl, work))
-    return scatter_rows(chunks, rows, valid, top_k, full_kl)
+        chunks.append(chunk_stats(s_logits, t_logits, tok_flat[idx], top_k, full_kl, work, full_entropy))
+    return scatter_rows(chunks, rows, valid, top_k, full_kl, full_entropy)
 
 
-def scatter_rows(chunks: list[dict], rows: torch.Tensor, valid: torch.Tensor, k: int, full_kl: bool) -> TokenStats:
+OPTIONAL = {"forward_kl": "full_kl", "reverse_kl": "full_kl", "student_entropy": "full_entropy",
+            "teacher_entropy": "full_entropy"}
+
+
+def scatter_rows(
+    chunks: list[dict], rows: torch.Tensor, valid: torch.Tensor, k: int, full_kl: bool, full_entropy: bool = True
+) -> TokenStats:
     """Place per-row statistics back at their (N, L) positions, zeros elsewhere."""
     n, length = valid.shape
+    wanted = {"full_kl": full_kl, "full_entropy": full_entropy}
     values = {}
     for f in fields(TokenStats):
-        if f.name == "valid" or (f.name in ("forward_kl", "reverse_kl") and not full_kl):
+        if f.name == "valid" or (f.name in OPTIONAL and not wanted[OPTIONAL[f.name]]):
             continue
         is_ids = f.name.endswith("_ids")
         width = (k,) if f.name.startswith(("student_topk", "teacher_topk")) else ()

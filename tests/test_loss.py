@@ -181,3 +181,32 @@ def test_all_false_keep_gives_zero_loss_and_clean_backward(tiny_module, name):
         loss.backward(retain_graph=True)
     for p in module.student.parameters():
         assert p.grad is None or (torch.isfinite(p.grad).all() and (p.grad == 0).all())
+
+
+def test_full_vocabulary_entropies_only_when_asked(tiny_module):
+    """No built-in selector reads the full-vocabulary entropies, so the step skips their two passes;
+    `request_full_entropy` (the token bank calls it) or a selector's `needs_full_entropy` turns them on,
+    with the same values as the plain computation."""
+    module = tiny_module
+    rollout, student_hidden, teacher_hidden, stats = step_inputs(module)
+    assert stats.student_entropy is None and stats.teacher_entropy is None
+    assert not module.scores_full_entropy
+    module.request_full_entropy()
+    with_entropy = module.score(student_hidden, teacher_hidden, rollout)
+    valid = with_entropy.valid
+    with torch.no_grad():
+        logp = torch.log_softmax(module.student_head(student_hidden).double(), -1)
+        expected = -(logp.exp() * logp).sum(-1)
+    torch.testing.assert_close(with_entropy.student_entropy[valid].double(), expected[valid], atol=1e-5, rtol=1e-5)
+    assert (with_entropy.teacher_entropy[valid] > 0).all()
+    for name in ("union_kl", "compat", "topk_entropy", "student_token_logp"):  # the rest is unchanged
+        torch.testing.assert_close(getattr(with_entropy, name), getattr(stats, name))
+
+    from opdlab.selectors import EntropySelector
+
+    class FullEntropySelector(EntropySelector):
+        needs_full_entropy = True
+
+    module.full_entropy_requested, module.selector = False, FullEntropySelector()
+    assert module.scores_full_entropy
+    assert module.score(student_hidden, teacher_hidden, rollout).student_entropy is not None

@@ -156,6 +156,7 @@ def eos_first_module(tiny_checkpoints, tmp_path_factory, char_tokenizer, make_sc
 def run_step_stages(module, texts):
     """rollout -> hidden states -> score -> select -> kept-rows loss (mean over kept), as a training step."""
     prompts = encode_prompts(module.tokenizer, texts, [""] * len(texts))
+    module.request_full_entropy()  # the full-vocabulary entropies are checked too
     rollout = module.rollout(prompts)
     student_hidden, teacher_hidden = module.response_hidden_states(rollout)
     stats = module.score(student_hidden, teacher_hidden, rollout)

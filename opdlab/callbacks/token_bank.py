@@ -80,6 +80,8 @@ class TokenBank(L.Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        if hasattr(pl_module, "request_full_entropy"):
+            pl_module.request_full_entropy()  # the student/teacher entropy columns
         self.close()
         self.rows_written, self._last_step, self.path = 0, -1, self.base_path
         if trainer.world_size > 1 and trainer.global_rank > 0:

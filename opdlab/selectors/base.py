@@ -88,7 +88,8 @@ class TokenSelector(ABC):
     """Chooses which response positions receive the OPD loss.
 
     Subclasses implement `score`; `select` applies the shared budget rule. Class attributes tell the
-    scoring pass what to compute: `top_k` (K of the top-K features) and `needs_full_kl`.
+    scoring pass what to compute: `top_k` (K of the top-K features), `needs_full_kl` and
+    `needs_full_entropy` (the full-vocabulary KLs / entropies: extra passes over every chunk's logits).
 
     Args:
         ratio: fraction of valid response tokens to keep, in (0, 1].
@@ -96,6 +97,7 @@ class TokenSelector(ABC):
 
     top_k: int = 16
     needs_full_kl: ClassVar[bool] = False
+    needs_full_entropy: ClassVar[bool] = False
 
     def __init__(self, ratio: float = 1.0) -> None:
         if not 0.0 < ratio <= 1.0:
