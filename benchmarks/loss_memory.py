@@ -92,7 +92,7 @@ def run_opdlab(x, selector, divergence, chunk: int) -> None:
                                 top_k=selector.top_k, chunk_size=chunk, full_entropy=False)
     keep = selector.select(stats)
     token_loss = kept_token_loss(x.s_hidden, x.t_hidden, keep, x.rollout, stats, x.s_head, x.t_head, divergence,
-                                 chunk_size=x.loss_chunk or max(1, chunk // 4))
+                                 chunk_size=x.loss_chunk or max(1, chunk // 4), store_rows=2 * chunk)  # as OPDModule
     reduce_token_loss(token_loss, keep.sum()).backward()
 
 

@@ -36,6 +36,7 @@ def kept_token_loss(
     teacher_head: Callable[[torch.Tensor], torch.Tensor],
     divergence: Divergence,
     chunk_size: int = 256,
+    store_rows: int = 0,
 ) -> torch.Tensor:
     """(M,) per-token loss at the kept positions, in flat (sequence-major) order.
 
@@ -47,6 +48,10 @@ def kept_token_loss(
             A loss chunk holds ~10 (rows, V) fp32 tensors (logits, log-softmaxes, the divergence's terms
             and their gradients) against 3 for a scoring chunk, so a quarter of the scoring chunk size
             keeps both passes at the same peak (measured: 8,192 tokens at 5%, 1.54 GB -> 0.46 GB, same time).
+        store_rows: when the kept rows are chunked and M <= store_rows, keep each row's logit gradient
+            (one M x V tensor in the logits' dtype) and take the head's gradients in backward with two
+            matmuls over all M rows, instead of two per chunk: the LM head weight (V x H, the largest
+            tensor the loss reads) is then streamed 2 + 2·chunks times rather than 4·chunks. 0 never stores.
     """
     idx = keep.flatten().nonzero().squeeze(-1)  # (M,)
     tokens = rollout.response_ids.flatten()[idx]
@@ -71,7 +76,9 @@ def kept_token_loss(
     student_rows = student_hidden.flatten(0, 1)[idx]  # (M, H), with grad
     if idx.numel() <= chunk_size or not chunkable(student_head):
         return logits_loss(student_head(student_rows), slice(None))
-    return ChunkedRowLoss.apply(logits_loss, student_head, chunk_size, student_rows, *student_head.parameters())
+    store = idx.numel() <= store_rows and student_head.is_plain_linear
+    return ChunkedRowLoss.apply(logits_loss, student_head, chunk_size, store, student_rows,
+                                *student_head.parameters())
 
 
 def chunkable(head: Callable) -> bool:
@@ -82,38 +89,56 @@ def chunkable(head: Callable) -> bool:
 
 
 class ChunkedRowLoss(torch.autograd.Function):
-    """Per-row losses of (M, H) hidden rows; each chunk's gradient is taken in forward, its logits freed.
+    """Per-row losses of (M, H) hidden rows, chunk by chunk, each chunk's logits freed before the next.
 
-    forward(logits_loss, head, chunk_size, hidden, *params) -> (M,) losses, where logits_loss(z, rows)
-    builds the (R,) loss of one chunk from its student logits z = head(h) (R, V). Rows are independent,
-    so for any upstream gradient g, d(Σ g_i l_i)/dh_i = g_i · dl_i/dh_i: the stored (M, H) row gradients
-    are exact. The head parameters' gradient Σ_i dl_i/dW is accumulated in place, one addmm per chunk
-    (the matmul is differentiated by hand: dW += dZᵀ h, dh = dZ W), and scaled once in backward when g
-    is uniform (it is for `reduce_token_loss`); any other g, or a second backward through a retained
-    graph, recomputes the chunks (exact, slower).
+    forward(logits_loss, head, chunk_size, store, hidden, *params) -> (M,) losses, where logits_loss(z,
+    rows) builds the (R,) loss of one chunk from its student logits z = head(h) (R, V). The head's
+    matmul is differentiated by hand (pre = h Wᵀ + b; z = post-processing(pre); dh = dpre W,
+    dW = dpreᵀ h), so its weight gradient is written in place rather than allocated per chunk. Rows are
+    independent: for any upstream gradient g, d(Σ g_i l_i)/dh_i = g_i · dl_i/dh_i.
+
+    - store=False: each chunk's dh and dW are taken in forward; the (M, H) row gradients are exact for
+      any g, and dW is stored for the sum and scaled once (in place) when g is uniform, as it is for
+      `reduce_token_loss`; any other g, or a second backward through a retained graph, recomputes the
+      chunks (exact, slower).
+    - store=True: forward keeps dpre (M, V) and backward takes dh = (dpre W)·g and dW = dpreᵀ (g·h) in one
+      matmul each, exact for any g and any number of backward calls.
     """
 
     @staticmethod
-    def forward(ctx, logits_loss: LogitsLoss, head, chunk_size: int, hidden: torch.Tensor, *params: torch.Tensor):
+    def forward(ctx, logits_loss: LogitsLoss, head, chunk_size: int, store: bool, hidden: torch.Tensor,
+                *params: torch.Tensor):
         losses = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        ctx.logits_loss, ctx.head, ctx.chunk_size, ctx.store = logits_loss, head, chunk_size, store
+        if store:
+            d_pre = None
+            for start in range(0, hidden.shape[0], chunk_size):
+                rows = slice(start, start + chunk_size)
+                losses[rows], grad = chunk_logit_grad(logits_loss, head, hidden[rows], rows)
+                if d_pre is None:
+                    d_pre = grad.new_empty(hidden.shape[0], grad.shape[1])
+                d_pre[rows] = grad
+            ctx.save_for_backward(hidden, d_pre, *params)
+            return losses
         grad_hidden = torch.empty_like(hidden)
         grad_params = [torch.empty_like(p) for p in params]  # the first chunk writes, later chunks add
         for start in range(0, hidden.shape[0], chunk_size):
             rows = slice(start, start + chunk_size)
             losses[rows], grad_hidden[rows] = chunk_loss_and_grads(logits_loss, head, hidden[rows], rows, params,
                                                                    grad_params, first=start == 0)
-        ctx.logits_loss, ctx.head, ctx.chunk_size = logits_loss, head, chunk_size
         ctx.grad_params = grad_params  # not saved tensors: backward scales them in place, once
         ctx.save_for_backward(hidden, grad_hidden, *params)
         return losses
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
+        if ctx.store:
+            return (None, None, None, None, *stored_grads(ctx, grad_out))
         hidden, grad_hidden, *params = ctx.saved_tensors
         grad_out = grad_out.to(grad_hidden.dtype)
-        d_hidden = grad_hidden * grad_out[:, None] if ctx.needs_input_grad[3] else None
+        d_hidden = grad_hidden * grad_out[:, None] if ctx.needs_input_grad[4] else None
         if not params:
-            return None, None, None, d_hidden
+            return None, None, None, None, d_hidden
         if ctx.grad_params is not None and bool((grad_out == grad_out[0]).all()):
             d_params = [g.mul_(grad_out[0]) for g in ctx.grad_params]  # in place: no second (V, H) tensor
             ctx.grad_params = None
@@ -122,7 +147,47 @@ class ChunkedRowLoss(torch.autograd.Function):
             for start in range(0, hidden.shape[0], ctx.chunk_size):
                 rows = slice(start, start + ctx.chunk_size)
                 chunk_loss_and_grads(ctx.logits_loss, ctx.head, hidden[rows], rows, params, d_params, grad_out[rows])
-        return None, None, None, d_hidden, *d_params
+        return None, None, None, None, d_hidden, *d_params
+
+
+def stored_grads(ctx, grad_out: torch.Tensor) -> list[torch.Tensor | None]:
+    """Backward of `ChunkedRowLoss(store=True)`: (d hidden, *d params) from the stored dpre (M, V)."""
+    hidden, d_pre, *params = ctx.saved_tensors
+    weight, bias = ctx.head.linear_parts()
+    g = grad_out.to(d_pre.dtype)[:, None]  # (M, 1)
+    out: list[torch.Tensor | None] = [None]
+    if ctx.needs_input_grad[4]:
+        out[0] = torch.mm(d_pre, weight.detach().to(d_pre.dtype)).mul_(g).to(hidden.dtype)
+    for p in params:
+        grad = torch.zeros_like(p) if p.shape[0] > d_pre.shape[1] else torch.empty_like(p)  # narrowed: rows beyond V
+        rows_of = grad[: d_pre.shape[1]]
+        if p is ctx.head.proj.weight:
+            if d_pre.dtype == grad.dtype:
+                torch.mm(d_pre.t(), hidden.to(d_pre.dtype) * g, out=rows_of)
+            else:
+                rows_of.copy_(torch.mm(d_pre.t(), hidden.to(d_pre.dtype) * g))
+        elif p is ctx.head.proj.bias:
+            rows_of.copy_(torch.mv(d_pre.t(), g.squeeze(-1)))
+        else:  # pragma: no cover - chunkable() admits plain nn.Linear heads only
+            raise TypeError("ChunkedRowLoss: a head parameter that is neither its weight nor its bias")
+        out.append(grad)
+    return out
+
+
+def chunk_logit_grad(
+    logits_loss: LogitsLoss, head, hidden: torch.Tensor, rows: slice, weights: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(R,) loss of one chunk of a plain-linear head and d(Σ weights·loss)/dpre (R, V), where
+    pre = F.linear(hidden, weight, bias) are the logits before the model's post-processing."""
+    weight, bias = head.linear_parts()
+    with torch.no_grad():
+        pre = F.linear(hidden, weight, bias)  # (R, V)
+    with torch.enable_grad():
+        pre.requires_grad_(True)
+        loss = logits_loss(head.postprocess(pre), rows)
+        total = loss.sum() if weights is None else (loss * weights).sum()
+        d_pre = torch.autograd.grad(total, pre)[0] if total.requires_grad else torch.zeros_like(pre)
+    return loss.detach(), d_pre
 
 
 def chunk_loss_and_grads(
@@ -145,14 +210,8 @@ def chunk_loss_and_grads(
             total = loss.sum() if weights is None else (loss * weights).sum()
             grad = torch.autograd.grad(total, h)[0] if total.requires_grad else torch.zeros_like(h)
         return loss.detach(), grad
-    weight, bias = head.linear_parts()
-    with torch.no_grad():
-        pre = F.linear(hidden, weight, bias)  # (R, V) before the model's post-processing
-    with torch.enable_grad():
-        pre.requires_grad_(True)
-        loss = logits_loss(head.postprocess(pre), rows)
-        total = loss.sum() if weights is None else (loss * weights).sum()
-        d_pre = torch.autograd.grad(total, pre)[0] if total.requires_grad else torch.zeros_like(pre)
+    loss, d_pre = chunk_logit_grad(logits_loss, head, hidden, rows, weights)
+    weight, _ = head.linear_parts()
     with torch.no_grad():
         grad_hidden = torch.mm(d_pre, weight.to(d_pre.dtype)).to(hidden.dtype)
         for p, acc in zip(params, grads_into, strict=True):
@@ -169,7 +228,7 @@ def chunk_loss_and_grads(
                 rows_of.copy_(d_pre.sum(0)) if first else rows_of.add_(d_pre.sum(0).to(acc.dtype))
             else:  # pragma: no cover - chunkable() admits plain nn.Linear heads only
                 raise TypeError("ChunkedRowLoss: a head parameter that is neither its weight nor its bias")
-    return loss.detach(), grad_hidden
+    return loss, grad_hidden
 
 
 def score_and_loss_all_rows(
@@ -220,7 +279,7 @@ def score_and_loss_all_rows(
                                     student_head, teacher_head, top_k, chunk_size, full_kl, full_entropy)
         return stats, kept_token_loss(student_hidden, teacher_hidden, valid, rollout, stats, student_head,
                                       teacher_head, divergence, chunk_size)
-    token_loss = ChunkedRowLoss.apply(logits_loss, student_head, chunk_size, student_rows,
+    token_loss = ChunkedRowLoss.apply(logits_loss, student_head, chunk_size, False, student_rows,
                                       *student_head.parameters())
     return scatter_rows(chunks, idx, valid, top_k, full_kl, full_entropy), token_loss
 

@@ -74,7 +74,9 @@ class OPDModule(L.LightningModule):
         loss_normalization: `kept` (mean over kept tokens) or `valid` (sum over kept tokens divided by the
             number of valid response tokens). See `opdlab.loss.reduce_token_loss`.
         chunk_size: response rows whose logits the scoring pass materialises at once (about
-            3 · chunk_size · V fp32 per model); the loss pass uses chunks of a quarter of it.
+            3 · chunk_size · V fp32 in all); the loss pass uses chunks of a quarter of it and, when at
+            most 2 · chunk_size rows are kept, keeps their logit gradients (kept rows x V) so the LM
+            head's gradients take one matmul each instead of one per chunk.
         student_dtype, teacher_dtype: weight dtypes (float32, bfloat16, float16).
         gradient_checkpointing: recompute student activations in backward to save memory.
         micro_batch_size: rows (prompts x samples) per forward/backward; the whole batch when None.
@@ -296,6 +298,7 @@ class OPDModule(L.LightningModule):
                 student_hidden, teacher_hidden, keep[rows], part, stats_rows(stats, rows),
                 self.student_head, self.teacher_head, self.divergence,
                 chunk_size=max(1, self.hparams.chunk_size // 4),  # loss rows hold logits and their grads
+                store_rows=2 * self.hparams.chunk_size,  # up to 2 scoring chunks: head weight read 2x, not 2x/chunk
             )
             loss = reduce_token_loss(token_loss, denominator)
             self.manual_backward(loss * world_size())

@@ -169,17 +169,20 @@ def test_bf16_head_stats_are_fp32_of_bf16_logits(step):
 
 
 # ------------------------------------------------------------------------------------ loss
+@pytest.mark.parametrize("store", [False, True], ids=["grads_per_chunk", "stored_logit_grads"])
 @pytest.mark.parametrize("name", sorted(DIVERGENCES))
 @pytest.mark.parametrize("chunk_size", [3, 7, 1024])
-def test_kept_rows_loss_and_gradients_equal_full_logits(step, name, chunk_size):
-    """Kept rows (11 of 22): chunk 1024 runs the plain path, 3 and 7 the chunked autograd function."""
+def test_kept_rows_loss_and_gradients_equal_full_logits(step, name, chunk_size, store):
+    """Kept rows (11 of 22): chunk 1024 runs the plain path, 3 and 7 the chunked autograd function, which
+    either takes each chunk's head gradients in forward or stores the logit gradients for backward."""
     s, divergence = step, DIVERGENCES[name]()
     keep = s["valid"] & (torch.rand(N, LENGTH, generator=torch.Generator().manual_seed(1)) < 0.5)
     assert int(keep.sum()) > 7
     stats = compute_token_stats(s["student_hidden"].detach(), s["teacher_hidden"], s["tokens"], s["valid"],
                                 s["student_head"], s["teacher_head"], top_k=K)
     token_loss = kept_token_loss(s["student_hidden"], s["teacher_hidden"], keep, s["rollout"], stats,
-                                 s["student_head"], s["teacher_head"], divergence, chunk_size=chunk_size)
+                                 s["student_head"], s["teacher_head"], divergence, chunk_size=chunk_size,
+                                 store_rows=10**6 if store else 0)
     loss = reduce_token_loss(token_loss, keep.sum())
     ref_tokens, ref_loss = full_logits_loss(s, divergence, keep)
     torch.testing.assert_close(token_loss, ref_tokens, atol=1e-6, rtol=1e-5)
@@ -189,14 +192,16 @@ def test_kept_rows_loss_and_gradients_equal_full_logits(step, name, chunk_size):
         torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-4)
 
 
+@pytest.mark.parametrize("store", [False, True], ids=["grads_per_chunk", "stored_logit_grads"])
 @pytest.mark.parametrize("chunk_size", [3, 1024])
-def test_chunked_loss_exact_for_non_uniform_upstream_gradient(step, chunk_size):
+def test_chunked_loss_exact_for_non_uniform_upstream_gradient(step, chunk_size, store):
     """Weights per token (not a plain mean) still give exact gradients (the chunks are recomputed)."""
     s, divergence = step, ReverseKL()
     stats = compute_token_stats(s["student_hidden"].detach(), s["teacher_hidden"], s["tokens"], s["valid"],
                                 s["student_head"], s["teacher_head"], top_k=K)
     token_loss = kept_token_loss(s["student_hidden"], s["teacher_hidden"], s["valid"], s["rollout"], stats,
-                                 s["student_head"], s["teacher_head"], divergence, chunk_size=chunk_size)
+                                 s["student_head"], s["teacher_head"], divergence, chunk_size=chunk_size,
+                                 store_rows=10**6 if store else 0)
     weights = torch.rand(token_loss.shape, generator=torch.Generator().manual_seed(2))
     ref_tokens, _ = full_logits_loss(s, divergence, s["valid"])
     for got, expected in zip(grads_of((token_loss * weights).sum(), s), grads_of((ref_tokens * weights).sum(), s)):
@@ -313,8 +318,9 @@ def with_biased_head(model):
 HEAD_KINDS = {**MODELS, "qwen2_head_bias": lambda: with_biased_head(tiny_qwen2(0)), "qwen2_narrowed": lambda: tiny_qwen2(0)}
 
 
+@pytest.mark.parametrize("store", [False, True], ids=["grads_per_chunk", "stored_logit_grads"])
 @pytest.mark.parametrize("name", sorted(HEAD_KINDS))
-def test_chunked_loss_gradients_for_every_head_kind(name):
+def test_chunked_loss_gradients_for_every_head_kind(name, store):
     """Chunked kept-rows loss (the matmul differentiated by hand, weight gradient accumulated in place) ==
     autograd through the model's own full logits, for soft-capped, scaled, tied, biased and narrowed heads,
     on every trainable parameter of the model."""
@@ -340,7 +346,7 @@ def test_chunked_loss_gradients_for_every_head_kind(name):
             token_loss = full_loss
         else:
             token_loss = kept_token_loss(hidden, teacher_hidden, rollout.response_mask, rollout, stats, head, head,
-                                         ReverseKL(), chunk_size=chunk_size)
+                                         ReverseKL(), chunk_size=chunk_size, store_rows=10**6 if store else 0)
         return token_loss, torch.autograd.grad(reduce_token_loss(token_loss, token_loss.numel()), params)
 
     ref_loss, ref = grads(None)
@@ -351,14 +357,16 @@ def test_chunked_loss_gradients_for_every_head_kind(name):
     assert head.proj.weight.requires_grad and any(a.abs().sum() > 0 for a in got)
 
 
-def test_chunked_loss_second_backward_through_retained_graph(step):
+@pytest.mark.parametrize("store", [False, True], ids=["grads_per_chunk", "stored_logit_grads"])
+def test_chunked_loss_second_backward_through_retained_graph(step, store):
     """backward twice (retain_graph) gives the same head gradient twice: the in-place scaled gradient
     of the first backward is not reused by the second (which recomputes the chunks)."""
     s = step
     stats = compute_token_stats(s["student_hidden"].detach(), s["teacher_hidden"], s["tokens"], s["valid"],
                                 s["student_head"], s["teacher_head"], top_k=K)
     token_loss = kept_token_loss(s["student_hidden"], s["teacher_hidden"], s["valid"], s["rollout"], stats,
-                                 s["student_head"], s["teacher_head"], ReverseKL(), chunk_size=3)
+                                 s["student_head"], s["teacher_head"], ReverseKL(), chunk_size=3,
+                                 store_rows=10**6 if store else 0)
     loss = reduce_token_loss(token_loss, s["valid"].sum())
     first = torch.autograd.grad(
         loss, [s["student_hidden"], s["student"].lm_head.weight], retain_graph=True)
@@ -369,7 +377,8 @@ def test_chunked_loss_second_backward_through_retained_graph(step):
         torch.testing.assert_close(b, c, atol=1e-6, rtol=1e-4)
 
 
-def test_chunked_loss_under_bf16_autocast_matches_autograd(step):
+@pytest.mark.parametrize("store", [False, True], ids=["grads_per_chunk", "stored_logit_grads"])
+def test_chunked_loss_under_bf16_autocast_matches_autograd(step, store):
     """Mixed precision: under bf16 autocast the hand-differentiated head gives autograd's gradients
     (fp32 parameter, bf16 matmuls) to bf16 accuracy."""
     s = step
@@ -379,7 +388,8 @@ def test_chunked_loss_under_bf16_autocast_matches_autograd(step):
     def run(chunk_size):
         with torch.autocast("cpu", dtype=torch.bfloat16):
             token_loss = kept_token_loss(s["student_hidden"], s["teacher_hidden"], s["valid"], s["rollout"], stats,
-                                         s["student_head"], s["teacher_head"], ReverseKL(), chunk_size=chunk_size)
+                                         s["student_head"], s["teacher_head"], ReverseKL(), chunk_size=chunk_size,
+                                         store_rows=10**6 if store else 0)
             loss = reduce_token_loss(token_loss, s["valid"].sum())
         return grads_of(loss, s)
 
@@ -409,7 +419,7 @@ class LargestLogits(TorchDispatchMode):
         return out
 
 
-def memory_step(vocab: int = 512, chunk_size: int = 16, ratio: float = 0.1, fused: bool = False):
+def memory_step(vocab: int = 512, chunk_size: int = 16, ratio: float = 0.1, fused: bool = False, store_rows: int = 0):
     """A small model step's scoring + selection + loss + backward under `LargestLogits`; returns rows seen."""
     student, teacher = tiny_qwen2(1, vocab=vocab), tiny_qwen2(2, vocab=vocab)
     n, p, length = 8, 4, 24
@@ -431,7 +441,7 @@ def memory_step(vocab: int = 512, chunk_size: int = 16, ratio: float = 0.1, fuse
                                         s_head, t_head, top_k=8, chunk_size=chunk_size)
             keep = selector.select(stats)
             token_loss = kept_token_loss(s_hidden, t_hidden, keep, rollout, stats, s_head, t_head, ReverseKL(),
-                                         chunk_size=chunk_size)
+                                         chunk_size=chunk_size, store_rows=store_rows)
         reduce_token_loss(token_loss, keep.sum()).backward()
     assert student.lm_head.weight.grad.abs().sum() > 0
     return probe.max_rows, n * length, int(keep.sum())
@@ -443,6 +453,14 @@ def test_step_holds_at_most_one_chunk_of_logits(ratio, fused):
     max_rows, rows, kept = memory_step(chunk_size=16, ratio=ratio, fused=fused)
     assert kept > 16, "the kept rows must exceed one chunk for this test to mean anything"
     assert 0 < max_rows <= 16, f"a tensor held {max_rows} rows of logits (chunk 16, {rows} response rows)"
+
+
+def test_stored_logit_gradients_hold_kept_rows_not_all_rows():
+    """With the kept rows' logit gradients stored (store_rows), the one tensor larger than a chunk is the
+    kept rows' (M, V) gradient: 20 of 192 rows, never all of them."""
+    max_rows, rows, kept = memory_step(chunk_size=16, ratio=0.1, store_rows=64)
+    assert 16 < kept <= 64
+    assert max_rows == kept, f"largest logits-shaped tensor {max_rows} rows; kept {kept}, all {rows}"
 
 
 def test_largest_logits_probe_sees_full_logits():
