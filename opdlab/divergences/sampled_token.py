@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from opdlab.divergences.base import Divergence, LossInputs, log_softmax_fp32
+from opdlab.divergences.base import Divergence, LossInputs, token_log_prob
 
 
 class SampledTokenOPD(Divergence):
@@ -30,7 +30,7 @@ class SampledTokenOPD(Divergence):
         self.coef, self.clip_low, self.clip_high = coef, clip_low, clip_high
 
     def token_loss(self, inputs: LossInputs) -> torch.Tensor:
-        logp = log_softmax_fp32(inputs.student_logits).gather(-1, inputs.tokens[:, None]).squeeze(-1)  # (M,)
+        logp = token_log_prob(inputs.student_logits, inputs.tokens)  # (M,)
         advantage = -self.coef * (logp.detach() - inputs.teacher_token_logp.detach().float())
         advantage = torch.nan_to_num(advantage, nan=0.0, posinf=0.0, neginf=0.0)
         ratio = torch.exp(logp - inputs.sampling_logp.detach().float())
