@@ -10,7 +10,8 @@ out of the main environment (it is large): a side venv that sees the main one wo
     /tmp/trlvenv/bin/python benchmarks/vs_trl.py
 
 Both sides get the same student, teacher, prompts, batch, response length, sampling (temperature 1,
-no top-k/top-p), optimizer (AdamW, lr 1e-4) and loss: TRL `GKDTrainer(lmbda=1, beta)` (student
+no top-k/top-p), optimizer (AdamW, lr 1e-4, the fused implementation: TRL's default `optim` is
+`adamw_torch_fused`; runs before 2026-11-28 02:30 gave opdlab the slower for-loop AdamW) and loss: TRL `GKDTrainer(lmbda=1, beta)` (student
 rollouts every step, `generalized_jsd_loss` on full logits) vs `OPDModule(FullSelector(),
 GeneralizedJSD(beta))` (at ratio 1 the module scores and takes the loss from one projection per chunk).
 Each run is a fresh subprocess; the two alternate for `--rounds` rounds.
@@ -151,7 +152,7 @@ def run_opdlab(args) -> dict:
     from opdlab.selectors import FullSelector
     from opdlab.tasks import AdditionTask
 
-    steps, tokens = [], []
+    steps, tokens, stages = [], [], []
 
     class Clock(L.Callback):
         def on_train_batch_start(self, trainer, module, *a):
@@ -160,11 +161,12 @@ def run_opdlab(args) -> dict:
         def on_train_batch_end(self, trainer, module, *a):
             steps.append(time.perf_counter() - self.start)
             tokens.append(module.response_tokens - self.tokens)
+            stages.append(dict(module.last_step.seconds))  # the time/* breakdown
 
     module = OPDModule(
         student=args.student, teacher=args.teacher, selector=FullSelector(), divergence=GeneralizedJSD(beta=args.beta),
         max_new_tokens=args.max_new_tokens,
-        optimizer=lambda params: torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.98), weight_decay=0.0),
+        optimizer=lambda params: torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.98), weight_decay=0.0, fused=True),
     )
     module.configure_model()
     trainer = L.Trainer(
@@ -174,7 +176,8 @@ def run_opdlab(args) -> dict:
     )
     base = reset_peak()
     trainer.fit(module, datamodule=PromptDataModule(AdditionTask(digits=args.digits), batch_size=args.batch_size))
-    return {"steps": steps[args.warmup :], "tokens": tokens[args.warmup :], "peak_mb": rss_peak_mb() - base}
+    return {"steps": steps[args.warmup :], "tokens": tokens[args.warmup :], "peak_mb": rss_peak_mb() - base,
+            "stages": stages[args.warmup :]}
 
 
 def main() -> None:
@@ -232,6 +235,11 @@ def main() -> None:
         lines.append(f"| {name} | {tok_s:,.1f} | {step:.3f} | {mb:,.0f} | {toks:.0f} |")
     lines.append(f"\nopdlab / TRL throughput: {rows['opdlab'][0] / rows['trl'][0]:.2f}x; "
                  f"TRL / opdlab peak memory: {rows['trl'][2] / max(rows['opdlab'][2], 1e-9):.2f}x.")
+    stages = [s for r in results["opdlab"] for s in r["stages"]]
+    if stages:
+        med = {k: statistics.median(s.get(k, 0.0) for s in stages) for k in stages[0]}
+        lines.append("opdlab step breakdown (median s): "
+                     + ", ".join(f"{k} {v:.3f} ({v / rows['opdlab'][1]:.0%})" for k, v in med.items()) + ".")
     import trl
 
     header = (f"## vs_trl — {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC\n\n"

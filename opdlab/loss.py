@@ -153,7 +153,7 @@ class ChunkedRowLoss(torch.autograd.Function):
 def stored_grads(ctx, grad_out: torch.Tensor) -> list[torch.Tensor | None]:
     """Backward of `ChunkedRowLoss(store=True)`: (d hidden, *d params) from the stored dpre (M, V)."""
     hidden, d_pre, *params = ctx.saved_tensors
-    weight, bias = ctx.head.linear_parts()
+    weight, _ = ctx.head.linear_parts()
     g = grad_out.to(d_pre.dtype)[:, None]  # (M, 1)
     out: list[torch.Tensor | None] = [None]
     if ctx.needs_input_grad[4]:

@@ -11,6 +11,7 @@ import math
 import torch
 
 from opdlab.divergences.base import Divergence, LossInputs, log_softmax_fp32, masked_kl
+from opdlab.divergences.fused import hand_grad_loss  # KL / JSD with hand-written logit gradients
 
 
 def _pair(inputs: LossInputs, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -25,8 +26,8 @@ class ForwardKL(Divergence):
         self.temperature = temperature
 
     def token_loss(self, inputs: LossInputs) -> torch.Tensor:
-        s, t = _pair(inputs, self.temperature)
-        return masked_kl(t, s)
+        return hand_grad_loss(inputs.student_logits, inputs.teacher_logits, "forward_kl",
+                              temperature=self.temperature)
 
 
 class ReverseKL(Divergence):
@@ -36,8 +37,8 @@ class ReverseKL(Divergence):
         self.temperature = temperature
 
     def token_loss(self, inputs: LossInputs) -> torch.Tensor:
-        s, t = _pair(inputs, self.temperature)
-        return masked_kl(s, t)
+        return hand_grad_loss(inputs.student_logits, inputs.teacher_logits, "reverse_kl",
+                              temperature=self.temperature)
 
 
 class GeneralizedJSD(Divergence):
@@ -53,6 +54,11 @@ class GeneralizedJSD(Divergence):
         self.beta, self.temperature = beta, temperature
 
     def token_loss(self, inputs: LossInputs) -> torch.Tensor:
+        kind = {0.0: "forward_kl", 1.0: "reverse_kl"}.get(self.beta, "jsd")
+        return hand_grad_loss(inputs.student_logits, inputs.teacher_logits, kind, self.beta, self.temperature)
+
+    def autograd_token_loss(self, inputs: LossInputs) -> torch.Tensor:
+        """The same loss through autograd (TRL's formula); the reference the tests hold the fast one to."""
         s, t = _pair(inputs, self.temperature)
         if self.beta == 0.0:
             return masked_kl(t, s)
