@@ -9,8 +9,10 @@ after backward: scoring + selection + loss + backward, with random LM heads of a
 
 Methods (each configuration runs in a fresh subprocess; rounds are interleaved and rotated):
 - naive: student logits (T, V) with grad and teacher logits (T, V), the selection features read off
-  those logits, the divergence on every row, the loss masked by the keep mask. This is what a
-  TRL-style trainer or the reference TA-OPD code does.
+  those logits, the divergence on every row through autograd, the loss masked by the keep mask. This
+  is what a TRL-style trainer or the reference TA-OPD code does.
+- naive+opdlab-loss: the same full logits with opdlab's hand-written-gradient loss (KL / JSD): how much
+  of the gap is the loss kernel rather than the selective heads.
 - opdlab: `compute_token_stats` (chunked, no grad; no full-vocabulary entropies, which no built-in
   selector reads: the training step's default) -> selector -> `kept_token_loss` (heads on kept
   rows only) -> `reduce_token_loss` -> backward: `OPDModule.training_step` below ratio 1.
@@ -105,8 +107,13 @@ def run_fused(x, selector, divergence, chunk: int) -> None:
     reduce_token_loss(token_loss, keep.sum()).backward()
 
 
-def run_naive(x, selector, divergence, chunk: int) -> None:
-    """Full (T, V) logits of both models, features read off them, the loss masked (TRL / reference code)."""
+def run_naive(x, selector, divergence, chunk: int, loss: str = "autograd") -> None:
+    """Full (T, V) logits of both models, features read off them, the loss masked (TRL / reference code).
+
+    loss="autograd": the divergence's formula through autograd, as TRL's losses and the reference TA-OPD
+    code compute it (`autograd_token_loss` where a divergence has a hand-written gradient);
+    loss="opdlab": the divergence's own `token_loss` (opdlab's hand-written gradient) on the full logits.
+    """
     s_logits = x.s_head(x.s_hidden.flatten(0, 1))  # (T, V) with grad
     with torch.no_grad():
         t_logits = x.t_head(x.t_hidden.flatten(0, 1))  # (T, V)
@@ -120,7 +127,9 @@ def run_naive(x, selector, divergence, chunk: int) -> None:
         del work
         stats = scatter_rows(chunks, rows, x.valid, selector.top_k, False, full_entropy=False)
     keep = selector.select(stats).flatten()
-    token_loss = divergence.token_loss(LossInputs(
+    loss_fn = divergence.token_loss if loss == "opdlab" else getattr(divergence, "autograd_token_loss",
+                                                                     divergence.token_loss)
+    token_loss = loss_fn(LossInputs(
         student_logits=s_logits, teacher_logits=t_logits, tokens=tok,
         sampling_logp=x.rollout.sampling_logp.flatten(), teacher_token_logp=stats.teacher_token_logp.flatten(),
     ))
@@ -138,7 +147,12 @@ def run_floor(x, selector, divergence, chunk: int) -> None:
         head_logits(x.t_head, t_flat[start : start + chunk], work, "teacher")
 
 
-METHODS = {"naive": run_naive, "opdlab": run_opdlab, "opdlab-fused": run_fused, "floor": run_floor}
+def run_naive_opdlab_loss(x, selector, divergence, chunk: int) -> None:
+    run_naive(x, selector, divergence, chunk, loss="opdlab")
+
+
+METHODS = {"naive": run_naive, "naive+opdlab-loss": run_naive_opdlab_loss, "opdlab": run_opdlab,
+           "opdlab-fused": run_fused, "floor": run_floor}
 
 
 # ------------------------------------------------------------------------------------------ measuring
@@ -207,6 +221,8 @@ def configs(args) -> list[tuple[str, float, str]]:
         for ratio in args.ratios:
             if run_naive_too:
                 out.append(("naive", ratio, div))
+                if hasattr(DIVERGENCES[div], "autograd_token_loss") and ratio in (1.0, min(args.ratios)):
+                    out.append(("naive+opdlab-loss", ratio, div))
             out.append(("opdlab", ratio, div))
             if ratio == 1.0:
                 out.append(("opdlab-fused", ratio, div))

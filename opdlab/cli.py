@@ -191,6 +191,9 @@ def main(argv: list[str] | None = None) -> None:
         return
     # The frozen teacher is in eval mode on purpose; Lightning warns about it at every fit.
     warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+    # Manual optimisation (global selection) makes Lightning warn that checkpoints hold the weights after
+    # the step; that is what opdlab checkpoints are meant to hold (resume continues from there).
+    warnings.filterwarnings("ignore", message=r"Using ModelCheckpoint with manual optimization")
     for group in plugins.GROUPS:
         plugins.discover(group)  # import plugin classes so jsonargparse resolves their names
     try:

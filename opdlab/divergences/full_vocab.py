@@ -29,6 +29,11 @@ class ForwardKL(Divergence):
         return hand_grad_loss(inputs.student_logits, inputs.teacher_logits, "forward_kl",
                               temperature=self.temperature)
 
+    def autograd_token_loss(self, inputs: LossInputs) -> torch.Tensor:
+        """The same loss through autograd: the formula the tests and the TRL-style benchmark reference use."""
+        s, t = _pair(inputs, self.temperature)
+        return masked_kl(t, s)
+
 
 class ReverseKL(Divergence):
     """KL(p_S || p_T): mode-seeking, the usual on-policy distillation objective."""
@@ -39,6 +44,11 @@ class ReverseKL(Divergence):
     def token_loss(self, inputs: LossInputs) -> torch.Tensor:
         return hand_grad_loss(inputs.student_logits, inputs.teacher_logits, "reverse_kl",
                               temperature=self.temperature)
+
+    def autograd_token_loss(self, inputs: LossInputs) -> torch.Tensor:
+        """The same loss through autograd: the formula the tests and the TRL-style benchmark reference use."""
+        s, t = _pair(inputs, self.temperature)
+        return masked_kl(s, t)
 
 
 class GeneralizedJSD(Divergence):
@@ -58,7 +68,7 @@ class GeneralizedJSD(Divergence):
         return hand_grad_loss(inputs.student_logits, inputs.teacher_logits, kind, self.beta, self.temperature)
 
     def autograd_token_loss(self, inputs: LossInputs) -> torch.Tensor:
-        """The same loss through autograd (TRL's formula); the reference the tests hold the fast one to."""
+        """The same loss through autograd (TRL's formula): the TRL-style benchmark reference."""
         s, t = _pair(inputs, self.temperature)
         if self.beta == 0.0:
             return masked_kl(t, s)
