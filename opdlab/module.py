@@ -89,6 +89,10 @@ class OPDModule(L.LightningModule):
         shard_student: under a sharding strategy (ModelParallelStrategy), shard the student with FSDP2
             as well as the teacher; the teacher is always sharded there.
         seed: seed of rollout sampling (per prompt, from its stream index) and of random selection.
+        per_response_floor: keep at least one position of every non-empty response (DESIGN's budget rule,
+            the default). With short responses this dominates small budgets (4-5-token toy answers:
+            "5%" keeps ~20%); False keeps exactly ceil(ratio · valid tokens) over the batch, so some
+            responses get no loss at all.
     """
 
     def __init__(
@@ -115,6 +119,7 @@ class OPDModule(L.LightningModule):
         max_bad_steps: int = 5,
         shard_student: bool = True,
         seed: int = 0,
+        per_response_floor: bool = True,
     ) -> None:
         super().__init__()
         if num_samples < 1 or max_new_tokens < 1:
@@ -128,6 +133,7 @@ class OPDModule(L.LightningModule):
         self.save_hyperparameters(ignore=["selector", "divergence", "optimizer", "scheduler"])
         self.student_path, self.teacher_path = student, teacher
         self.selector = selector if selector is not None else FullSelector()
+        self.selector.per_response_floor = per_response_floor
         self.divergence = divergence if divergence is not None else SampledTokenOPD()
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.student = self.teacher = self.tokenizer = None

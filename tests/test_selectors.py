@@ -258,6 +258,32 @@ def test_budget_is_global_not_per_sequence():
     assert torch.equal(keep, torch.tensor([[True, True, True, False], [False, True, False, False]]))
 
 
+def test_budget_without_per_response_floor_keeps_exactly_the_budget():
+    """per_response_floor=False: exactly ceil(ratio · N_valid) positions, the globally best, so rows can
+    get none (the same scores as test_budget_is_global_not_per_sequence: row 1 now gets nothing)."""
+    scores = torch.tensor([[9.0, 8.0, 7.0, 6.0], [1.0, 2.0, 0.0, 0.0]])
+    valid = torch.tensor([[True] * 4, [True, True, False, False]])
+    keep = apply_budget(scores, valid, ratio=0.5, per_response_floor=False)
+    assert torch.equal(keep, torch.tensor([[True, True, True, False], [False, False, False, False]]))
+    short = torch.ones(40, 5, dtype=torch.bool)  # 40 five-token responses, 5%: 10 positions, not 40
+    scores = torch.randn(40, 5, generator=torch.Generator().manual_seed(0))
+    assert int(apply_budget(scores, short, 0.05).sum()) >= 40  # 10 best + the best of every row left out
+    assert int(apply_budget(scores, short, 0.05, per_response_floor=False).sum()) == 10
+
+
+@pytest.mark.parametrize("selector_cls", [TeachabilitySelector, EntropySelector])
+def test_selector_honours_per_response_floor_attribute(selector_cls):
+    """OPDModule(per_response_floor=False) sets the attribute; the shared select() applies it."""
+    from opdlab.module import OPDModule
+
+    module = OPDModule(selector=selector_cls(ratio=0.05), per_response_floor=False)
+    assert module.selector.per_response_floor is False
+    stats = synthetic_stats(module.selector, torch.ones(40, 5, dtype=torch.bool))
+    assert int(module.selector.select(stats, torch.Generator().manual_seed(0)).sum()) == 10
+    floored = selector_cls(ratio=0.05).select(stats, torch.Generator().manual_seed(0))  # the default rule
+    assert floored.any(1).all() and int(floored.sum()) >= 40
+
+
 def test_budget_forced_minimum_never_picks_invalid_positions():
     scores = torch.tensor([[float("nan"), float("-inf"), 5.0], [9.0, 8.0, 7.0]])
     valid = torch.tensor([[False, True, False], [True, True, True]])  # row 0's only valid score is -inf

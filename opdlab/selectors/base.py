@@ -62,8 +62,11 @@ def normalize_scores(x: torch.Tensor, valid: torch.Tensor, method: Normalization
     return torch.where(valid, ((x - lo) / spread).clamp(0.0, 1.0), torch.zeros_like(x))
 
 
-def apply_budget(scores: torch.Tensor, valid: torch.Tensor, ratio: float) -> torch.Tensor:
-    """Keep mask (N, L) of the top ceil(ratio · N_valid) valid positions, at least one per non-empty row."""
+def apply_budget(
+    scores: torch.Tensor, valid: torch.Tensor, ratio: float, per_response_floor: bool = True
+) -> torch.Tensor:
+    """Keep mask (N, L) of the top ceil(ratio · N_valid) valid positions, plus (with `per_response_floor`,
+    DESIGN's rule) the best position of every non-empty row that got none."""
     valid = valid.bool()
     # NaN and -inf scores rank last among valid positions, but still above invalid ones.
     lowest = torch.finfo(torch.float32).min
@@ -76,6 +79,8 @@ def apply_budget(scores: torch.Tensor, valid: torch.Tensor, ratio: float) -> tor
         order = torch.sort(scores.flatten()[rows], descending=True, stable=True).indices[:k]
         keep[rows[order]] = True
     keep = keep.view_as(valid)
+    if not per_response_floor:
+        return keep
     starved = valid.any(1) & ~keep.any(1)  # (N,) non-empty responses that got nothing
     if starved.any():
         # argmax returns the first maximum, so ties again go to the earliest position.
@@ -98,6 +103,7 @@ class TokenSelector(ABC):
     top_k: int = 16
     needs_full_kl: ClassVar[bool] = False
     needs_full_entropy: ClassVar[bool] = False
+    per_response_floor: bool = True  # set by OPDModule(per_response_floor=...); see apply_budget
 
     def __init__(self, ratio: float = 1.0) -> None:
         if not 0.0 < ratio <= 1.0:
@@ -110,7 +116,7 @@ class TokenSelector(ABC):
 
     def select(self, stats: TokenStats, generator: torch.Generator | None = None) -> torch.Tensor:
         """(N, L) bool keep mask, a subset of `stats.valid`."""
-        return apply_budget(self.score(stats, generator), stats.valid, self.ratio)
+        return apply_budget(self.score(stats, generator), stats.valid, self.ratio, self.per_response_floor)
 
 
 def check_normalization(method: str) -> str:
