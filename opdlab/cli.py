@@ -81,8 +81,8 @@ class OPDLabCLI(LightningCLI):
         parser.add_lightning_class_args(TeachabilityHistograms, "teachability_histograms")
 
     def before_fit(self) -> None:
-        self.fit_started = time.perf_counter()
-        self.accuracy_before = self._validate()
+        self.accuracy_before = self._validate()  # builds the models first (and, on first use, the toy)
+        self.fit_started = time.perf_counter()  # so the summary's time and tokens/s are the training's
 
     def after_fit(self) -> None:
         seconds = time.perf_counter() - self.fit_started
@@ -93,7 +93,7 @@ class OPDLabCLI(LightningCLI):
         if trainer.is_global_zero:
             teacher = model.teacher_val_accuracy
             lines = [
-                f"steps: {trainer.global_step}   wall time: {seconds:.1f} s   "
+                f"steps: {trainer.global_step}   training wall time: {seconds:.1f} s   "
                 f"response tokens/s: {model.response_tokens / max(seconds, 1e-9):.0f}",
                 f"student accuracy: before {self.accuracy_before:.1%} -> after {after:.1%}"
                 + (f"   (teacher {float(teacher):.1%})" if teacher is not None else ""),

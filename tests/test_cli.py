@@ -73,6 +73,7 @@ def test_fit_end_to_end_summary(uninterrupted):
     assert f"steps: {MAX_STEPS}" in out
     summary = out[out.index("opdlab fit summary"):]
     assert "student accuracy: before" in summary and "-> after" in summary
+    assert "training wall time:" in summary and "response tokens/s:" in summary
     assert "Epoch" in result.out + result.err, "a progress bar is shown"
 
 
