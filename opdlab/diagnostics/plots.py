@@ -16,6 +16,15 @@ def pyplot():
     return plt
 
 
+def save_figure(fig, path: Path, title: str | None = None) -> None:
+    """Suptitle (if any), tight layout, a 120-dpi PNG at `path`; the figure is closed."""
+    if title is not None:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    pyplot().close(fig)
+
+
 def plot_deciles(deciles: dict[str, dict[str, dict[str, np.ndarray]]], path: Path, title: str) -> None:
     """One panel per predictor: mean gain per predictor decile (±1.96 SE), one line per gain kind.
 
@@ -33,10 +42,7 @@ def plot_deciles(deciles: dict[str, dict[str, dict[str, np.ndarray]]], path: Pat
         ax.axhline(0.0, color="grey", lw=0.5)
     axes[0][0].set_ylabel("mean gain G")
     axes[0][-1].legend(fontsize=8)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, title)
 
 
 def plot_tercile_gaps(panels: dict[str, dict[str, dict[str, dict]]], path: Path, title: str) -> None:
@@ -59,10 +65,7 @@ def plot_tercile_gaps(panels: dict[str, dict[str, dict[str, dict]]], path: Path,
         ax.set_ylabel("G: top tercile - bottom tercile")
         ax.set_title(panel, fontsize=9)
         ax.legend(fontsize=8)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, title)
 
 
 def plot_coefficients(models: dict[str, dict], path: Path, title: str) -> None:
@@ -85,10 +88,7 @@ def plot_coefficients(models: dict[str, dict], path: Path, title: str) -> None:
         ax.set_xlabel("standardised coefficient")
         ax.set_title(model, fontsize=9)
         ax.legend(fontsize=7)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, title)
 
 
 def plot_curves(curves: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]], path: Path, title: str,
@@ -104,6 +104,4 @@ def plot_curves(curves: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]], pa
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
