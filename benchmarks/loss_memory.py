@@ -35,10 +35,10 @@ import statistics
 import subprocess
 import sys
 import time
-from datetime import datetime, timezone
 from types import SimpleNamespace
 
 import torch
+from report import publish
 from torch import nn
 
 from opdlab.divergences import LossInputs, ReverseKL, SampledTokenOPD
@@ -298,18 +298,13 @@ def main() -> None:
             print(f"# round {rnd + 1}: {cfg[0]:>12} ratio {cfg[1]:<5g} {cfg[2]:<13} "
                   f"{r['peak_mb']:9,.0f} MB {r['seconds']:7.2f} s {r['cpu_seconds']:7.2f} s CPU", flush=True)
     results = {cfg: results[cfg] for cfg in todo}
-    header = (f"## loss_memory — {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC\n\n"
-              f"Machine: {platform.node()}, {platform.processor() or platform.machine()}, "
-              f"{os.cpu_count()} CPU threads, torch {torch.__version__}, device {args.device}.\n"
-              f"Command: `python {' '.join(sys.argv)}`\n"
-              f"Vocab {args.vocab:,}, hidden {args.hidden}, {args.tokens:,} response tokens, {args.dtype}, "
-              f"chunk {args.chunk_size}, teachability selector (top-K 16), student head "
-              f"{'trained' if args.train_head else 'frozen'}, medians of {args.repeats} rounds.\n")
-    text = header + "\n" + table(args, results) + "\n"
-    print(text)
-    if args.output:
-        with open(args.output, "a") as f:
-            f.write(text + "\n")
+    publish("loss_memory",
+            f"{platform.node()}, {platform.processor() or platform.machine()}, {os.cpu_count()} CPU threads, "
+            f"torch {torch.__version__}, device {args.device}.",
+            f"Vocab {args.vocab:,}, hidden {args.hidden}, {args.tokens:,} response tokens, {args.dtype}, "
+            f"chunk {args.chunk_size}, teachability selector (top-K 16), student head "
+            f"{'trained' if args.train_head else 'frozen'}, medians of {args.repeats} rounds.\n",
+            table(args, results), args.output)
 
 
 if __name__ == "__main__":

@@ -16,13 +16,12 @@ import argparse
 import os
 import platform
 import statistics
-import sys
 import time
 import warnings
-from datetime import datetime, timezone
 
 import lightning as L
 import torch
+from report import publish
 
 from opdlab.data import PromptDataModule
 from opdlab.divergences import ReverseKL, SampledTokenOPD
@@ -115,18 +114,13 @@ def main() -> None:
     full, ta = (statistics.median(r["step"] for r in records[n]) for n in METHODS)
     lines.append(f"\nteachability@0.05 / full step time: {ta / full:.2f}. `loss` includes backward; "
                  "`forward` is the student (with grad) and teacher forwards to final hidden states.")
-    header = (f"## step_throughput — {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC\n\n"
-              f"Machine: {platform.node()}, {platform.processor() or platform.machine()}, {os.cpu_count()} CPU "
-              f"threads (torch uses {torch.get_num_threads()}), torch {torch.__version__}.\n"
-              f"Command: `python {' '.join(sys.argv)}`\n"
-              f"{args.student} <- {args.teacher}, {args.batch_size} prompts/step, max_new_tokens "
-              f"{args.max_new_tokens}, {args.divergence}; medians of {args.rounds} interleaved rounds x "
-              f"{args.steps} steps per method (after {args.warmup} warm-up steps).\n")
-    text = header + "\n" + "\n".join(lines) + "\n"
-    print(text)
-    if args.output:
-        with open(args.output, "a") as f:
-            f.write(text + "\n")
+    publish("step_throughput",
+            f"{platform.node()}, {platform.processor() or platform.machine()}, {os.cpu_count()} CPU "
+            f"threads (torch uses {torch.get_num_threads()}), torch {torch.__version__}.",
+            f"{args.student} <- {args.teacher}, {args.batch_size} prompts/step, max_new_tokens "
+            f"{args.max_new_tokens}, {args.divergence}; medians of {args.rounds} interleaved rounds x "
+            f"{args.steps} steps per method (after {args.warmup} warm-up steps).\n",
+            "\n".join(lines), args.output)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,8 @@ import sys
 import tempfile
 import time
 import warnings
-from datetime import datetime, timezone
+
+from report import publish
 
 
 def has_trl() -> bool:
@@ -242,20 +243,15 @@ def main() -> None:
                      + ", ".join(f"{k} {v:.3f} ({v / rows['opdlab'][1]:.0%})" for k, v in med.items()) + ".")
     import trl
 
-    header = (f"## vs_trl — {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC\n\n"
-              f"Machine: {platform.node()}, {os.cpu_count()} CPU threads (torch uses {args.threads}), "
-              f"torch {torch.__version__}, trl {trl.__version__}.\n"
-              f"Command: `python {' '.join(sys.argv)}`\n"
-              f"{f'random Qwen2 h256/L2 <- h512/L2, vocab {args.vocab:,}' if args.vocab else f'{args.student} <- {args.teacher}'}"
-              f", {args.batch_size} prompts/step, max_new_tokens {args.max_new_tokens}, "
-              f"JSD beta {args.beta}; medians over {args.rounds} rounds x {args.steps} steps (after {args.warmup} "
-              "warm-up steps), each run in a fresh process.\n")
-    text = header + "\n" + "\n".join(lines) + "\n"
     tmp.cleanup()
-    print(text)
-    if args.output:
-        with open(args.output, "a") as f:
-            f.write(text + "\n")
+    publish("vs_trl",
+            f"{platform.node()}, {os.cpu_count()} CPU threads (torch uses {args.threads}), "
+            f"torch {torch.__version__}, trl {trl.__version__}.",
+            f"{f'random Qwen2 h256/L2 <- h512/L2, vocab {args.vocab:,}' if args.vocab else f'{args.student} <- {args.teacher}'}"
+            f", {args.batch_size} prompts/step, max_new_tokens {args.max_new_tokens}, "
+            f"JSD beta {args.beta}; medians over {args.rounds} rounds x {args.steps} steps (after {args.warmup} "
+            "warm-up steps), each run in a fresh process.\n",
+            "\n".join(lines), args.output)
 
 
 if __name__ == "__main__":
