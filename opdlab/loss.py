@@ -158,20 +158,43 @@ def stored_grads(ctx, grad_out: torch.Tensor) -> list[torch.Tensor | None]:
     out: list[torch.Tensor | None] = [None]
     if ctx.needs_input_grad[4]:
         out[0] = torch.mm(d_pre, weight.detach().to(d_pre.dtype)).mul_(g).to(hidden.dtype)
-    for p in params:
-        grad = torch.zeros_like(p) if p.shape[0] > d_pre.shape[1] else torch.empty_like(p)  # narrowed: rows beyond V
-        rows_of = grad[: d_pre.shape[1]]
-        if p is ctx.head.proj.weight:
-            if d_pre.dtype == grad.dtype:
-                torch.mm(d_pre.t(), hidden.to(d_pre.dtype) * g, out=rows_of)
+    grads = [torch.empty_like(p) for p in params]
+    head_param_grads(ctx.head, params, d_pre, hidden, grads, add=False, row_weights=grad_out)
+    return out + grads
+
+
+@torch.no_grad()
+def head_param_grads(
+    head,
+    params: Sequence[torch.Tensor],
+    d_pre: torch.Tensor,
+    hidden: torch.Tensor,
+    into: list[torch.Tensor],
+    add: bool,
+    row_weights: torch.Tensor | None = None,
+) -> None:
+    """Gradients of Σ_i w_i·loss_i w.r.t. a plain-linear head's parameters, from dpre (R, V) and hidden (R, H):
+    dW[:V] = dpreᵀ (w·h), db[:V] = dpreᵀ w (w = 1 without `row_weights`), added to `into` (`add`) or written
+    there, in place: no (V, H) temporary unless the dtypes differ (mixed precision: the product in the autocast
+    dtype, accumulated in the parameter's). Writing zeroes the rows a narrowed head (num_columns) never touches.
+    """
+    w = None if row_weights is None else row_weights.to(d_pre.dtype)[:, None]
+    h = hidden.to(d_pre.dtype) if w is None else hidden.to(d_pre.dtype) * w
+    for p, acc in zip(params, into, strict=True):
+        rows_of = acc[: d_pre.shape[1]]
+        if not add and rows_of.shape[0] < acc.shape[0]:
+            acc[rows_of.shape[0] :].zero_()
+        if p is head.proj.weight:
+            if d_pre.dtype == acc.dtype:
+                rows_of.addmm_(d_pre.t(), h) if add else torch.mm(d_pre.t(), h, out=rows_of)
             else:
-                rows_of.copy_(torch.mm(d_pre.t(), hidden.to(d_pre.dtype) * g))
-        elif p is ctx.head.proj.bias:
-            rows_of.copy_(torch.mv(d_pre.t(), g.squeeze(-1)))
+                product = torch.mm(d_pre.t(), h)
+                rows_of.add_(product) if add else rows_of.copy_(product)
+        elif p is head.proj.bias:
+            b = d_pre.sum(0) if w is None else torch.mv(d_pre.t(), w.squeeze(-1))
+            rows_of.add_(b.to(acc.dtype)) if add else rows_of.copy_(b)
         else:  # pragma: no cover - chunkable() admits plain nn.Linear heads only
             raise TypeError("ChunkedRowLoss: a head parameter that is neither its weight nor its bias")
-        out.append(grad)
-    return out
 
 
 def chunk_logit_grad(
@@ -214,20 +237,7 @@ def chunk_loss_and_grads(
     weight, _ = head.linear_parts()
     with torch.no_grad():
         grad_hidden = torch.mm(d_pre, weight.to(d_pre.dtype)).to(hidden.dtype)
-        for p, acc in zip(params, grads_into, strict=True):
-            rows_of = acc[: d_pre.shape[1]]  # a narrowed head (num_columns) only touches its first V rows
-            if first and rows_of.shape[0] < acc.shape[0]:
-                acc[rows_of.shape[0] :].zero_()
-            if p is head.proj.weight:
-                if d_pre.dtype == acc.dtype == hidden.dtype:  # in place: no (V, H) temporary per chunk
-                    torch.mm(d_pre.t(), hidden, out=rows_of) if first else rows_of.addmm_(d_pre.t(), hidden)
-                else:  # mixed precision: the product in the autocast dtype, accumulated in the parameter's
-                    product = torch.mm(d_pre.t(), hidden.to(d_pre.dtype))
-                    rows_of.copy_(product) if first else rows_of.add_(product)
-            elif p is head.proj.bias:
-                rows_of.copy_(d_pre.sum(0)) if first else rows_of.add_(d_pre.sum(0).to(acc.dtype))
-            else:  # pragma: no cover - chunkable() admits plain nn.Linear heads only
-                raise TypeError("ChunkedRowLoss: a head parameter that is neither its weight nor its bias")
+        head_param_grads(head, params, d_pre, hidden, grads_into, add=not first)
     return loss, grad_hidden
 
 
