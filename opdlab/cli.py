@@ -29,7 +29,8 @@ TRAINER_DEFAULTS = {
     "max_steps": 200,
     "plugins": [{"class_path": "opdlab.checkpointing.AtomicCheckpointIO"}],
 }
-SHORT_NAME_ARGS = {"--model.selector": "opdlab.selectors", "--model.divergence": "opdlab.divergences"}
+SHORT_NAME_ARGS = {"--model.selector": "opdlab.selectors", "--model.divergence": "opdlab.divergences",
+                   "--model.rollout_engine": "opdlab.rollout_engines"}
 
 
 class OPDLabArgumentParser(LightningArgumentParser):
@@ -155,7 +156,8 @@ def run_toy(argv: list[str]) -> None:
 
 def run_plugins(argv: list[str]) -> None:
     if argv and argv[0] in ("-h", "--help"):
-        print("usage: opdlab plugins\n\nList every registered selector and divergence with the package it came from.")
+        print("usage: opdlab plugins\n\nList every registered selector, divergence and rollout engine with the "
+              "package it came from.")
         return
     rows = [(p.group.split(".")[-1], p.name, p.package, p.class_path) for p in plugins.list_plugins()]
     widths = [max(len(r[i]) for r in [("group", "name", "package", "class"), *rows]) for i in range(4)]
@@ -173,7 +175,7 @@ commands:
   validate   greedy accuracy of a student: opdlab validate --config ... [--ckpt_path ...]
   test       same, on the test split
   toy        build the embedded toy teacher/student (done automatically by fit)
-  plugins    list installed selectors and divergences
+  plugins    list installed selectors, divergences and rollout engines
   diagnose   fixed-context diagnostic: does θ0 teachability predict OPD gain? (DESIGN.md §3)
   compare    selectors side by side over seeds, plus a budget sweep: opdlab compare --help
 

@@ -43,7 +43,8 @@ from opdlab.diagnostics.bank import (
 )
 from opdlab.diagnostics.report import StatsOptions, format_report, gain_statistics, to_jsonable, write_plots
 from opdlab.divergences import Divergence, ReverseKL
-from opdlab.rollout import decode_responses, encode_prompts, sample_rollouts
+from opdlab.engines import SamplingParams
+from opdlab.rollout import decode_responses, encode_prompts
 from opdlab.selectors import FullSelector, TokenSelector
 from opdlab.tasks import AdditionTask, PromptSource
 
@@ -106,6 +107,7 @@ def load_student_after(module, path: str, dtype: str) -> None:
     device = next(module.student.parameters()).device
     module.student = load_causal_lm(path, dtype).to(device).eval()
     module.student_head = LogitHead(module.student, check_vocab_sizes(module.student, module.teacher, module.tokenizer))
+    module.bind_rollout_engine()
 
 
 @torch.no_grad()
@@ -117,8 +119,7 @@ def student_accuracy(module, source: PromptSource, max_new_tokens: int, batch_si
         chunk = problems[start : start + batch_size]
         prompts = encode_prompts(tok, [p.prompt for p in chunk], [p.answer for p in chunk],
                                  chat_template=source.use_chat_template)
-        rollout = sample_rollouts(module.student, prompts, tok.eos_token_id, tok.pad_token_id,
-                                  max_new_tokens=max_new_tokens, temperature=0.0)
+        rollout = module.generate(prompts, SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0))
         texts = decode_responses(tok, rollout)
         correct += sum(source.verify(t, p.answer) for t, p in zip(texts, chunk, strict=True))
     return correct / max(len(problems), 1)

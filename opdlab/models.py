@@ -6,6 +6,7 @@ directories and hub ids all reach the same `from_pretrained` code the tests exer
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 
 import torch
@@ -55,6 +56,16 @@ def load_causal_lm(name: str, dtype: str = "float32") -> PreTrainedModel:
             f"could not load model {name!r} ({err}); this machine may have no hub access: "
             "download it elsewhere and pass the local directory"
         ) from err
+
+
+def cache_keyword(model: nn.Module) -> str:
+    """The forward keyword that takes a KV cache: `cache` (transformers >= 5.2x) or `past_key_values`.
+
+    Recent versions still accept `past_key_values` with a deprecation warning, older 5.x ones know only it,
+    so the name is read off the model's own signature instead of assumed.
+    """
+    forward = inspect.unwrap(model.forward)
+    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
 
 
 def freeze(model: nn.Module) -> nn.Module:

@@ -23,6 +23,7 @@ from torchmetrics import MeanMetric
 from opdlab.checkpointing import capture_rng_state, restore_rng_state
 from opdlab.distributed import all_reduce_sum, gather_stats, world_size
 from opdlab.divergences import Divergence, SampledTokenOPD
+from opdlab.engines import RolloutEngine, SamplingParams, StaticCacheEngine
 from opdlab.loss import LossNormalization, kept_token_loss, reduce_token_loss, score_and_loss_all_rows
 from opdlab.microbatch import cat_stats, micro_batches, rollout_rows, stats_are_finite, stats_rows
 from opdlab.models import (
@@ -89,6 +90,10 @@ class OPDModule(L.LightningModule):
         shard_student: under a sharding strategy (ModelParallelStrategy), shard the student with FSDP2
             as well as the teacher; the teacher is always sharded there.
         seed: seed of rollout sampling (per prompt, from its stream index) and of random selection.
+        rollout_engine: what generates the student's responses (training rollouts, greedy validation, the
+            diagnostic's bank): `static` (default: static KV cache, decode step compiled into a CUDA graph on
+            GPUs), `reference` (the plain eager loop the others are tested against), or a plugin's engine
+            (entry-point group `opdlab.rollout_engines`). See `opdlab.engines`.
         per_response_floor: keep at least one position of every non-empty response (DESIGN's budget rule,
             the default). With short responses this dominates small budgets (4-5-token toy answers:
             "5%" keeps ~20%); False keeps exactly ceil(ratio · valid tokens) over the batch, so some
@@ -120,6 +125,7 @@ class OPDModule(L.LightningModule):
         shard_student: bool = True,
         seed: int = 0,
         per_response_floor: bool = True,
+        rollout_engine: RolloutEngine | None = None,
     ) -> None:
         super().__init__()
         if num_samples < 1 or max_new_tokens < 1:
@@ -130,12 +136,14 @@ class OPDModule(L.LightningModule):
             raise ValueError(f"micro_batch_size must be >= 1 or None, got {micro_batch_size}")
         if loss_normalization not in ("kept", "valid"):
             raise ValueError(f"loss_normalization must be 'kept' or 'valid', got {loss_normalization!r}")
-        self.save_hyperparameters(ignore=["selector", "divergence", "optimizer", "scheduler"])
+        self.save_hyperparameters(ignore=["selector", "divergence", "optimizer", "scheduler", "rollout_engine"])
         self.student_path, self.teacher_path = student, teacher
         self.selector = selector if selector is not None else FullSelector()
         self.selector.per_response_floor = per_response_floor
         self.divergence = divergence if divergence is not None else SampledTokenOPD()
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
+        self.rollout_engine = rollout_engine if rollout_engine is not None else StaticCacheEngine()
+        self.engine_weights_stale = True  # the engine takes the student's weights before its next rollout
         self.student = self.teacher = self.tokenizer = None
         self.val_accuracy = MeanMetric()
         self.teacher_accuracy = MeanMetric()
@@ -171,6 +179,12 @@ class OPDModule(L.LightningModule):
         columns = check_vocab_sizes(self.student, self.teacher, self.tokenizer)
         self.student_head = LogitHead(self.student, columns)
         self.teacher_head = LogitHead(self.teacher, columns)
+        self.bind_rollout_engine()
+
+    def bind_rollout_engine(self) -> None:
+        """Attach the rollout engine to the current student object (again after it is replaced)."""
+        self.rollout_engine.bind(self.student, self.tokenizer.eos_token_id, self.tokenizer.pad_token_id)
+        self.engine_weights_stale = True
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -226,14 +240,21 @@ class OPDModule(L.LightningModule):
             return None
         return [hash((self.hparams.seed, int(i))) % (2**63) for i in batch["indices"]]
 
-    def rollout(self, prompts: PromptBatch, greedy: bool = False, model=None, seeds: list[int] | None = None) -> Rollout:
+    def rollout(self, prompts: PromptBatch, greedy: bool = False, seeds: list[int] | None = None) -> Rollout:
+        """The student's responses with this run's sampling settings (greedy: one each, temperature 0)."""
         hp = self.hparams
-        return sample_rollouts(
-            model or self.student, prompts, self.tokenizer.eos_token_id, self.tokenizer.pad_token_id,
+        return self.generate(prompts, SamplingParams(
             num_samples=1 if greedy else hp.num_samples, max_new_tokens=hp.max_new_tokens,
-            temperature=0.0 if greedy else hp.temperature, top_p=hp.top_p, generator=self.step_generator(),
-            seeds=None if greedy else seeds, sync_ranks=world_size() > 1,
-        )
+            temperature=0.0 if greedy else hp.temperature, top_p=hp.top_p, seeds=None if greedy else seeds,
+            generator=self.step_generator(), sync_ranks=world_size() > 1,
+        ))
+
+    def generate(self, prompts: PromptBatch, params: SamplingParams) -> Rollout:
+        """Student rollouts from the engine, which first takes the weights of the last optimizer step."""
+        if self.engine_weights_stale:
+            self.rollout_engine.load_weights(self.student)
+            self.engine_weights_stale = False
+        return self.rollout_engine.generate(prompts, params)
 
     def response_hidden_states(
         self, rollout: Rollout, student_grad: bool = True, teacher: bool = True
@@ -322,6 +343,7 @@ class OPDModule(L.LightningModule):
             optimizer.zero_grad(set_to_none=True)
             return False
         optimizer.step()
+        self.engine_weights_stale = True
         optimizer.zero_grad(set_to_none=True)
         scheduler = self.lr_schedulers()
         if scheduler is not None:
@@ -351,12 +373,15 @@ class OPDModule(L.LightningModule):
     # ----------------------------------------------------------------------------- evaluation
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         prompts = self.encode(batch)
-        self.val_accuracy.update(self.greedy_accuracy(prompts, self.student))
-        if not self.teacher_evaluated:
-            self.teacher_accuracy.update(self.greedy_accuracy(prompts, self.teacher))
+        self.val_accuracy.update(self.greedy_accuracy(prompts, self.rollout(prompts, greedy=True)))
+        if not self.teacher_evaluated:  # once per run, with the plain loop (the engine serves the student)
+            teacher = sample_rollouts(self.teacher, prompts, self.tokenizer.eos_token_id, self.tokenizer.pad_token_id,
+                                      max_new_tokens=self.hparams.max_new_tokens, temperature=0.0,
+                                      sync_ranks=world_size() > 1)
+            self.teacher_accuracy.update(self.greedy_accuracy(prompts, teacher))
 
-    def greedy_accuracy(self, prompts: PromptBatch, model) -> torch.Tensor:
-        texts = decode_responses(self.tokenizer, self.rollout(prompts, greedy=True, model=model))
+    def greedy_accuracy(self, prompts: PromptBatch, rollout: Rollout) -> torch.Tensor:
+        texts = decode_responses(self.tokenizer, rollout)
         verify = self.trainer.datamodule.verify
         return torch.tensor([float(verify(t, a)) for t, a in zip(texts, prompts.answers, strict=True)])
 
@@ -403,6 +428,7 @@ class OPDModule(L.LightningModule):
         checkpoint["opdlab"] = {"rng": capture_rng_state(), "skipped_steps": self.skipped_steps}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.engine_weights_stale = True  # the restored weights replace the student's after this hook
         expected = {k for k in self.state_dict() if k.startswith("student.")}
         missing = sorted(expected - set(checkpoint["state_dict"]))
         if missing:

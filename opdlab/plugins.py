@@ -1,6 +1,6 @@
-"""Entry-point plugins: selectors and divergences from any installed package.
+"""Entry-point plugins: selectors, divergences and rollout engines from any installed package.
 
-Groups `opdlab.selectors` and `opdlab.divergences` map a short name to a class; opdlab registers its
+Groups `opdlab.selectors`, `opdlab.divergences` and `opdlab.rollout_engines` map a short name to a class; opdlab registers its
 own built-ins the same way (in its pyproject), so there is one mechanism. Discovery imports each entry
 point once (idempotent, cached), checks that it is a concrete subclass of the group's interface, refuses
 duplicate names, and records the package that supplied it. Every failure names the plugin and its
@@ -23,10 +23,14 @@ from functools import cache
 from importlib import metadata
 
 from opdlab.divergences.base import Divergence
+from opdlab.engines.base import RolloutEngine
 from opdlab.selectors.base import TokenSelector
 
-GROUPS: dict[str, type] = {"opdlab.selectors": TokenSelector, "opdlab.divergences": Divergence}
-GROUP_ALIASES = {"selector": "opdlab.selectors", "divergence": "opdlab.divergences"}
+GROUPS: dict[str, type] = {
+    "opdlab.selectors": TokenSelector, "opdlab.divergences": Divergence, "opdlab.rollout_engines": RolloutEngine,
+}
+GROUP_ALIASES = {"selector": "opdlab.selectors", "divergence": "opdlab.divergences",
+                 "rollout_engine": "opdlab.rollout_engines"}
 BUILTIN_PACKAGE = "opdlab"
 DISABLE_ENV = "OPDLAB_DISABLE_PLUGINS"
 # Short names are used bare on the command line (`--model.selector teachability`), where a dot means a
@@ -62,7 +66,7 @@ def _package(ep: metadata.EntryPoint) -> str:
 
 @cache
 def discover(group: str) -> dict[str, Plugin]:
-    """Every plugin of `group` ('opdlab.selectors' or 'opdlab.divergences', or 'selector'/'divergence'), by name.
+    """Every plugin of `group` (a key of GROUPS, or its alias 'selector'/'divergence'/'rollout_engine'), by name.
 
     Raises PluginError naming the plugin and its package when one cannot be registered.
     """

@@ -15,6 +15,7 @@ import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from opdlab.distributed import all_reduce_sum
+from opdlab.models import cache_keyword
 
 
 @dataclass
@@ -127,10 +128,10 @@ def sample_rollouts(
     was_training = model.training
     model.eval()
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    out = model(
-        input_ids=ids, attention_mask=mask, position_ids=positions, cache=DynamicCache(config=model.config),
-        use_cache=True, logits_to_keep=1,
-    )
+    # The cache object is updated in place; keep it rather than reading it back from the output, whose
+    # field is `cache` in recent transformers and `past_key_values` before 5.2x.
+    cache = {cache_keyword(model): DynamicCache(config=model.config)}
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1, **cache)
     tokens, logps, alive_steps = [], [], []
     alive = torch.ones(n, dtype=torch.bool, device=device)
     next_pos = positions[:, -1:] + 1
@@ -156,9 +157,7 @@ def sample_rollouts(
         if not still_running or step == max_new_tokens - 1:
             break
         mask = torch.cat([mask, alive_steps[-1][:, None].long()], dim=1)
-        out = model(
-            input_ids=token[:, None], attention_mask=mask, position_ids=next_pos, cache=out.cache, use_cache=True
-        )
+        out = model(input_ids=token[:, None], attention_mask=mask, position_ids=next_pos, use_cache=True, **cache)
         next_pos = next_pos + 1
     model.train(was_training)
     response = torch.stack(tokens, 1)  # (N, L)

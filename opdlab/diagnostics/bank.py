@@ -15,7 +15,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from opdlab.rollout import Rollout, encode_prompts, sample_rollouts
+from opdlab.engines import SamplingParams
+from opdlab.rollout import Rollout, encode_prompts
 from opdlab.scoring import compute_token_stats
 from opdlab.selectors.base import Normalization, normalize_scores
 from opdlab.tasks import PromptSource
@@ -58,10 +59,9 @@ def sample_bank(module, source: PromptSource, opts: BankOptions, device: torch.d
         prompts = encode_prompts(module.tokenizer, [p.prompt for p in chunk], [p.answer for p in chunk],
                                  chat_template=source.use_chat_template)
         seeds = [hash((opts.seed, opts.prompt_offset + start + i)) % (2**63) for i in range(len(chunk))]
-        rollout = sample_rollouts(
-            module.student, prompts, module.tokenizer.eos_token_id, module.tokenizer.pad_token_id,
+        rollout = module.generate(prompts, SamplingParams(
             max_new_tokens=opts.max_response_tokens, temperature=opts.temperature, seeds=seeds,
-        )
+        ))
         parts.append(rollout_to(rollout, torch.device("cpu")))
     return parts
 

@@ -1,0 +1,7 @@
+"""Rollout engines: the interface and the built-ins (entry-point group `opdlab.rollout_engines`)."""
+
+from opdlab.engines.base import RolloutEngine, SamplingParams
+from opdlab.engines.reference import ReferenceEngine
+from opdlab.engines.static import StaticCacheEngine
+
+__all__ = ["RolloutEngine", "SamplingParams", "ReferenceEngine", "StaticCacheEngine"]
