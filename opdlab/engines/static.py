@@ -124,14 +124,27 @@ class StepConstants:
 
 
 def sample_next(logits: torch.Tensor, uniforms: torch.Tensor, c: StepConstants) -> tuple[torch.Tensor, torch.Tensor]:
-    """(N, V) logits, (N,) uniforms -> sampled token (N,) and its log-prob under the sampling distribution."""
-    if c.temperature == 0:
-        logp = torch.log_softmax(logits.float(), dim=-1)
-        token = logp.argmax(-1)
-    else:
+    """(N, V) logits, (N,) uniforms -> sampled token (N,) and its log-prob under the sampling distribution.
+
+    The same draws as the reference loop's `inverse_cdf_sample(sampling_logprobs(...), u)`, computed without
+    materialising the (N, V) log-softmax where top-p is off: the inverse CDF of exp(z - max) scaled by its
+    total is the one of the normalised distribution, and only the sampled column's log-prob is needed.
+    """
+    z = logits.float() if c.temperature in (0, 1) else logits.float() / c.temperature
+    if c.top_p < 1 and c.temperature > 0:
         logp = sampling_logprobs(logits, c.temperature, c.top_p)
         token = inverse_cdf_sample(logp, uniforms)
-    return token, logp.gather(-1, token[:, None]).squeeze(-1)
+        return token, logp.gather(-1, token[:, None]).squeeze(-1)
+    top = z.max(-1, keepdim=True).values  # (N, 1)
+    if c.temperature == 0:
+        token = z.argmax(-1)
+        total = (z - top).exp().sum(-1, keepdim=True)
+    else:
+        cdf = (z - top).double().exp().cumsum(-1)  # fp64: no drift over 150k-entry vocabularies
+        total = cdf[:, -1:]
+        token = torch.searchsorted(cdf, uniforms[:, None] * total, right=True).squeeze(-1).clamp(max=z.shape[-1] - 1)
+    logp = z.gather(-1, token[:, None]) - top - total.log().float()
+    return token, logp.squeeze(-1)
 
 
 def record(ws: Workspace, token: torch.Tensor, logp: torch.Tensor, c: StepConstants) -> None:
