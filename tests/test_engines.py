@@ -8,6 +8,8 @@ weights the outputs change; the Rollout invariants of test_rollout hold.
 
 from __future__ import annotations
 
+import warnings
+
 import lightning as L
 import pytest
 import torch
@@ -157,6 +159,22 @@ def test_static_engine_compiled_step_traces_as_one_graph(tiny_student, char_toke
         torch.testing.assert_close(got.sampling_logp, expected.sampling_logp, atol=1e-5, rtol=1e-5)
     # Compiled, prompts are padded to a power-of-two width (>= 16), so ragged batches share cache shapes.
     assert {key[1] for key in compiled.workspaces} == {16}
+
+
+@pytest.mark.slow
+def test_static_engine_default_compile_options_on_cpu(tiny_student, char_tokenizer):
+    """The CUDA defaults (inductor, mode reduce-overhead, fullgraph) compiled for real on the CPU, where
+    reduce-overhead has no CUDA graphs to capture: what GPU users run, short of the graph capture."""
+    tok = char_tokenizer
+    prompts = ragged_prompts(tok)
+    engine = bound(StaticCacheEngine(compile=True), tiny_student, tok)
+    params = SamplingParams(num_samples=2, max_new_tokens=9, temperature=0.8, seeds=list(range(16)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # a compile failure falls back with a warning
+        got = engine.generate(prompts, params)
+    expected = bound(ReferenceEngine(), tiny_student, tok).generate(prompts, params)
+    assert torch.equal(got.input_ids, expected.input_ids)
+    torch.testing.assert_close(got.sampling_logp, expected.sampling_logp, atol=1e-5, rtol=1e-5)
 
 
 def test_static_engine_tied_and_qwen3_models(char_tokenizer):
