@@ -337,7 +337,11 @@ class StaticCacheEngine(RolloutEngine):
         ws.cache.positions, ws.cache.visible = query, ws.prompt_width
         logits = model(
             input_ids=ids, attention_mask=allowed[:, None],
-            position_ids=(mask.long().cumsum(-1) - 1).clamp(min=0), use_cache=True, logits_to_keep=1,
+            position_ids=(mask.long().cumsum(-1) - 1).clamp(min=0), use_cache=True,
+            # The last position by index, not by slice: the gathered (N, 1, H) rows are contiguous. A sliced
+            # view with a no-grad weight sends torch's matmul to a bmm over an (N, H, V) expanded weight
+            # (90 ms instead of 10 at V = 151,936 on CPU).
+            logits_to_keep=query[-1:],
             **{c.cache_keyword: ws.cache},
         ).logits[:, -1]
         ws.cache.positions = ws.cache.decode_slot
