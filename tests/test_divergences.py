@@ -146,20 +146,17 @@ def trl_generalized_jsd(student_logits, teacher_logits, beta: float, temperature
 
 @pytest.fixture
 def logits_pair():
-    return torch.randn(32, V) * 2, torch.randn(32, V) * 2
+    return torch.randn(32, 4096) * 2, torch.randn(32, 4096) * 2  # a wide vocabulary: cancellation shows
 
 
-@pytest.mark.parametrize("beta", [0.0, 0.3, 0.5, 0.9, 1.0])
-def test_generalized_jsd_matches_trl_formula(beta, logits_pair):
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+@pytest.mark.parametrize("beta", [0.0, 0.1, 0.3, 0.5, 0.9, 1.0])
+def test_generalized_jsd_matches_trl_formula(beta, temperature, logits_pair):
+    """fp32 against the float64 formula at fp32 precision (rtol 1e-6): the hand-written JSD once summed
+    q·t and q·log m separately and lost 1.3e-5 relative by cancellation at beta 0.1/0.9, temperature 2."""
     s, t = logits_pair
-    got = GeneralizedJSD(beta=beta).token_loss(make_inputs(s, t))
-    torch.testing.assert_close(got.double(), trl_generalized_jsd(s, t, beta), atol=1e-5, rtol=1e-5)
-
-
-def test_generalized_jsd_temperature_matches_trl_formula(logits_pair):
-    s, t = logits_pair
-    got = GeneralizedJSD(beta=0.3, temperature=2.0).token_loss(make_inputs(s, t))
-    torch.testing.assert_close(got.double(), trl_generalized_jsd(s, t, 0.3, temperature=2.0), atol=1e-5, rtol=1e-5)
+    got = GeneralizedJSD(beta=beta, temperature=temperature).token_loss(make_inputs(s, t))
+    torch.testing.assert_close(got.double(), trl_generalized_jsd(s, t, beta, temperature), atol=1e-7, rtol=1e-6)
 
 
 def test_generalized_jsd_limits_are_forward_and_reverse_kl(logits_pair):

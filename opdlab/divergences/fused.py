@@ -30,8 +30,12 @@ def _logp(logits: torch.Tensor, temperature: float) -> torch.Tensor:
 
 
 def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Σ_v a·b per row, (M, V) x (M, V) -> (M,), without an (M, V) product tensor."""
-    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
+    """Σ_v a·b per row, (M, V) x (M, V) -> (M,), with a pairwise sum.
+
+    A batched matmul would avoid the transient (M, V) product but accumulates the row sequentially: at
+    V = 151,936 that is 1e-5 relative error in fp32 where the pairwise sum keeps 1e-6 (TRL's precision).
+    """
+    return torch.mul(a, b).sum(-1)
 
 
 class HandGradDivergence(torch.autograd.Function):
@@ -55,9 +59,11 @@ class HandGradDivergence(torch.autograd.Function):
         elif kind == "jsd":
             p, q = s.exp(), t.exp()
             log_m = torch.mul(q, beta).add_(p, alpha=1 - beta).log_().clamp_min_(FLOAT_MIN)
-            loss = beta * (_rowdot(q, t) - _rowdot(q, log_m)) + (1 - beta) * (_rowdot(p, s) - _rowdot(p, log_m))
+            # Subtract before summing: Σq·t − Σq·log m cancels two large sums and loses ~1e-5 relative.
+            dq, dp = t.sub_(log_m), s.sub_(log_m)  # t - log m, s - log m, in t's and s's buffers
+            loss = beta * _rowdot(q, dq) + (1 - beta) * _rowdot(p, dp)
             if need_grad:
-                g = s.sub_(log_m).mul_(1 - beta)  # in s's buffer
+                g = dp.mul_(1 - beta)
                 grad = g.sub_(_rowdot(p, g)[:, None]).mul_(p)
             else:
                 grad = None
