@@ -8,7 +8,7 @@
 Each engine generates the same prompts with the same per-prompt seeds; EOS is disabled so every row runs
 `--new-tokens` steps and the per-step time is comparable (ms/step = rollout wall time / new tokens, the
 prefill included). Rounds alternate the engines' order; medians are reported, with the reference/static
-time ratio. `--full-step` also times whole OPD training steps (rollout, forwards, scoring, loss, optimizer)
+ratio of wall time and of process CPU time (on a shared machine the CPU-time ratio is the steadier one). `--full-step` also times whole OPD training steps (rollout, forwards, scoring, loss, optimizer)
 at that size with each engine, a teacher of `--teacher-size`, bf16-mixed on CUDA, and the stage breakdown.
 Models are random-init (no hub): the `qwen3-*` sizes are Qwen3-0.6B / 1.7B shapes.
 """
@@ -78,6 +78,7 @@ def time_rollouts(size: str, args, device: torch.device) -> dict:
     params = SamplingParams(max_new_tokens=args.new_tokens, temperature=1.0, seeds=list(range(n)))
     engines = {name: cls() for name, cls in ENGINES.items()}
     seconds: dict[str, list[float]] = {name: [] for name in engines}
+    cpu_seconds: dict[str, list[float]] = {name: [] for name in engines}
     names = list(engines)
     # On CUDA as in bf16-mixed training: autocast, so the static engine's copy is built in bf16.
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
@@ -90,13 +91,15 @@ def time_rollouts(size: str, args, device: torch.device) -> dict:
         for rnd in range(args.rounds):
             for name in names[rnd % 2:] + names[: rnd % 2]:
                 sync(device)
-                start = time.perf_counter()
+                start, cpu_start = time.perf_counter(), time.process_time()
                 engines[name].generate(prompts, params)
                 sync(device)
                 seconds[name].append(time.perf_counter() - start)
+                cpu_seconds[name].append(time.process_time() - cpu_start)
             print(f"# {size} round {rnd + 1}: " + ", ".join(f"{k} {v[-1]:.3f} s" for k, v in seconds.items()), flush=True)
     med = {name: statistics.median(v) for name, v in seconds.items()}
-    return {"size": size, "rows": n, "tokens": args.new_tokens, "median_s": med}
+    cpu = {name: statistics.median(v) for name, v in cpu_seconds.items()}
+    return {"size": size, "rows": n, "tokens": args.new_tokens, "median_s": med, "median_cpu_s": cpu}
 
 
 def sync(device: torch.device) -> None:
@@ -187,13 +190,14 @@ def main() -> None:
     device = torch.device(args.device)
 
     lines = ["| size | rows x new tokens | reference ms/step | static ms/step | reference tok/s | static tok/s | "
-             "reference / static |", "|---|---|---|---|---|---|---|"]
+             "reference / static (wall) | (process CPU time) |", "|---|---|---|---|---|---|---|---|"]
     for size in args.sizes:
         r = time_rollouts(size, args, device)
         ref, fast = r["median_s"]["reference"], r["median_s"]["static"]
         tokens = r["rows"] * r["tokens"]
         lines.append(f"| {size} | {r['rows']} x {r['tokens']} | {1000 * ref / r['tokens']:.2f} | "
-                     f"{1000 * fast / r['tokens']:.2f} | {tokens / ref:,.0f} | {tokens / fast:,.0f} | {ref / fast:.2f}x |")
+                     f"{1000 * fast / r['tokens']:.2f} | {tokens / ref:,.0f} | {tokens / fast:,.0f} | {ref / fast:.2f}x | "
+                     f"{r['median_cpu_s']['reference'] / r['median_cpu_s']['static']:.2f}x |")
     if args.full_step:
         lines += ["", *time_full_steps(args.sizes[-1], args, device)]
     gpu = torch.cuda.get_device_name() if device.type == "cuda" else "no GPU"

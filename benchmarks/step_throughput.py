@@ -26,6 +26,7 @@ from report import publish
 from opdlab.data import PromptDataModule
 from opdlab.divergences import ReverseKL, SampledTokenOPD
 from opdlab.module import OPDModule
+from opdlab.plugins import discover
 from opdlab.selectors import FullSelector, TeachabilitySelector
 from opdlab.tasks import AdditionTask
 
@@ -73,6 +74,8 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--max-new-tokens", type=int, default=6)
     p.add_argument("--divergence", default="reverse_kl", choices=list(DIVERGENCES))
+    p.add_argument("--rollout-engine", default="static", choices=["static", "reference"],
+                   help="the module's rollout engine (model.rollout_engine)")
     p.add_argument("--steps", type=int, default=2, help="timed steps per method per round")
     p.add_argument("--rounds", type=int, default=12)
     p.add_argument("--warmup", type=int, default=2)
@@ -89,6 +92,7 @@ def main() -> None:
         modules[name] = OPDModule(
             student=args.student, teacher=args.teacher, selector=make_selector(),
             divergence=DIVERGENCES[args.divergence](), max_new_tokens=args.max_new_tokens,
+            rollout_engine=discover("rollout_engine")[args.rollout_engine].cls(),
             optimizer=lambda params: torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.98)),
         )
         data[name] = PromptDataModule(AdditionTask(digits=args.digits), batch_size=args.batch_size)
@@ -118,7 +122,7 @@ def main() -> None:
             f"{platform.node()}, {platform.processor() or platform.machine()}, {os.cpu_count()} CPU "
             f"threads (torch uses {torch.get_num_threads()}), torch {torch.__version__}.",
             f"{args.student} <- {args.teacher}, {args.batch_size} prompts/step, max_new_tokens "
-            f"{args.max_new_tokens}, {args.divergence}; medians of {args.rounds} interleaved rounds x "
+            f"{args.max_new_tokens}, {args.divergence}, {args.rollout_engine} rollout engine; medians of {args.rounds} interleaved rounds x "
             f"{args.steps} steps per method (after {args.warmup} warm-up steps).\n",
             "\n".join(lines), args.output)
 
