@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import sys
 
 import numpy as np
 import pytest
@@ -379,3 +380,23 @@ def test_scores_ignore_invalid_positions():
         scores = cls().score(stats)
         assert scores[0, 4] == 0, cls.__name__
         assert not cls(ratio=0.5).select(stats)[0, 4], cls.__name__
+
+
+# ------------------------------------------------------------------------------ soft-OR keeps a true 1.0
+@pytest.mark.parametrize("cls", [TipSelector, TeachabilityEntropySelector])
+def test_soft_or_scores_keep_exact_ones_so_ties_break_by_position(cls, monkeypatch):
+    """Rows whose first term is exactly 1 tie at 1.0 whatever the second term; `a + b - ab` rounded some
+    of them to 0.99999994 (fp32), so the budget kept a later position before an earlier one."""
+    from opdlab.selectors import base
+
+    a = torch.tensor([[1.0, 1.0, 1.0, 1.0, 0.2]])  # (N=1, L=5)
+    b = torch.tensor([[0.7, 0.1, 0.3, 0.9, 0.5]])
+    assert base.soft_or(a, b)[0, :4].tolist() == [1.0] * 4
+    calls = iter([a, b])
+    monkeypatch.setattr(sys.modules[cls.__module__], "normalize_scores", lambda *args, **kwargs: next(calls))
+    valid = torch.ones(1, 5, dtype=torch.bool)
+    stats = synthetic_stats(cls(), valid)
+    scores = cls(ratio=0.4).score(stats)
+    assert scores[0, :4].tolist() == [1.0] * 4
+    keep = base.apply_budget(scores, valid, 0.4)
+    assert keep[0].tolist() == [True, True, False, False, False], "ties at the top break by position"

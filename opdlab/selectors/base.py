@@ -62,6 +62,13 @@ def normalize_scores(x: torch.Tensor, valid: torch.Tensor, method: Normalization
     return torch.where(valid, ((x - lo) / spread).clamp(0.0, 1.0), torch.zeros_like(x))
 
 
+def soft_or(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a OR b for scores in [0, 1]: 1 - (1 - a)(1 - b). Equal to a + b - ab, but a true 1 stays exactly 1
+    (a + b - ab rounds 1 + 0.3 - 0.3 to 0.99999994 in fp32, and ties at the top would then be broken by
+    rounding instead of by position as the budget rule promises)."""
+    return 1 - (1 - a) * (1 - b)
+
+
 def apply_budget(
     scores: torch.Tensor, valid: torch.Tensor, ratio: float, per_response_floor: bool = True
 ) -> torch.Tensor:

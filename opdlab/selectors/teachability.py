@@ -10,7 +10,9 @@ from __future__ import annotations
 import torch
 
 from opdlab.scoring import TokenStats
-from opdlab.selectors.base import Normalization, TokenSelector, check_normalization, check_top_k, normalize_scores
+from opdlab.selectors.base import (
+    Normalization, TokenSelector, check_normalization, check_top_k, normalize_scores, soft_or,
+)
 
 
 def teachability_features(stats: TokenStats, normalization: Normalization = "quantile") -> dict[str, torch.Tensor]:
@@ -70,9 +72,9 @@ class CompatibilitySelector(_DCSelector):
 
 
 class TeachabilityEntropySelector(_DCSelector):
-    """Soft-OR of H̃ and X, X = the normalised raw product D · C (not D̃ · C̃): H̃ + X - H̃ · X."""
+    """Soft-OR of H̃ and X, X = the normalised raw product D · C (not D̃ · C̃): 1 - (1 - H̃)(1 - X)."""
 
     def score(self, stats: TokenStats, generator: torch.Generator | None = None) -> torch.Tensor:
         h = self._norm(stats.topk_entropy, stats)
         x = self._norm(stats.union_kl * stats.compat, stats)
-        return h + x - h * x
+        return soft_or(h, x)

@@ -6,12 +6,12 @@ import torch
 
 from opdlab.scoring import TokenStats
 from opdlab.selectors.base import (
-    Normalization, TokenSelector, check_normalization, check_top_k, linear_quantiles, normalize_scores,
+    Normalization, TokenSelector, check_normalization, check_top_k, linear_quantiles, normalize_scores, soft_or,
 )
 
 
 class TipSelector(TokenSelector):
-    """Soft-OR H̃ + D̃ - H̃ · D̃: uncertain or disagreeing positions.
+    """Soft-OR 1 - (1 - H̃)(1 - D̃) (= H̃ + D̃ - H̃·D̃): uncertain or disagreeing positions.
 
     Args:
         ratio: fraction of valid response tokens to keep, in (0, 1].
@@ -26,7 +26,7 @@ class TipSelector(TokenSelector):
     def score(self, stats: TokenStats, generator: torch.Generator | None = None) -> torch.Tensor:
         h = normalize_scores(stats.topk_entropy, stats.valid, self.normalization)
         d = normalize_scores(stats.union_kl, stats.valid, self.normalization)
-        return h + d - h * d
+        return soft_or(h, d)
 
 
 class TipQ3Selector(TokenSelector):
