@@ -132,6 +132,17 @@ class OPDModule(L.LightningModule):
             raise ValueError(f"num_samples and max_new_tokens must be >= 1, got {num_samples} and {max_new_tokens}")
         if temperature <= 0:
             raise ValueError(f"training temperature must be > 0 (on-policy sampling), got {temperature}")
+        if not 0 < top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1] (1 = no nucleus truncation), got {top_p}")
+        if max_prompt_len < 1:
+            raise ValueError(f"max_prompt_len must be >= 1 token, got {max_prompt_len}")
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1 row, got {chunk_size}")
+        if gradient_clip_val is not None and not gradient_clip_val > 0:
+            raise ValueError(f"gradient_clip_val must be > 0 (a maximum gradient norm) or null for no clipping, "
+                             f"got {gradient_clip_val}")
+        if max_bad_steps < 0:
+            raise ValueError(f"max_bad_steps must be >= 0 (0: stop at the first non-finite step), got {max_bad_steps}")
         if micro_batch_size is not None and micro_batch_size < 1:
             raise ValueError(f"micro_batch_size must be >= 1 or None, got {micro_batch_size}")
         if loss_normalization not in ("kept", "valid"):
@@ -165,6 +176,9 @@ class OPDModule(L.LightningModule):
         hp = self.hparams
         self.tokenizer = load_tokenizer(self.student_path)
         check_tokenizers_compatible(self.tokenizer, load_tokenizer(self.teacher_path))
+        if self.selector.top_k > len(self.tokenizer):  # checked before any weights load
+            raise ValueError(f"selector top_k={self.selector.top_k} exceeds the vocabulary ({len(self.tokenizer)} "
+                             f"tokens of {self.student_path}); use top_k <= {len(self.tokenizer)}")
         self.student = load_causal_lm(self.student_path, hp.student_dtype)
         self.teacher = freeze(load_causal_lm(self.teacher_path, hp.teacher_dtype))
         self.student.train()  # from_pretrained returns eval mode: dropout and checkpointing need train

@@ -61,6 +61,8 @@ def encode_prompts(
     A prompt longer than `max_prompt_len` tokens is either cut from the left (keeping its end, where the
     question usually is) with a warning, or refused (`on_long_prompt="error"`).
     """
+    if max_prompt_len < 1:
+        raise ValueError(f"max_prompt_len must be >= 1 token, got {max_prompt_len}")
     if chat_template:
         prompts = [
             tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)

@@ -254,3 +254,36 @@ def test_empty_responses_train_and_validate_without_nan(eos_first_student, tiny_
     assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
     assert module.last_step.rollout.response_mask.sum(1).tolist() == [1] * 4
     assert module.last_val_accuracy == 0.0
+
+
+# ------------------------------------------------------------------------------ option ranges, before any model loads
+@pytest.mark.parametrize("kwargs,message", [
+    ({"gradient_clip_val": -1.0}, "gradient_clip_val must be > 0"),
+    ({"gradient_clip_val": 0.0}, "gradient_clip_val must be > 0"),
+    ({"max_prompt_len": 0}, "max_prompt_len must be >= 1"),
+    ({"max_prompt_len": -4}, "max_prompt_len must be >= 1"),
+    ({"max_bad_steps": -1}, "max_bad_steps must be >= 0"),
+    ({"top_p": 0.0}, r"top_p must be in \(0, 1\]"),
+    ({"top_p": 1.5}, r"top_p must be in \(0, 1\].*got 1.5"),
+    ({"chunk_size": 0}, "chunk_size must be >= 1"),
+])
+def test_module_option_ranges_are_checked_at_construction(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        OPDModule(student="/no/such/student", teacher="/no/such/teacher", **kwargs)  # nothing is loaded
+
+
+def test_encode_prompts_refuses_nonpositive_max_prompt_len(char_tokenizer):
+    with pytest.raises(ValueError, match="max_prompt_len must be >= 1"):
+        encode_prompts(char_tokenizer, ["12+34="], max_prompt_len=0)
+
+
+def test_top_k_larger_than_the_vocabulary_fails_before_weights_load(tiny_checkpoints, monkeypatch):
+    from opdlab import module as module_file
+
+    loaded = []
+    monkeypatch.setattr(module_file, "load_causal_lm", lambda *a, **k: loaded.append(a))
+    module = OPDModule(student=tiny_checkpoints.student, teacher=tiny_checkpoints.teacher,
+                       selector=TeachabilitySelector(top_k=64))
+    with pytest.raises(ValueError, match=r"top_k=64 exceeds the vocabulary \(16 tokens"):
+        module.configure_model()
+    assert loaded == []
