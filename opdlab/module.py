@@ -165,6 +165,7 @@ class OPDModule(L.LightningModule):
         self.strict_loading = False  # checkpoints leave out the frozen teacher (see on_save_checkpoint)
         self.fuse_full_selection = True  # see keeps_every_position; off only to test the two paths agree
         self.full_entropy_requested = False  # see request_full_entropy
+        self.warned_unknown_tokens = False  # see warn_unknown_tokens
         self.automatic_optimization = False  # global selection spans micro-batches: see training_step
         self.skipped_steps = self.bad_steps_in_a_row = 0
 
@@ -243,10 +244,30 @@ class OPDModule(L.LightningModule):
 
     def encode(self, batch: dict) -> PromptBatch:
         hp = self.hparams
-        return encode_prompts(
+        prompts = encode_prompts(
             self.tokenizer, batch["prompts"], batch["answers"], hp.max_prompt_len, hp.on_long_prompt,
             chat_template=self.chat_template,
         )
+        self.warn_unknown_tokens(prompts, batch["prompts"])
+        return prompts
+
+    def warn_unknown_tokens(self, prompts: PromptBatch, texts: list[str]) -> None:
+        """Warn once per run when the tokenizer cannot represent some prompt characters (it maps them to
+        its unknown token or drops them, e.g. natural language on the character-level toy): the models
+        cannot read them, and accuracy would otherwise just read 0% with no hint why. Checked by decoding:
+        characters of a (not truncated) prompt missing from its decoded tokens."""
+        if self.warned_unknown_tokens or self.chat_template:
+            return
+        decoded = self.tokenizer.batch_decode(prompts.input_ids.tolist(), skip_special_tokens=True)
+        lengths = prompts.attention_mask.sum(1).tolist()
+        for text, back, length in zip(texts, decoded, lengths, strict=True):
+            lost = sorted(set(text) - set(back) - set(" \t\n"))
+            if lost and length < self.hparams.max_prompt_len:
+                self.warned_unknown_tokens = True
+                rank_zero_warn(f"the tokenizer of {self.student_path} cannot represent characters {''.join(lost)[:20]!r} "
+                               f"of prompts such as {text[:60]!r} (unknown token, or dropped): the models cannot read "
+                               "them; check the data or the tokenizer")
+                return
 
     def prompt_seeds(self, batch: dict) -> list[int] | None:
         """One sampling seed per prompt, from its stream index: samples do not depend on batch splits."""

@@ -287,3 +287,45 @@ def test_top_k_larger_than_the_vocabulary_fails_before_weights_load(tiny_checkpo
     with pytest.raises(ValueError, match=r"top_k=64 exceeds the vocabulary \(16 tokens"):
         module.configure_model()
     assert loaded == []
+
+
+# ------------------------------------------------------------------------------ JSONL answers and encodings
+@pytest.mark.parametrize("line,message", [
+    ('{"prompt": "1+1="}', "record has no answer"),
+    ('{"prompt": [{"role": "user", "content": "1+1="}], "reward_model": {}}', "record has no answer"),
+    ('{"prompt": "1+1=", "answer": ["2"]}', r"answer must be a string or a number, got list \['2'\]"),
+    ('{"prompt": "1+1=", "answer": {"value": 2}}', "got dict"),
+    ('{"prompt": "1+1=", "answer": true}', "got bool"),
+])
+def test_jsonl_answers_that_could_never_match_are_refused_with_file_and_line(tmp_path, line, message):
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"prompt": "2+2=", "answer": "4"}\n' + line + "\n")
+    with pytest.raises(ValueError, match=message) as err:
+        JsonlPrompts(str(path), eval_path=str(path))
+    assert f"{path}:2" in str(err.value)
+
+
+def test_jsonl_numeric_answers_become_their_text(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"prompt": "a", "answer": 125}\n{"prompt": "b", "answer": 125.0}\n'
+                    '{"prompt": "c", "reward_model": {"ground_truth": 0.5}}\n')
+    source = JsonlPrompts(str(path), eval_path=str(path))
+    assert [p.answer for p in source.eval_problems()] == ["125", "125", "0.5"]
+    assert source.verify("125", source.eval_problems()[1].answer)
+
+
+def test_non_utf8_jsonl_names_file_and_line(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_bytes(b'{"prompt": "a", "answer": "1"}\n{"prompt": "caf\xe9", "answer": "2"}\n')
+    with pytest.raises(ValueError, match=rf"{path}:2: not UTF-8 \(byte 0xe9 at column 16\)"):
+        JsonlPrompts(str(path), eval_path=str(path))
+
+
+def test_prompts_with_unknown_characters_warn_once(tiny_module):
+    batch = {"prompts": ["12+34=", "what is 12 plus 34?"], "answers": ["64", "64"]}
+    with pytest.warns(UserWarning, match=r"cannot represent characters '\?ahilpstuw' of prompts such as 'what is 12"):
+        tiny_module.encode(batch)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tiny_module.encode(batch)  # once per run
+        tiny_module.encode({"prompts": ["1+2="], "answers": ["3"]})

@@ -11,14 +11,14 @@ from typing import Literal
 from opdlab.tasks.base import Problem, PromptSource
 
 
-def parse_record(record) -> tuple[str | None, str]:
-    """(prompt, answer) of one JSONL record, or (None, "") when it has no usable prompt.
+def parse_record(record) -> tuple[str | None, object]:
+    """(prompt, raw answer) of one JSONL record; prompt None when it has no usable prompt.
 
     Accepts `{"prompt": str, "answer": ...}` and the DAPO-Math-17k layout
     `{"prompt": [{"role": "user", "content": str}], "reward_model": {"ground_truth": ...}}`.
     """
     if not isinstance(record, dict):
-        return None, ""
+        return None, None
     prompt = record.get("prompt")
     if isinstance(prompt, list):  # chat messages: the last user turn is the problem
         users = [m.get("content") for m in prompt if isinstance(m, dict) and m.get("role") == "user"]
@@ -26,7 +26,27 @@ def parse_record(record) -> tuple[str | None, str]:
     answer = record.get("answer")
     if answer is None and isinstance(record.get("reward_model"), dict):
         answer = record["reward_model"].get("ground_truth")
-    return (prompt if isinstance(prompt, str) else None), ("" if answer is None else str(answer))
+    return (prompt if isinstance(prompt, str) else None), answer
+
+
+def answer_text(answer: object, where: str) -> str:
+    """The reference answer as the text a response is compared with; refuses what could never match.
+
+    Integers and integral floats become their integer text (`125`, not `125.0`), other floats their
+    shortest repr; strings pass unchanged. A missing answer, a list, a dict or a boolean is refused with
+    the record's file and line: stringified, they read as `['125']` and every response would score 0.
+    """
+    if isinstance(answer, str):
+        return answer
+    if isinstance(answer, int) and not isinstance(answer, bool):
+        return str(answer)
+    if isinstance(answer, float) and answer == answer and abs(answer) != float("inf"):
+        return str(int(answer)) if answer.is_integer() else repr(answer)
+    if answer is None:
+        raise ValueError(f'{where}: record has no answer (an "answer" field, or DAPO\'s '
+                         '"reward_model": {"ground_truth": ...}); held-out accuracy is measured against it')
+    raise ValueError(f"{where}: answer must be a string or a number, got {type(answer).__name__} {answer!r}; "
+                     "write the one reference answer as a string")
 
 
 def read_jsonl_problems(path: str | Path) -> list[Problem]:
@@ -35,11 +55,16 @@ def read_jsonl_problems(path: str | Path) -> list[Problem]:
     if not path.is_file():
         raise FileNotFoundError(f"JSONL prompt file not found: {path}")
     problems = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            where = f"{path}:{lineno}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise ValueError(f"{where}: not UTF-8 (byte {raw[err.start]:#04x} at column {err.start + 1}); "
+                                 "re-encode the file as UTF-8") from None
             if not line.strip():
                 continue
-            where = f"{path}:{lineno}"
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as err:
@@ -50,7 +75,7 @@ def read_jsonl_problems(path: str | Path) -> list[Problem]:
                     f'{where}: expected an object with a string "prompt" field (or DAPO-style chat '
                     f'messages), got {line.strip()[:80]!r}'
                 )
-            problems.append(Problem(prompt=prompt, answer=answer))
+            problems.append(Problem(prompt=prompt, answer=answer_text(answer, where)))
     if not problems:
         raise ValueError(f"{path}: no problems found; expected lines like {{\"prompt\": \"...\", \"answer\": \"...\"}}")
     return problems
