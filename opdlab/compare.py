@@ -295,6 +295,9 @@ def compare(
     overlays = Path(overlays_dir) if overlays_dir else Path(fit_config[0]).parent / "selectors"
     main, sweep = run_specs(selectors, ratio, seeds, sweep_selector, sweep_ratios)
     specs = list(dict.fromkeys(main + sweep))
+    if not specs:
+        raise CompareError(f"nothing to run: selectors {selectors} x seeds {seeds} (and no sweep) is empty; "
+                           "pass at least one selector and one seed")
     env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
 
     def launch(spec: RunSpec) -> RunResult:
@@ -313,7 +316,15 @@ def compare(
     header = command_header(fit_config, started, sum(r.process_seconds for r in results.values() if r.ok))
     write_outputs(out, results, main, sweep, table, sweep_table, header=header,
                   label=", ".join(Path(c).name for c in fit_config))
+    failed = [f"{r.spec.method} seed {r.spec.seed}" for r in results.values() if not r.ok]
+    if failed:  # after writing what did finish
+        raise CompareError(f"{len(failed)} of {len(results)} runs failed ({', '.join(failed[:5])}); their logs are "
+                           f"under {out / 'runs'}; the table in {out / 'table.md'} covers the runs that finished")
     return table + sweep_table
+
+
+class CompareError(RuntimeError):
+    """Some runs failed, or nothing was asked to run: `opdlab compare` exits non-zero."""
 
 
 def command_header(config: list[str], started: float, run_seconds: float) -> str:
@@ -351,4 +362,7 @@ def run_compare(argv: list[str]) -> None:
 
     global INVOCATION
     INVOCATION = list(argv)
-    CLI(compare, args=argv, prog="opdlab compare")
+    try:
+        CLI(compare, args=argv, prog="opdlab compare")
+    except CompareError as err:
+        sys.exit(f"opdlab compare: error: {err}")

@@ -127,3 +127,20 @@ def test_compare_help_documents_every_option():
 def test_validation_steps_follow_the_schedule():
     assert validation_steps(4, 3, 1) == [0, 1, 2, 3]
     assert validation_steps(4, 50, 20) == [0, 20, 40, 50]  # the extra validation at the end of fit
+
+
+def test_failed_run_makes_compare_exit_nonzero_after_writing_the_rest(compared):
+    out, _ = compared
+    base = out.parent / "base.yaml"
+    result = run_opdlab([  # `full` is reloaded from the fixture's run; random at ratio 2 fails at once
+        "compare", "--fit_config", f"[{base}]", "--selectors", "[full,random]", "--ratio", "2", "--seeds", "[0]",
+        "--steps", "3", "--val_check_interval", "1", "--overlays_dir", str(OVERLAYS), "--out_dir", str(out),
+    ])
+    assert result.code != 0
+    assert "1 of 2 runs failed (random@2 seed 0)" in str(result.code)
+    assert "| full | 1 |" in (out / "table.md").read_text()  # what finished is still written
+
+
+def test_compare_with_nothing_to_run_exits_nonzero(tmp_path):
+    result = run_opdlab(["compare", "--seeds", "[]", "--out_dir", str(tmp_path / "out")])
+    assert result.code != 0 and "nothing to run" in str(result.code)
