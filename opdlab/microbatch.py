@@ -37,6 +37,9 @@ def cat_stats(parts: list[TokenStats]) -> TokenStats:
     })
 
 
-def stats_are_finite(stats: TokenStats) -> bool:
+def non_finite_models(stats: TokenStats) -> str | None:
+    """Which models gave non-finite log-probs at valid positions ('student', 'teacher', both), or None."""
     valid = stats.valid
-    return bool(torch.isfinite(stats.student_token_logp[valid]).all() and torch.isfinite(stats.teacher_token_logp[valid]).all())
+    bad = [name for name, logp in (("student", stats.student_token_logp), ("teacher", stats.teacher_token_logp))
+           if not bool(torch.isfinite(logp[valid]).all())]
+    return " and ".join(bad) or None

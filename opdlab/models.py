@@ -36,9 +36,23 @@ def resolve_model_path(name: str) -> str:
     return str(path) if looks_local else name
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model", "vocab.txt")
+
+
 def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
-    """Load a tokenizer with left padding (prompts are left-padded for generation)."""
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(name), padding_side="left")
+    """Load a tokenizer with left padding (prompts are left-padded for generation).
+
+    A local model directory without tokenizer files is refused here: transformers would build an empty
+    tokenizer from the config alone, and the failure would surface later as a confusing vocabulary or
+    reshape error.
+    """
+    path = resolve_model_path(name)
+    if Path(path).is_dir() and not any((Path(path) / f).is_file() for f in TOKENIZER_FILES):
+        raise FileNotFoundError(
+            f"no tokenizer in {path} (looked for {', '.join(TOKENIZER_FILES)}); save the tokenizer next to the "
+            "weights (tokenizer.save_pretrained(dir)) or copy its files from the original model"
+        )
+    tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -50,12 +64,24 @@ def load_causal_lm(name: str, dtype: str = "float32") -> PreTrainedModel:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     path = resolve_model_path(name)
     try:
-        return AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype])
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype])
     except OSError as err:
         raise OSError(
             f"could not load model {name!r} ({err}); this machine may have no hub access: "
             "download it elsewhere and pass the local directory"
         ) from err
+    check_finite_weights(model, name)
+    return model
+
+
+def check_finite_weights(model: nn.Module, name: str) -> None:
+    """Refuse a checkpoint with NaN or infinite weights, naming the model and the first bad tensor (one
+    pass over the weights at load time; later it would only show as a non-finite training step)."""
+    for param_name, param in model.named_parameters():
+        if not bool(torch.isfinite(param).all()):
+            bad = int((~torch.isfinite(param)).sum())
+            raise ValueError(f"model {name!r} has {bad} non-finite (NaN or inf) values in {param_name!r}: the "
+                             "checkpoint is corrupt or was saved after a diverged update; use another checkpoint")
 
 
 def cache_keyword(model: nn.Module) -> str:

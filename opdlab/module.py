@@ -25,7 +25,7 @@ from opdlab.distributed import all_reduce_sum, gather_stats, world_size
 from opdlab.divergences import Divergence, SampledTokenOPD
 from opdlab.engines import RolloutEngine, SamplingParams, StaticCacheEngine
 from opdlab.loss import LossNormalization, kept_token_loss, reduce_token_loss, score_and_loss_all_rows
-from opdlab.microbatch import cat_stats, micro_batches, rollout_rows, stats_are_finite, stats_rows
+from opdlab.microbatch import cat_stats, micro_batches, non_finite_models, rollout_rows, stats_rows
 from opdlab.models import (
     LogitHead,
     check_tokenizers_compatible,
@@ -232,7 +232,8 @@ class OPDModule(L.LightningModule):
                 keep = self.select(stats)
         self.last_step = StepRecord(rollout, stats, keep, timer.seconds)
         self.response_tokens += int(rollout.response_mask.sum())
-        if self.skip_non_finite(stats_are_finite(stats), "student or teacher log-probs"):
+        bad_models = non_finite_models(stats)
+        if self.skip_non_finite(bad_models is None, f"{bad_models} log-probs ({self.describe(bad_models)})"):
             return None
         with timer("loss"):  # kept-rows forward (again, when accumulating micro-batches) + backward
             loss = self.backward_loss(hidden, parts, keep, rollout, stats, token_loss)
@@ -366,6 +367,11 @@ class OPDModule(L.LightningModule):
             self.manual_backward(loss * world_size())
             total += loss.detach()
         return all_reduce_sum(total)
+
+    def describe(self, models: str | None) -> str:
+        """The checkpoints behind 'student', 'teacher' or 'student and teacher' (for error messages)."""
+        paths = {"student": self.student_path, "teacher": self.teacher_path}
+        return ", ".join(f"{m} {paths[m]}" for m in (models or "").split(" and ") if m in paths)
 
     def optimizer_step(self) -> bool:
         """Clip, check the gradient norm, step. A non-finite norm skips the update (see skip_non_finite)."""

@@ -51,7 +51,7 @@ def fit(tiny_checkpoints, bad_steps, max_steps, max_bad_steps=2):
 
 
 def test_a_nan_teacher_step_is_skipped_and_counted(tiny_checkpoints):
-    with pytest.warns(UserWarning, match="non-finite student or teacher log-probs"):
+    with pytest.warns(UserWarning, match=rf"non-finite teacher log-probs \(teacher {tiny_checkpoints.teacher}\)"):
         module, trainer = fit(tiny_checkpoints, bad_steps={1}, max_steps=3)
     assert module.skipped_steps == 1
     assert trainer.global_step == 3  # the skipped batch did not count as an optimizer step
@@ -79,3 +79,22 @@ def test_checkpoint_carries_rng_and_skip_counter(tiny_checkpoints):
     assert torch.equal(torch.rand(3), expected[0])
     assert random.random() == expected[1] and np.random.rand() == expected[2]
     assert module.skipped_steps == 3
+
+
+def test_non_finite_weights_are_refused_at_load_naming_the_model(tiny_checkpoints, tmp_path):
+    from opdlab.models import load_causal_lm
+
+    model = load_causal_lm(tiny_checkpoints.teacher)
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight[0, :3] = float("nan")
+    model.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=rf"model '{tmp_path}' has 3 non-finite .* 'model.layers.0.mlp.up_proj.weight'"):
+        load_causal_lm(str(tmp_path))
+
+
+def test_model_directory_without_tokenizer_files_says_so(tiny_checkpoints, tmp_path):
+    from opdlab.models import load_causal_lm, load_tokenizer
+
+    load_causal_lm(tiny_checkpoints.student).save_pretrained(tmp_path)  # weights and config, no tokenizer
+    with pytest.raises(FileNotFoundError, match=rf"no tokenizer in {tmp_path} \(looked for tokenizer.json"):
+        load_tokenizer(str(tmp_path))
