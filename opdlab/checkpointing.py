@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -33,8 +34,29 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
+        except (OSError, RuntimeError) as err:  # a full disk surfaces as "enforce fail at inline_container.cc"
+            free = shutil.disk_usage(path.parent).free
+            raise OSError(f"could not write checkpoint {path} ({type(err).__name__}: {str(err).splitlines()[0][:200]}); "
+                          f"{free / 2**20:,.0f} MiB free on {path.parent}: free space or point the checkpoint "
+                          "callback's dirpath elsewhere. The previous checkpoint is intact.") from err
         finally:
             tmp.unlink(missing_ok=True)
+
+    def load_checkpoint(self, path, *args, **kwargs) -> dict:
+        """Load, refusing missing, empty and unreadable local files with a message that says which and what
+        to do (torch's own error for a garbage file advises `weights_only=False`, which would not help)."""
+        if "://" in str(path):  # remote (fsspec) paths: Lightning's own handling
+            return super().load_checkpoint(path, *args, **kwargs)
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"checkpoint {path} does not exist; pass a .ckpt file of a run (e.g. "
+                                    "runs/<name>/version_<n>/checkpoints/last.ckpt)")
+        try:
+            return super().load_checkpoint(path, *args, **kwargs)
+        except Exception as err:  # noqa: BLE001 - zip, pickle and torch errors alike: the file is not a checkpoint
+            raise ValueError(f"checkpoint {path} ({path.stat().st_size} bytes) is not a readable checkpoint "
+                             f"({type(err).__name__}); it may be truncated or another kind of file: pass the "
+                             "last.ckpt (or an every_n_train_steps checkpoint) that opdlab fit wrote") from None
 
 
 def capture_rng_state() -> dict:

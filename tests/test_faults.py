@@ -98,3 +98,43 @@ def test_model_directory_without_tokenizer_files_says_so(tiny_checkpoints, tmp_p
     load_causal_lm(tiny_checkpoints.student).save_pretrained(tmp_path)  # weights and config, no tokenizer
     with pytest.raises(FileNotFoundError, match=rf"no tokenizer in {tmp_path} \(looked for tokenizer.json"):
         load_tokenizer(str(tmp_path))
+
+
+# --------------------------------------------------------------------------------------------- checkpoint files
+def test_full_disk_at_checkpoint_names_the_path_and_free_space(tmp_path, monkeypatch):
+    from opdlab.checkpointing import AtomicCheckpointIO
+
+    def full_disk(obj, f):
+        f.write(b"partial")
+        raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 64 vs 0")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    target = tmp_path / "checkpoints" / "last.ckpt"
+    with pytest.raises(OSError, match=rf"could not write checkpoint {target} .*MiB free on {target.parent}"):
+        AtomicCheckpointIO().save_checkpoint({"x": 1}, target)
+    assert list(target.parent.iterdir()) == []  # no partial file left behind
+
+
+@pytest.mark.parametrize("content", [b"", b"not a checkpoint at all", b"PK\x03\x04truncated zip"])
+def test_unreadable_checkpoint_file_gets_a_clear_message(tmp_path, content):
+    from opdlab.checkpointing import AtomicCheckpointIO
+
+    path = tmp_path / "last.ckpt"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=rf"checkpoint {path} \({len(content)} bytes\) is not a readable checkpoint") as err:
+        AtomicCheckpointIO().load_checkpoint(path)
+    assert "weights_only" not in str(err.value)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        AtomicCheckpointIO().load_checkpoint(tmp_path / "missing.ckpt")
+
+
+def test_garbage_ckpt_path_through_fit(tiny_checkpoints, tmp_path, monkeypatch):
+    path = tmp_path / "garbage.ckpt"
+    path.write_bytes(b"garbage")
+    module = OPDModule(student=tiny_checkpoints.student, teacher=tiny_checkpoints.teacher, max_new_tokens=2)
+    from opdlab.checkpointing import AtomicCheckpointIO
+
+    trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, limit_val_batches=0, plugins=[AtomicCheckpointIO()])
+    with pytest.raises(ValueError, match="is not a readable checkpoint"):
+        trainer.fit(module, datamodule=PromptDataModule(AdditionTask(digits=2), batch_size=4), ckpt_path=str(path))
