@@ -8,13 +8,17 @@ with room to learn from a teacher that knows the answer) and caches real HF chec
 
 from __future__ import annotations
 
+import fcntl
 import importlib
 import json
 import math
 import os
 import shutil
+import signal
 import tempfile
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -196,7 +200,9 @@ def build_toy(name: str = "add3", cache_dir: str | Path | None = None, seed: int
 
     The directory holds `teacher/` and `student/` (HF checkpoints with the tokenizer) and `build.json`.
     A build is written to a temporary directory and renamed into place, so an interrupted build never
-    leaves a half-written cache.
+    leaves a half-written cache. Builds of one toy take a file lock: a second process waits for the first
+    and reuses its result; a build stopped by SIGTERM removes its temporary directory, and temporary
+    directories left by killed builds are removed by the next one.
     """
     if name not in TOYS:
         raise ValueError(f"unknown toy {name!r}; available: {sorted(TOYS)}")
@@ -204,38 +210,82 @@ def build_toy(name: str = "add3", cache_dir: str | Path | None = None, seed: int
     target = Path(cache_dir or cache_root() / "toy") / f"{name}-v{spec.version}-seed{seed}"
     if (target / "build.json").exists() and not force:
         return target
-    tokenizer = build_char_tokenizer(getattr(make_task(spec, seed), "charset", CHARSET))
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
-    report = {"name": name, "seed": seed, "spec": asdict(spec)}
-    try:
-        for role in ("teacher", "student"):
-            mspec: ModelSpec = getattr(spec, role)
-            task = make_task(spec, seed, role)
-            torch.manual_seed(seed + (0 if role == "teacher" else 1))
-            model = make_qwen2(mspec, tokenizer)
-            t0 = time.perf_counter()
-            accuracy, steps = train_supervised(model, tokenizer, task, mspec, spec, desc=f"toy {name}: {role}")
-            lo, hi = mspec.gate
-            report[role] = {"accuracy": accuracy, "steps": steps, "seconds": round(time.perf_counter() - t0, 1),
-                            "params": sum(p.numel() for p in model.parameters())}
-            print(f"toy {name}: {role} reached {accuracy:.1%} held-out accuracy in {steps} steps "
-                  f"({report[role]['seconds']} s)")
-            if not lo <= accuracy <= hi:
-                raise RuntimeError(
-                    f"toy {name}: {role} accuracy {accuracy:.1%} is outside its gate [{lo:.0%}, {hi:.0%}] "
-                    f"(seed {seed}); try another --seed or report this with the build log"
-                )
-            model.save_pretrained(tmp / role)
-            tokenizer.save_pretrained(tmp / role)
-        (tmp / "build.json").write_text(json.dumps(report, indent=2))
-        if target.exists():
-            shutil.rmtree(target)
-        tmp.rename(target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+    with build_lock(target), removed_on_sigterm():
+        if (target / "build.json").exists() and not force:
+            return target  # another process built it while this one waited
+        for stale in target.parent.glob(f".{target.name}-*"):  # left by killed builds (we hold the lock)
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+        try:
+            report = train_toy(name, spec, seed, tmp)
+            (tmp / "build.json").write_text(json.dumps(report, indent=2))
+            if target.exists():
+                shutil.rmtree(target)
+            tmp.rename(target)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def train_toy(name: str, spec: ToySpec, seed: int, out: Path) -> dict:
+    """Train and gate both models of a toy into `out`/{teacher,student}; returns the build report."""
+    tokenizer = build_char_tokenizer(getattr(make_task(spec, seed), "charset", CHARSET))
+    report = {"name": name, "seed": seed, "spec": asdict(spec)}
+    for role in ("teacher", "student"):
+        mspec: ModelSpec = getattr(spec, role)
+        task = make_task(spec, seed, role)
+        torch.manual_seed(seed + (0 if role == "teacher" else 1))
+        model = make_qwen2(mspec, tokenizer)
+        t0 = time.perf_counter()
+        accuracy, steps = train_supervised(model, tokenizer, task, mspec, spec, desc=f"toy {name}: {role}")
+        lo, hi = mspec.gate
+        report[role] = {"accuracy": accuracy, "steps": steps, "seconds": round(time.perf_counter() - t0, 1),
+                        "params": sum(p.numel() for p in model.parameters())}
+        print(f"toy {name}: {role} reached {accuracy:.1%} held-out accuracy in {steps} steps "
+              f"({report[role]['seconds']} s)")
+        if not lo <= accuracy <= hi:
+            raise RuntimeError(
+                f"toy {name}: {role} accuracy {accuracy:.1%} is outside its gate [{lo:.0%}, {hi:.0%}] "
+                f"(seed {seed}); try another --seed or report this with the build log"
+            )
+        model.save_pretrained(out / role)
+        tokenizer.save_pretrained(out / role)
+    return report
+
+
+@contextmanager
+def build_lock(target: Path):
+    """An exclusive lock on `target`'s build (a lock file beside it), announced when it has to wait."""
+    with open(target.parent / f".{target.name}.lock", "w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"toy: another process is building {target.name}; waiting for it to finish", flush=True)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+@contextmanager
+def removed_on_sigterm():
+    """Turn SIGTERM into SystemExit while building, so `finally` blocks remove temporary files (the
+    default action ends the process at once). Only the main thread can install signal handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def resolve_toy_path(spec: str) -> Path:

@@ -3,8 +3,15 @@
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
+from conftest import REPO_ROOT
 
 import opdlab.toy as toy
 from opdlab.models import load_causal_lm, load_tokenizer, resolve_model_path
@@ -62,6 +69,11 @@ TINY_TOY = ToySpec(
 )
 
 
+def leftovers(cache: Path) -> list[str]:
+    """What a build left in the cache, besides its lock file (kept on purpose: deleting it would race)."""
+    return sorted(p.name for p in cache.iterdir() if not p.name.endswith(".lock"))
+
+
 def test_failed_gate_leaves_no_directory(tmp_path, monkeypatch):
     # The student can never reach an accuracy above 100%: the gate fails after the teacher was saved.
     spec = ToySpec(**{**TINY_TOY.__dict__,
@@ -69,7 +81,7 @@ def test_failed_gate_leaves_no_directory(tmp_path, monkeypatch):
     monkeypatch.setitem(toy.TOYS, "tiny", spec)
     with pytest.raises(RuntimeError, match="outside its gate"):
         build_toy("tiny", cache_dir=tmp_path, seed=0)
-    assert list(tmp_path.iterdir()) == []
+    assert leftovers(tmp_path) == []
 
 
 def test_interrupted_build_leaves_no_directory(tmp_path, monkeypatch):
@@ -84,20 +96,69 @@ def test_interrupted_build_leaves_no_directory(tmp_path, monkeypatch):
     monkeypatch.setattr(toy, "train_supervised", interrupted)
     with pytest.raises(KeyboardInterrupt):
         build_toy("tiny", cache_dir=tmp_path, seed=0)
-    assert list(tmp_path.iterdir()) == []
+    assert leftovers(tmp_path) == []
 
 
 def test_successful_tiny_build_then_forced_rebuild(tmp_path, monkeypatch):
     monkeypatch.setitem(toy.TOYS, "tiny", TINY_TOY)
     path = build_toy("tiny", cache_dir=tmp_path, seed=0)
-    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]  # no temporary directory left over
+    assert leftovers(tmp_path) == [path.name]  # no temporary directory left over
     assert {p.name for p in path.iterdir()} == {"teacher", "student", "build.json"}
     first = (path / "build.json").read_text()
     assert build_toy("tiny", cache_dir=tmp_path, seed=0, force=True) == path
-    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]
+    assert leftovers(tmp_path) == [path.name]
     assert json.loads((path / "build.json").read_text())["name"] == json.loads(first)["name"] == "tiny"
 
 
 def test_unknown_toy():
     with pytest.raises(ValueError, match="unknown toy 'nope'; available: \\['add2', 'add3'"):
         build_toy("nope")
+
+
+def test_concurrent_builds_wait_and_reuse(tmp_path, monkeypatch):
+    """Two first runs at once: one trains, the other waits for the lock and reuses the build."""
+    monkeypatch.setitem(toy.TOYS, "tiny", TINY_TOY)
+    real, trained = toy.train_supervised, []
+
+    def slow(model, tokenizer, task, spec, toy_spec, desc):
+        trained.append(desc)
+        time.sleep(0.3)
+        return real(model, tokenizer, task, spec, toy_spec, desc)
+
+    monkeypatch.setattr(toy, "train_supervised", slow)
+    with ThreadPoolExecutor(2) as pool:
+        paths = list(pool.map(lambda _: build_toy("tiny", cache_dir=tmp_path, seed=0), range(2)))
+    assert paths[0] == paths[1] and (paths[0] / "build.json").is_file()
+    assert sorted(trained) == ["toy tiny: student", "toy tiny: teacher"]  # one build, not two
+    assert leftovers(tmp_path) == [paths[0].name]
+
+
+def test_stale_temporary_directories_are_removed_by_the_next_build(tmp_path, monkeypatch):
+    monkeypatch.setitem(toy.TOYS, "tiny", TINY_TOY)
+    stale = tmp_path / f".tiny-v{TINY_TOY.version}-seed0-abc123"
+    (stale / "teacher").mkdir(parents=True)  # what a SIGKILLed build leaves
+    other = tmp_path / ".add3-v1-seed0-xyz"  # another toy's: not ours to remove
+    other.mkdir()
+    path = build_toy("tiny", cache_dir=tmp_path, seed=0)
+    assert leftovers(tmp_path) == sorted([other.name, path.name])
+
+
+def test_sigterm_during_a_build_removes_its_temporary_directory(tmp_path):
+    code = f"""
+import sys, time
+sys.path.insert(0, "tests")
+import opdlab.toy as toy
+from test_toy import TINY_TOY
+toy.TOYS["tiny"] = TINY_TOY
+def stuck(*args, **kwargs):
+    print("training", flush=True)
+    time.sleep(60)
+toy.train_supervised = stuck
+toy.build_toy("tiny", cache_dir={str(tmp_path)!r}, seed=0)
+"""
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO_ROOT, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "training"
+    assert any(p.name.startswith(".tiny-") and p.is_dir() for p in tmp_path.iterdir())
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 128 + signal.SIGTERM
+    assert leftovers(tmp_path) == []
