@@ -81,6 +81,36 @@ class OPDLabCLI(LightningCLI):
         parser.add_lightning_class_args(SelectionMetrics, "selection_metrics")
         parser.add_lightning_class_args(TeachabilityHistograms, "teachability_histograms")
 
+    def _parse_ckpt_path(self) -> None:
+        """Resuming (`--ckpt_path`): what may change, and what is said about it.
+
+        LightningCLI would lay the checkpoint's saved hyperparameters over the command line, silently
+        dropping options given there (while selector, divergence and optimizer, which are not saved,
+        followed the command line: a mixed run). opdlab's rule instead: the student and the teacher must be
+        the ones the checkpoint was trained with (refused otherwise); every other option is taken from this
+        command line and config, and each one that differs from the checkpoint's value gets a warning.
+        """
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if not ckpt_path or not Path(ckpt_path).is_file():
+            return
+        try:
+            import torch
+
+            saved = torch.load(ckpt_path, weights_only=True, map_location="cpu").get("hyper_parameters", {})
+        except Exception:  # noqa: BLE001 - an unreadable file is reported clearly when the run loads it
+            return
+        given = self.config[subcommand]["model"]
+        for key in ("student", "teacher"):
+            if key in saved and saved[key] != given.get(key):
+                sys.exit(f"opdlab: error: --ckpt_path {ckpt_path} was trained with model.{key}={saved[key]!r}, "
+                         f"but this run names {given.get(key)!r}; resume with the same {key} (or start a new run "
+                         "without --ckpt_path)")
+        for key, value in saved.items():
+            if key in given and key not in ("student", "teacher") and given[key] != value:
+                warnings.warn(f"resuming from {ckpt_path} with model.{key}={given[key]!r} (the checkpoint was "
+                              f"trained with {value!r})", stacklevel=1)
+
     def before_fit(self) -> None:
         self.accuracy_before = self._validate()  # builds the models first (and, on first use, the toy)
         self.fit_started = time.perf_counter()  # so the summary's time and tokens/s are the training's

@@ -154,6 +154,34 @@ def test_resume_continues_the_same_run(uninterrupted, tiny_checkpoints):
         assert torch.equal(a["state_dict"][name], b["state_dict"][name]), name
 
 
+def test_resume_takes_options_from_the_command_line_and_warns(uninterrupted, tiny_checkpoints):
+    """LightningCLI used to restore the checkpoint's hyperparameters over these (config.yaml recorded 5 / null)."""
+    root, first = uninterrupted
+    assert first.code == 0, first.err[-3000:]
+    overrides = write_overrides(root, tiny_checkpoints, "changed")
+    with pytest.warns(UserWarning) as caught:
+        result = run_opdlab(["fit", "--config", FAST, "--config", str(overrides), "--model.max_bad_steps", "50",
+                             "--model.gradient_clip_val", "0.5", "--ckpt_path", str(root / "ckpt_full" / "step=2.ckpt")])
+    assert result.code == 0, result.err[-3000:]
+    said = [str(w.message) for w in caught if "resuming from" in str(w.message)]
+    assert any("model.max_bad_steps=50 (the checkpoint was trained with 5)" in m for m in said), said
+    assert any("model.gradient_clip_val=0.5 (the checkpoint was trained with None)" in m for m in said), said
+    assert len(said) == 2, said  # only what differs
+    config = yaml.safe_load((root / "runs" / "fast" / "changed" / "config.yaml").read_text())
+    assert config["model"]["max_bad_steps"] == 50 and config["model"]["gradient_clip_val"] == 0.5
+
+
+def test_resume_with_another_student_is_refused(uninterrupted, tiny_checkpoints):
+    root, first = uninterrupted
+    assert first.code == 0, first.err[-3000:]
+    overrides = write_overrides(root, tiny_checkpoints, "other_student")
+    result = run_opdlab(["fit", "--config", FAST, "--config", str(overrides), "--model.student",
+                         tiny_checkpoints.teacher, "--ckpt_path", str(root / "ckpt_full" / "step=2.ckpt")])
+    assert result.code != 0
+    assert f"was trained with model.student={tiny_checkpoints.student!r}" in str(result.code)
+    assert not (root / "ckpt_other_student").exists()  # refused before anything ran
+
+
 # ------------------------------------------------------------------------------ help and plugins
 def test_top_level_help():
     for args in ([], ["--help"], ["-h"]):
