@@ -81,15 +81,19 @@ class OPDLabCLI(LightningCLI):
         parser.add_lightning_class_args(SelectionMetrics, "selection_metrics")
         parser.add_lightning_class_args(TeachabilityHistograms, "teachability_histograms")
 
-    def _parse_ckpt_path(self) -> None:
-        """Resuming (`--ckpt_path`): what may change, and what is said about it.
+    def parse_arguments(self, parser, args) -> None:
+        super().parse_arguments(parser, args)
+        self.check_resume_options()
 
-        LightningCLI would lay the checkpoint's saved hyperparameters over the command line, silently
-        dropping options given there (while selector, divergence and optimizer, which are not saved,
-        followed the command line: a mixed run). opdlab's rule instead: the student and the teacher must be
-        the ones the checkpoint was trained with (refused otherwise); every other option is taken from this
-        command line and config, and each one that differs from the checkpoint's value gets a warning.
-        """
+    def _parse_ckpt_path(self) -> None:
+        """Off: Lightning >= 2.5.6 lays the checkpoint's saved hyperparameters over the command line here,
+        silently dropping options given there (while selector, divergence and optimizer, which are not
+        saved, follow the command line: a mixed run). See `check_resume_options` for opdlab's rule."""
+
+    def check_resume_options(self) -> None:
+        """Resuming (`--ckpt_path`): the student and the teacher must be the ones the checkpoint was trained
+        with (refused otherwise); every other option is taken from this command line and config, and each
+        one that differs from the checkpoint's value gets a warning."""
         subcommand = self.config.get("subcommand")
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
         if not ckpt_path or not Path(ckpt_path).is_file():

@@ -84,14 +84,18 @@ def check_finite_weights(model: nn.Module, name: str) -> None:
                              "checkpoint is corrupt or was saved after a diverged update; use another checkpoint")
 
 
+def takes_argument(model: nn.Module, name: str) -> bool:
+    """Whether the model's forward declares `name` (read off its signature, behind any decorators)."""
+    return name in inspect.signature(inspect.unwrap(model.forward)).parameters
+
+
 def cache_keyword(model: nn.Module) -> str:
     """The forward keyword that takes a KV cache: `cache` (transformers >= 5.2x) or `past_key_values`.
 
     Recent versions still accept `past_key_values` with a deprecation warning, older 5.x ones know only it,
     so the name is read off the model's own signature instead of assumed.
     """
-    forward = inspect.unwrap(model.forward)
-    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
+    return "cache" if takes_argument(model, "cache") else "past_key_values"
 
 
 def freeze(model: nn.Module) -> nn.Module:

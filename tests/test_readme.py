@@ -26,3 +26,14 @@ def test_ci_runs_the_readme_test_command():
 def test_quick_start_files_exist():
     for path in re.findall(r"(configs/[\w./-]+\.yaml)", README):
         assert (REPO_ROOT / path).exists(), path
+
+
+def test_floors_match_the_declared_minimums():
+    """.ci/floors.txt pins exactly the lower bounds pyproject.toml declares (CI tests at those versions)."""
+    pyproject = (REPO_ROOT / "pyproject.toml").read_text()
+    floors = dict(line.split("==") for line in (REPO_ROOT / ".ci/floors.txt").read_text().splitlines()
+                  if line and not line.startswith("#"))
+    assert set(floors) == {"transformers", "lightning", "jsonargparse", "torchmetrics"}
+    for name, version in floors.items():
+        assert re.search(rf'"{name}(\[\w+\])?>={re.escape(version.removesuffix(".0"))}(\.0)?"', pyproject), name
+    assert ".venv-floors/bin/pytest" in (REPO_ROOT / ".ci/run").read_text()

@@ -35,7 +35,7 @@ from torch import nn
 from transformers import AttentionInterface
 
 from opdlab.engines.base import RolloutEngine, SamplingParams
-from opdlab.models import DTYPES, cache_keyword
+from opdlab.models import DTYPES, cache_keyword, takes_argument
 from opdlab.rollout import PromptBatch, Rollout, inverse_cdf_sample, per_row_uniforms, sampling_logprobs
 
 DEFAULT_COMPILE_OPTIONS = {"mode": "reduce-overhead", "fullgraph": True, "dynamic": False}
@@ -117,6 +117,7 @@ class StepConstants:
     """What a compiled decode step specialises on (one graph per distinct value)."""
 
     cache_keyword: str
+    cache_position: bool  # the forward takes `cache_position` (transformers < 5.2x): pass the written slots
     temperature: float
     top_p: float
     eos_token_id: int
@@ -175,6 +176,12 @@ def static_cache_attention(module: nn.Module, query, key, value, attention_mask,
     return out.transpose(1, 2).contiguous(), None
 
 
+def cache_arguments(cache: StaticKVCache, slots: torch.Tensor, c: StepConstants) -> dict:
+    """The cache keyword arguments of a forward writing `slots`: older 5.x releases also take the cache
+    positions (else they ask the cache for its length to make them)."""
+    return {c.cache_keyword: cache, **({"cache_position": slots} if c.cache_position else {})}
+
+
 def decode_step(model: nn.Module, ws: Workspace, c: StepConstants, visible: int | None = None) -> None:
     """Feed response token step-1 of every row, sample token `step`; no host sync.
 
@@ -190,8 +197,8 @@ def decode_step(model: nn.Module, ws: Workspace, c: StepConstants, visible: int 
     generated = (kv_index >= ws.prompt_width) & (kv_index <= slot)  # (S,)
     allowed = (prompt_valid | generated)[:, None, None, :]  # (N, 1, 1, S)
     logits = model(
-        input_ids=fed, attention_mask=allowed,
-        position_ids=ws.first_position + previous, use_cache=True, **{c.cache_keyword: ws.cache},
+        input_ids=fed, attention_mask=allowed, position_ids=ws.first_position + previous, use_cache=True,
+        **cache_arguments(ws.cache, ws.cache.decode_slot, c),
     ).logits[:, -1]
     token, logp = sample_next(logits, ws.uniforms.index_select(1, ws.step.view(1)).squeeze(1), c)
     record(ws, token, logp, c)
@@ -294,7 +301,8 @@ class StaticCacheEngine(RolloutEngine):
         # Compiled graphs need few shapes: pad prompts to a power of two. Eager decoding needs none.
         ws = self.workspace(rows, self.bucket(width) if compiled else width, params.max_new_tokens, device)
         constants = StepConstants(
-            cache_keyword(model), params.temperature, params.top_p, self.eos_token_id, self.pad_token_id,
+            cache_keyword(model), takes_argument(model, "cache_position"), params.temperature, params.top_p,
+            self.eos_token_id, self.pad_token_id,
         )
         self.prefill(model, ws, ids, mask, self.uniforms(params, rows, device), constants)
         produced = 1
@@ -341,8 +349,7 @@ class StaticCacheEngine(RolloutEngine):
             # The last position by index, not by slice: the gathered (N, 1, H) rows are contiguous. A sliced
             # view with a no-grad weight sends torch's matmul to a bmm over an (N, H, V) expanded weight
             # (90 ms instead of 10 at V = 151,936 on CPU).
-            logits_to_keep=query[-1:],
-            **{c.cache_keyword: ws.cache},
+            logits_to_keep=query[-1:], **cache_arguments(ws.cache, query, c),
         ).logits[:, -1]
         ws.cache.positions = ws.cache.decode_slot
         token, logp = sample_next(logits, ws.uniforms[:, 0], c)
