@@ -210,7 +210,7 @@ commands:
   test       same, on the test split
   toy        build the embedded toy teacher/student (done automatically by fit)
   plugins    list installed selectors, divergences and rollout engines
-  diagnose   fixed-context diagnostic: does θ0 teachability predict OPD gain? (DESIGN.md §3)
+  diagnose   fixed-context diagnostic: does θ0 teachability predict OPD gain? (docs/method.md §3)
   compare    selectors side by side over seeds, plus a budget sweep: opdlab compare --help
 
 `opdlab <command> --help` explains every option of a command.

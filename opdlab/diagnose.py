@@ -1,4 +1,4 @@
-"""`opdlab diagnose`: the paper's fixed-context diagnostic (DESIGN.md §3) as one command.
+"""`opdlab diagnose`: the paper's fixed-context diagnostic (docs/method.md §3) as one command.
 
     opdlab diagnose --config configs/diagnose/add3.yaml            # toy add3, short full-OPD run
     opdlab diagnose --config configs/diagnose/spell2.yaml          # the second toy (spelled addition)

@@ -1,6 +1,6 @@
 """The LightningModule: a trainable student and a frozen teacher, one OPD step per batch.
 
-`training_step` reads as DESIGN.md's data-flow diagram:
+`training_step` reads as the data-flow diagram of docs/method.md §1:
 
     prompts --rollout--> Rollout --score--> TokenStats --select--> keep mask --loss--> scalar
 
@@ -94,7 +94,7 @@ class OPDModule(L.LightningModule):
             diagnostic's bank): `static` (default: static KV cache, decode step compiled into a CUDA graph on
             GPUs), `reference` (the plain eager loop the others are tested against), or a plugin's engine
             (entry-point group `opdlab.rollout_engines`). See `opdlab.engines`.
-        per_response_floor: keep at least one position of every non-empty response (DESIGN's budget rule,
+        per_response_floor: keep at least one position of every non-empty response (the budget rule of docs/method.md §2.4,
             the default). With short responses this dominates small budgets (4-5-token toy answers:
             "5%" keeps ~20%); False keeps exactly ceil(ratio · valid tokens) over the batch, so some
             responses get no loss at all.

@@ -2,7 +2,7 @@
 
 `compute_token_stats` takes final hidden states (never logits), applies each model's `LogitHead` to one
 chunk of valid response rows at a time, and keeps only O(K) numbers per position, so no (N, L, V)
-tensor is ever held. Definitions follow DESIGN.md §2 (TA-OPD reference code):
+tensor is ever held. Definitions follow docs/method.md §2 (the TA-OPD paper's reference code):
 
 - C  = sum_{v in S} p_T(v): teacher mass on the student's top-K set S, clamped to [0, 1] (exact).
 - D  = KL(pbar_T || pbar_S) on the union U = S ∪ T of both top-K sets, each renormalised over U.

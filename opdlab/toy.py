@@ -63,7 +63,7 @@ class ToySpec:
 
 
 TOYS: dict[str, ToySpec] = {
-    # Reversed 3-digit addition (DESIGN.md §5): ~2.6M-param teacher, ~0.5M-param student.
+    # Reversed 3-digit addition (docs/method.md §5): ~2.6M-param teacher, ~0.5M-param student.
     "add3": ToySpec(
         task={"digits": 3},
         teacher=ModelSpec(hidden=256, layers=4, ffn=512, max_steps=1200, stop_at=0.97, gate=(0.95, 1.0)),

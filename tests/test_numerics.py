@@ -62,7 +62,7 @@ def step():
 
 # ------------------------------------------------------------------------------------ plain references
 def reference_stats(s_logits: torch.Tensor, t_logits: torch.Tensor, tokens: torch.Tensor, k: int) -> dict:
-    """Every TokenStats field from full (..., V) logits, written out from DESIGN.md §2 with log_softmax."""
+    """Every TokenStats field from full (..., V) logits, written out from docs/method.md §2 with log_softmax."""
     s, t = torch.log_softmax(s_logits.double(), -1), torch.log_softmax(t_logits.double(), -1)
 
     def kl(p, q):  # KL(p || q), 0·log 0 = 0

@@ -37,3 +37,17 @@ def test_floors_match_the_declared_minimums():
     for name, version in floors.items():
         assert re.search(rf'"{name}(\[\w+\])?>={re.escape(version.removesuffix(".0"))}(\.0)?"', pyproject), name
     assert ".venv-floors/bin/pytest" in (REPO_ROOT / ".ci/run").read_text()
+
+
+def test_docs_sections_cited_in_the_repository_exist():
+    """Code and docs cite `docs/method.md §N`; every cited section is there, and nothing points at a design
+    file outside the repository."""
+    import subprocess
+
+    method = (REPO_ROOT / "docs" / "method.md").read_text()
+    sections = set(re.findall(r"^##+ §([\d.]+)", method, flags=re.M))
+    text = subprocess.run(["git", "grep", "-h", "docs/method.md §"], cwd=REPO_ROOT, capture_output=True, text=True).stdout
+    cited = set(re.findall(r"docs/method\.md §([\d.]+\d)", text))
+    assert cited and cited <= sections, sorted(cited - sections)
+    mentions = subprocess.run(["git", "grep", "-l", "DESIGN" + ".md"], cwd=REPO_ROOT, capture_output=True, text=True)
+    assert mentions.stdout.split() == [], mentions.stdout

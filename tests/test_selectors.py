@@ -1,4 +1,4 @@
-"""Selectors: the contract every registered selector must meet, and hand-computed cases of DESIGN.md §2.
+"""Selectors: the contract every registered selector must meet, and hand-computed cases of docs/method.md §2.
 
 The contract tests are parametrised over the registry (`opdlab.plugins.discover`), so an installed
 plugin selector is tested by them too.
@@ -53,7 +53,7 @@ def synthetic_stats(selector: TokenSelector, valid: torch.Tensor, seed: int = 0,
 
 
 def reference_budget(scores: torch.Tensor, valid: torch.Tensor, ratio: float) -> np.ndarray:
-    """DESIGN.md §2 in numpy: top ceil(ratio·N_valid) by score, ties by flat position, then one per response."""
+    """docs/method.md §2 in numpy: top ceil(ratio·N_valid) by score, ties by flat position, then one per response."""
     s = np.nan_to_num(scores.double().numpy(), nan=-np.inf).ravel()
     v = valid.numpy().ravel()
     idx = np.flatnonzero(v)

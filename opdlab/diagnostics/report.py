@@ -91,7 +91,15 @@ def format_report(result: dict, counts: dict) -> str:
         for label, fit in fits.items():
             coefs = "  ".join(f"{n} {c['coef']:+.3f}±{c['se_cluster']:.3f}" for n, c in fit["coefficients"].items())
             lines.append(f"  {label}: {coefs}  R² {fit['r2']:.3f}")
-    return "\n".join(lines)
+    return "\n".join([*lines, *LEGEND])
+
+
+LEGEND = [
+    "quantities (docs/method.md §2-3): G_f / G_r = relative drop of the forward / reverse KL(teacher, student)",
+    "  from θ0 to θ1 at the same context; D = top-K-union forward KL (disagreement), C = teacher mass on the",
+    "  student's top-K, H = normalised top-K entropy of the student, D_L = D̃·C̃ (teachability), D_I = D̃·(1-C̃)",
+    "  (incompatible disagreement); ~ = quantile-normalised over the bank.",
+]
 
 
 def to_jsonable(obj):

@@ -1,4 +1,4 @@
-"""Statistics of the fixed-context diagnostic (DESIGN.md §3), in plain numpy.
+"""Statistics of the fixed-context diagnostic (docs/method.md §3), in plain numpy.
 
 - `tercile_gap` / `bootstrap_tercile_gap`: mean outcome of a predictor's top tercile minus its bottom
   tercile, with a cluster bootstrap over contexts (terciles are re-cut in every draw);

@@ -384,6 +384,11 @@ class StaticCacheEngine(RolloutEngine):
         if self.step_fn is None:
             self.step_fn = decode_step
             if self.compile or (self.compile is None and device.type == "cuda"):
+                # One graph per (rows, prompt bucket, length, sampling settings): training and validation
+                # with a few prompt buckets can pass dynamo's default of 8, after which it would silently
+                # decode new shapes eagerly.
+                limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+                setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), 64))
                 self.step_fn = self.compiled(torch.compile(decode_step, **self.compile_options))
         return self.step_fn, self.step_fn is not decode_step
 

@@ -1,7 +1,7 @@
 """The TokenSelector interface, score normalisation, and the global budget rule.
 
 A selector turns `TokenStats` into a score per position (higher = keep first); `apply_budget` is the
-one place that turns scores into a keep mask (DESIGN.md §2):
+one place that turns scores into a keep mask (docs/method.md §2.4):
 
 - the budget is global over the rollout batch: keep the top ceil(ratio · N_valid) valid positions;
 - ties are broken by flat position (sequence-major, then position), via a stable sort;
@@ -73,7 +73,7 @@ def apply_budget(
     scores: torch.Tensor, valid: torch.Tensor, ratio: float, per_response_floor: bool = True
 ) -> torch.Tensor:
     """Keep mask (N, L) of the top ceil(ratio · N_valid) valid positions, plus (with `per_response_floor`,
-    DESIGN's rule) the best position of every non-empty row that got none."""
+    the rule of docs/method.md §2.4) the best position of every non-empty row that got none."""
     valid = valid.bool()
     # NaN and -inf scores rank last among valid positions, but still above invalid ones.
     lowest = torch.finfo(torch.float32).min

@@ -5,7 +5,7 @@ first, `640`), but every answer digit d may be written either as the digit or as
 `"abcdefghij"[d]`: `640`, `gea`, `6e0` ... are all correct and `verify` accepts each of them.
 
 The toy built on it (`toy:spell2/...`, see `opdlab.toy.TOYS`) pre-trains teacher and student on
-*different* correct spellings, so they disagree in two ways (DESIGN.md §2):
+*different* correct spellings, so they disagree in two ways (docs/method.md §2):
 
 - the teacher writes digits everywhere; the student writes a letter at answer position 0, either at
   position 1 (50/50) and a digit at position 2. Where the student already mixes both spellings, the
