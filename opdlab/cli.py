@@ -191,12 +191,21 @@ def run_toy(argv: list[str]) -> None:
 def run_plugins(argv: list[str]) -> None:
     if argv and argv[0] in ("-h", "--help"):
         print("usage: opdlab plugins\n\nList every registered selector, divergence and rollout engine with the "
-              "package it came from.")
+              "package it came from, then every plugin that failed to load and why (exit status 1 if any).")
         return
-    rows = [(p.group.split(".")[-1], p.name, p.package, p.class_path) for p in plugins.list_plugins()]
+    rows, broken = [], []
+    for group in plugins.GROUPS:
+        found, errors = plugins.scan(group)
+        rows += [(p.group.split(".")[-1], p.name, p.package, p.class_path) for p in found.values()]
+        broken += errors
     widths = [max(len(r[i]) for r in [("group", "name", "package", "class"), *rows]) for i in range(4)]
     for row in [("group", "name", "package", "class"), *rows]:
         print("  ".join(col.ljust(w) for col, w in zip(row, widths, strict=True)))
+    if broken:
+        print(f"\n{len(broken)} broken plugin(s), not loaded:")
+        for err in broken:
+            print(f"  {err}")
+        sys.exit(1)
 
 
 COMMANDS = {"toy": run_toy, "plugins": run_plugins, "diagnose": run_diagnose, "compare": run_compare}

@@ -65,29 +65,47 @@ def _package(ep: metadata.EntryPoint) -> str:
 
 
 @cache
-def discover(group: str) -> dict[str, Plugin]:
-    """Every plugin of `group` (a key of GROUPS, or its alias 'selector'/'divergence'/'rollout_engine'), by name.
+def scan(group: str) -> tuple[dict[str, Plugin], tuple[PluginError, ...]]:
+    """(the healthy plugins of `group` by name, the errors of the broken ones), without raising.
 
-    Raises PluginError naming the plugin and its package when one cannot be registered.
+    `opdlab plugins` lists both; everything else uses `discover`, which refuses to go on with a broken one.
     """
     group = GROUP_ALIASES.get(group, group)
     if group not in GROUPS:
         raise ValueError(f"unknown plugin group {group!r}; expected one of {sorted(GROUPS)}")
     found: dict[str, Plugin] = {}
+    errors: list[PluginError] = []
     for ep in sorted(metadata.entry_points(group=group), key=lambda e: (_package(e), e.name)):
         package = _package(ep)
         if plugins_disabled() and package != BUILTIN_PACKAGE:
             continue
-        plugin = _load(ep, group, package)
+        try:
+            plugin = _load(ep, group, package)
+        except PluginError as err:
+            errors.append(err)
+            continue
         previous = found.get(plugin.name)
         if previous is not None and previous.cls is not plugin.cls:
-            raise PluginError(
+            errors.append(PluginError(
                 f"{_where(ep, group, package)} duplicates the name already registered by package "
                 f"{previous.package!r} ({previous.target}); rename one of the entry points"
                 f"{_off_switch_hint(package)}"
-            )
+            ))
+            continue
         found.setdefault(plugin.name, plugin)
+    return found, tuple(errors)
+
+
+def discover(group: str) -> dict[str, Plugin]:
+    """Every plugin of `group` (a key of GROUPS, or its alias 'selector'/'divergence'/'rollout_engine'), by name.
+
+    Raises PluginError naming the plugin and its package when one cannot be registered.
+    """
+    found, errors = scan(group)
+    if errors:
+        raise errors[0]
     return found
+
 
 
 def _load(ep: metadata.EntryPoint, group: str, package: str) -> Plugin:
@@ -97,7 +115,7 @@ def _load(ep: metadata.EntryPoint, group: str, package: str) -> Plugin:
         raise PluginError(f"{where} has a malformed name: use lower-case letters, digits, '_' or '-'{hint}")
     try:
         cls = ep.load()
-    except Exception as err:  # any import failure is reported the same way
+    except (Exception, SystemExit) as err:  # any import failure, sys.exit() at import included
         raise PluginError(f"{where} failed to import: {type(err).__name__}: {err}{hint}") from err
     base = GROUPS[group]
     if not (isinstance(cls, type) and issubclass(cls, base)):
@@ -136,5 +154,5 @@ def unknown_name_message(group: str, name: str, known: list[str]) -> str:
 
 
 def list_plugins() -> list[Plugin]:
-    """Every registered plugin of every group, built-ins included."""
+    """Every registered plugin of every group, built-ins included (raises on a broken one)."""
     return [p for group in GROUPS for p in discover(group).values()]

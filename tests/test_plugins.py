@@ -49,11 +49,11 @@ class FakeEntryPoint:
 
 @pytest.fixture
 def fresh_registry(monkeypatch):
-    """Clear discover's cache around the test (it is functools.cache'd) and drop the off switch."""
+    """Clear the registry's cache around the test (scan is functools.cache'd) and drop the off switch."""
     monkeypatch.delenv(plugins.DISABLE_ENV, raising=False)
-    plugins.discover.cache_clear()
+    plugins.scan.cache_clear()
     yield
-    plugins.discover.cache_clear()
+    plugins.scan.cache_clear()
 
 
 @pytest.fixture
@@ -66,7 +66,7 @@ def fake_plugins(monkeypatch, fresh_registry):
             return [*REAL_ENTRY_POINTS(**kwargs), *(ep for ep in extra if ep.group == group)]
 
         monkeypatch.setattr(importlib.metadata, "entry_points", entry_points)
-        plugins.discover.cache_clear()
+        plugins.scan.cache_clear()
 
     return install
 
@@ -213,7 +213,7 @@ def example_plugin_installed():
             check=True, capture_output=True, text=True,
         )
     yield EXAMPLE_DIST
-    plugins.discover.cache_clear()
+    plugins.scan.cache_clear()
     if not was_installed:
         subprocess.run([sys.executable, "-m", "pip", "uninstall", "-y", "-q", EXAMPLE_DIST], check=False,
                        capture_output=True)
@@ -281,3 +281,20 @@ def test_example_plugin_imports_without_side_effects():
     selector = example.LowConfidenceSelector(ratio=0.5)
     assert isinstance(selector, TokenSelector) and selector.top_k == 1
     assert example.__all__ == ["LowConfidenceSelector"]
+
+
+# --------------------------------------------------------------------------------------------- opdlab plugins
+def test_plugins_command_lists_healthy_plugins_and_reports_broken_ones(fake_plugins):
+    fake_plugins(FakeEntryPoint("good", "acme-opd", GoodSelector),
+                 FakeEntryPoint("broken", "acme-bad", error=ImportError("No module named 'acme_bad'")),
+                 FakeEntryPoint("quitter", "acme-exit", error=SystemExit(3)))
+    from conftest import run_opdlab as run_in_process
+
+    result = run_in_process(["plugins"])
+    assert result.code == 1
+    assert "good" in result.out and "acme-opd" in result.out and "teachability" in result.out  # healthy ones listed
+    assert "2 broken plugin(s), not loaded:" in result.out
+    assert "plugin 'broken' (acme_bad:Thing) from package 'acme-bad'" in result.out and "ImportError" in result.out
+    assert "plugin 'quitter'" in result.out and "SystemExit: 3" in result.out  # sys.exit at import is caught
+    with pytest.raises(plugins.PluginError, match="acme-bad"):  # fit and the rest refuse to go on
+        plugins.discover("opdlab.selectors")
