@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 import warnings
@@ -37,7 +38,14 @@ class OPDLabArgumentParser(LightningArgumentParser):
     """Adds "did you mean" to errors about unknown options or config keys (typos)."""
 
     def error(self, message: str, ex: Exception | None = None):
-        return super().error(message + closest_keys_hint(message, self), ex)
+        """One line with the closest known keys, instead of the whole usage (hundreds of options) first."""
+        if os.environ.get(TRACEBACK_ENV, "").strip() not in ("", "0"):
+            return super().error(message + closest_keys_hint(message, self), ex)
+        first = message.strip().splitlines()[0] if message.strip() else message
+        prog = self.prog.replace(" [options]", "")
+        sys.stderr.write(f"{prog}: error: {first}{closest_keys_hint(message, self)}\n"
+                         f"run '{prog} --help' for every option\n")
+        sys.exit(2)
 
 
 def closest_keys_hint(message: str, parser) -> str:
@@ -226,7 +234,34 @@ commands:
 """
 
 
+TRACEBACK_ENV = "OPDLAB_TRACEBACK"
+
+
 def main(argv: list[str] | None = None) -> None:
+    """`opdlab ...`: errors that opdlab itself raises (option checks, data, paths, plugins, checkpoints)
+    are printed as one `opdlab: error: ...` line; `OPDLAB_TRACEBACK=1` shows the traceback instead.
+    Errors raised elsewhere (a bug, a library) keep their traceback."""
+    try:
+        run(argv)
+    except (ValueError, OSError, KeyError, RuntimeError, plugins.PluginError) as err:
+        if os.environ.get(TRACEBACK_ENV, "").strip() not in ("", "0") or not raised_by_opdlab(err):
+            raise
+        message = err.args[0] if isinstance(err, KeyError) and err.args else err
+        sys.exit(f"opdlab: error: {message}\n(set {TRACEBACK_ENV}=1 to see where it was raised)")
+
+
+def raised_by_opdlab(err: BaseException) -> bool:
+    """True when the innermost frame of the error's traceback is opdlab's own code."""
+    tb = err.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and Path(tb.tb_frame.f_code.co_filename).resolve().is_relative_to(PACKAGE_DIR)
+
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+def run(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(HELP)
@@ -239,6 +274,9 @@ def main(argv: list[str] | None = None) -> None:
     # Manual optimisation (global selection) makes Lightning warn that checkpoints hold the weights after
     # the step; that is what opdlab checkpoints are meant to hold (resume continues from there).
     warnings.filterwarnings("ignore", message=r"Using ModelCheckpoint with manual optimization")
+    # main() hands LightningCLI the arguments it read from sys.argv (after expanding plugin short names);
+    # LightningCLI warns about "both" being given and prints them twice.
+    warnings.filterwarnings("ignore", message=r"LightningCLI's args parameter is intended")
     for group in plugins.GROUPS:
         plugins.discover(group)  # import plugin classes so jsonargparse resolves their names
     try:

@@ -233,3 +233,32 @@ def test_validate_command(tiny_checkpoints, tmp_path):
     result = run_opdlab(["validate", "--config", FAST, "--config", str(overrides)])
     assert result.code == 0, result.err[-3000:]
     assert "val/accuracy" in result.out
+
+
+# ------------------------------------------------------------------------------ errors a person can read
+def test_option_errors_are_one_line_with_a_traceback_switch(monkeypatch):
+    result = run_opdlab(["fit", "--config", FAST, "--model.gradient_clip_val", "-1"])
+    message = str(result.code)
+    assert message.startswith("opdlab: error: gradient_clip_val must be > 0"), message
+    assert "Traceback" not in result.err and message.count("\n") == 1  # the message and the switch's hint
+    monkeypatch.setenv("OPDLAB_TRACEBACK", "1")
+    with pytest.raises(ValueError, match="gradient_clip_val must be > 0"):
+        run_opdlab(["fit", "--config", FAST, "--model.gradient_clip_val", "-1"])
+
+
+def test_unknown_option_prints_the_hint_without_the_usage():
+    result = run_opdlab(["fit", "--config", FAST, "--model.max_new_tokns", "4"])
+    assert result.code == 2
+    assert "usage:" not in result.err and len(result.err.splitlines()) <= 4, result.err
+    assert "did you mean 'model.max_new_tokens'" in result.err and "opdlab fit --help" in result.err
+
+
+def test_errors_from_outside_opdlab_keep_their_traceback(monkeypatch):
+    from opdlab import cli
+
+    def broken(argv):
+        return int("not a number")  # a ValueError raised by Python itself, not by opdlab's checks
+
+    monkeypatch.setitem(cli.COMMANDS, "toy", broken)
+    with pytest.raises(ValueError, match="invalid literal"):
+        cli.main(["toy"])
