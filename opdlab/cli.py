@@ -180,7 +180,12 @@ def run_toy(argv: list[str]) -> None:
     from opdlab.toy import build_toy
 
     def toy(name: str = "add3", seed: int = 0, cache_dir: str | None = None, force: bool = False) -> None:
-        """Build, gate and cache the embedded toy teacher and student.
+        """Build, gate and cache the embedded toy teacher and student, and compare with the shipped build.
+
+        The default toys (add3, spell2; seed 0) ship with opdlab, so `toy:<name>/...` uses those files
+        without building. This command rebuilds them into the cache (with one torch thread: faster
+        for these tiny models), to check a machine or a changed recipe; the held-out accuracies of both
+        builds are printed side by side.
 
         Args:
             name: which toy: add3 (reversed 3-digit addition, the default), add2 (fast, for tests) or
@@ -189,9 +194,32 @@ def run_toy(argv: list[str]) -> None:
             cache_dir: where to cache them (default: $OPDLAB_CACHE/toy, i.e. ~/.cache/opdlab/toy).
             force: rebuild even if a cached build exists.
         """
-        path = build_toy(name, cache_dir=cache_dir, seed=seed, force=force)
-        print((path / "build.json").read_text())
-        print(f"toy models in {path}: use 'toy:{name}/teacher' and 'toy:{name}/student' as model paths")
+        import json
+
+        import torch
+
+        from opdlab.toy import shipped_toy
+
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            path = build_toy(name, cache_dir=cache_dir, seed=seed, force=force)
+        finally:
+            torch.set_num_threads(threads)
+        built = json.loads((path / "build.json").read_text())
+        print(f"toy models in {path}")
+        shipped = shipped_toy(name, seed)
+        reference = json.loads((shipped / "build.json").read_text()) if shipped else None
+        for role in ("teacher", "student"):
+            line = f"  {role}: held-out accuracy {built[role]['accuracy']:.1%} in {built[role]['steps']} steps"
+            if reference:
+                line += f" (shipped build: {reference[role]['accuracy']:.1%} in {reference[role]['steps']} steps)"
+            print(line)
+        if reference:
+            print(f"'toy:{name}/...' keeps using the shipped build ({shipped}); pass the directories above as "
+                  "--model.student / --model.teacher to train with this one")
+        else:
+            print(f"use 'toy:{name}/teacher' and 'toy:{name}/student' as model paths")
 
     CLI(toy, args=argv, prog="opdlab toy")
 

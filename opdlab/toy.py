@@ -1,9 +1,14 @@
 """The embedded toy default: a character tokenizer and a Qwen2 teacher/student trained by opdlab itself.
 
-`opdlab toy` (or the first `fit` that names `toy:<name>/<role>`) trains both models on a verifiable
-task with a fixed seed, gates them on held-out accuracy (teacher >= 95%, student 20-60%: a student
-with room to learn from a teacher that knows the answer) and caches real HF checkpoints under
-`$OPDLAB_CACHE` (default `~/.cache/opdlab`). Nothing is downloaded.
+`opdlab toy` trains both models on a verifiable task with a fixed seed, gates them on held-out accuracy
+(teacher >= 95%, student 20-60%: a student with room to learn from a teacher that knows the answer) and
+caches real HF checkpoints under `$OPDLAB_CACHE` (default `~/.cache/opdlab`). Nothing is downloaded.
+
+The default builds (add3 and spell2, seed 0) ship inside the package (`opdlab/toy_checkpoints/`):
+floating-point training differs between machines, thread counts and accelerators, so a build made on
+first use was not the same everywhere (a GPU build overshot the student's gate). `toy:<name>/<role>`
+resolves to the shipped files when they exist; `opdlab toy --name <name>` rebuilds into the cache and
+compares the result with the shipped build.
 """
 
 from __future__ import annotations
@@ -288,11 +293,28 @@ def removed_on_sigterm():
         signal.signal(signal.SIGTERM, previous)
 
 
+SHIPPED = Path(__file__).resolve().parent / "toy_checkpoints"
+
+
+def shipped_toy(name: str, seed: int) -> Path | None:
+    """The build of `name` (seed) that ships inside the package, if there is one: the default toys are the
+    same files on every machine and accelerator, so their numbers reproduce anywhere."""
+    spec = TOYS.get(name)
+    path = SHIPPED / f"{name}-v{spec.version}-seed{seed}" if spec else None
+    return path if path is not None and (path / "build.json").is_file() else None
+
+
 def resolve_toy_path(spec: str) -> Path:
-    """`toy:<name>/<role>` (role: teacher or student) -> checkpoint directory, building it if missing."""
+    """`toy:<name>/<role>` (role: teacher or student) -> checkpoint directory: the shipped build when the
+    package has one for this seed, else the cached build (trained on first use)."""
     body = spec.removeprefix("toy:")
     name, _, role = body.partition("/")
     if role not in ("teacher", "student"):
         raise ValueError(f"toy model spec must be 'toy:<name>/teacher' or 'toy:<name>/student', got {spec!r}")
     seed = int(os.environ.get("OPDLAB_TOY_SEED", "0"))
+    shipped = shipped_toy(name, seed)
+    if shipped is not None:
+        return shipped / role
+    if name in TOYS and not (Path(cache_root() / "toy") / f"{name}-v{TOYS[name].version}-seed{seed}" / "build.json").exists():
+        print(f"opdlab: building toy {name!r} (seed {seed}) once; it is cached in {cache_root() / 'toy'}", flush=True)
     return build_toy(name, seed=seed) / role

@@ -162,3 +162,31 @@ toy.build_toy("tiny", cache_dir={str(tmp_path)!r}, seed=0)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=30) == 128 + signal.SIGTERM
     assert leftovers(tmp_path) == []
+
+
+# --------------------------------------------------------------------------------------------- shipped builds
+@pytest.mark.parametrize("name", ["add3", "spell2"])
+def test_default_toys_ship_with_the_package_and_pass_their_gates(name, monkeypatch):
+    """`toy:add3/...` and `toy:spell2/...` resolve to files inside the package (the same on every machine),
+    never to a build; the shipped models still reach their gates on the held-out set."""
+    monkeypatch.setattr(toy, "build_toy", lambda *a, **k: pytest.fail("a shipped toy was rebuilt"))
+    spec = toy.TOYS[name]
+    for role in ("teacher", "student"):
+        path = Path(resolve_model_path(f"toy:{name}/{role}"))
+        assert path == toy.SHIPPED / f"{name}-v{spec.version}-seed0" / role
+        model, tokenizer = load_causal_lm(str(path)).eval(), load_tokenizer(str(path))
+        accuracy = evaluate_accuracy(model, tokenizer, toy.make_task(spec, 0), max_new_tokens=8)
+        lo, hi = getattr(spec, role).gate
+        assert lo <= accuracy <= hi, (role, accuracy)
+        built = json.loads((path.parent / "build.json").read_text())[role]["accuracy"]
+        assert accuracy == pytest.approx(built, abs=1e-9)  # the numbers the build recorded reproduce
+
+
+def test_other_seeds_are_built_on_first_use(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("OPDLAB_TOY_SEED", "7")
+    monkeypatch.setenv("OPDLAB_CACHE", str(tmp_path))
+    built = []
+    monkeypatch.setattr(toy, "build_toy", lambda name, seed: built.append((name, seed)) or tmp_path / "x")
+    assert resolve_model_path("toy:add3/student") == str(tmp_path / "x" / "student")
+    assert built == [("add3", 7)]
+    assert "building toy 'add3' (seed 7) once" in capsys.readouterr().out
