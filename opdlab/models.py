@@ -11,7 +11,10 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # transformers is imported where models are loaded: `opdlab plugins` / --help stay fast
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -52,6 +55,8 @@ def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
             f"no tokenizer in {path} (looked for {', '.join(TOKENIZER_FILES)}); save the tokenizer next to the "
             "weights (tokenizer.save_pretrained(dir)) or copy its files from the original model"
         )
+    from transformers import AutoTokenizer
+
     tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -62,6 +67,8 @@ def load_causal_lm(name: str, dtype: str = "float32") -> PreTrainedModel:
     """Load a causal LM from a local path or hub id in `dtype` (float32, bfloat16 or float16)."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    from transformers import AutoModelForCausalLM
+
     path = resolve_model_path(name)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype])

@@ -78,7 +78,10 @@ class OPDModule(L.LightningModule):
             3 · chunk_size · V fp32 in all); the loss pass uses chunks of a quarter of it and, when at
             most 2 · chunk_size rows are kept, keeps their logit gradients (kept rows x V) so the LM
             head's gradients take one matmul each instead of one per chunk.
-        student_dtype, teacher_dtype: weight dtypes (float32, bfloat16, float16).
+        student_dtype: the student's weight dtype: float32 (default; with bf16-mixed training these are the fp32
+            master weights), bfloat16 or float16.
+        teacher_dtype: the frozen teacher's weight dtype: float32, bfloat16 (halves its memory; the GPU configs
+            use it) or float16.
         gradient_checkpointing: recompute student activations in backward to save memory.
         micro_batch_size: rows (prompts x samples) per forward/backward; the whole batch when None.
             Selection and loss normalisation always cover the whole batch (and all ranks), so the update

@@ -12,10 +12,13 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
-from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+from typing import TYPE_CHECKING
 
 from opdlab.distributed import all_reduce_sum
 from opdlab.models import cache_keyword
+
+if TYPE_CHECKING:  # transformers is imported where a model runs (see opdlab.models)
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 
 @dataclass
@@ -132,6 +135,8 @@ def sample_rollouts(
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     # The cache object is updated in place; keep it rather than reading it back from the output, whose
     # field is `cache` in recent transformers and `past_key_values` before 5.2x.
+    from transformers import DynamicCache
+
     cache = {cache_keyword(model): DynamicCache(config=model.config)}
     out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1, **cache)
     tokens, logps, alive_steps = [], [], []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -262,3 +263,29 @@ def test_errors_from_outside_opdlab_keep_their_traceback(monkeypatch):
     monkeypatch.setitem(cli.COMMANDS, "toy", broken)
     with pytest.raises(ValueError, match="invalid literal"):
         cli.main(["toy"])
+
+
+# ------------------------------------------------------------------------------ help that is quick and findable
+@pytest.mark.parametrize("command", [["--help"], ["plugins"], ["toy", "--help"]])
+def test_light_commands_do_not_import_lightning_or_transformers(command):
+    """`opdlab --help` and `opdlab plugins` answer in about a second: they never import Lightning or
+    transformers (10 s of CPU together on a busy 2-core machine); checked by module, not by clock."""
+    code = ("import sys; from opdlab.cli import main\n"
+            f"try:\n    main({command!r})\nexcept SystemExit:\n    pass\n"
+            "heavy = sorted(m for m in ('lightning', 'transformers', 'matplotlib') if m in sys.modules)\n"
+            "print('HEAVY', heavy)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120).stdout
+    assert "HEAVY []" in out, out[-500:]
+
+
+def test_fit_help_puts_opdlab_options_first_and_describes_each():
+    out = run_opdlab(["fit", "--help"]).out
+    lines = out.splitlines()
+    assert lines[0].startswith("usage: opdlab fit [--config CONFIG]") and len(lines[0]) < 160  # not 400 options
+    first = {group: next(i for i, line in enumerate(lines) if line.startswith(f"  --{group}."))
+             for group in ("model", "data", "trainer")}
+    assert first["model"] < first["data"] < first["trainer"]
+    undocumented = [line.split()[0] for i, line in enumerate(lines[:-1])
+                    if re.match(r"  --(model|data)\.\w[\w.]*( [A-Z_]+)?$", line) and not line.split()[0].endswith(".help")
+                    and lines[i + 1].strip().startswith("(type:")]
+    assert undocumented == []

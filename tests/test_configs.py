@@ -7,7 +7,7 @@ import sys
 import pytest
 import yaml
 
-from opdlab.cli import TRAINER_DEFAULTS, OPDLabCLI
+from opdlab.fit_cli import TRAINER_DEFAULTS, OPDLabCLI
 from opdlab.data import PromptDataModule
 from opdlab.divergences import Divergence
 from opdlab.module import OPDModule

@@ -32,7 +32,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers import AttentionInterface
 
 from opdlab.engines.base import RolloutEngine, SamplingParams
 from opdlab.models import DTYPES, cache_keyword, takes_argument
@@ -264,6 +263,8 @@ class StaticCacheEngine(RolloutEngine):
         check_supported(model)
         device = next(model.parameters()).device
         dtype = self.generation_dtype(model, device)
+        from transformers import AttentionInterface  # here, not at import: `opdlab plugins` stays fast
+
         AttentionInterface.register(ATTENTION, static_cache_attention)  # idempotent
         with torch.device("meta"):
             copy = type(model)(deepcopy(model.config))  # its own config: the attention choice stays here

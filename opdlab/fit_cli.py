@@ -1,0 +1,218 @@
+"""`opdlab fit / validate / test`: LightningCLI over OPDModule and PromptDataModule.
+
+Imported only when one of these commands runs (`opdlab --help`, `plugins` and `toy` stay light).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from opdlab import plugins
+from opdlab.callbacks import SelectionMetrics
+from opdlab.cli import TRACEBACK_ENV
+from opdlab.data import PromptDataModule
+from opdlab.module import OPDModule
+
+TRAINER_DEFAULTS = {
+    "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger", "init_args": {"save_dir": "runs", "name": "opdlab"}},
+    "num_sanity_val_steps": 0,
+    "inference_mode": False,  # metrics and caches made in validation are reused in training
+    "max_steps": 200,
+    "plugins": [{"class_path": "opdlab.checkpointing.AtomicCheckpointIO"}],
+}
+SHORT_NAME_ARGS = {"--model.selector": "opdlab.selectors", "--model.divergence": "opdlab.divergences",
+                   "--model.rollout_engine": "opdlab.rollout_engines"}
+
+
+class OPDLabArgumentParser(LightningArgumentParser):
+    """Adds "did you mean" to errors about unknown options or config keys (typos), and a short usage line
+    (argparse's own would list all ~400 options before the help proper)."""
+
+    def format_usage(self) -> str:
+        return self.with_short_usage(super().format_usage)
+
+    def format_help(self) -> str:
+        return self.with_short_usage(super().format_help)
+
+    def with_short_usage(self, format_text) -> str:
+        if " " not in self.prog:  # the top-level parser: argparse's usage of the subcommands is short
+            return format_text()
+        self.usage = (f"{self.prog.replace(' [options]', '')} [--config CONFIG] [--print_config] [--model.* ...] "
+                      "[--data.* ...] [--trainer.* ...] [--ckpt_path CKPT_PATH]")
+        try:
+            return format_text()
+        finally:
+            self.usage = None
+
+    def error(self, message: str, ex: Exception | None = None):
+        """One line with the closest known keys, instead of the whole usage (hundreds of options) first."""
+        if os.environ.get(TRACEBACK_ENV, "").strip() not in ("", "0"):
+            return super().error(message + closest_keys_hint(message, self), ex)
+        first = message.strip().splitlines()[0] if message.strip() else message
+        prog = self.prog.replace(" [options]", "")
+        sys.stderr.write(f"{prog}: error: {first}{closest_keys_hint(message, self)}\n"
+                         f"run '{prog} --help' for every option\n")
+        sys.exit(2)
+
+
+def closest_keys_hint(message: str, parser) -> str:
+    """' Did you mean ...?' for the unknown keys named in a jsonargparse error message, else ''."""
+    import difflib
+    import re
+
+    unknown = re.findall(r"--([\w.]+)", message.partition("unrecognized arguments:")[2])
+    for group, option in re.findall(r"Group '([\w.]+)' does not accept option '([\w]+)", message):
+        unknown.append(f"{group}.{option}")
+    unknown += re.findall(r"Key '([\w.]+)' is not expected", message)
+    known = sorted(set(option_keys(parser)))
+    hints = []
+    for key in unknown:
+        close = difflib.get_close_matches(key, known, n=3, cutoff=0.6)
+        if close:
+            hints.append(f"'{key}': did you mean {' or '.join(repr(c) for c in close)}?")
+    return ("\n" + "\n".join(hints)) if hints else ""
+
+
+def option_keys(parser) -> list[str]:
+    """Every option key of a parser and of its subcommands' parsers (fit, validate, ...)."""
+    keys = []
+    for action in parser._actions:
+        for sub in (getattr(action, "choices", None) or {}).values() if hasattr(action, "_name_parser_map") else ():
+            keys += option_keys(sub)
+        if action.dest and action.dest not in ("help", "config") and not action.dest.endswith(".help") \
+                and not hasattr(action, "_name_parser_map"):
+            keys.append(action.dest)
+    return keys
+
+
+class OPDLabCLI(LightningCLI):
+    """LightningCLI over `OPDModule` and `PromptDataModule`; `fit` also reports accuracy before/after."""
+
+    def add_core_arguments_to_parser(self, parser) -> None:
+        """opdlab's own options (model, data) before the Trainer's, so `fit --help` reads from the top."""
+        parser.add_lightning_class_args(self._model_class, "model", subclass_mode=self.subclass_mode_model)
+        parser.add_lightning_class_args(self._datamodule_class, "data", subclass_mode=self.subclass_mode_data)
+        parser.add_lightning_class_args(self.trainer_class, "trainer")
+        parser.set_defaults({"trainer." + k: v for k, v in self.trainer_defaults.items() if k != "callbacks"})
+
+    def add_arguments_to_parser(self, parser) -> None:
+        from opdlab.callbacks import TeachabilityHistograms
+
+        # Always-on callbacks, configurable under their own top-level keys
+        # (e.g. `--teachability_histograms.every_n_steps 10`). TokenBank is opt-in via trainer.callbacks.
+        parser.add_lightning_class_args(SelectionMetrics, "selection_metrics")
+        parser.add_lightning_class_args(TeachabilityHistograms, "teachability_histograms")
+
+    def parse_arguments(self, parser, args) -> None:
+        super().parse_arguments(parser, args)
+        self.check_resume_options()
+
+    def _parse_ckpt_path(self) -> None:
+        """Off: Lightning >= 2.5.6 lays the checkpoint's saved hyperparameters over the command line here,
+        silently dropping options given there (while selector, divergence and optimizer, which are not
+        saved, follow the command line: a mixed run). See `check_resume_options` for opdlab's rule."""
+
+    def check_resume_options(self) -> None:
+        """Resuming (`--ckpt_path`): the student and the teacher must be the ones the checkpoint was trained
+        with (refused otherwise); every other option is taken from this command line and config, and each
+        one that differs from the checkpoint's value gets a warning."""
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if not ckpt_path or not Path(ckpt_path).is_file():
+            return
+        try:
+            import torch
+
+            saved = torch.load(ckpt_path, weights_only=True, map_location="cpu").get("hyper_parameters", {})
+        except Exception:  # noqa: BLE001 - an unreadable file is reported clearly when the run loads it
+            return
+        given = self.config[subcommand]["model"]
+        for key in ("student", "teacher"):
+            if key in saved and saved[key] != given.get(key):
+                sys.exit(f"opdlab: error: --ckpt_path {ckpt_path} was trained with model.{key}={saved[key]!r}, "
+                         f"but this run names {given.get(key)!r}; resume with the same {key} (or start a new run "
+                         "without --ckpt_path)")
+        for key, value in saved.items():
+            if key in given and key not in ("student", "teacher") and given[key] != value:
+                warnings.warn(f"resuming from {ckpt_path} with model.{key}={given[key]!r} (the checkpoint was "
+                              f"trained with {value!r})", stacklevel=1)
+
+    def before_fit(self) -> None:
+        self.accuracy_before = self._validate()  # builds the models first (and, on first use, the toy)
+        self.fit_started = time.perf_counter()  # so the summary's time and tokens/s are the training's
+
+    def after_fit(self) -> None:
+        seconds = time.perf_counter() - self.fit_started
+        model, trainer = self.model, self.trainer
+        after = self._validate() if model.last_val_step != trainer.global_step else model.last_val_accuracy
+        export = Path(trainer.log_dir or "runs") / "student"  # log_dir and export are collectives
+        model.export_student(str(export))
+        if trainer.is_global_zero:
+            teacher = model.teacher_val_accuracy
+            lines = [
+                f"steps: {trainer.global_step}   training wall time: {seconds:.1f} s   "
+                f"response tokens/s: {model.response_tokens / max(seconds, 1e-9):.0f}",
+                f"student accuracy: before {self.accuracy_before:.1%} -> after {after:.1%}"
+                + (f"   (teacher {float(teacher):.1%})" if teacher is not None else ""),
+                f"student exported to {export}",
+            ]
+            print("\n".join(["", "opdlab fit summary", *lines]))
+
+    def _validate(self) -> float:
+        self.trainer.validate(self.model, datamodule=self.datamodule, verbose=False)
+        return self.model.last_val_accuracy
+
+
+def expand_short_names(argv: list[str]) -> list[str]:
+    """Turn registered plugin names (`--model.selector teachability`) into class paths."""
+    out = list(argv)
+    for i, arg in enumerate(out):
+        key, eq, value = arg.partition("=")
+        if key not in SHORT_NAME_ARGS:
+            continue
+        if not eq:
+            if i + 1 >= len(out):
+                continue
+            value = out[i + 1]
+        if "." in value or value.startswith(("{", "[")) or value[:1].isupper():
+            continue  # a class path, a class name, or inline JSON: jsonargparse handles it
+        try:
+            path = next(p.class_path for p in plugins.discover(SHORT_NAME_ARGS[key]).values() if p.name == value)
+        except StopIteration:
+            plugins.resolve(SHORT_NAME_ARGS[key], value)  # raises with did-you-mean
+            raise
+        if eq:
+            out[i] = f"{key}={path}"
+        else:
+            out[i + 1] = path
+    return out
+
+
+def run_fit(argv: list[str]) -> None:
+    """LightningCLI with opdlab's defaults, after expanding plugin short names."""
+    # The frozen teacher is in eval mode on purpose; Lightning warns about it at every fit.
+    warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+    # Manual optimisation (global selection) makes Lightning warn that checkpoints hold the weights after
+    # the step; that is what opdlab checkpoints are meant to hold (resume continues from there).
+    warnings.filterwarnings("ignore", message=r"Using ModelCheckpoint with manual optimization")
+    # main() hands LightningCLI the arguments it read from sys.argv (after expanding plugin short names);
+    # LightningCLI warns about "both" being given and prints them twice.
+    warnings.filterwarnings("ignore", message=r"LightningCLI's args parameter is intended")
+    for group in plugins.GROUPS:
+        plugins.discover(group)  # import plugin classes so jsonargparse resolves their names
+    try:
+        argv = expand_short_names(argv)
+    except ValueError as err:
+        sys.exit(f"opdlab: error: {err}")
+    OPDLabCLI(
+        OPDModule, PromptDataModule, args=argv, trainer_defaults=TRAINER_DEFAULTS,
+        auto_configure_optimizers=False, save_config_kwargs={"overwrite": True},
+        parser_class=OPDLabArgumentParser,
+    )
+
