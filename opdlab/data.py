@@ -73,7 +73,12 @@ class PromptDataModule(L.LightningDataModule):
         return DataLoader(self.source.eval_problems(), batch_size=self.val_batch_size, collate_fn=collate_problems)
 
     def test_dataloader(self) -> DataLoader:
-        return self.val_dataloader()
+        problems = self.source.test_problems()
+        if not problems:
+            raise ValueError(f"{type(self.source).__name__} has no test split: `opdlab test` needs one (the toy "
+                             "tasks: num_test > 0; JsonlPrompts: test_path); `opdlab validate` evaluates the "
+                             "validation split")
+        return DataLoader(problems, batch_size=self.val_batch_size, collate_fn=collate_problems)
 
     def on_before_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
         # Called when the loop takes a batch (not when it prefetches), so the count matches the steps run.

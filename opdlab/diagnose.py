@@ -2,7 +2,7 @@
 
     opdlab diagnose --config configs/diagnose/add3.yaml            # toy add3, short full-OPD run
     opdlab diagnose --config configs/diagnose/spell2.yaml          # the second toy (spelled addition)
-    opdlab diagnose --student_after runs/ta_opd/version_0/student  # score a trained student instead
+    opdlab diagnose --student_after runs/ta_opd/first/student  # score a trained student instead
 
 1. Freeze a bank of student-generated contexts: `bank.contexts` prompts, one response each sampled by
    the initial student θ0, cut at `bank.max_response_tokens` tokens (saved as bank.pt; `--bank.path`

@@ -8,9 +8,12 @@ from __future__ import annotations
 import os
 import sys
 import time
+import logging
 import warnings
 from pathlib import Path
+from typing import Optional
 
+from jsonargparse import ActionYesNo, Namespace
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from opdlab import plugins
@@ -18,6 +21,7 @@ from opdlab.callbacks import SelectionMetrics
 from opdlab.cli import TRACEBACK_ENV
 from opdlab.data import PromptDataModule
 from opdlab.module import OPDModule
+from opdlab.runs import RunError, resolve_run
 
 TRAINER_DEFAULTS = {
     "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger", "init_args": {"save_dir": "runs", "name": "opdlab"}},
@@ -25,6 +29,7 @@ TRAINER_DEFAULTS = {
     "inference_mode": False,  # metrics and caches made in validation are reused in training
     "max_steps": 200,
     "plugins": [{"class_path": "opdlab.checkpointing.AtomicCheckpointIO"}],
+    "enable_model_summary": False,  # a table of two models' parameter counts and "FLOPs: 0" on every run
 }
 SHORT_NAME_ARGS = {"--model.selector": "opdlab.selectors", "--model.divergence": "opdlab.divergences",
                    "--model.rollout_engine": "opdlab.rollout_engines"}
@@ -102,16 +107,50 @@ class OPDLabCLI(LightningCLI):
         parser.set_defaults({"trainer." + k: v for k, v in self.trainer_defaults.items() if k != "callbacks"})
 
     def add_arguments_to_parser(self, parser) -> None:
-        from opdlab.callbacks import TeachabilityHistograms
+        from opdlab.callbacks import RolloutSamples, TeachabilityHistograms
 
         # Always-on callbacks, configurable under their own top-level keys
         # (e.g. `--teachability_histograms.every_n_steps 10`). TokenBank is opt-in via trainer.callbacks.
         parser.add_lightning_class_args(SelectionMetrics, "selection_metrics")
         parser.add_lightning_class_args(TeachabilityHistograms, "teachability_histograms")
+        parser.add_lightning_class_args(RolloutSamples, "rollout_samples")
+        parser.add_argument("--run_name", type=Optional[str], default=None,
+                            help="name of this run's folder under the logger's save_dir/name (default: "
+                                 "version_N, the next free number); printed when the run starts")
+        parser.add_argument("--resume", action=ActionYesNo, default=False,
+                            help="continue the run named by --run_name, or else the most recent run with a "
+                                 "checkpoints/last.ckpt, in the same folder and curves")
 
-    def parse_arguments(self, parser, args) -> None:
-        super().parse_arguments(parser, args)
+    def before_instantiate_classes(self) -> None:
+        """Run folders and logging: validate/test write no logs; fit resolves --run_name / --resume."""
+        subcommand = self.config.get("subcommand")
+        config = self.config[subcommand] if subcommand else self.config  # no subcommand: run=False (tests)
+        if subcommand in ("validate", "test"):
+            config.trainer.logger = False  # an evaluation is printed; it does not clutter the training runs
+        elif subcommand == "fit":
+            self.resolve_run_folder(config)
+        if config.trainer.get("enable_progress_bar") is not False:  # steps out of max_steps, not epochs
+            config.trainer.callbacks = [*(config.trainer.get("callbacks") or []),
+                                        Namespace(class_path="opdlab.callbacks.progress.StepProgressBar")]
         self.check_resume_options()
+
+    def resolve_run_folder(self, config) -> None:
+        logger = config.trainer.logger
+        init = getattr(logger, "init_args", None)
+        if init is None or init.get("save_dir") is None:
+            if config.get("resume") or config.get("run_name"):
+                raise RunError("--resume and --run_name need a logger with a save_dir (e.g. TensorBoardLogger)")
+            return
+        if logger.class_path.endswith("TensorBoardLogger") and init.get("default_hp_metric", True):
+            init.default_hp_metric = False  # a placeholder hp_metric=-1 curve in every run otherwise
+        if config.get("resume") and config.get("ckpt_path"):
+            raise RunError("give --resume or --ckpt_path, not both")
+        version, checkpoint = resolve_run(Path(init.save_dir) / (init.get("name") or ""), config.get("run_name"),
+                                          bool(config.get("resume")))
+        if version is not None:
+            init.version = version
+        if checkpoint is not None:
+            config.ckpt_path = str(checkpoint)
 
     def _parse_ckpt_path(self) -> None:
         """Off: Lightning >= 2.5.6 lays the checkpoint's saved hyperparameters over the command line here,
@@ -144,21 +183,30 @@ class OPDLabCLI(LightningCLI):
                               f"trained with {value!r})", stacklevel=1)
 
     def before_fit(self) -> None:
-        self.accuracy_before = self._validate()  # builds the models first (and, on first use, the toy)
+        ckpt_path = self.config[self.config.subcommand].get("ckpt_path")
+        if self.trainer.is_global_zero:
+            run = Path(self.trainer.log_dir or self.trainer.default_root_dir)
+            print(f"opdlab fit: run folder {run} (tensorboard --logdir {run.parent}); checkpoints in "
+                  f"{run / 'checkpoints'}; the trained student will be exported to {run / 'student'}", flush=True)
+            if ckpt_path:
+                print(f"opdlab fit: resuming from {ckpt_path}", flush=True)
+        if not ckpt_path:  # a resumed run's starting accuracy comes back with its checkpoint
+            self.model.accuracy_before = self._validate()  # builds the models first
         self.fit_started = time.perf_counter()  # so the summary's time and tokens/s are the training's
 
     def after_fit(self) -> None:
         seconds = time.perf_counter() - self.fit_started
         model, trainer = self.model, self.trainer
         after = self._validate() if model.last_val_step != trainer.global_step else model.last_val_accuracy
-        export = Path(trainer.log_dir or "runs") / "student"  # log_dir and export are collectives
+        export = Path(trainer.log_dir or trainer.default_root_dir) / "student"  # log_dir and export are collectives
         model.export_student(str(export))
         if trainer.is_global_zero:
             teacher = model.teacher_val_accuracy
+            before = f"{model.accuracy_before:.1%}" if model.accuracy_before is not None else "n/a"
             lines = [
                 f"steps: {trainer.global_step}   training wall time: {seconds:.1f} s   "
                 f"response tokens/s: {model.response_tokens / max(seconds, 1e-9):.0f}",
-                f"student accuracy: before {self.accuracy_before:.1%} -> after {after:.1%}"
+                f"student accuracy: before {before} -> after {after:.1%}"
                 + (f"   (teacher {float(teacher):.1%})" if teacher is not None else ""),
                 f"student exported to {export}",
             ]
@@ -194,6 +242,11 @@ def expand_short_names(argv: list[str]) -> list[str]:
     return out
 
 
+def drop_advertising(record: logging.LogRecord) -> bool:
+    """Lightning's tip to install a cloud logger, printed at every fit: not ours to pass on."""
+    return "litlogger" not in record.getMessage()
+
+
 def run_fit(argv: list[str]) -> None:
     """LightningCLI with opdlab's defaults, after expanding plugin short names."""
     # The frozen teacher is in eval mode on purpose; Lightning warns about it at every fit.
@@ -204,6 +257,10 @@ def run_fit(argv: list[str]) -> None:
     # main() hands LightningCLI the arguments it read from sys.argv (after expanding plugin short names);
     # LightningCLI warns about "both" being given and prints them twice.
     warnings.filterwarnings("ignore", message=r"LightningCLI's args parameter is intended")
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+    # --resume continues in the run's own folder, where the checkpoints already are (a new run's folder is new).
+    warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(drop_advertising)
     for group in plugins.GROUPS:
         plugins.discover(group)  # import plugin classes so jsonargparse resolves their names
     try:

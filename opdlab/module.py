@@ -169,6 +169,7 @@ class OPDModule(L.LightningModule):
         self.fuse_full_selection = True  # see keeps_every_position; off only to test the two paths agree
         self.full_entropy_requested = False  # see request_full_entropy
         self.warned_unknown_tokens = False  # see warn_unknown_tokens
+        self.accuracy_before: float | None = None  # held-out accuracy before training (set by `opdlab fit`)
         self.automatic_optimization = False  # global selection spans micro-batches: see training_step
         self.skipped_steps = self.bad_steps_in_a_row = 0
 
@@ -469,7 +470,8 @@ class OPDModule(L.LightningModule):
         # The teacher is frozen and reloaded from its path; keeping it out makes checkpoints student-sized.
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("teacher.")}
         # Sampling is seeded per prompt and step; the global RNGs are saved too, for user code that uses them.
-        checkpoint["opdlab"] = {"rng": capture_rng_state(), "skipped_steps": self.skipped_steps}
+        checkpoint["opdlab"] = {"rng": capture_rng_state(), "skipped_steps": self.skipped_steps,
+                                "accuracy_before": self.accuracy_before}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.engine_weights_stale = True  # the restored weights replace the student's after this hook
@@ -480,6 +482,7 @@ class OPDModule(L.LightningModule):
         if "opdlab" in checkpoint:
             restore_rng_state(checkpoint["opdlab"]["rng"])
             self.skipped_steps = checkpoint["opdlab"]["skipped_steps"]
+            self.accuracy_before = checkpoint["opdlab"].get("accuracy_before", self.accuracy_before)
 
     def export_student(self, path: str) -> None:
         """Save the student as a plain HF checkpoint (with its tokenizer). Call on every rank."""

@@ -289,3 +289,63 @@ def test_fit_help_puts_opdlab_options_first_and_describes_each():
                     if re.match(r"  --(model|data)\.\w[\w.]*( [A-Z_]+)?$", line) and not line.split()[0].endswith(".help")
                     and lines[i + 1].strip().startswith("(type:")]
     assert undocumented == []
+
+
+# ------------------------------------------------------------------------------ run folders and resuming the latest
+def run_fit(tmp_path, tiny, *args):
+    return run_opdlab([
+        "fit", "--config", FAST, "--model.student", tiny.student, "--model.teacher", tiny.teacher,
+        "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"), "--trainer.val_check_interval", "2",
+        "--data.batch_size", "4", "--data.val_batch_size", "16", "--data.source.init_args.num_eval", "16",
+        "--trainer.log_every_n_steps", "1", "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
+        "--trainer.callbacks.every_n_train_steps=1", "--trainer.callbacks.save_last=true", *args,
+    ])
+
+
+def test_resume_continues_the_latest_run_in_its_own_folder(tmp_path, tiny_checkpoints):
+    first = run_fit(tmp_path, tiny_checkpoints, "--trainer.max_steps", "2")
+    assert first.code == 0, first.err[-3000:]
+    run = tmp_path / "runs" / "fast" / "version_0"
+    assert f"run folder {run}" in first.out
+    before = re.search(r"before (\S+) ->", first.out).group(1)
+    for steps in (3, 4):  # resumed twice: each time the same folder, each time its fresh last.ckpt
+        again = run_fit(tmp_path, tiny_checkpoints, "--trainer.max_steps", str(steps), "--resume")
+        assert again.code == 0, again.err[-3000:]
+        assert f"resuming from {run / 'checkpoints' / 'last.ckpt'}" in again.out
+        assert f"steps: {steps}" in again.out and f"before {before} ->" in again.out  # not re-validated
+    assert sorted(p.name for p in (tmp_path / "runs" / "fast").iterdir()) == ["version_0"]
+    losses = dict(scalars(run)["train/loss"])
+    assert sorted(losses) == [0, 1, 2, 3]  # one curve across the three processes
+    assert "hp_metric" not in scalars(run)
+
+
+def test_run_name_and_resume_errors(tmp_path, tiny_checkpoints):
+    nothing = run_fit(tmp_path, tiny_checkpoints, "--trainer.max_steps", "1", "--resume")
+    assert "nothing to resume under" in str(nothing.code)
+    named = run_fit(tmp_path, tiny_checkpoints, "--trainer.max_steps", "1", "--run_name", "mine")
+    assert named.code == 0 and (tmp_path / "runs" / "fast" / "mine" / "checkpoints" / "last.ckpt").is_file()
+    taken = run_fit(tmp_path, tiny_checkpoints, "--trainer.max_steps", "1", "--run_name", "mine")
+    assert "already has checkpoints; pass --resume" in str(taken.code)
+
+
+def test_validate_writes_no_run_folder(tmp_path, tiny_checkpoints, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = run_opdlab(["validate", "--config", FAST, "--model.student", tiny_checkpoints.student,
+                         "--model.teacher", tiny_checkpoints.teacher, "--data.source.init_args.num_eval", "16"])
+    assert result.code == 0, result.err[-3000:]
+    assert "val/accuracy" in result.out
+    assert not (tmp_path / "runs").exists()
+
+
+def test_rollouts_are_logged_as_text_with_the_kept_tokens(tmp_path, tiny_checkpoints):
+    result = run_fit(tmp_path, tiny_checkpoints, "--trainer.max_steps", "2", "--rollout_samples.every_n_steps", "1",
+                     "--rollout_samples.num_rows", "3")
+    assert result.code == 0, result.err[-3000:]
+    acc = EventAccumulator(str(tmp_path / "runs" / "fast" / "version_0"), size_guidance={"tensors": 0})
+    acc.Reload()
+    events = acc.Tensors("rollouts/samples/text_summary")
+    assert [e.step for e in events] == [1, 2]
+    text = events[0].tensor_proto.string_val[0].decode()
+    lines = text.splitlines()
+    assert lines[0] == "| prompt | response (**kept tokens**) | answer | correct |" and len(lines) == 2 + 3
+    assert "**" in text and all(line.endswith(("| yes |", "| no |")) for line in lines[2:])

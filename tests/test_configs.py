@@ -49,6 +49,8 @@ def test_config_instantiates(config, tmp_path, monkeypatch):
     if train_path and not (REPO_ROOT / train_path).exists():  # GPU configs name data a user downloads
         args += ["--data.source.init_args.train_path", str(REPO_ROOT / "data/math_sample.jsonl"),
                  "--data.source.init_args.num_eval", "4"]
+    elif train_path:  # shipped sample data, relative to the repository root
+        args += ["--data.source.init_args.train_path", str(REPO_ROOT / train_path)]
     if raw.get("trainer", {}).get("accelerator") == "gpu":  # instantiating needs the hardware it names
         args += ["--trainer.accelerator", "cpu", "--trainer.devices", "1"]
     cli = OPDLabCLI(OPDModule, PromptDataModule, args=args, run=False,
@@ -63,3 +65,15 @@ def test_config_instantiates(config, tmp_path, monkeypatch):
     if "max_steps" in raw.get("trainer", {}):
         assert cli.trainer.max_steps == raw["trainer"]["max_steps"]
     assert cli.model.student is None, "models are built in configure_model, not at parse time"
+
+
+def test_jsonl_data_overlay_trains_on_top_of_the_default(tmp_path, monkeypatch):
+    """configs/data/jsonl.yaml on configs/ta_opd.yaml: the shipped sample file, its own held-out split (not
+    the toy's 256), a dry run end to end (`--trainer.fast_dev_run`, as the README suggests)."""
+    monkeypatch.chdir(REPO_ROOT)
+    result = run_opdlab(["fit", "--config", str(CONFIG_DIR / "ta_opd.yaml"), "--config",
+                         str(CONFIG_DIR / "data" / "jsonl.yaml"), "--trainer.fast_dev_run", "true",
+                         "--trainer.default_root_dir", str(tmp_path), "--data.val_batch_size", "64"])
+    assert result.code == 0, result.err[-3000:]
+    assert "opdlab fit summary" in result.out and "steps: 1" in result.out
+    assert f"student exported to {tmp_path / 'student'}" in result.out  # a dry run writes where it was told

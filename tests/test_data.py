@@ -179,3 +179,26 @@ def test_datamodule_validation_batches_are_the_held_out_set():
 def test_datamodule_invalid_batch_size():
     with pytest.raises(ValueError, match="batch sizes must be >= 1"):
         PromptDataModule(batch_size=0)
+
+
+# ------------------------------------------------------------------------------ the test split
+def test_addition_test_split_is_disjoint_and_leaves_the_eval_set_unchanged():
+    task, without = AdditionTask(digits=2, num_eval=32, num_test=64), AdditionTask(digits=2, num_eval=32, num_test=0)
+    assert task.eval_problems() == without.eval_problems()  # adding a test split does not move validation
+    test = {p.prompt for p in task.test_problems()}
+    assert len(test) == 64 and not test & {p.prompt for p in task.eval_problems()}
+    train = {task.problem_at(i).prompt for i in range(5000)}
+    assert not train & test
+    assert without.test_problems() is None
+
+
+def test_test_dataloader_serves_the_test_split_or_says_there_is_none(tmp_path):
+    dm = PromptDataModule(AdditionTask(digits=2, num_eval=16, num_test=8), val_batch_size=4)
+    batches = list(dm.test_dataloader())
+    assert sum(len(b["prompts"]) for b in batches) == 8
+    assert {p for b in batches for p in b["prompts"]} == {p.prompt for p in dm.source.test_problems()}
+    path = write_jsonl(tmp_path / "p.jsonl", [json.dumps({"prompt": f"{i}", "answer": "1"}) for i in range(10)])
+    with pytest.raises(ValueError, match="JsonlPrompts has no test split.*test_path"):
+        PromptDataModule(JsonlPrompts(str(path), num_eval=2)).test_dataloader()
+    source = JsonlPrompts(str(path), num_eval=2, test_path=str(path))
+    assert len(source.test_problems()) == 10

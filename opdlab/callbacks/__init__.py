@@ -1,7 +1,8 @@
-"""Training callbacks: selection metrics, teachability histograms, the token bank."""
+"""Training callbacks: selection metrics, teachability histograms, sampled rollouts as text, the token bank."""
 
 from opdlab.callbacks.histograms import TeachabilityHistograms
+from opdlab.callbacks.samples import RolloutSamples
 from opdlab.callbacks.selection import SelectionMetrics
 from opdlab.callbacks.token_bank import TokenBank
 
-__all__ = ["SelectionMetrics", "TeachabilityHistograms", "TokenBank"]
+__all__ = ["RolloutSamples", "SelectionMetrics", "TeachabilityHistograms", "TokenBank"]

@@ -26,27 +26,33 @@ class AdditionTask(PromptSource):
 
     Args:
         digits: operand width (2 trains a perfect teacher in ~30 s; 3 is the default toy).
-        num_eval: size of the held-out evaluation set; those pairs never appear in training.
-        seed: seed of the training stream and of the evaluation set.
+        num_eval: size of the held-out evaluation set (validation); those pairs never appear in training.
+        num_test: size of the held-out test set (`opdlab test`), disjoint from training and evaluation
+            (default: 256, or what the problem space leaves after num_eval for 1-digit addition).
+        seed: seed of the training stream and of the held-out sets.
     """
 
-    def __init__(self, digits: int = 3, num_eval: int = 256, seed: int = 0) -> None:
+    def __init__(self, digits: int = 3, num_eval: int = 256, seed: int = 0, num_test: int | None = None) -> None:
         if not 1 <= digits <= 6:
             raise ValueError(f"digits must be in [1, 6], got {digits}")
         space = (10**digits) ** 2
-        if not 0 < num_eval <= space // 4:
+        if num_test is None:
+            num_test = max(0, min(256, space // 4 - num_eval))
+        if not 0 < num_eval <= space // 4 or not 0 <= num_test <= space // 4 - num_eval:
             raise ValueError(
-                f"num_eval must be in [1, {space // 4}] for {digits}-digit addition, got {num_eval}"
+                f"num_eval must be in [1, {space // 4}] and num_eval + num_test <= {space // 4} for {digits}-digit "
+                f"addition, got num_eval={num_eval}, num_test={num_test}"
             )
-        self.digits, self.num_eval, self.seed = digits, num_eval, seed
+        self.digits, self.num_eval, self.num_test, self.seed = digits, num_eval, num_test, seed
         rng = random.Random(f"eval-{seed}-{digits}")
-        self._eval_pairs: list[tuple[int, int]] = []
+        pairs: list[tuple[int, int]] = []  # the evaluation pairs first (unchanged by num_test), then the test pairs
         seen: set[tuple[int, int]] = set()
-        while len(self._eval_pairs) < num_eval:
+        while len(pairs) < num_eval + num_test:
             pair = (rng.randrange(10**digits), rng.randrange(10**digits))
             if pair not in seen:
                 seen.add(pair)
-                self._eval_pairs.append(pair)
+                pairs.append(pair)
+        self._eval_pairs, self._test_pairs = pairs[:num_eval], pairs[num_eval:]
         self._held_out = seen
 
     def problem_at(self, index: int) -> Problem:
@@ -65,6 +71,9 @@ class AdditionTask(PromptSource):
 
     def eval_problems(self) -> list[Problem]:
         return [format_problem(a, b, self.digits) for a, b in self._eval_pairs]
+
+    def test_problems(self) -> list[Problem] | None:
+        return [format_problem(a, b, self.digits) for a, b in self._test_pairs] or None
 
     def verify(self, response: str, answer: str) -> bool:
         return response.strip() == answer

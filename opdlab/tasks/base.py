@@ -35,6 +35,11 @@ class PromptSource(ABC):
     def eval_problems(self) -> list[Problem]:
         """The held-out problems used by validation (disjoint from `train_problems`)."""
 
+    def test_problems(self) -> list[Problem] | None:
+        """A second held-out set for `opdlab test`, disjoint from training and evaluation; None if the
+        source has none (then `opdlab test` says so)."""
+        return None
+
     @abstractmethod
     def verify(self, response: str, answer: str) -> bool:
         """True when a decoded response is a correct answer to the problem."""

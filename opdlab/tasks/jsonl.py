@@ -89,6 +89,7 @@ class JsonlPrompts(PromptSource):
         eval_path: held-out evaluation prompts. If omitted, the last `num_eval` training lines are held
             out (and removed from training).
         num_eval: how many lines to hold out when `eval_path` is omitted.
+        test_path: held-out test prompts for `opdlab test` (none: `opdlab test` refuses to run).
         verifier: `exact` (stripped string equality) or `math` (math-verify, `pip install opdlab[math]`).
         chat_template: apply the tokenizer's chat template to each prompt (for chat models).
         seed: shuffling seed.
@@ -102,8 +103,10 @@ class JsonlPrompts(PromptSource):
         verifier: Literal["exact", "math"] = "exact",
         chat_template: bool = False,
         seed: int = 0,
+        test_path: str | None = None,
     ) -> None:
         self._train = read_jsonl_problems(train_path)
+        self._test = read_jsonl_problems(test_path) if test_path is not None else None
         if eval_path is not None:
             self._eval = read_jsonl_problems(eval_path)
         else:
@@ -130,6 +133,9 @@ class JsonlPrompts(PromptSource):
 
     def eval_problems(self) -> list[Problem]:
         return list(self._eval)
+
+    def test_problems(self) -> list[Problem] | None:
+        return list(self._test) if self._test is not None else None
 
     def verify(self, response: str, answer: str) -> bool:
         if self.verifier == "exact":

@@ -47,7 +47,8 @@ class SpelledAdditionTask(PromptSource):
     Args:
         digits: operand width (the answer has digits + 1 characters).
         num_eval: size of the held-out evaluation set (pairs never seen in training).
-        seed: seed of the training stream and of the evaluation set.
+        seed: seed of the training stream and of the held-out sets.
+        num_test: size of the held-out test set (`opdlab test`), disjoint from training and evaluation.
         letter_prob: for pre-training demonstrations only: per answer position, the probability of
             spelling that digit as a letter (length digits + 1; default all digits).
         context_letter_prob: for pre-training demonstrations only: the probability of spelling each
@@ -65,8 +66,9 @@ class SpelledAdditionTask(PromptSource):
         seed: int = 0,
         letter_prob: list[float] | None = None,
         context_letter_prob: float | None = None,
+        num_test: int | None = None,
     ) -> None:
-        self.addition = AdditionTask(digits=digits, num_eval=num_eval, seed=seed)
+        self.addition = AdditionTask(digits=digits, num_eval=num_eval, seed=seed, num_test=num_test)
         self.digits, self.seed = digits, seed
         self.letter_prob = list(letter_prob) if letter_prob is not None else [0.0] * (digits + 1)
         if len(self.letter_prob) != digits + 1 or not all(0.0 <= p <= 1.0 for p in self.letter_prob):
@@ -87,6 +89,9 @@ class SpelledAdditionTask(PromptSource):
 
     def eval_problems(self) -> list[Problem]:
         return self.addition.eval_problems()
+
+    def test_problems(self) -> list[Problem] | None:
+        return self.addition.test_problems()
 
     def verify(self, response: str, answer: str) -> bool:
         """True for every spelling of the right sum (`640`, `gea`, `6e0`, ...)."""
