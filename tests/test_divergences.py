@@ -340,3 +340,11 @@ def test_autograd_token_loss_is_the_same_loss(make):
     torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-5)
     fast.sum().backward(), slow.sum().backward()
     torch.testing.assert_close(a.grad, b.grad, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", sorted(REGISTERED))
+def test_importable_contract_check_passes_for_every_divergence(name):
+    """opdlab.testing.check_divergence, what a plugin package's own tests call."""
+    from opdlab.testing import check_divergence
+
+    check_divergence(REGISTERED[name])

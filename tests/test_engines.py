@@ -24,6 +24,7 @@ from opdlab.module import OPDModule
 from opdlab.plugins import discover
 from opdlab.rollout import encode_prompts, sampling_logprobs
 from opdlab.tasks import AdditionTask
+from opdlab.testing import check_rollout_engine
 from opdlab.toy import ModelSpec, make_qwen2
 
 ENGINES = sorted(discover("opdlab.rollout_engines"))
@@ -265,3 +266,19 @@ def test_rollout_engine_option_takes_registered_names(name, class_path):
 
 def test_rollout_engine_is_described_in_fit_help():
     assert "diagnostic's bank): `static`" in " ".join(run_opdlab(["fit", "--help"]).out.split())
+
+
+@pytest.mark.parametrize("name", ENGINES)
+def test_importable_contract_check_passes_for_every_engine(name):
+    """opdlab.testing.check_rollout_engine, what a plugin package's own tests call."""
+    check_rollout_engine(discover("rollout_engine")[name].cls)
+
+
+def test_importable_contract_check_catches_a_stale_engine():
+    class Stale(StaticCacheEngine):  # forgets to copy new weights after the first load
+        def load_weights(self, model):
+            if self.copy is None:
+                super().load_weights(model)
+
+    with pytest.raises(AssertionError, match="old weights"):
+        check_rollout_engine(Stale)

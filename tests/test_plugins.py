@@ -298,3 +298,13 @@ def test_plugins_command_lists_healthy_plugins_and_reports_broken_ones(fake_plug
     assert "plugin 'quitter'" in result.out and "SystemExit: 3" in result.out  # sys.exit at import is caught
     with pytest.raises(plugins.PluginError, match="acme-bad"):  # fit and the rest refuse to go on
         plugins.discover("opdlab.selectors")
+
+
+def test_example_plugin_own_tests_use_the_installed_contract_checks(example_plugin_installed, tmp_path):
+    """The plugin package's own pytest (outside opdlab's tests/) runs opdlab.testing's checks on it."""
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", str(EXAMPLE / "tests"), "-q", "-p", "no:cacheprovider", "--rootdir", str(tmp_path)],
+        cwd=tmp_path, capture_output=True, text=True, timeout=180, check=False,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    assert "1 passed" in result.stdout

@@ -6,7 +6,6 @@ plugin selector is tested by them too.
 
 from __future__ import annotations
 
-import inspect
 import math
 import sys
 
@@ -15,43 +14,36 @@ import pytest
 import torch
 
 from opdlab import plugins
-from opdlab.scoring import TokenStats, compute_token_stats, row_stats
+from opdlab.scoring import TokenStats, row_stats
 from opdlab.selectors import (
-    CompatibilitySelector, DivergenceSelector, EntropySelector, IncompatibleSelector, TeachabilityEntropySelector,
-    TeachabilitySelector, TipQ3Selector, TipSelector, TokenSelector, apply_budget, budget_size, normalize_scores,
+    CompatibilitySelector,
+    DivergenceSelector,
+    EntropySelector,
+    IncompatibleSelector,
+    TeachabilityEntropySelector,
+    TeachabilitySelector,
+    TipQ3Selector,
+    TipSelector,
+    TokenSelector,
+    apply_budget,
+    budget_size,
+    normalize_scores,
+)
+from opdlab.testing import (
+    LENGTHS,
+    check_all_masked,
+    check_budget,
+    check_deterministic,
+    check_scores_finite,
+    check_selector,
+    make_selector,
+    synthetic_stats,
+    valid_mask,
 )
 
 SELECTORS = plugins.discover("opdlab.selectors")
-VOCAB = 40
-LENGTHS = (7, 0, 12, 3, 20, 1)  # ragged responses, one empty
-
-
-def make_selector(cls: type[TokenSelector], ratio: float) -> TokenSelector:
-    """An instance with `ratio` where the constructor takes it (`full` does not)."""
-    params = inspect.signature(cls).parameters
-    return cls(ratio=ratio) if "ratio" in params else cls()
-
-
-def valid_mask(lengths=LENGTHS, length: int | None = None) -> torch.Tensor:
-    length = length or max(lengths)
-    return torch.arange(length)[None, :] < torch.tensor(lengths)[:, None]  # (N, L)
-
-
-def synthetic_stats(selector: TokenSelector, valid: torch.Tensor, seed: int = 0, same: bool = False,
-                    neg_inf: bool = False) -> TokenStats:
-    """TokenStats from random logits with identity heads ("hidden states" are the logits themselves)."""
-    gen = torch.Generator().manual_seed(seed)
-    n, length = valid.shape
-    student = torch.randn(n, length, VOCAB, generator=gen) * 3
-    teacher = student.clone() if same else torch.randn(n, length, VOCAB, generator=gen) * 3
-    if neg_inf:  # some vocabulary entries impossible under both models (e.g. masked padding columns)
-        student[..., -5:] = teacher[..., -5:] = float("-inf")
-    tokens = torch.randint(0, VOCAB - 5, (n, length), generator=gen)
-    identity = lambda x: x
-    return compute_token_stats(student, teacher, tokens, valid, identity, identity, top_k=selector.top_k,
-                               chunk_size=16, full_kl=selector.needs_full_kl)
-
-
+# The contract helpers ship in opdlab.testing (plugin packages call them from their own tests); the
+# statistics are built as a training step builds them for each selector.
 def reference_budget(scores: torch.Tensor, valid: torch.Tensor, ratio: float) -> np.ndarray:
     """docs/method.md §2 in numpy: top ceil(ratio·N_valid) by score, ties by flat position, then one per response."""
     s = np.nan_to_num(scores.double().numpy(), nan=-np.inf).ravel()
@@ -80,47 +72,49 @@ def test_contract_shape_subset_budget(selector_cls, ratio):
     valid = valid_mask()
     selector = make_selector(selector_cls, ratio)
     stats = synthetic_stats(selector, valid)
-    keep = selector.select(stats, generator=torch.Generator().manual_seed(3))
-    assert keep.shape == valid.shape and keep.dtype == torch.bool
-    assert not (keep & ~valid).any(), "kept a position outside the response mask"
-    non_empty = valid.any(1)
-    assert keep[non_empty].any(1).all(), "a non-empty response got no kept position"
-    n_valid = int(valid.sum())
-    k = budget_size(selector.ratio, n_valid)
-    assert k <= keep.sum() <= k + int(non_empty.sum())
+    keep = check_budget(selector, stats)
     if type(selector).select is TokenSelector.select:  # the shared budget rule: exact set, forced minimum included
         scores = selector.score(stats, generator=torch.Generator().manual_seed(3))
         assert np.array_equal(keep.numpy(), reference_budget(scores, valid, selector.ratio))
 
 
 def test_contract_deterministic_under_seed(selector_cls):
-    valid = valid_mask()
     selector = make_selector(selector_cls, 0.3)
-    stats = synthetic_stats(selector, valid)
-    first = selector.select(stats, generator=torch.Generator().manual_seed(7))
-    second = selector.select(stats, generator=torch.Generator().manual_seed(7))
-    assert torch.equal(first, second)
+    check_deterministic(selector, synthetic_stats(selector, valid_mask()))
 
 
 def test_contract_all_masked_batch(selector_cls):
-    valid = torch.zeros(3, 5, dtype=torch.bool)
-    selector = make_selector(selector_cls, 0.05)
-    stats = synthetic_stats(selector, valid)
-    keep = selector.select(stats, generator=torch.Generator().manual_seed(0))
-    assert keep.shape == valid.shape and not keep.any()
+    check_all_masked(selector_cls)
 
 
 @pytest.mark.parametrize("case", ["random", "student_equals_teacher", "neg_inf_logits"])
 def test_contract_scores_nan_free(selector_cls, case):
-    valid = valid_mask()
     selector = make_selector(selector_cls, 0.05)
-    stats = synthetic_stats(selector, valid, same=case == "student_equals_teacher", neg_inf=case == "neg_inf_logits")
-    scores = selector.score(stats, generator=torch.Generator().manual_seed(0))
-    assert scores.shape == valid.shape
-    assert not scores[valid].isnan().any()
-    keep = selector.select(stats, generator=torch.Generator().manual_seed(0))
-    k = budget_size(selector.ratio, int(valid.sum()))
-    assert k <= keep.sum() <= k + int(valid.any(1).sum()) and not (keep & ~valid).any()
+    check_scores_finite(selector, synthetic_stats(selector, valid_mask(), same=case == "student_equals_teacher",
+                                                  neg_inf=case == "neg_inf_logits"))
+
+
+def test_contract_stats_are_built_as_in_training():
+    """A selector that does not ask for the full entropies gets None there, as in `fit` (a plugin reading
+    them used to pass these tests, whose stats always had them, and crash in training)."""
+    stats = synthetic_stats(TeachabilitySelector(), valid_mask())
+    assert stats.student_entropy is None and stats.teacher_entropy is None
+
+    class NeedsEntropy(TeachabilitySelector):
+        needs_full_entropy = True
+
+        def score(self, stats, generator=None):
+            return stats.student_entropy
+
+    assert synthetic_stats(NeedsEntropy(), valid_mask()).student_entropy is not None
+    check_selector(NeedsEntropy)
+
+    class ReadsEntropyWithoutAsking(TeachabilitySelector):
+        def score(self, stats, generator=None):
+            return stats.student_entropy * 2
+
+    with pytest.raises(TypeError):
+        check_selector(ReadsEntropyWithoutAsking)
 
 
 def test_registry_has_every_builtin():
