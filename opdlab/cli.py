@@ -108,7 +108,7 @@ commands:
   fit        train a student by OPD:       opdlab fit --config configs/ta_opd.yaml
   validate   greedy accuracy of a student: opdlab validate --config ... [--ckpt_path ...]
   test       same, on the test split
-  toy        build the embedded toy teacher/student (done automatically by fit)
+  toy        rebuild the toy teacher/student (the default ones ship with opdlab) and compare
   plugins    list installed selectors, divergences and rollout engines
   diagnose   fixed-context diagnostic: does θ0 teachability predict OPD gain? (docs/method.md §3)
   compare    selectors side by side over seeds, plus a budget sweep: opdlab compare --help

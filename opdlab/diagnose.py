@@ -232,6 +232,10 @@ def run_diagnose(argv: list[str]) -> None:
     """`opdlab diagnose ...`: jsonargparse turns `diagnose`'s signature and docstrings into --help."""
     from jsonargparse import CLI
 
+    from opdlab import plugins
+
+    argv = plugins.expand_short_names(argv, {"--train.selector": "opdlab.selectors",
+                                             "--train.divergence": "opdlab.divergences"})
     summary = CLI(diagnose, args=argv, prog="opdlab diagnose")
     if isinstance(summary, dict):  # record the command line (not known inside `diagnose`)
         path = Path(summary["out_dir"]) / "summary.json"

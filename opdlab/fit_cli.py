@@ -186,8 +186,10 @@ class OPDLabCLI(LightningCLI):
         ckpt_path = self.config[self.config.subcommand].get("ckpt_path")
         if self.trainer.is_global_zero:
             run = Path(self.trainer.log_dir or self.trainer.default_root_dir)
-            print(f"opdlab fit: run folder {run} (tensorboard --logdir {run.parent}); checkpoints in "
-                  f"{run / 'checkpoints'}; the trained student will be exported to {run / 'student'}", flush=True)
+            viewer = (f" (tensorboard --logdir {run.parent})"
+                      if any(type(lg).__name__ == "TensorBoardLogger" for lg in self.trainer.loggers) else "")
+            print(f"opdlab fit: run folder {run}{viewer}; checkpoints in {run / 'checkpoints'}; the trained "
+                  f"student will be exported to {run / 'student'}", flush=True)
             if ckpt_path:
                 print(f"opdlab fit: resuming from {ckpt_path}", flush=True)
         if not ckpt_path:  # a resumed run's starting accuracy comes back with its checkpoint
@@ -217,31 +219,6 @@ class OPDLabCLI(LightningCLI):
         return self.model.last_val_accuracy
 
 
-def expand_short_names(argv: list[str]) -> list[str]:
-    """Turn registered plugin names (`--model.selector teachability`) into class paths."""
-    out = list(argv)
-    for i, arg in enumerate(out):
-        key, eq, value = arg.partition("=")
-        if key not in SHORT_NAME_ARGS:
-            continue
-        if not eq:
-            if i + 1 >= len(out):
-                continue
-            value = out[i + 1]
-        if "." in value or value.startswith(("{", "[")) or value[:1].isupper():
-            continue  # a class path, a class name, or inline JSON: jsonargparse handles it
-        try:
-            path = next(p.class_path for p in plugins.discover(SHORT_NAME_ARGS[key]).values() if p.name == value)
-        except StopIteration:
-            plugins.resolve(SHORT_NAME_ARGS[key], value)  # raises with did-you-mean
-            raise
-        if eq:
-            out[i] = f"{key}={path}"
-        else:
-            out[i + 1] = path
-    return out
-
-
 def drop_advertising(record: logging.LogRecord) -> bool:
     """Lightning's tip to install a cloud logger, printed at every fit: not ours to pass on."""
     return "litlogger" not in record.getMessage()
@@ -264,7 +241,7 @@ def run_fit(argv: list[str]) -> None:
     for group in plugins.GROUPS:
         plugins.discover(group)  # import plugin classes so jsonargparse resolves their names
     try:
-        argv = expand_short_names(argv)
+        argv = plugins.expand_short_names(argv, SHORT_NAME_ARGS)
     except ValueError as err:
         sys.exit(f"opdlab: error: {err}")
     OPDLabCLI(

@@ -156,3 +156,27 @@ def unknown_name_message(group: str, name: str, known: list[str]) -> str:
 def list_plugins() -> list[Plugin]:
     """Every registered plugin of every group, built-ins included (raises on a broken one)."""
     return [p for group in GROUPS for p in discover(group).values()]
+
+
+def expand_short_names(argv: list[str], options: dict[str, str]) -> list[str]:
+    """Turn registered plugin names into class paths in a command line, for the options mapped to their
+    group (`{"--model.selector": "opdlab.selectors"}`: `--model.selector teachability` -> its class path).
+    Unknown names raise with the closest matches."""
+    out = list(argv)
+    for i, arg in enumerate(out):
+        key, eq, value = arg.partition("=")
+        if key not in options:
+            continue
+        if not eq:
+            if i + 1 >= len(out):
+                continue
+            value = out[i + 1]
+        if "." in value or value.startswith(("{", "[")) or value[:1].isupper():
+            continue  # a class path, a class name, or inline JSON: jsonargparse handles it
+        path = resolve(options[key], value)
+        path = f"{path.__module__}.{path.__qualname__}"
+        if eq:
+            out[i] = f"{key}={path}"
+        else:
+            out[i + 1] = path
+    return out

@@ -231,3 +231,15 @@ def test_diagnose_configs_parse(config):
 
 def test_diagnose_configs_exist():
     assert {p.name for p in DIAGNOSE_CONFIGS} >= {"add3.yaml", "spell2.yaml"}
+
+
+def test_diagnose_option_errors_are_immediate_and_short_names_resolve():
+    from conftest import run_opdlab
+
+    bad = run_opdlab(["diagnose", "--bank.contexts", "0"])
+    assert str(bad.code).startswith("opdlab: error: bank.contexts must be >= 1, got 0")
+    typo = run_opdlab(["diagnose", "--train.selector", "teachabilty"])
+    assert "did you mean 'teachability'" in str(typo.code).lower()
+    ok = run_opdlab(["diagnose", "--train.selector", "teachability", "--print_config"])
+    assert ok.code == 0, ok.err[-2000:]
+    assert "opdlab.selectors.teachability.TeachabilitySelector" in ok.out

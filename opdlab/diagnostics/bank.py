@@ -47,6 +47,13 @@ class BankOptions:
     batch_size: int = 64
     path: str | None = None
 
+    def __post_init__(self) -> None:
+        for name in ("contexts", "max_response_tokens", "top_k", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"bank.{name} must be >= 1, got {getattr(self, name)}")
+        if self.temperature <= 0:
+            raise ValueError(f"bank.temperature must be > 0 (the bank is sampled), got {self.temperature}")
+
 
 
 def sample_bank(module, source: PromptSource, opts: BankOptions, device: torch.device) -> list[Rollout]:

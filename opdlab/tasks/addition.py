@@ -25,7 +25,7 @@ class AdditionTask(PromptSource):
     """Reversed `digits`-digit addition with exact-match verification.
 
     Args:
-        digits: operand width (2 trains a perfect teacher in ~30 s; 3 is the default toy).
+        digits: operand width (2 trains a near-perfect teacher in well under a minute; 3 is the default toy).
         num_eval: size of the held-out evaluation set (validation); those pairs never appear in training.
         num_test: size of the held-out test set (`opdlab test`), disjoint from training and evaluation
             (default: 256, or what the problem space leaves after num_eval for 1-digit addition).
