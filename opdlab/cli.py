@@ -23,7 +23,7 @@ def run_toy(argv: list[str]) -> None:
     def toy(name: str = "add3", seed: int = 0, cache_dir: str | None = None, force: bool = False) -> None:
         """Build, gate and cache the embedded toy teacher and student, and compare with the shipped build.
 
-        The default toys (add3, spell2; seed 0) ship with opdlab, so `toy:<name>/...` uses those files
+        The default toys (add3, spell2, scratch4; seed 0) ship with opdlab, so `toy:<name>/...` uses those files
         without building. This command rebuilds them into the cache (with one torch thread: faster
         for these tiny models), to check a machine or a changed recipe; the held-out accuracies of both
         builds are printed side by side.

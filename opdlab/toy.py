@@ -4,7 +4,7 @@
 (teacher >= 95%, student 20-60%: a student with room to learn from a teacher that knows the answer) and
 caches real HF checkpoints under `$OPDLAB_CACHE` (default `~/.cache/opdlab`). Nothing is downloaded.
 
-The default builds (add3 and spell2, seed 0) ship inside the package (`opdlab/toy_checkpoints/`):
+The default builds (add3, spell2 and scratch4, seed 0) ship inside the package (`opdlab/toy_checkpoints/`):
 floating-point training differs between machines, thread counts and accelerators, so a build made on
 first use was not the same everywhere (a GPU build overshot the student's gate). `toy:<name>/<role>`
 resolves to the shipped files when they exist; `opdlab toy --name <name>` rebuilds into the cache and
@@ -94,6 +94,19 @@ TOYS: dict[str, ToySpec] = {
         teacher=ModelSpec(hidden=128, layers=2, ffn=256, max_steps=1000, stop_at=0.97, gate=(0.95, 1.0)),
         student=ModelSpec(hidden=64, layers=2, ffn=128, max_steps=2000, stop_at=0.30, gate=(0.20, 0.60)),
     ),
+    # Scratchpad addition (opdlab.tasks.scratchpad): 47-token responses of column-by-column work ending in the
+    # answer, the long-response toy. The student was taught to write step 0 with its operands swapped (always)
+    # and step 1 swapped half the time, both valid: the teacher's operand digits there lie outside the
+    # student's top candidates at step 0 (incompatible) and inside them at step 1 (learnable), besides its
+    # sum/carry errors (learnable). Builds in ~4 min on 2 cores (the teacher is most of it).
+    "scratch4": ToySpec(
+        task={"digits": 4},
+        task_class="opdlab.tasks.ScratchpadAdditionTask",
+        role_task={"teacher": {"swap_prob": 0.0}, "student": {"swap_prob": [1.0, 0.5, 0.0, 0.0]}},
+        batch_size=64,
+        teacher=ModelSpec(hidden=256, layers=4, ffn=512, max_steps=600, stop_at=0.97, gate=(0.95, 1.0)),
+        student=ModelSpec(hidden=128, layers=2, ffn=512, max_steps=800, stop_at=0.25, gate=(0.20, 0.60)),
+    ),
 }
 
 
@@ -123,8 +136,11 @@ def make_qwen2(spec: ModelSpec, tokenizer: PreTrainedTokenizerFast, max_len: int
     return Qwen2ForCausalLM(config)
 
 
-def evaluate_accuracy(model, tokenizer, task: PromptSource, max_new_tokens: int = 8, batch_size: int = 256) -> float:
-    """Greedy exact-match accuracy on the task's held-out problems."""
+def evaluate_accuracy(model, tokenizer, task: PromptSource, max_new_tokens: int | None = None,
+                      batch_size: int = 256) -> float:
+    """Greedy accuracy (the task's verifier) on its held-out problems; responses up to `max_new_tokens`
+    (default: the task's `max_response_tokens` where it has one, else 8)."""
+    max_new_tokens = max_new_tokens or getattr(task, "max_response_tokens", 8)
     problems = task.eval_problems()
     correct = 0
     for i in range(0, len(problems), batch_size):
