@@ -175,7 +175,7 @@ def test_default_toys_ship_with_the_package_and_pass_their_gates(name, monkeypat
         path = Path(resolve_model_path(f"toy:{name}/{role}"))
         assert path == toy.SHIPPED / f"{name}-v{spec.version}-seed0" / role
         model, tokenizer = load_causal_lm(str(path)).eval(), load_tokenizer(str(path))
-        accuracy = evaluate_accuracy(model, tokenizer, toy.make_task(spec, 0), max_new_tokens=8)
+        accuracy = evaluate_accuracy(model, tokenizer, toy.make_task(spec, 0))  # the task's response length
         lo, hi = getattr(spec, role).gate
         assert lo <= accuracy <= hi, (role, accuracy)
         built = json.loads((path.parent / "build.json").read_text())[role]["accuracy"]
