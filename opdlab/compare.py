@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+import yaml
 
 from opdlab.diagnostics import plots
 
@@ -96,14 +97,17 @@ def overlay_path(selector: str, overlays_dir: Path) -> Path:
 
 
 def fit_command(spec: RunSpec, configs: list[str], overlays_dir: Path, run_root: Path, steps: int,
-                val_check_interval: int, extra_args: list[str]) -> list[str]:
+                val_check_interval: int, extra_args: list[str], top_k: int | None = None) -> list[str]:
     """The `opdlab fit` command line of one run."""
     cmd = [sys.executable, "-m", "opdlab.cli", "fit"]
     for config in configs:
         cmd += ["--config", config]
-    cmd += ["--config", str(overlay_path(spec.selector, overlays_dir))]
+    overlay = overlay_path(spec.selector, overlays_dir)
+    cmd += ["--config", str(overlay)]
     if spec.label not in NO_RATIO:
         cmd += ["--model.selector.init_args.ratio", f"{spec.ratio:g}"]
+    if top_k is not None and "top_k" in (yaml.safe_load(overlay.read_text())["model"]["selector"].get("init_args") or {}):
+        cmd += ["--model.selector.init_args.top_k", str(top_k)]
     cmd += [
         "--seed_everything", str(spec.seed), "--model.seed", str(spec.seed),
         "--trainer.max_steps", str(steps), "--trainer.val_check_interval", str(val_check_interval),
@@ -270,6 +274,7 @@ def compare(
     threads: int | None = None,
     extra_args: list[str] = [],  # noqa: B006
     rerun: bool = False,
+    top_k: int | None = None,
 ) -> list[dict]:
     """Run `opdlab fit` for every selector x seed (and a budget sweep), then tabulate and plot.
 
@@ -290,6 +295,8 @@ def compare(
         threads: torch threads per run (OMP_NUM_THREADS), e.g. 1 with jobs=2 on 2 cores.
         extra_args: more `opdlab fit` arguments for every run, e.g. `[--trainer.callbacks=[]]`.
         rerun: rerun runs that already have a result.json.
+        top_k: K of the top-K features of every selector whose overlay sets one (default: the overlay's,
+            8); e.g. 4 on the long toy, whose vocabulary has 19 characters.
     """
     out = Path(out_dir)
     overlays = Path(overlays_dir) if overlays_dir else Path(fit_config[0]).parent / "selectors"
@@ -302,7 +309,7 @@ def compare(
 
     def launch(spec: RunSpec) -> RunResult:
         log_dir = out / "runs" / spec.name / f"seed{spec.seed}"
-        command = fit_command(spec, fit_config, overlays, out / "runs", steps, val_check_interval, extra_args)
+        command = fit_command(spec, fit_config, overlays, out / "runs", steps, val_check_interval, extra_args, top_k)
         result = run_one(spec, command, log_dir, env, rerun, (steps, val_check_interval))
         print(f"compare: {spec.method} seed {spec.seed}: final {result.final:.3f} best {result.best:.3f} "
               f"({result.fit_seconds:.0f} s)", flush=True)

@@ -144,3 +144,11 @@ def test_failed_run_makes_compare_exit_nonzero_after_writing_the_rest(compared):
 def test_compare_with_nothing_to_run_exits_nonzero(tmp_path):
     result = run_opdlab(["compare", "--seeds", "[]", "--out_dir", str(tmp_path / "out")])
     assert result.code != 0 and "nothing to run" in str(result.code)
+
+
+def test_top_k_applies_to_the_overlays_that_set_one(tmp_path):
+    with_k = fit_command(RunSpec("teachability", 0.05, 0), ["base.yaml"], OVERLAYS, tmp_path, 10, 5, [], top_k=4)
+    assert with_k[with_k.index("--model.selector.init_args.top_k") + 1] == "4"
+    for selector in ("random", "full"):  # no top_k in their overlays: untouched
+        assert "--model.selector.init_args.top_k" not in fit_command(RunSpec(selector, 0.05, 0), ["base.yaml"],
+                                                                     OVERLAYS, tmp_path, 10, 5, [], top_k=4)
