@@ -41,16 +41,19 @@ def main() -> None:
     valid = stats.valid
     d, c = stats.union_kl[valid], stats.compat[valid]
     high = d >= torch.quantile(d, 0.9)
-    by_position = torch.where(valid, stats.union_kl, 0.0).sum(0) / valid.sum(0).clamp(min=1)
-    share = by_position.sort(descending=True).values
+    mass = torch.where(valid, stats.union_kl, 0.0).sum(0)  # total D at each response index
+    by_position = mass / valid.sum(0).clamp(min=1)
+    share = mass.sort(descending=True).values
     top = int((share.cumsum(0) < 0.8 * share.sum()).sum()) + 1
+    heaviest = mass.argsort(descending=True)[:top].tolist()
     accuracy = lambda r: sum(task.verify(t, a) for t, a in zip(decode_responses(module.tokenizer, r), r.answers, strict=True)) / len(r.answers)  # noqa: E731
     print(f"toy {args.toy}, K = {args.top_k}, {args.prompts} student rollouts, {int(valid.sum())} response positions "
           f"(mean length {valid.sum(1).float().mean():.1f})")
     print(f"student accuracy: greedy {accuracy(greedy):.1%}, sampled (temperature 1) {accuracy(rollout):.1%}")
     print(f"high-D positions (top 10% of D): C < 0.5: {float((c[high] < 0.5).float().mean()):.0%}, "
           f"C > 0.9: {float((c[high] > 0.9).float().mean()):.0%}")
-    print(f"80% of the mean D per response index lies on {top} of {len(share)} indices; mean D by index:")
+    print(f"80% of all D (summed over rollouts) lies on {top} of {len(share)} response indices ({sorted(heaviest)}); "
+          "mean D by index:")
     print(" ".join(f"{x:.2f}" for x in by_position.tolist()))
     print("mean C by index:")
     print(" ".join(f"{x:.2f}" for x in (torch.where(valid, stats.compat, 0.0).sum(0) / valid.sum(0).clamp(min=1)).tolist()))

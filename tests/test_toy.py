@@ -190,3 +190,19 @@ def test_other_seeds_are_built_on_first_use(tmp_path, monkeypatch, capsys):
     assert resolve_model_path("toy:add3/student") == str(tmp_path / "x" / "student")
     assert built == [("add3", 7)]
     assert "building toy 'add3' (seed 7) once" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_a_rebuild_on_the_same_machine_writes_the_same_weights(tmp_path):
+    """Two builds of add2 with one torch thread (as `opdlab toy` builds) give byte-identical weights."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        first = build_toy("add2", cache_dir=tmp_path / "a", seed=0)
+        second = build_toy("add2", cache_dir=tmp_path / "b", seed=0)
+    finally:
+        torch.set_num_threads(threads)
+    for role in ("teacher", "student"):
+        assert (first / role / "model.safetensors").read_bytes() == (second / role / "model.safetensors").read_bytes()
