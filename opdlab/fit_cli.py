@@ -127,6 +127,7 @@ class OPDLabCLI(LightningCLI):
         config = self.config[subcommand] if subcommand else self.config  # no subcommand: run=False (tests)
         if subcommand in ("validate", "test"):
             config.trainer.logger = False  # an evaluation is printed; it does not clutter the training runs
+            self.save_config_callback = None  # nor the working directory (no log folder to save config.yaml in)
         elif subcommand == "fit":
             self.resolve_run_folder(config)
         if config.trainer.get("enable_progress_bar") is not False:  # steps out of max_steps, not epochs
