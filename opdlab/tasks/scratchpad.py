@@ -22,11 +22,9 @@ errors are disagreements the teacher can fix (teachable).
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
 
 from opdlab.tasks.addition import CHARSET as DIGIT_CHARSET
 from opdlab.tasks.addition import AdditionTask
-from opdlab.tasks.base import Problem, PromptSource
 
 CHARSET = DIGIT_CHARSET + "c|:"
 
@@ -51,8 +49,9 @@ def final_answer(response: str) -> str:
     return tail.strip() if sep else ""
 
 
-class ScratchpadAdditionTask(PromptSource):
-    """Reversed `digits`-digit addition answered through a column-by-column scratchpad.
+class ScratchpadAdditionTask(AdditionTask):
+    """Reversed `digits`-digit addition answered through a column-by-column scratchpad: `AdditionTask`'s
+    problems and held-out sets, its own verifier and demonstrations.
 
     Args:
         digits: operand width (responses are 10 · digits + digits + 2 characters).
@@ -69,25 +68,13 @@ class ScratchpadAdditionTask(PromptSource):
 
     def __init__(self, digits: int = 4, num_eval: int = 256, seed: int = 0, num_test: int | None = None,
                  swap_prob: float | list[float] = 0.0) -> None:
-        self.addition = AdditionTask(digits=digits, num_eval=num_eval, seed=seed, num_test=num_test)
+        super().__init__(digits=digits, num_eval=num_eval, seed=seed, num_test=num_test)
         probs = [swap_prob] * digits if isinstance(swap_prob, (int, float)) else list(swap_prob)
         if len(probs) != digits or not all(0.0 <= p <= 1.0 for p in probs):
             raise ValueError(f"swap_prob must be one probability in [0, 1] or {digits} of them (one per step), "
                              f"got {swap_prob}")
-        self.digits, self.seed, self.swap_prob = digits, seed, probs
+        self.swap_prob = probs
         self.max_response_tokens = 11 * digits + 3  # the response, EOS and a little slack
-
-    def problem_at(self, index: int) -> Problem:
-        return self.addition.problem_at(index)
-
-    def train_problems(self, start: int = 0) -> Iterator[Problem]:
-        return self.addition.train_problems(start)
-
-    def eval_problems(self) -> list[Problem]:
-        return self.addition.eval_problems()
-
-    def test_problems(self) -> list[Problem] | None:
-        return self.addition.test_problems()
 
     def verify(self, response: str, answer: str) -> bool:
         """True when the answer after the last `:` is the sum (the steps may be written any way)."""
