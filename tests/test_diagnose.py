@@ -171,6 +171,12 @@ def test_diagnose_writes_bank_summary_and_plots(diagnosed):
         assert set(gaps) == {"D", "H", "C", "D_L", "D_I"}
         assert all(g["low"] <= g["high"] and g["draws"] == 50 for g in gaps.values())
         assert set(summary["terciles_winsorized"][kind]) == set(gaps)
+        differences = summary["tercile_differences"][kind]
+        assert set(differences) == {"D_L - D", "D_L - D_I"}
+        for name, d in differences.items():
+            first, second = name.split(" - ")
+            assert d["estimate"] == pytest.approx(gaps[first]["estimate"] - gaps[second]["estimate"])
+            assert d["low"] <= d["high"] and d["draws"] == 50
         models = summary["ols"][kind]
         assert len(models) == 2
         for fits in models.values():
@@ -243,3 +249,22 @@ def test_diagnose_option_errors_are_immediate_and_short_names_resolve():
     ok = run_opdlab(["diagnose", "--train.selector", "teachability", "--print_config"])
     assert ok.code == 0, ok.err[-2000:]
     assert "opdlab.selectors.teachability.TeachabilitySelector" in ok.out
+
+
+def test_paired_bootstrap_of_a_difference_of_tercile_gaps():
+    import numpy as np
+
+    from opdlab.diagnostics.stats import bootstrap_tercile_gap, bootstrap_tercile_gap_difference, tercile_gap
+
+    rng = np.random.default_rng(0)
+    n = 600
+    clusters = np.repeat(np.arange(60), 10)
+    good, noise = rng.normal(size=n), rng.normal(size=n)
+    y = good + 0.5 * rng.normal(size=n)
+    same = bootstrap_tercile_gap_difference(good, good, y, clusters, draws=200)
+    assert same.estimate == 0 and same.low == same.high == 0  # paired: identical predictors, no spread at all
+    diff = bootstrap_tercile_gap_difference(good, noise, y, clusters, draws=200)
+    assert diff.estimate == pytest.approx(tercile_gap(good, y) - tercile_gap(noise, y))
+    assert diff.low > 0  # the informative predictor separates gains better, and the interval says so
+    unpaired = bootstrap_tercile_gap(good, y, clusters, draws=200)
+    assert diff.high - diff.low < 2 * (unpaired.high - unpaired.low)

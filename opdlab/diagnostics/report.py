@@ -8,13 +8,20 @@ from pathlib import Path
 import numpy as np
 
 from opdlab.diagnostics import plots
-from opdlab.diagnostics.stats import bootstrap_tercile_gap, decile_means, standardized_ols, winsorize
+from opdlab.diagnostics.stats import (
+    bootstrap_tercile_gap,
+    bootstrap_tercile_gap_difference,
+    decile_means,
+    standardized_ols,
+    winsorize,
+)
 from opdlab.selectors.base import Normalization
 
 PREDICTORS = ["D", "H", "C", "D_L", "D_I"]
 RAW_MODEL = ["H", "D", "HxD", "C", "position", "teacher_entropy"]
 TEACHABILITY_MODEL = ["H", "D_L", "D_I", "position", "teacher_entropy"]
 GAINS = {"forward": "gain_f", "reverse": "gain_r"}
+DIFFERENCES = (("D_L", "D"), ("D_L", "D_I"))  # the paper's claim 1: teachability over raw and incompatible D
 
 
 @dataclass
@@ -41,7 +48,8 @@ def gain_statistics(table: dict[str, np.ndarray], opts: StatsOptions) -> dict:
     rows = table["included"]
     clusters = table["context"][rows]
     level = min(opts.winsorize, default=0.0)
-    result = {"terciles": {}, "terciles_winsorized": {"level": level}, "ols": {}, "deciles": {}}
+    result = {"terciles": {}, "terciles_winsorized": {"level": level}, "tercile_differences": {}, "ols": {},
+              "deciles": {}}
     for kind, column in GAINS.items():
         g = table[column][rows]
         # G is unbounded below (KL^after >> KL^base at a few positions), so the plain means are
@@ -51,6 +59,13 @@ def gain_statistics(table: dict[str, np.ndarray], opts: StatsOptions) -> dict:
                 name: asdict(bootstrap_tercile_gap(table[name][rows], y, clusters, opts.bootstrap, seed=opts.seed))
                 for name in PREDICTORS
             }
+        # The paper's claim is an ordering (D^L separates gains better than D and than D^I): the interval of
+        # the difference, on the same bootstrap draws, answers it; two overlapping intervals do not.
+        result["tercile_differences"][kind] = {
+            f"{a} - {b}": asdict(bootstrap_tercile_gap_difference(table[a][rows], table[b][rows], g, clusters,
+                                                                  opts.bootstrap, seed=opts.seed))
+            for a, b in DIFFERENCES
+        }
         result["ols"][kind] = {
             model: {
                 f"winsor_{level:g}": standardized_ols(g, {c: table[c][rows] for c in names}, clusters, level).as_dict()
@@ -86,6 +101,10 @@ def format_report(result: dict, counts: dict) -> str:
             w = result["terciles_winsorized"][kind][name]
             lines.append(f"  {name:4s} {r['estimate']:+.3f}  [{r['low']:+.3f}, {r['high']:+.3f}]   "
                          f"| {w['estimate']:+.3f}  [{w['low']:+.3f}, {w['high']:+.3f}]")
+    for kind in GAINS:
+        lines.append(f"difference of tercile gaps of G_{kind[0]} (paired bootstrap, 95% CI):")
+        for name, r in result["tercile_differences"][kind].items():
+            lines.append(f"  {name:9s} {r['estimate']:+.3f}  [{r['low']:+.3f}, {r['high']:+.3f}]")
     for model, fits in result["ols"]["forward"].items():
         lines.append(f"OLS {model} (G_f; coef ± cluster SE):")
         for label, fit in fits.items():
