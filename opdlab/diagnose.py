@@ -25,7 +25,6 @@ import functools
 import json
 import platform
 import time
-import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -87,8 +86,9 @@ def train_student(module, source: PromptSource, opts: TrainOptions) -> dict:
     import lightning as L
 
     from opdlab.data import PromptDataModule
+    from opdlab.fit_cli import silence_lightning_noise
 
-    warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+    silence_lightning_noise()
     module.student.train()
     trainer = L.Trainer(
         max_steps=opts.steps, accelerator=opts.accelerator, devices=1, logger=False, enable_checkpointing=False,

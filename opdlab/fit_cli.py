@@ -225,20 +225,25 @@ def drop_advertising(record: logging.LogRecord) -> bool:
     return "litlogger" not in record.getMessage()
 
 
-def run_fit(argv: list[str]) -> None:
-    """LightningCLI with opdlab's defaults, after expanding plugin short names."""
+def silence_lightning_noise() -> None:
+    """Lightning's messages that say nothing about an opdlab run (every command that trains calls this)."""
     # The frozen teacher is in eval mode on purpose; Lightning warns about it at every fit.
     warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(drop_advertising)
+
+
+def run_fit(argv: list[str]) -> None:
+    """LightningCLI with opdlab's defaults, after expanding plugin short names."""
+    silence_lightning_noise()
     # Manual optimisation (global selection) makes Lightning warn that checkpoints hold the weights after
     # the step; that is what opdlab checkpoints are meant to hold (resume continues from there).
     warnings.filterwarnings("ignore", message=r"Using ModelCheckpoint with manual optimization")
     # main() hands LightningCLI the arguments it read from sys.argv (after expanding plugin short names);
     # LightningCLI warns about "both" being given and prints them twice.
     warnings.filterwarnings("ignore", message=r"LightningCLI's args parameter is intended")
-    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
     # --resume continues in the run's own folder, where the checkpoints already are (a new run's folder is new).
     warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
-    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(drop_advertising)
     for group in plugins.GROUPS:
         plugins.discover(group)  # import plugin classes so jsonargparse resolves their names
     try:
