@@ -177,6 +177,7 @@ def test_diagnose_writes_bank_summary_and_plots(diagnosed):
             first, second = name.split(" - ")
             assert d["estimate"] == pytest.approx(gaps[first]["estimate"] - gaps[second]["estimate"])
             assert d["low"] <= d["high"] and d["draws"] == 50
+        assert set(summary["tercile_differences_winsorized"][kind]) == set(differences)
         models = summary["ols"][kind]
         assert len(models) == 2
         for fits in models.values():
