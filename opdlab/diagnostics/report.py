@@ -96,18 +96,14 @@ def format_report(result: dict, counts: dict) -> str:
             f"{counts['included']} with KL_f^base >= min_base_kl; mean G_f {counts['mean_gain_f']:.3f}")
     lines = [head]
     level = result["terciles_winsorized"]["level"]
-    for kind in GAINS:
-        lines.append(f"tercile gap of G_{kind[0]} (top - bottom, 95% CI)   | G winsorised at {level:g}:")
-        for name, r in result["terciles"][kind].items():
-            w = result["terciles_winsorized"][kind][name]
-            lines.append(f"  {name:4s} {r['estimate']:+.3f}  [{r['low']:+.3f}, {r['high']:+.3f}]   "
-                         f"| {w['estimate']:+.3f}  [{w['low']:+.3f}, {w['high']:+.3f}]")
-    for kind in GAINS:
-        lines.append(f"difference of tercile gaps of G_{kind[0]} (paired bootstrap, 95% CI)   | G winsorised at {level:g}:")
-        for name, r in result["tercile_differences"][kind].items():
-            w = result["tercile_differences_winsorized"][kind][name]
-            lines.append(f"  {name:9s} {r['estimate']:+.3f}  [{r['low']:+.3f}, {r['high']:+.3f}]   "
-                         f"| {w['estimate']:+.3f}  [{w['low']:+.3f}, {w['high']:+.3f}]")
+    for key, title, width in (("terciles", "tercile gap of G_{} (top - bottom, 95% CI)", 4),
+                              ("tercile_differences", "difference of tercile gaps of G_{} (paired bootstrap, 95% CI)", 9)):
+        for kind in GAINS:
+            lines.append(f"{title.format(kind[0])}   | G winsorised at {level:g}:")
+            for name, r in result[key][kind].items():
+                w = result[f"{key}_winsorized"][kind][name]
+                lines.append(f"  {name:{width}s} {r['estimate']:+.3f}  [{r['low']:+.3f}, {r['high']:+.3f}]   "
+                             f"| {w['estimate']:+.3f}  [{w['low']:+.3f}, {w['high']:+.3f}]")
     for model, fits in result["ols"]["forward"].items():
         lines.append(f"OLS {model} (G_f; coef ± cluster SE):")
         for label, fit in fits.items():
