@@ -110,6 +110,11 @@ TOYS: dict[str, ToySpec] = {
 }
 
 
+def build_name(name: str, seed: int) -> str:
+    """The folder of one toy build (cached or shipped): name, recipe version, seed."""
+    return f"{name}-v{TOYS[name].version}-seed{seed}"
+
+
 def cache_root() -> Path:
     return Path(os.environ.get("OPDLAB_CACHE", Path.home() / ".cache" / "opdlab")).expanduser()
 
@@ -228,7 +233,7 @@ def build_toy(name: str = "add3", cache_dir: str | Path | None = None, seed: int
     if name not in TOYS:
         raise ValueError(f"unknown toy {name!r}; available: {sorted(TOYS)}")
     spec = TOYS[name]
-    target = Path(cache_dir or cache_root() / "toy") / f"{name}-v{spec.version}-seed{seed}"
+    target = Path(cache_dir or cache_root() / "toy") / build_name(name, seed)
     if (target / "build.json").exists() and not force:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -315,8 +320,7 @@ SHIPPED = Path(__file__).resolve().parent / "toy_checkpoints"
 def shipped_toy(name: str, seed: int) -> Path | None:
     """The build of `name` (seed) that ships inside the package, if there is one: the default toys are the
     same files on every machine and accelerator, so their numbers reproduce anywhere."""
-    spec = TOYS.get(name)
-    path = SHIPPED / f"{name}-v{spec.version}-seed{seed}" if spec else None
+    path = SHIPPED / build_name(name, seed) if name in TOYS else None
     return path if path is not None and (path / "build.json").is_file() else None
 
 
@@ -331,6 +335,6 @@ def resolve_toy_path(spec: str) -> Path:
     shipped = shipped_toy(name, seed)
     if shipped is not None:
         return shipped / role
-    if name in TOYS and not (Path(cache_root() / "toy") / f"{name}-v{TOYS[name].version}-seed{seed}" / "build.json").exists():
+    if name in TOYS and not (cache_root() / "toy" / build_name(name, seed) / "build.json").exists():
         print(f"opdlab: building toy {name!r} (seed {seed}) once; it is cached in {cache_root() / 'toy'}", flush=True)
     return build_toy(name, seed=seed) / role
