@@ -8,12 +8,14 @@
 Each run is an `opdlab fit` subprocess over the base config(s) plus the selector overlay
 `configs/selectors/<name>.yaml`, with `--model.selector.init_args.ratio`, `--seed_everything S
 --model.seed S`, a step count, frequent validation and per-step logging. Curves are read back from the
-run's TensorBoard events (`val/accuracy`, `train/kept_tokens`, `train/valid_tokens`); wall time is the
+run's TensorBoard events (`val/accuracy`, `train/kept_tokens` per step, `train/valid_tokens`); wall time is the
 fit's own (from its summary line). A finished run leaves `result.json` and is not rerun (unless
 `--rerun true`), so an interrupted comparison resumes.
 
 Outputs in `out_dir`: results.csv (one row per run), table.csv and table.md (mean ± std over seeds per
-method, then the budget sweep), curves.csv, accuracy_vs_step.png and, with a sweep, sweep.png.
+method, then the budget sweep), curves.csv (mean accuracy and supervised tokens so far at each
+validation), accuracy_vs_step.png and accuracy_vs_tokens.png (a panel per budget, full-token OPD in each)
+and, with a sweep, sweep_vs_step.png and sweep_vs_tokens.png (a panel per swept selector).
 """
 
 from __future__ import annotations
@@ -68,6 +70,7 @@ class RunResult:
     val_accuracy: list[float] = field(default_factory=list)
     kept_tokens: float = float("nan")
     valid_tokens: float = float("nan")
+    val_supervised_tokens: list[float] = field(default_factory=list)  # kept tokens so far, at each validation
     fit_seconds: float = float("nan")
     process_seconds: float = float("nan")
     error: str = ""
@@ -138,6 +141,15 @@ def validation_steps(count: int, steps: int, val_check_interval: int) -> list[in
     return [min(i * val_check_interval, steps) for i in range(count)]
 
 
+def supervised_so_far(kept_per_step: list[float], val_steps: list[int]) -> list[float]:
+    """Tokens supervised before each validation: the sum of the first `step` logged `train/kept_tokens`.
+
+    `compare` logs every step (`--trainer.log_every_n_steps 1`), so the i-th value is step i's count.
+    """
+    total = np.concatenate([[0.0], np.cumsum(kept_per_step)])
+    return [float(total[min(s, len(kept_per_step))]) for s in val_steps]
+
+
 def parse_fit_seconds(text: str) -> float:
     match = re.findall(r"wall time: ([0-9.]+) s", text)
     return float(match[-1]) if match else float("nan")
@@ -159,9 +171,11 @@ def run_one(spec: RunSpec, command: list[str], log_dir: Path, env: dict, rerun: 
         return RunResult(spec, ok=False, process_seconds=seconds, error="\n".join(tail))
     scalars = read_scalars(log_dir)
     val = scalars.get("val/accuracy", [])
+    steps = validation_steps(len(val), *schedule)
+    kept = scalars.get("train/kept_tokens", [])
     result = RunResult(
-        spec, ok=True, val_steps=validation_steps(len(val), *schedule), val_accuracy=val,
-        kept_tokens=sum(scalars.get("train/kept_tokens", [])), valid_tokens=sum(scalars.get("train/valid_tokens", [])),
+        spec, ok=True, val_steps=steps, val_accuracy=val, val_supervised_tokens=supervised_so_far(kept, steps),
+        kept_tokens=sum(kept), valid_tokens=sum(scalars.get("train/valid_tokens", [])),
         fit_seconds=parse_fit_seconds(proc.stdout), process_seconds=round(seconds, 1),
     )
     done.write_text(json.dumps({**asdict(result), "spec": asdict(spec)}, indent=2))
@@ -216,17 +230,39 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def mean_curves(results: list[RunResult]) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """method -> (steps, mean accuracy, std) over the seeds that share those validation steps."""
+def mean_curves(results: list[RunResult], x: str = "step") -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """method -> (x, mean accuracy, std) over the seeds that share those validation steps.
+
+    x: "step", or "tokens" (the seeds' mean number of supervised tokens before each validation; runs
+    recorded before compare kept that count are left out).
+    """
     curves = {}
     for method in dict.fromkeys(r.spec.method for r in results):
-        runs = [r for r in results if r.spec.method == method and r.ok and r.val_steps]
+        runs = [r for r in results if r.spec.method == method and r.ok and r.val_steps
+                and (x == "step" or len(r.val_supervised_tokens) == len(r.val_steps))]
         if not runs:
             continue
         steps = sorted(set.intersection(*(set(r.val_steps) for r in runs)))
         acc = np.array([[dict(zip(r.val_steps, r.val_accuracy, strict=True))[s] for s in steps] for r in runs])
-        curves[method] = (np.array(steps), acc.mean(0), acc.std(0))
+        if x == "step":
+            xs = np.array(steps, dtype=float)
+        else:
+            xs = np.array([[dict(zip(r.val_steps, r.val_supervised_tokens, strict=True))[s] for s in steps]
+                           for r in runs]).mean(0)
+        curves[method] = (xs, acc.mean(0), acc.std(0))
     return curves
+
+
+def curve_panels(results: list[RunResult], by: str, x: str) -> dict[str, dict]:
+    """Plot panels: one per budget (by="ratio"; `full` in each) or per selector (by="selector")."""
+    if by == "ratio":
+        fixed = [r for r in results if r.spec.label in NO_RATIO]
+        keys = list(dict.fromkeys(r.spec.ratio for r in results if r.spec.label not in NO_RATIO)) or [None]
+        groups = {(f"budget {k:g}" if k is not None else "all"): fixed + [r for r in results if r.spec.label not in NO_RATIO
+                                                                          and r.spec.ratio == k] for k in keys}
+    else:
+        groups = {label: [r for r in results if r.spec.label == label] for label in dict.fromkeys(r.spec.label for r in results)}
+    return {title: mean_curves(runs, x) for title, runs in groups.items()}
 
 
 def write_csv(path: Path, rows: list[dict]) -> None:
@@ -245,28 +281,38 @@ def run_rows(results: list[RunResult]) -> list[dict]:
             for r in results]
 
 
-def curve_rows(curves: dict) -> list[dict]:
-    return [{"method": m, "step": int(s), "mean": float(a), "std": float(d)}
-            for m, (steps, mean, std) in curves.items() for s, a, d in zip(steps, mean, std, strict=True)]
+def curve_rows(results: list[RunResult]) -> list[dict]:
+    """Per method and validation step: mean ± std accuracy and the mean supervised tokens so far."""
+    by_step, by_tokens = mean_curves(results, "step"), mean_curves(results, "tokens")
+    return [{"method": m, "step": int(s), "mean": float(a), "std": float(d),
+             "supervised_tokens": float(by_tokens[m][0][i]) if m in by_tokens else float("nan")}
+            for m, (steps, mean, std) in by_step.items() for i, (s, a, d) in enumerate(zip(steps, mean, std, strict=True))]
 
 
-def run_specs(selectors: list[str], ratio: float, seeds: list[int], sweep_selector: str | None,
+def as_list(value) -> list:
+    return [] if value is None else list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def run_specs(selectors: list[str], ratio: float | list[float], seeds: list[int], sweep_selector: str | list[str] | None,
               sweep_ratios: list[float]) -> tuple[list[RunSpec], list[RunSpec]]:
-    """(comparison runs, sweep runs); a sweep run equal to a comparison run is shared, not repeated."""
+    """(comparison runs, sweep runs); a run asked for twice (e.g. a sweep point equal to a comparison run,
+    or `full` at several ratios) is one run."""
+    ratios = as_list(ratio)
     # Seed-major order: an interrupted comparison has every method for its first seeds.
-    main = [RunSpec(s, 1.0 if RunSpec(s, 1.0, 0).label in NO_RATIO else ratio, seed) for seed in seeds for s in selectors]
-    sweep = [RunSpec(sweep_selector, r, seed) for seed in seeds for r in sweep_ratios] if sweep_selector else []
-    return main, sweep
+    main = [RunSpec(s, 1.0, seed) if RunSpec(s, 1.0, 0).label in NO_RATIO else RunSpec(s, r, seed)
+            for seed in seeds for r in ratios for s in selectors]
+    sweep = [RunSpec(s, r, seed) for seed in seeds for s in as_list(sweep_selector) for r in sweep_ratios]
+    return list(dict.fromkeys(main)), list(dict.fromkeys(sweep))
 
 
 def compare(
     fit_config: list[str] = ["configs/ta_opd.yaml"],  # noqa: B006 (jsonargparse reads the default)
     selectors: list[str] = ["full", "random", "entropy", "divergence", "teachability"],  # noqa: B006
-    ratio: float = 0.05,
+    ratio: float | list[float] = 0.05,
     seeds: list[int] = [0, 1, 2],  # noqa: B006
     steps: int = 200,
     val_check_interval: int = 20,
-    sweep_selector: str | None = None,
+    sweep_selector: str | list[str] | None = None,
     sweep_ratios: list[float] = [0.01, 0.05, 0.1, 0.3, 1.0],  # noqa: B006
     overlays_dir: str | None = None,
     out_dir: str = "runs/compare",
@@ -283,11 +329,13 @@ def compare(
             (`--config` is compare's own config file, as for every jsonargparse command).
         selectors: selector overlays to compare: names in `overlays_dir` (full, random, entropy,
             divergence, teachability, ...) or paths to overlay YAML files.
-        ratio: budget of every selector that takes one (`full` always keeps every token).
+        ratio: budget of every selector that takes one (`full` always keeps every token); a list, e.g.
+            `[0.05,0.1]`, compares every selector at each budget (`full` runs once).
         seeds: seeds of each method (`--seed_everything S --model.seed S`).
         steps: training steps per run (`--trainer.max_steps`).
         val_check_interval: validate every this many steps, for the accuracy curves.
-        sweep_selector: also run this selector at every ratio of `sweep_ratios` (a budget sweep).
+        sweep_selector: also run this selector (or each of a list, e.g. `[teachability,random]`) at every
+            ratio of `sweep_ratios` (a budget sweep).
         sweep_ratios: the ratios of the sweep.
         overlays_dir: directory of the selector overlays (default: `selectors/` next to the first fit config).
         out_dir: where runs, tables and plots go.
@@ -349,16 +397,20 @@ def write_outputs(out: Path, results: dict, main: list[RunSpec], sweep: list[Run
     out.mkdir(parents=True, exist_ok=True)
     write_csv(out / "results.csv", run_rows(list(results.values())))
     write_csv(out / "table.csv", table + sweep_table)
-    curves = mean_curves([results[s] for s in main])
-    write_csv(out / "curves.csv", curve_rows(curves))
+    write_csv(out / "curves.csv", curve_rows([results[s] for s in main + sweep]))
     text = ["# opdlab compare", "", header, ""]
-    if table:
-        plots.plot_curves(curves, out / "accuracy_vs_step.png", f"{label}: val/accuracy (mean ± std over seeds)")
-        text += ["## Selectors", "", markdown_table(table), "", "![accuracy vs step](accuracy_vs_step.png)", ""]
-    if sweep_table:
-        plots.plot_curves(mean_curves([results[s] for s in sweep]), out / "sweep.png",
-                          f"{label}: budget sweep of {sweep[0].label}, val/accuracy (mean ± std)")
-        text += ["## Budget sweep", "", markdown_table(sweep_table), "", "![sweep](sweep.png)", ""]
+    for name, specs, rows, by, what in (("accuracy", main, table, "ratio", "selectors"),
+                                        ("sweep", sweep, sweep_table, "selector", "budget sweep")):
+        if not rows:
+            continue
+        runs = [results[s] for s in specs]
+        text += [f"## {what.capitalize()}", "", markdown_table(rows), ""]
+        for x, xlabel in (("step", "step"), ("tokens", "supervised tokens (cumulative, symlog)")):
+            panels = {t: c for t, c in curve_panels(runs, by, x).items() if c}
+            if panels:
+                plots.plot_curves(panels, out / f"{name}_vs_{x}.png", f"{label}: {what}, val/accuracy (mean ± std over "
+                                  "seeds)", xlabel=xlabel, xlog=x == "tokens")
+                text += [f"![{what}: accuracy vs {x}]({name}_vs_{x}.png)", ""]
     (out / "table.md").write_text("\n".join(text))
     print("\n".join(text))
 

@@ -17,6 +17,7 @@ from opdlab.compare import (
     mean_curves,
     run_specs,
     summarize,
+    supervised_so_far,
     validation_steps,
 )
 
@@ -49,9 +50,21 @@ def test_run_specs_share_the_sweep_point_with_the_comparison():
     assert len(set(main) | set(sweep)) == 6  # teachability@0.05 runs once for both tables
 
 
+def test_run_specs_take_several_budgets_and_sweep_selectors():
+    main, sweep = run_specs(["full", "random", "entropy"], [0.05, 0.1], [0], ["random", "divergence"], [0.02, 0.2])
+    assert [s.method for s in main] == ["full", "random@0.05", "entropy@0.05", "random@0.1", "entropy@0.1"]  # full once
+    assert [s.method for s in sweep] == ["random@0.02", "random@0.2", "divergence@0.02", "divergence@0.2"]
+
+
+def test_supervised_tokens_so_far_at_each_validation():
+    # validations before training, after steps 2 and 4, and at the end (step 5)
+    assert supervised_so_far([3, 4, 5, 6, 7], [0, 2, 4, 5]) == [0.0, 7.0, 18.0, 25.0]
+
+
 def fake(selector, ratio, seed, acc, kept=10.0, valid=100.0, seconds=5.0):
     return RunResult(RunSpec(selector, ratio, seed), ok=True, val_steps=[0, 5, 10], val_accuracy=acc,
-                     kept_tokens=kept, valid_tokens=valid, fit_seconds=seconds)
+                     kept_tokens=kept, valid_tokens=valid, fit_seconds=seconds,
+                     val_supervised_tokens=[0.0, kept / 2, kept])
 
 
 def test_summarize_means_and_stds_over_seeds():
@@ -66,6 +79,8 @@ def test_summarize_means_and_stds_over_seeds():
     assert "| random@0.1 | 2 (1 failed) | 0.200 | 0.500 ± 0.141 | 0.600 ± 0.000 | 15 | 0.150 |" in markdown_table([row])
     steps, mean, _std = mean_curves(results)["random@0.1"]
     assert steps.tolist() == [0, 5, 10] and mean.tolist() == pytest.approx([0.2, 0.5, 0.5])
+    tokens, mean_t, _std = mean_curves(results, "tokens")["random@0.1"]
+    assert tokens.tolist() == [0.0, 7.5, 15.0] and mean_t.tolist() == mean.tolist()
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +103,7 @@ def compared(tiny_checkpoints, tmp_path_factory):
 
 def test_compare_writes_table_curves_and_plot(compared):
     out, _ = compared
-    for name in ("table.md", "table.csv", "results.csv", "curves.csv", "accuracy_vs_step.png"):
+    for name in ("table.md", "table.csv", "results.csv", "curves.csv", "accuracy_vs_step.png", "accuracy_vs_tokens.png"):
         assert (out / name).is_file(), name
     table = (out / "table.md").read_text()
     assert "command: `opdlab compare --fit_config" in table and "machine:" in table and "date:" in table
@@ -107,6 +122,11 @@ def test_compare_reads_validation_curves_and_resumes(compared, monkeypatch):
     run = json.loads((out / "runs" / "random_r0.25" / "seed0" / "result.json").read_text())
     assert run["val_steps"] == [0, 1, 2, 3]  # before training, then every step
     assert len(run["val_accuracy"]) == 4
+    tokens = run["val_supervised_tokens"]
+    assert tokens[0] == 0 and tokens[-1] == pytest.approx(run["kept_tokens"]) and tokens == sorted(tokens)
+    with open(out / "curves.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r["method"] == "random@0.25"]
+    assert [float(r["supervised_tokens"]) for r in rows] == pytest.approx(tokens)
     # A finished run is reloaded, not rerun.
     import opdlab.compare as compare
 

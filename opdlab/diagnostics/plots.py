@@ -91,17 +91,24 @@ def plot_coefficients(models: dict[str, dict], path: Path, title: str) -> None:
     save_figure(fig, path, title)
 
 
-def plot_curves(curves: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]], path: Path, title: str,
-                xlabel: str = "step", ylabel: str = "val/accuracy") -> None:
-    """Mean curve ± std band per method. curves: label -> (x, mean, std)."""
+def plot_curves(panels: dict[str, dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]], path: Path, title: str,
+                xlabel: str = "step", ylabel: str = "val/accuracy", xlog: bool = False) -> None:
+    """Mean curve ± std band per method, one panel per group (sharing the y axis).
+
+    panels: panel title -> method label -> (x, mean, std).
+    """
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for label, (x, mean, std) in curves.items():
-        (line,) = ax.plot(x, mean, marker="o", ms=2, label=label)
-        ax.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.15)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    save_figure(fig, path)
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), sharey=True, squeeze=False)
+    for ax, (panel, curves) in zip(axes[0], panels.items(), strict=True):
+        for label, (x, mean, std) in curves.items():
+            (line,) = ax.plot(x, mean, marker="o", ms=2, label=label)
+            ax.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.15)
+        if xlog:  # symlog: the first point (0 tokens before training) stays on the axis
+            positive = [x[x > 0].min() for x, _, _ in curves.values() if (x > 0).any()]
+            ax.set_xscale("symlog", linthresh=min(positive, default=1.0))
+        ax.set_xlabel(xlabel)
+        ax.set_title(panel, fontsize=9)
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel(ylabel)
+    save_figure(fig, path, title)
