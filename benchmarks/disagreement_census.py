@@ -28,15 +28,19 @@ def main() -> None:
     p.add_argument("--prompts", type=int, default=256)
     p.add_argument("--max-new-tokens", type=int, default=50)
     args = p.parse_args()
-    module = OPDModule(student=f"toy:{args.toy}/student", teacher=f"toy:{args.toy}/teacher",
-                       selector=TeachabilitySelector(top_k=args.top_k), max_new_tokens=args.max_new_tokens)
+    module = OPDModule(
+        student=f"toy:{args.toy}/student",
+        teacher=f"toy:{args.toy}/teacher",
+        selector=TeachabilitySelector(top_k=args.top_k),
+        rollout=dict(max_new_tokens=args.max_new_tokens),
+    )
     module.configure_model()
     task = make_task(TOYS[args.toy], 0)
     problems = [task.problem_at(10**6 + i) for i in range(args.prompts)]  # far from the training prompts used
     prompts = encode_prompts(module.tokenizer, [q.prompt for q in problems], [q.answer for q in problems])
     with torch.no_grad():
         rollout = module.rollout(prompts, seeds=list(range(args.prompts)))
-        stats = module.score(*module.response_hidden_states(rollout), rollout)
+        stats = module.token_stats(rollout)
         greedy = module.rollout(prompts, greedy=True)
     valid = stats.valid
     d, c = stats.union_kl[valid], stats.compat[valid]

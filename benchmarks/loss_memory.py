@@ -14,10 +14,11 @@ Methods (each configuration runs in a fresh subprocess; rounds are interleaved a
 - naive+opdlab-loss: the same full logits with opdlab's hand-written-gradient loss (KL / JSD): how much
   of the gap is the loss kernel rather than the selective heads.
 - opdlab: `compute_token_stats` (chunked, no grad; no full-vocabulary entropies, which no built-in
-  selector reads: the training step's default) -> selector -> `kept_token_loss` (heads on kept
-  rows only) -> `reduce_token_loss` -> backward: `OPDModule.training_step` below ratio 1.
-- opdlab-fused (ratio 1 only): `score_and_loss_all_rows`, one projection per chunk for both: what
-  `OPDModule` runs at ratio 1 (where `opdlab` is the older two-pass way, kept for comparison).
+  selector reads: the training step's default) -> selector -> `head_loss` on the kept rows (chunks of
+  a quarter of the scoring chunk, logit gradients stored up to two scoring chunks) -> backward: the
+  step plan of `OPDModule.training_step` below ratio 1.
+- opdlab-fused (ratio 1 only): `head_loss` with `scoring`, statistics and loss from one projection per
+  chunk: the step plan at ratio 1 (where `opdlab` is the two-pass way, kept for comparison).
 - floor: just the two heads' no-grad matmuls over all rows, chunk by chunk (the time floor).
 
 Peak memory: CPU = VmHWM - VmRSS after the inputs are allocated (the high-water mark is reset via
@@ -42,8 +43,8 @@ from report import publish
 from torch import nn
 
 from opdlab.divergences import LossInputs, ReverseKL, SampledTokenOPD
-from opdlab.loss import kept_token_loss, reduce_token_loss, score_and_loss_all_rows
-from opdlab.models import LogitHead
+from opdlab.heads import LogitHead
+from opdlab.loss import Scoring, head_loss, kept_rows
 from opdlab.rollout import Rollout
 from opdlab.scoring import Workspace, chunk_stats, compute_token_stats, head_logits, scatter_rows
 from opdlab.selectors import TeachabilitySelector
@@ -94,17 +95,16 @@ def run_opdlab(x, selector, divergence, chunk: int) -> None:
     stats = compute_token_stats(x.s_hidden.detach(), x.t_hidden, x.tokens, x.valid, x.s_head, x.t_head,
                                 top_k=selector.top_k, chunk_size=chunk, full_entropy=False)
     keep = selector.select(stats)
-    token_loss = kept_token_loss(x.s_hidden, x.t_hidden, keep, x.rollout, stats, x.s_head, x.t_head, divergence,
-                                 chunk_size=x.loss_chunk or max(1, chunk // 4), store_rows=2 * chunk)  # as OPDModule
-    reduce_token_loss(token_loss, keep.sum()).backward()
+    rows = kept_rows(keep, x.s_hidden, x.t_hidden, x.rollout, stats.teacher_token_logp)
+    head_loss(rows, x.s_head, x.t_head, divergence, 1.0 / float(keep.sum()), chunk_rows=x.loss_chunk or max(1, chunk // 4),
+              store_rows=2 * chunk).loss.backward()  # the chunk sizes of opdlab.step.plan_step
 
 
 def run_fused(x, selector, divergence, chunk: int) -> None:
-    assert selector.ratio == 1.0, "the fused path is the ratio-1 path"
-    stats, token_loss = score_and_loss_all_rows(x.s_hidden, x.t_hidden, x.rollout, x.s_head, x.t_head, divergence,
-                                                top_k=selector.top_k, chunk_size=chunk, full_entropy=False)
-    keep = selector.select(stats)  # == valid at ratio 1
-    reduce_token_loss(token_loss, keep.sum()).backward()
+    assert selector.ratio == 1.0, "the shared projection is the ratio-1 path"
+    rows = kept_rows(x.valid, x.s_hidden, x.t_hidden, x.rollout)
+    head_loss(rows, x.s_head, x.t_head, divergence, 1.0 / float(x.valid.sum()), chunk_rows=chunk,
+              scoring=Scoring(selector.top_k)).loss.backward()
 
 
 def run_naive(x, selector, divergence, chunk: int, loss: str = "autograd") -> None:

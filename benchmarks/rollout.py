@@ -126,10 +126,14 @@ def time_full_steps(size: str, args, device: torch.device) -> list[str]:
     rows = []
     for name, cls in ENGINES.items():
         module = OPDModule(
-            student=paths["student"], teacher=paths["teacher"], selector=FullSelector(), divergence=SampledTokenOPD(),
-            max_new_tokens=args.new_tokens, teacher_dtype="bfloat16" if device.type == "cuda" else "float32",
-            rollout_engine=cls(), chunk_size=1024,
+            student=paths["student"],
+            teacher=paths["teacher"],
+            selector=FullSelector(),
+            divergence=SampledTokenOPD(),
+            rollout_engine=cls(),
             optimizer=lambda p: torch.optim.Adam(p, lr=1e-6, betas=(0.9, 0.98), weight_decay=0.1),
+            rollout=dict(max_new_tokens=args.new_tokens),
+            memory=dict(teacher_dtype="bfloat16" if device.type == "cuda" else "float32", chunk_size=1024),
         )
         module.configure_model()
         module.rollout_engine.bind(module.student, -1, tokenizer.pad_token_id)  # full-length responses

@@ -90,10 +90,13 @@ def main() -> None:
     modules, data = {}, {}
     for name, make_selector in METHODS.items():
         modules[name] = OPDModule(
-            student=args.student, teacher=args.teacher, selector=make_selector(),
-            divergence=DIVERGENCES[args.divergence](), max_new_tokens=args.max_new_tokens,
+            student=args.student,
+            teacher=args.teacher,
+            selector=make_selector(),
+            divergence=DIVERGENCES[args.divergence](),
             rollout_engine=discover("rollout_engine")[args.rollout_engine].cls(),
             optimizer=lambda params: torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.98)),
+            rollout=dict(max_new_tokens=args.max_new_tokens),
         )
         data[name] = PromptDataModule(AdditionTask(digits=args.digits), batch_size=args.batch_size)
         run_steps(modules[name], data[name], args.warmup)

@@ -165,9 +165,12 @@ def run_opdlab(args) -> dict:
             stages.append(dict(module.last_step.seconds))  # the time/* breakdown
 
     module = OPDModule(
-        student=args.student, teacher=args.teacher, selector=FullSelector(), divergence=GeneralizedJSD(beta=args.beta),
-        max_new_tokens=args.max_new_tokens,
+        student=args.student,
+        teacher=args.teacher,
+        selector=FullSelector(),
+        divergence=GeneralizedJSD(beta=args.beta),
         optimizer=lambda params: torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.98), weight_decay=0.0, fused=True),
+        rollout=dict(max_new_tokens=args.max_new_tokens),
     )
     module.configure_model()
     trainer = L.Trainer(

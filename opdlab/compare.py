@@ -7,7 +7,7 @@
 
 Each run is an `opdlab fit` subprocess over the base config(s) plus the selector overlay
 `configs/selectors/<name>.yaml`, with `--model.selector.init_args.ratio`, `--seed_everything S
---model.seed S`, a step count, frequent validation and per-step logging. Curves are read back from the
+--model.training.seed S`, a step count, frequent validation and per-step logging. Curves are read back from the
 run's TensorBoard events (`val/accuracy`, `train/kept_tokens` per step, `train/valid_tokens`); wall time is the
 fit's own (from its summary line). A finished run leaves `result.json` and is not rerun (unless
 `--rerun true`), so an interrupted comparison resumes.
@@ -112,7 +112,7 @@ def fit_command(spec: RunSpec, configs: list[str], overlays_dir: Path, run_root:
     if top_k is not None and "top_k" in (yaml.safe_load(overlay.read_text())["model"]["selector"].get("init_args") or {}):
         cmd += ["--model.selector.init_args.top_k", str(top_k)]
     cmd += [
-        "--seed_everything", str(spec.seed), "--model.seed", str(spec.seed),
+        "--seed_everything", str(spec.seed), "--model.training.seed", str(spec.seed),
         "--trainer.max_steps", str(steps), "--trainer.val_check_interval", str(val_check_interval),
         "--trainer.log_every_n_steps", "1",
         "--trainer.logger.class_path", "lightning.pytorch.loggers.TensorBoardLogger",
@@ -331,7 +331,7 @@ def compare(
             divergence, teachability, ...) or paths to overlay YAML files.
         ratio: budget of every selector that takes one (`full` always keeps every token); a list, e.g.
             `[0.05,0.1]`, compares every selector at each budget (`full` runs once).
-        seeds: seeds of each method (`--seed_everything S --model.seed S`).
+        seeds: seeds of each method (`--seed_everything S --model.training.seed S`).
         steps: training steps per run (`--trainer.max_steps`).
         val_check_interval: validate every this many steps, for the accuracy curves.
         sweep_selector: also run this selector (or each of a list, e.g. `[teachability,random]`) at every

@@ -43,7 +43,8 @@ from opdlab.diagnostics.bank import (
 from opdlab.diagnostics.report import StatsOptions, format_report, gain_statistics, to_jsonable, write_plots
 from opdlab.divergences import Divergence, ReverseKL
 from opdlab.engines import SamplingParams
-from opdlab.rollout import decode_responses, encode_prompts
+from opdlab.evaluation import greedy_accuracy
+from opdlab.options import MemoryOptions, RolloutOptions, TrainingOptions
 from opdlab.selectors import FullSelector, TokenSelector
 from opdlab.tasks import AdditionTask, PromptSource
 
@@ -62,7 +63,7 @@ class TrainOptions:
         num_samples: responses per prompt.
         max_new_tokens: rollout length limit of training.
         temperature: rollout temperature of training.
-        loss_normalization: `kept` or `valid` (see opdlab.loss.reduce_token_loss).
+        loss_normalization: `kept` or `valid` (see opdlab.step.loss_scale).
         seed: seed of training rollouts and of random selection.
         accelerator: Lightning accelerator (`auto`, `cpu`, `gpu`).
     """
@@ -101,7 +102,8 @@ def train_student(module, source: PromptSource, opts: TrainOptions) -> dict:
 
 def load_student_after(module, path: str, dtype: str) -> None:
     """Replace the module's student with the checkpoint at `path` (tokenizer checked against θ0's)."""
-    from opdlab.models import LogitHead, check_tokenizers_compatible, check_vocab_sizes, load_causal_lm, load_tokenizer
+    from opdlab.heads import LogitHead
+    from opdlab.models import check_tokenizers_compatible, check_vocab_sizes, load_causal_lm, load_tokenizer
 
     check_tokenizers_compatible(module.tokenizer, load_tokenizer(path))
     device = next(module.student.parameters()).device
@@ -113,16 +115,8 @@ def load_student_after(module, path: str, dtype: str) -> None:
 @torch.no_grad()
 def student_accuracy(module, source: PromptSource, max_new_tokens: int, batch_size: int = 256) -> float:
     """Greedy accuracy of the module's student on the source's held-out problems."""
-    problems, correct = source.eval_problems(), 0
-    tok = module.tokenizer
-    for start in range(0, len(problems), batch_size):
-        chunk = problems[start : start + batch_size]
-        prompts = encode_prompts(tok, [p.prompt for p in chunk], [p.answer for p in chunk],
-                                 chat_template=source.use_chat_template)
-        rollout = module.generate(prompts, SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0))
-        texts = decode_responses(tok, rollout)
-        correct += sum(source.verify(t, p.answer) for t, p in zip(texts, chunk, strict=True))
-    return correct / max(len(problems), 1)
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0)
+    return greedy_accuracy(lambda prompts: module.generate(prompts, params), module.tokenizer, source, batch_size)
 
 
 # --------------------------------------------------------------------------------------------- the command
@@ -169,9 +163,10 @@ def diagnose(
         student=student, teacher=teacher, selector=train.selector or FullSelector(),
         divergence=train.divergence or ReverseKL(),
         optimizer=functools.partial(torch.optim.AdamW, lr=train.lr, weight_decay=0.0, betas=(0.9, 0.98)),
-        num_samples=train.num_samples, max_new_tokens=train.max_new_tokens, temperature=train.temperature,
-        loss_normalization=train.loss_normalization, chunk_size=chunk_size, student_dtype=student_dtype,
-        teacher_dtype=teacher_dtype, seed=train.seed,
+        rollout=RolloutOptions(num_samples=train.num_samples, max_new_tokens=train.max_new_tokens,
+                               temperature=train.temperature),
+        memory=MemoryOptions(chunk_size=chunk_size, student_dtype=student_dtype, teacher_dtype=teacher_dtype),
+        training=TrainingOptions(loss_normalization=train.loss_normalization, seed=train.seed),
     )
     module.configure_model()
     device = pick_device(train.accelerator)

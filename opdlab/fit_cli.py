@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 import logging
 import warnings
 from pathlib import Path
@@ -17,7 +16,7 @@ from jsonargparse import ActionYesNo, Namespace
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from opdlab import plugins
-from opdlab.callbacks import SelectionMetrics
+from opdlab.callbacks import FitSummary, SelectionMetrics
 from opdlab.cli import TRACEBACK_ENV
 from opdlab.data import PromptDataModule
 from opdlab.module import OPDModule
@@ -130,9 +129,10 @@ class OPDLabCLI(LightningCLI):
             self.save_config_callback = None  # nor the working directory (no log folder to save config.yaml in)
         elif subcommand == "fit":
             self.resolve_run_folder(config)
+        added = ["opdlab.callbacks.FitSummary"]
         if config.trainer.get("enable_progress_bar") is not False:  # steps out of max_steps, not epochs
-            config.trainer.callbacks = [*(config.trainer.get("callbacks") or []),
-                                        Namespace(class_path="opdlab.callbacks.progress.StepProgressBar")]
+            added.append("opdlab.callbacks.progress.StepProgressBar")
+        config.trainer.callbacks = [*(config.trainer.get("callbacks") or []), *(Namespace(class_path=c) for c in added)]
         self.check_resume_options()
 
     def resolve_run_folder(self, config) -> None:
@@ -178,9 +178,10 @@ class OPDLabCLI(LightningCLI):
                 sys.exit(f"opdlab: error: --ckpt_path {ckpt_path} was trained with model.{key}={saved[key]!r}, "
                          f"but this run names {given.get(key)!r}; resume with the same {key} (or start a new run "
                          "without --ckpt_path)")
-        for key, value in saved.items():
-            if key in given and key not in ("student", "teacher") and given[key] != value:
-                warnings.warn(f"resuming from {ckpt_path} with model.{key}={given[key]!r} (the checkpoint was "
+        now = flat_options(given)
+        for key, value in flat_options(saved).items():
+            if key in now and key not in ("student", "teacher") and now[key] != value:
+                warnings.warn(f"resuming from {ckpt_path} with model.{key}={now[key]!r} (the checkpoint was "
                               f"trained with {value!r})", stacklevel=1)
 
     def before_fit(self) -> None:
@@ -193,31 +194,31 @@ class OPDLabCLI(LightningCLI):
                   f"student will be exported to {run / 'student'}", flush=True)
             if ckpt_path:
                 print(f"opdlab fit: resuming from {ckpt_path}", flush=True)
-        if not ckpt_path:  # a resumed run's starting accuracy comes back with its checkpoint
-            self.model.accuracy_before = self._validate()  # builds the models first
-        self.fit_started = time.perf_counter()  # so the summary's time and tokens/s are the training's
+        if not ckpt_path:  # the accuracy before training (FitSummary); a resumed run's is in its checkpoint
+            self.trainer.validate(self.model, datamodule=self.datamodule, verbose=False)  # builds the models first
 
     def after_fit(self) -> None:
-        seconds = time.perf_counter() - self.fit_started
-        model, trainer = self.model, self.trainer
-        after = self._validate() if model.last_val_step != trainer.global_step else model.last_val_accuracy
+        trainer = self.trainer
+        summary = next(c for c in trainer.callbacks if isinstance(c, FitSummary))
+        if summary.accuracy_step != trainer.global_step:  # no validation after the last step yet
+            trainer.validate(self.model, datamodule=self.datamodule, verbose=False)
         export = Path(trainer.log_dir or trainer.default_root_dir) / "student"  # log_dir and export are collectives
-        model.export_student(str(export))
+        self.model.export_student(str(export))
         if trainer.is_global_zero:
-            teacher = model.teacher_val_accuracy
-            before = f"{model.accuracy_before:.1%}" if model.accuracy_before is not None else "n/a"
-            lines = [
-                f"steps: {trainer.global_step}   training wall time: {seconds:.1f} s   "
-                f"response tokens/s: {model.response_tokens / max(seconds, 1e-9):.0f}",
-                f"student accuracy: before {before} -> after {after:.1%}"
-                + (f"   (teacher {float(teacher):.1%})" if teacher is not None else ""),
-                f"student exported to {export}",
-            ]
+            lines = [*summary.lines(trainer.global_step, summary.accuracy), f"student exported to {export}"]
             print("\n".join(["", "opdlab fit summary", *lines]))
 
-    def _validate(self) -> float:
-        self.trainer.validate(self.model, datamodule=self.datamodule, verbose=False)
-        return self.model.last_val_accuracy
+
+def flat_options(options, prefix: str = "") -> dict:
+    """{"rollout.max_new_tokens": 50, ...} from nested option groups (dicts or Namespaces)."""
+    items = options.items() if isinstance(options, dict) else vars(options).items()
+    flat = {}
+    for key, value in items:
+        if isinstance(value, (dict, Namespace)) and not (isinstance(value, Namespace) and "class_path" in value):
+            flat.update(flat_options(value, f"{prefix}{key}."))
+        else:
+            flat[prefix + key] = value
+    return flat
 
 
 def drop_advertising(record: logging.LogRecord) -> bool:

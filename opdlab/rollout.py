@@ -8,7 +8,7 @@ scores, only ever computes the last position's logits, and stops as soon as ever
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import torch
@@ -49,6 +49,12 @@ class Rollout:
     @property
     def response_ids(self) -> torch.Tensor:  # (N, L)
         return self.input_ids[:, self.prompt_len :]
+
+    def rows(self, rows: slice) -> Rollout:
+        """The rollout of rows `rows` (a micro-batch)."""
+        return replace(self, input_ids=self.input_ids[rows], attention_mask=self.attention_mask[rows],
+                       response_mask=self.response_mask[rows], sampling_logp=self.sampling_logp[rows],
+                       answers=self.answers[rows])
 
 
 def encode_prompts(
@@ -179,12 +185,18 @@ def sample_rollouts(
     )
 
 
+def derive_seed(*parts: int | str) -> int:
+    """A 63-bit seed from a tuple of integers (run seed, step, rank, stream index, ...): every seed in
+    opdlab that depends on more than one number is made here."""
+    return hash(tuple(parts)) % (2**63)
+
+
 def per_row_uniforms(seeds: list[int], num_samples: int, length: int, device: torch.device) -> torch.Tensor:
     """(N, length) uniforms, row i*num_samples + j from a generator seeded by (seeds[i], j)."""
     rows = []
     for seed in seeds:
         for j in range(num_samples):
-            gen = torch.Generator().manual_seed(hash((int(seed), j)) % (2**63))
+            gen = torch.Generator().manual_seed(derive_seed(int(seed), j))
             rows.append(torch.rand(length, generator=gen, dtype=torch.float64))
     return torch.stack(rows).to(device)
 

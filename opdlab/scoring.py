@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 import torch
 
-from opdlab.divergences.base import masked_kl  # one KL (0·log 0 = 0) for scoring and losses
-
-EPS = 1e-12
+from opdlab.heads import LogitHead
+from opdlab.maths import entropy_from_logp, masked_kl, union_kl
 
 
 @dataclass
@@ -45,28 +44,23 @@ class TokenStats:
     def top_k(self) -> int:
         return self.student_topk_ids.shape[-1]
 
+    def rows(self, rows: slice) -> TokenStats:
+        """The statistics of rows `rows` (a micro-batch)."""
+        return replace(self, **{f.name: getattr(self, f.name)[rows] for f in fields(self) if getattr(self, f.name) is not None})
 
-def entropy_from_logp(logp: torch.Tensor) -> torch.Tensor:
-    return masked_kl(logp, torch.zeros_like(logp)).neg()
+    @staticmethod
+    def cat(parts: list[TokenStats]) -> TokenStats:
+        """Micro-batches' statistics stacked back into the batch's."""
+        if len(parts) == 1:
+            return parts[0]
+        return replace(parts[0], **{f.name: torch.cat([getattr(p, f.name) for p in parts])
+                                    for f in fields(parts[0]) if getattr(parts[0], f.name) is not None})
 
-
-def union_kl(
-    s_union_logp: torch.Tensor, t_union_logp: torch.Tensor, s_ids: torch.Tensor, t_ids: torch.Tensor
-) -> torch.Tensor:
-    """KL(pbar_T || pbar_S) restricted to U = S ∪ T and renormalised.
-
-    Args:
-        s_union_logp, t_union_logp: (R, 2K) log-probs at the ids cat([s_ids, t_ids]).
-        s_ids, t_ids: (R, K) top-K ids; a teacher id already in S counts once.
-    """
-    dup = (t_ids[:, :, None] == s_ids[:, None, :]).any(-1)  # teacher ids already in S
-    member = torch.cat([torch.ones_like(dup), ~dup], -1)  # (R, 2K)
-    p_t = t_union_logp.exp() * member
-    p_s = s_union_logp.exp() * member
-    p_t = p_t / p_t.sum(-1, keepdim=True).clamp_min(EPS)
-    p_s = p_s / p_s.sum(-1, keepdim=True).clamp_min(EPS)
-    terms = p_t * (p_t.clamp_min(EPS).log() - p_s.clamp_min(EPS).log())
-    return (terms * member).sum(-1)
+    def non_finite_models(self) -> str | None:
+        """Which models gave non-finite log-probs at valid positions ('student', 'teacher', both), or None."""
+        bad = [name for name, logp in (("student", self.student_token_logp), ("teacher", self.teacher_token_logp))
+               if not bool(torch.isfinite(logp[self.valid]).all())]
+        return " and ".join(bad) or None
 
 
 class Workspace:
@@ -151,16 +145,8 @@ def chunk_stats(
     return out
 
 
-def row_stats(s_logits: torch.Tensor, t_logits: torch.Tensor, tokens: torch.Tensor, k: int, full_kl: bool) -> dict:
-    """All statistics (full-vocabulary entropies included) of R rows from their logits (R, V), any float
-    dtype -> dict of (R,) / (R, K), fp32."""
-    return chunk_stats(s_logits.float(), t_logits.float(), tokens, k, full_kl, Workspace(s_logits.shape[0]))
-
-
 def head_logits(head: Callable[..., torch.Tensor], hidden: torch.Tensor, work: Workspace, name: str) -> torch.Tensor:
     """No-grad fp32 logits (R, V) of (R, H) rows; a `LogitHead` writes them into a reused buffer."""
-    from opdlab.models import LogitHead  # models imports transformers; keep this module light to import
-
     if isinstance(head, LogitHead):
         return head(hidden, out=work.get(name, hidden.shape[0], head.num_logits, hidden.device))
     return head(hidden).float()

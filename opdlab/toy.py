@@ -32,7 +32,8 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
-from opdlab.rollout import decode_responses, encode_prompts, sample_rollouts
+from opdlab.evaluation import greedy_accuracy
+from opdlab.rollout import PromptBatch, Rollout, sample_rollouts
 from opdlab.tasks.addition import CHARSET
 from opdlab.tasks.base import PromptSource
 
@@ -146,16 +147,12 @@ def evaluate_accuracy(model, tokenizer, task: PromptSource, max_new_tokens: int 
     """Greedy accuracy (the task's verifier) on its held-out problems; responses up to `max_new_tokens`
     (default: the task's `max_response_tokens` where it has one, else 8)."""
     max_new_tokens = max_new_tokens or getattr(task, "max_response_tokens", 8)
-    problems = task.eval_problems()
-    correct = 0
-    for i in range(0, len(problems), batch_size):
-        chunk = problems[i : i + batch_size]
-        prompts = encode_prompts(tokenizer, [p.prompt for p in chunk], [p.answer for p in chunk])
-        rollout = sample_rollouts(model, prompts, tokenizer.eos_token_id, tokenizer.pad_token_id,
-                                  max_new_tokens=max_new_tokens, temperature=0.0)
-        texts = decode_responses(tokenizer, rollout)
-        correct += sum(task.verify(t, p.answer) for t, p in zip(texts, chunk, strict=True))
-    return correct / len(problems)
+
+    def generate(prompts: PromptBatch) -> Rollout:
+        return sample_rollouts(model, prompts, tokenizer.eos_token_id, tokenizer.pad_token_id,
+                               max_new_tokens=max_new_tokens, temperature=0.0)
+
+    return greedy_accuracy(generate, tokenizer, task, batch_size)
 
 
 def make_task(spec: ToySpec, seed: int, role: str | None = None) -> PromptSource:

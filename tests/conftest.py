@@ -16,7 +16,7 @@ import io
 import random
 import sys
 from contextlib import redirect_stderr, redirect_stdout
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from unittest import mock
 
@@ -24,6 +24,8 @@ import numpy as np
 import pytest
 import torch
 
+from opdlab.loss import HeadLoss, Scoring, head_loss, kept_rows
+from opdlab.scoring import TokenStats, scatter_rows
 from opdlab.toy import ModelSpec, build_char_tokenizer, make_qwen2
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -98,7 +100,11 @@ def tiny_module(tiny_checkpoints):
     """An `OPDModule` over the tiny checkpoints with its models built (`configure_model` called)."""
     from opdlab.module import OPDModule
 
-    module = OPDModule(student=tiny_checkpoints.student, teacher=tiny_checkpoints.teacher, max_new_tokens=4)
+    module = OPDModule(
+        student=tiny_checkpoints.student,
+        teacher=tiny_checkpoints.teacher,
+        rollout=dict(max_new_tokens=4),
+    )
     module.configure_model()
     return module
 
@@ -154,3 +160,29 @@ def run_opdlab(args: list[str]) -> CliResult:
         except SystemExit as exc:
             code = 0 if exc.code is None else exc.code
     return CliResult(code, out.getvalue(), err.getvalue())
+
+
+def kept_head_loss(student_hidden, teacher_hidden, keep, rollout, stats, student_head, teacher_head, divergence,
+                   chunk_size: int = 1024, store_rows: int = 0, denominator=None) -> HeadLoss:
+    """The training step's sparse path: `head_loss` over the rows of `keep`, a mean over them (or over
+    `denominator` tokens)."""
+    rows = kept_rows(keep, student_hidden, teacher_hidden, rollout, stats.teacher_token_logp)
+    count = float(keep.sum() if denominator is None else denominator)
+    return head_loss(rows, student_head, teacher_head, divergence, 1.0 / max(count, 1.0), chunk_size, store_rows)
+
+
+def shared_head_loss(student_hidden, teacher_hidden, rollout, student_head, teacher_head, divergence, top_k: int,
+                     chunk_size: int, full_kl: bool = False, full_entropy: bool = True) -> tuple[TokenStats, HeadLoss]:
+    """The training step's ratio-1 path: statistics and the mean loss of every valid row from one projection."""
+    valid = rollout.response_mask.bool()
+    rows = kept_rows(valid, student_hidden, teacher_hidden, rollout)
+    loss = head_loss(rows, student_head, teacher_head, divergence, 1.0 / max(float(valid.sum()), 1.0), chunk_size,
+                     scoring=Scoring(top_k, full_kl, full_entropy))
+    return scatter_rows(loss.stats, rows.index, valid, top_k, full_kl, full_entropy), loss
+
+
+def score(module, student_hidden, teacher_hidden, rollout) -> TokenStats:
+    """The statistics of every valid position as the training step's scoring pass computes them."""
+    rows = rollout.response_mask.shape[0]
+    plan = replace(module.plan(rows), micro_batches=(slice(0, rows),), shared_projection=False)
+    return module.score([(student_hidden, teacher_hidden)], rollout, plan)[0]

@@ -25,8 +25,10 @@ STEPS = 3
 def fit_tiny(checkpoints, callbacks, logger, root) -> OPDModule:
     """A few OPD steps of the tiny random student against the tiny teacher."""
     module = OPDModule(
-        student=checkpoints.student, teacher=checkpoints.teacher, selector=TeachabilitySelector(ratio=0.25, top_k=4),
-        max_new_tokens=4,
+        student=checkpoints.student,
+        teacher=checkpoints.teacher,
+        selector=TeachabilitySelector(ratio=0.25, top_k=4),
+        rollout=dict(max_new_tokens=4),
     )
     data = PromptDataModule(AdditionTask(digits=2, num_eval=4), batch_size=6, val_batch_size=4)
     trainer = L.Trainer(

@@ -161,15 +161,15 @@ def test_resume_takes_options_from_the_command_line_and_warns(uninterrupted, tin
     assert first.code == 0, first.err[-3000:]
     overrides = write_overrides(root, tiny_checkpoints, "changed")
     with pytest.warns(UserWarning) as caught:
-        result = run_opdlab(["fit", "--config", FAST, "--config", str(overrides), "--model.max_bad_steps", "50",
-                             "--model.gradient_clip_val", "0.5", "--ckpt_path", str(root / "ckpt_full" / "step=2.ckpt")])
+        result = run_opdlab(["fit", "--config", FAST, "--config", str(overrides), "--model.training.max_bad_steps", "50",
+                             "--model.training.gradient_clip_val", "0.5", "--ckpt_path", str(root / "ckpt_full" / "step=2.ckpt")])
     assert result.code == 0, result.err[-3000:]
     said = [str(w.message) for w in caught if "resuming from" in str(w.message)]
-    assert any("model.max_bad_steps=50 (the checkpoint was trained with 5)" in m for m in said), said
-    assert any("model.gradient_clip_val=0.5 (the checkpoint was trained with None)" in m for m in said), said
+    assert any("model.training.max_bad_steps=50 (the checkpoint was trained with 5)" in m for m in said), said
+    assert any("model.training.gradient_clip_val=0.5 (the checkpoint was trained with None)" in m for m in said), said
     assert len(said) == 2, said  # only what differs
     config = yaml.safe_load((root / "runs" / "fast" / "changed" / "config.yaml").read_text())
-    assert config["model"]["max_bad_steps"] == 50 and config["model"]["gradient_clip_val"] == 0.5
+    assert config["model"]["training"]["max_bad_steps"] == 50 and config["model"]["training"]["gradient_clip_val"] == 0.5
 
 
 def test_resume_with_another_student_is_refused(uninterrupted, tiny_checkpoints):
@@ -196,7 +196,7 @@ def test_fit_help_documents_options():
     result = run_opdlab(["fit", "--help"])
     assert result.code == 0, result.err[-2000:]
     out = " ".join(result.out.split())  # help text is wrapped
-    for option in ("--model.selector", "--model.divergence", "--model.loss_normalization", "--data.source",
+    for option in ("--model.selector", "--model.divergence", "--model.training.loss_normalization", "--data.source",
                    "--trainer.max_steps", "--ckpt_path", "--config", "--print_config"):
         assert option in out, option
     # Docstrings of OPDModule's arguments become the option help.
@@ -238,20 +238,20 @@ def test_validate_command(tiny_checkpoints, tmp_path):
 
 # ------------------------------------------------------------------------------ errors a person can read
 def test_option_errors_are_one_line_with_a_traceback_switch(monkeypatch):
-    result = run_opdlab(["fit", "--config", FAST, "--model.gradient_clip_val", "-1"])
+    result = run_opdlab(["fit", "--config", FAST, "--model.training.gradient_clip_val", "-1"])
     message = str(result.code)
-    assert message.startswith("opdlab: error: gradient_clip_val must be > 0"), message
+    assert message.startswith("opdlab: error: training.gradient_clip_val must be > 0"), message
     assert "Traceback" not in result.err and message.count("\n") == 1  # the message and the switch's hint
     monkeypatch.setenv("OPDLAB_TRACEBACK", "1")
     with pytest.raises(ValueError, match="gradient_clip_val must be > 0"):
-        run_opdlab(["fit", "--config", FAST, "--model.gradient_clip_val", "-1"])
+        run_opdlab(["fit", "--config", FAST, "--model.training.gradient_clip_val", "-1"])
 
 
 def test_unknown_option_prints_the_hint_without_the_usage():
-    result = run_opdlab(["fit", "--config", FAST, "--model.max_new_tokns", "4"])
+    result = run_opdlab(["fit", "--config", FAST, "--model.rollout.max_new_tokns", "4"])
     assert result.code == 2
     assert "usage:" not in result.err and len(result.err.splitlines()) <= 4, result.err
-    assert "did you mean 'model.max_new_tokens'" in result.err and "opdlab fit --help" in result.err
+    assert "did you mean 'model.rollout.max_new_tokens'" in result.err and "opdlab fit --help" in result.err
 
 
 def test_errors_from_outside_opdlab_keep_their_traceback(monkeypatch):

@@ -31,7 +31,7 @@ def test_fit_command_applies_overlay_ratio_and_seed(tmp_path):
     assert cmd[1:4] == ["-m", "opdlab.cli", "fit"]
     assert f"--config base.yaml --config {OVERLAYS / 'random.yaml'}" in joined
     assert "--model.selector.init_args.ratio 0.05" in joined
-    assert "--seed_everything 3 --model.seed 3" in joined
+    assert "--seed_everything 3 --model.training.seed 3" in joined
     assert "--trainer.max_steps 7 --trainer.val_check_interval 2 --trainer.log_every_n_steps 1" in joined
     assert "--trainer.logger.init_args.name random_r0.05 --trainer.logger.init_args.version seed3" in joined
     assert cmd[-1] == "--trainer.callbacks=[]"

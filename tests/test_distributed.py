@@ -81,9 +81,13 @@ def run_in_process(tiny_checkpoints, micro_batch_size, steps=3):
             losses.append(float(outputs["loss"] if isinstance(outputs, dict) else outputs))
 
     module = OPDModule(
-        student=tiny_checkpoints.student, teacher=tiny_checkpoints.teacher, selector=TeachabilitySelector(0.3, top_k=4),
-        divergence=ReverseKL(), optimizer=lambda p: torch.optim.SGD(p, lr=0.5), max_new_tokens=5,
-        micro_batch_size=micro_batch_size,
+        student=tiny_checkpoints.student,
+        teacher=tiny_checkpoints.teacher,
+        selector=TeachabilitySelector(0.3, top_k=4),
+        divergence=ReverseKL(),
+        optimizer=lambda p: torch.optim.SGD(p, lr=0.5),
+        rollout=dict(max_new_tokens=5),
+        memory=dict(micro_batch_size=micro_batch_size),
     )
     data = PromptDataModule(AdditionTask(digits=2, num_eval=8), batch_size=8, val_batch_size=8)
     trainer = L.Trainer(

@@ -268,7 +268,7 @@ def test_loss_temperature_must_be_positive():
 
 def autograd_reference(kind: str, student, teacher, beta: float = 0.5, temperature: float = 1.0):
     """The plain autograd formulas (what the divergences computed before their hand-written gradients)."""
-    from opdlab.divergences.base import log_softmax_fp32, masked_kl
+    from opdlab.maths import log_softmax_fp32, masked_kl
 
     s, t = log_softmax_fp32(student, temperature), log_softmax_fp32(teacher.detach(), temperature)
     if kind == "reverse_kl":

@@ -240,8 +240,11 @@ def test_engine_generates_with_the_weights_of_the_last_optimizer_step(tiny_check
     """Fails if the module does not hand the engine the new weights after an optimizer step: the static
     engine keeps a copy, which would still hold the weights of the first rollout."""
     module = OPDModule(
-        student=tiny_checkpoints.student, teacher=tiny_checkpoints.teacher, max_new_tokens=4,
-        rollout_engine=StaticCacheEngine(), optimizer=lambda params: torch.optim.SGD(params, lr=0.5),
+        student=tiny_checkpoints.student,
+        teacher=tiny_checkpoints.teacher,
+        rollout_engine=StaticCacheEngine(),
+        optimizer=lambda params: torch.optim.SGD(params, lr=0.5),
+        rollout=dict(max_new_tokens=4),
     )
     trainer = L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,

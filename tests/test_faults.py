@@ -37,8 +37,12 @@ class PoisonTeacher(L.Callback):
 
 def fit(tiny_checkpoints, bad_steps, max_steps, max_bad_steps=2):
     module = OPDModule(
-        student=tiny_checkpoints.student, teacher=tiny_checkpoints.teacher, selector=FullSelector(),
-        divergence=ReverseKL(), max_new_tokens=4, max_bad_steps=max_bad_steps,
+        student=tiny_checkpoints.student,
+        teacher=tiny_checkpoints.teacher,
+        selector=FullSelector(),
+        divergence=ReverseKL(),
+        rollout=dict(max_new_tokens=4),
+        training=dict(max_bad_steps=max_bad_steps),
     )
     trainer = L.Trainer(
         max_steps=max_steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
@@ -131,7 +135,11 @@ def test_unreadable_checkpoint_file_gets_a_clear_message(tmp_path, content):
 def test_garbage_ckpt_path_through_fit(tiny_checkpoints, tmp_path, monkeypatch):
     path = tmp_path / "garbage.ckpt"
     path.write_bytes(b"garbage")
-    module = OPDModule(student=tiny_checkpoints.student, teacher=tiny_checkpoints.teacher, max_new_tokens=2)
+    module = OPDModule(
+        student=tiny_checkpoints.student,
+        teacher=tiny_checkpoints.teacher,
+        rollout=dict(max_new_tokens=2),
+    )
     from opdlab.checkpointing import AtomicCheckpointIO
 
     trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,

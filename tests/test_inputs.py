@@ -12,7 +12,6 @@ import torch
 
 from opdlab.cli import main
 from opdlab.data import PromptDataModule
-from opdlab.loss import kept_token_loss
 from opdlab.models import check_tokenizers_compatible, check_vocab_sizes, resolve_model_path
 from opdlab.module import OPDModule
 from opdlab.rollout import encode_prompts
@@ -20,7 +19,7 @@ from opdlab.selectors import RandomSelector, TeachabilitySelector
 from opdlab.tasks import AdditionTask, JsonlPrompts
 from opdlab.toy import build_char_tokenizer, make_qwen2
 
-from conftest import CONFIG_DIR, TINY_TEACHER, run_opdlab
+from conftest import CONFIG_DIR, TINY_TEACHER, kept_head_loss, run_opdlab, score
 
 FAST = str(CONFIG_DIR / "fast.yaml")
 
@@ -148,16 +147,19 @@ def test_padded_teacher_vocab_is_accepted(tiny_checkpoints, char_tokenizer, tmp_
     padded.resize_token_embeddings(len(char_tokenizer) + 16, mean_resizing=False)
     padded.save_pretrained(tmp_path / "padded")
     char_tokenizer.save_pretrained(tmp_path / "padded")
-    module = OPDModule(student=tiny_checkpoints.student, teacher=str(tmp_path / "padded"), max_new_tokens=3)
+    module = OPDModule(
+        student=tiny_checkpoints.student,
+        teacher=str(tmp_path / "padded"),
+        rollout=dict(max_new_tokens=3),
+    )
     module.configure_model()
     assert check_vocab_sizes(module.student, module.teacher, module.tokenizer) == len(char_tokenizer)
     rollout = module.rollout(encode_prompts(module.tokenizer, ["12+34="], [""]))
     s, t = module.response_hidden_states(rollout)
-    stats = module.score(s, t, rollout)
+    stats = score(module, s, t, rollout)
     keep = module.select(stats)
-    token_loss = kept_token_loss(s, t, keep, rollout, stats, module.student_head, module.teacher_head,
-                                 module.divergence)
-    assert token_loss.shape == (int(keep.sum()),) and torch.isfinite(token_loss).all()
+    loss = kept_head_loss(s, t, keep, rollout, stats, module.student_head, module.teacher_head, module.divergence)
+    assert loss.token_losses.shape == (int(keep.sum()),) and torch.isfinite(loss.token_losses).all()
 
 
 def test_model_smaller_than_tokenizer_is_refused(tiny_checkpoints, char_tokenizer):
@@ -212,12 +214,15 @@ def test_long_prompt_error_mode(char_tokenizer):
 
 def test_long_prompt_through_module(tiny_checkpoints):
     batch = {"prompts": ["12+34=", "1="], "answers": ["", ""]}
-    module = OPDModule(student=tiny_checkpoints.student, teacher=tiny_checkpoints.teacher, max_prompt_len=3,
-                       on_long_prompt="error")
+    module = OPDModule(
+        student=tiny_checkpoints.student,
+        teacher=tiny_checkpoints.teacher,
+        rollout=dict(max_prompt_len=3, on_long_prompt="error"),
+    )
     module.configure_model()
     with pytest.raises(ValueError, match="max_prompt_len=3"):
         module.encode(batch)
-    module.hparams.on_long_prompt = "truncate"
+    module.rollout_options.on_long_prompt = "truncate"
     with pytest.warns(UserWarning, match="max_prompt_len=3"):
         assert module.encode(batch).input_ids.shape == (2, 3)
 
@@ -236,36 +241,41 @@ def test_empty_responses_train_and_validate_without_nan(eos_first_student, tiny_
     """A student that answers EOS at once: a real fit step and validation, no NaN, no crash, accuracy 0."""
     from opdlab.plugins import discover
 
-    losses = []
+    losses, records = [], []
 
     class Record(L.Callback):
         def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
             losses.append(float(outputs["loss"]))
+            records.append(outputs["record"])
             assert all(p.grad is None or torch.isfinite(p.grad).all() for p in module.student.parameters())
 
-    module = OPDModule(student=eos_first_student, teacher=tiny_checkpoints.teacher, max_new_tokens=4,
-                       selector=TeachabilitySelector(ratio=0.05),
-                       divergence=discover("opdlab.divergences")[divergence].cls())
+    module = OPDModule(
+        student=eos_first_student,
+        teacher=tiny_checkpoints.teacher,
+        selector=TeachabilitySelector(ratio=0.05),
+        divergence=discover("opdlab.divergences")[divergence].cls(),
+        rollout=dict(max_new_tokens=4),
+    )
     trainer = L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                         val_check_interval=1, limit_val_batches=1, default_root_dir=tmp_path,
                         callbacks=[Record()])
     trainer.fit(module, datamodule=PromptDataModule(AdditionTask(digits=2, num_eval=8), batch_size=4, val_batch_size=8))
     assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
-    assert module.last_step.rollout.response_mask.sum(1).tolist() == [1] * 4
-    assert module.last_val_accuracy == 0.0
+    assert records[-1].rollout.response_mask.sum(1).tolist() == [1] * 4
+    assert float(trainer.callback_metrics["val/accuracy"]) == 0.0
 
 
 # ------------------------------------------------------------------------------ option ranges, before any model loads
 @pytest.mark.parametrize("kwargs,message", [
-    ({"gradient_clip_val": -1.0}, "gradient_clip_val must be > 0"),
-    ({"gradient_clip_val": 0.0}, "gradient_clip_val must be > 0"),
-    ({"max_prompt_len": 0}, "max_prompt_len must be >= 1"),
-    ({"max_prompt_len": -4}, "max_prompt_len must be >= 1"),
-    ({"max_bad_steps": -1}, "max_bad_steps must be >= 0"),
-    ({"top_p": 0.0}, r"top_p must be in \(0, 1\]"),
-    ({"top_p": 1.5}, r"top_p must be in \(0, 1\].*got 1.5"),
-    ({"chunk_size": 0}, "chunk_size must be >= 1"),
+    ({"training": {"gradient_clip_val": -1.0}}, "gradient_clip_val must be > 0"),
+    ({"training": {"gradient_clip_val": 0.0}}, "gradient_clip_val must be > 0"),
+    ({"rollout": {"max_prompt_len": 0}}, "max_prompt_len must be >= 1"),
+    ({"rollout": {"max_prompt_len": -4}}, "max_prompt_len must be >= 1"),
+    ({"training": {"max_bad_steps": -1}}, "max_bad_steps must be >= 0"),
+    ({"rollout": {"top_p": 0.0}}, r"top_p must be in \(0, 1\]"),
+    ({"rollout": {"top_p": 1.5}}, r"top_p must be in \(0, 1\].*got 1.5"),
+    ({"memory": {"chunk_size": 0}}, "chunk_size must be >= 1"),
 ])
 def test_module_option_ranges_are_checked_at_construction(kwargs, message):
     with pytest.raises(ValueError, match=message):

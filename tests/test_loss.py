@@ -1,4 +1,5 @@
-"""The loss pass: kept-rows loss == full-logits loss restricted to the same rows; the one reduction."""
+"""The loss pass on the tiny models: kept-rows head loss == full-logits loss restricted to the same rows;
+the normalisation rule (`opdlab.step.loss_scale`)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,10 @@ import pytest
 import torch
 
 from opdlab.divergences import GeneralizedJSD, LossInputs, ReverseKL, SampledTokenOPD
-from opdlab.loss import kept_token_loss, reduce_token_loss
+from conftest import kept_head_loss, score, shared_head_loss
+
+from opdlab.scoring import compute_token_stats
+from opdlab.step import loss_scale
 from opdlab.rollout import encode_prompts
 from opdlab.tasks import AdditionTask
 
@@ -17,10 +21,10 @@ def step_inputs(module, n_prompts: int = 6):
     """Rollout, hidden states (student with grad) and stats of one step on the tiny models."""
     problems = [AdditionTask(digits=2).problem_at(i) for i in range(n_prompts)]
     prompts = encode_prompts(module.tokenizer, [p.prompt for p in problems], [p.answer for p in problems])
-    module.hparams.num_samples = 2
+    module.rollout_options.num_samples = 2
     rollout = module.rollout(prompts)
     student_hidden, teacher_hidden = module.response_hidden_states(rollout)
-    stats = module.score(student_hidden, teacher_hidden, rollout)
+    stats = score(module, student_hidden, teacher_hidden, rollout)
     return rollout, student_hidden, teacher_hidden, stats
 
 
@@ -54,16 +58,16 @@ def test_kept_rows_loss_equals_full_logits_loss_and_gradients(tiny_module, name,
     keep = random_keep(stats.valid)
     params = [p for p in module.student.parameters() if p.requires_grad]
 
-    kept = kept_token_loss(student_hidden, teacher_hidden, keep, rollout, stats,
-                           module.student_head, module.teacher_head, divergence, chunk_size=chunk_size)
+    result = kept_head_loss(student_hidden, teacher_hidden, keep, rollout, stats, module.student_head,
+                            module.teacher_head, divergence, chunk_size=chunk_size)
     full = full_logits_token_loss(module, student_hidden, teacher_hidden, rollout, stats, divergence)
     flat_keep = keep.flatten()
-    assert kept.shape == (int(keep.sum()),)
+    assert result.token_losses.shape == (int(keep.sum()),)
     # Row for row, in the same (sequence-major) order.
-    torch.testing.assert_close(kept, full[flat_keep], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(result.token_losses, full[flat_keep].detach(), atol=1e-6, rtol=1e-5)
 
     count = keep.sum()
-    kept_scalar = reduce_token_loss(kept, count)
+    kept_scalar = result.loss
     full_scalar = torch.where(flat_keep, full, torch.zeros_like(full)).sum() / count
     torch.testing.assert_close(kept_scalar, full_scalar, atol=1e-6, rtol=1e-5)
 
@@ -78,47 +82,26 @@ def test_kept_rows_loss_equals_full_logits_loss_and_gradients(tiny_module, name,
     assert nonzero > 0, "the loss did not reach the student parameters"
 
 
-@pytest.mark.parametrize("chunk_size", [1024, 4], ids=["one_chunk", "chunked"])
-def test_kept_rows_gradients_with_nonuniform_weights(tiny_module, chunk_size):
-    """Per-row weights on the token losses (not the uniform mean) still give the plain gradients."""
-    module, divergence = tiny_module, ReverseKL()
-    rollout, student_hidden, teacher_hidden, stats = step_inputs(module)
-    keep = random_keep(stats.valid, 0.6)
-    params = [p for p in module.student.parameters() if p.requires_grad]
-    kept = kept_token_loss(student_hidden, teacher_hidden, keep, rollout, stats,
-                           module.student_head, module.teacher_head, divergence, chunk_size=chunk_size)
-    weights = torch.linspace(0.1, 2.0, kept.numel())
-    full = full_logits_token_loss(module, student_hidden, teacher_hidden, rollout, stats, divergence)[keep.flatten()]
-    a = torch.autograd.grad((kept * weights).sum(), params, retain_graph=True, allow_unused=True)
-    b = torch.autograd.grad((full * weights).sum(), params, allow_unused=True)
-    for p, ga, gb in zip(params, a, b, strict=True):
-        ga = torch.zeros_like(p) if ga is None else ga
-        gb = torch.zeros_like(p) if gb is None else gb
-        torch.testing.assert_close(ga, gb, atol=1e-6, rtol=1e-4)
-
-
 @pytest.mark.parametrize("chunk_size", [1024, 5], ids=["one_chunk", "chunked"])
 @pytest.mark.parametrize("name", sorted(DIVERGENCES))
-def test_score_and_loss_all_rows_equals_two_pass_path(tiny_module, name, chunk_size):
-    """The ratio-1 fused path == compute_token_stats followed by kept_token_loss(keep=response mask)."""
-    from opdlab.loss import score_and_loss_all_rows
-    from opdlab.scoring import compute_token_stats
-
+def test_shared_projection_equals_two_pass_path(tiny_module, name, chunk_size):
+    """The ratio-1 path (statistics and loss from one projection) == compute_token_stats followed by the
+    head loss over every valid row."""
     module, divergence = tiny_module, DIVERGENCES[name]()
     rollout, student_hidden, teacher_hidden, _ = step_inputs(module)
     params = [p for p in module.student.parameters() if p.requires_grad]
     valid = rollout.response_mask
     stats = compute_token_stats(student_hidden.detach(), teacher_hidden, rollout.response_ids, valid,
                                 module.student_head, module.teacher_head, top_k=4, chunk_size=chunk_size)
-    two_pass = kept_token_loss(student_hidden, teacher_hidden, valid, rollout, stats, module.student_head,
-                               module.teacher_head, divergence, chunk_size=chunk_size)
-    fused_stats, fused = score_and_loss_all_rows(student_hidden, teacher_hidden, rollout, module.student_head,
-                                                 module.teacher_head, divergence, top_k=4, chunk_size=chunk_size)
-    torch.testing.assert_close(fused, two_pass, atol=1e-6, rtol=1e-5)
+    two_pass = kept_head_loss(student_hidden, teacher_hidden, valid, rollout, stats, module.student_head,
+                              module.teacher_head, divergence, chunk_size=chunk_size)
+    shared_stats, shared = shared_head_loss(student_hidden, teacher_hidden, rollout, module.student_head,
+                                            module.teacher_head, divergence, top_k=4, chunk_size=chunk_size)
+    torch.testing.assert_close(shared.token_losses, two_pass.token_losses, atol=1e-6, rtol=1e-5)
     for field in ("student_token_logp", "teacher_token_logp", "compat", "union_kl", "topk_entropy"):
-        torch.testing.assert_close(getattr(fused_stats, field), getattr(stats, field), atol=1e-5, rtol=1e-5)
-    a = torch.autograd.grad(reduce_token_loss(fused, valid.sum()), params, retain_graph=True, allow_unused=True)
-    b = torch.autograd.grad(reduce_token_loss(two_pass, valid.sum()), params, allow_unused=True)
+        torch.testing.assert_close(getattr(shared_stats, field), getattr(stats, field), atol=1e-5, rtol=1e-5)
+    a = torch.autograd.grad(shared.loss, params, retain_graph=True, allow_unused=True)
+    b = torch.autograd.grad(two_pass.loss, params, allow_unused=True)
     for p, ga, gb in zip(params, a, b, strict=True):
         ga = torch.zeros_like(p) if ga is None else ga
         gb = torch.zeros_like(p) if gb is None else gb
@@ -135,15 +118,15 @@ def test_kept_rows_loss_skips_teacher_head_for_sampled_token(tiny_module):
         calls.append(h.shape)
         return module.teacher_head(h)
 
-    kept_token_loss(student_hidden, teacher_hidden, stats.valid, rollout, stats,
-                    module.student_head, teacher_head, SampledTokenOPD())
+    kept_head_loss(student_hidden, teacher_hidden, stats.valid, rollout, stats,
+                   module.student_head, teacher_head, SampledTokenOPD())
     assert calls == []
-    kept_token_loss(student_hidden, teacher_hidden, stats.valid, rollout, stats,
-                    module.student_head, teacher_head, ReverseKL())
+    kept_head_loss(student_hidden, teacher_hidden, stats.valid, rollout, stats,
+                   module.student_head, teacher_head, ReverseKL())
     assert calls == [(int(stats.valid.sum()), teacher_hidden.shape[-1])]
 
 
-def test_student_head_applied_to_kept_rows_only(tiny_module):
+def test_student_head_applied_to_kept_rows_only(tiny_module, monkeypatch):
     """The memory claim: the with-grad student head sees M kept rows, never N×L."""
     module = tiny_module
     rollout, student_hidden, teacher_hidden, stats = step_inputs(module)
@@ -154,16 +137,31 @@ def test_student_head_applied_to_kept_rows_only(tiny_module):
         shapes.append(tuple(h.shape))
         return module.student_head(h)
 
-    kept_token_loss(student_hidden, teacher_hidden, keep, rollout, stats, student_head, module.teacher_head,
-                    ReverseKL())
+    kept_head_loss(student_hidden, teacher_hidden, keep, rollout, stats, student_head, module.teacher_head,
+                   ReverseKL())
     assert shapes == [(int(keep.sum()), student_hidden.shape[-1])]
+    linear_rows = []  # the hand-written path: the student head's matmul on kept-row chunks only
+    weight, linear = module.student_head.proj.weight, torch.nn.functional.linear
+
+    def spy(x, w, b=None):
+        if w.data_ptr() == weight.data_ptr():
+            linear_rows.append(x.shape[0])
+        return linear(x, w, b)
+
+    monkeypatch.setattr(torch.nn.functional, "linear", spy)
+    kept_head_loss(student_hidden, teacher_hidden, keep, rollout, stats, module.student_head, module.teacher_head,
+                   ReverseKL(), chunk_size=4)
+    assert linear_rows and sum(linear_rows) == int(keep.sum()) and max(linear_rows) <= 4
 
 
-def test_reduce_token_loss_denominators():
-    token_loss = torch.tensor([1.0, 2.0, 3.0], requires_grad=True)
-    torch.testing.assert_close(reduce_token_loss(token_loss, 3), torch.tensor(2.0))  # "kept"
-    torch.testing.assert_close(reduce_token_loss(token_loss, torch.tensor(10)), torch.tensor(0.6))  # "valid"
-    torch.testing.assert_close(reduce_token_loss(token_loss, 0), torch.tensor(6.0))  # never divides by zero
+def test_loss_scale_denominators():
+    """`kept`: 1 / kept tokens; `valid`: 1 / valid response tokens; never a division by zero (single process,
+    so the world-size factor is 1)."""
+    keep = torch.tensor([[True, False, True], [False, False, True]])
+    valid = torch.ones(2, 3, dtype=torch.bool)
+    torch.testing.assert_close(loss_scale("kept", keep, valid), torch.tensor(1 / 3))
+    torch.testing.assert_close(loss_scale("valid", keep, valid), torch.tensor(1 / 6))
+    torch.testing.assert_close(loss_scale("kept", torch.zeros_like(keep), valid), torch.tensor(1.0))
 
 
 @pytest.mark.parametrize("name", sorted(DIVERGENCES))
@@ -171,11 +169,11 @@ def test_all_false_keep_gives_zero_loss_and_clean_backward(tiny_module, name):
     module = tiny_module
     rollout, student_hidden, teacher_hidden, stats = step_inputs(module)
     keep = torch.zeros_like(stats.valid)
-    token_loss = kept_token_loss(student_hidden, teacher_hidden, keep, rollout, stats, module.student_head,
-                                 module.teacher_head, DIVERGENCES[name]())
-    assert token_loss.shape == (0,)
     for denominator in (keep.sum(), stats.valid.sum()):  # "kept" and "valid" normalisation
-        loss = reduce_token_loss(token_loss, denominator)
+        result = kept_head_loss(student_hidden, teacher_hidden, keep, rollout, stats, module.student_head,
+                                module.teacher_head, DIVERGENCES[name](), denominator=denominator)
+        assert result.token_losses.shape == (0,)
+        loss = result.loss
         assert loss.item() == 0.0
         assert loss.requires_grad, "an empty selection must keep the graph (DDP and Lightning call backward)"
         loss.backward(retain_graph=True)
@@ -192,7 +190,7 @@ def test_full_vocabulary_entropies_only_when_asked(tiny_module):
     assert stats.student_entropy is None and stats.teacher_entropy is None
     assert not module.scores_full_entropy
     module.request_full_entropy()
-    with_entropy = module.score(student_hidden, teacher_hidden, rollout)
+    with_entropy = score(module, student_hidden, teacher_hidden, rollout)
     valid = with_entropy.valid
     with torch.no_grad():
         logp = torch.log_softmax(module.student_head(student_hidden).double(), -1)
@@ -209,4 +207,4 @@ def test_full_vocabulary_entropies_only_when_asked(tiny_module):
 
     module.full_entropy_requested, module.selector = False, FullEntropySelector()
     assert module.scores_full_entropy
-    assert module.score(student_hidden, teacher_hidden, rollout).student_entropy is not None
+    assert score(module, student_hidden, teacher_hidden, rollout).student_entropy is not None

@@ -6,6 +6,8 @@ import lightning as L
 import pytest
 import torch
 
+from conftest import score
+
 from opdlab.data import PromptDataModule
 from opdlab.module import OPDModule
 from opdlab.scoring import TokenStats
@@ -18,7 +20,7 @@ class Probe(L.Callback):
 
     def __init__(self) -> None:
         self.teacher_training, self.teacher_grads, self.student_grad_norms, self.losses = [], [], [], []
-        self.student_training = []
+        self.student_training, self.records = [], []
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx):
         self.teacher_training.append(module.teacher.training)
@@ -31,6 +33,7 @@ class Probe(L.Callback):
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
         self.losses.append(step_loss(outputs))
+        self.records.append(outputs["record"])
 
 
 def step_loss(outputs) -> float:
@@ -51,8 +54,11 @@ def make_trainer(tmp_path, max_steps: int, callbacks=()) -> L.Trainer:
 def fitted(tiny_checkpoints, tmp_path_factory):
     """Two real training steps of the tiny models on 2-digit addition."""
     torch.manual_seed(0)
-    module = OPDModule(student=tiny_checkpoints.student, teacher=tiny_checkpoints.teacher, max_new_tokens=4,
-                       num_samples=2)
+    module = OPDModule(
+        student=tiny_checkpoints.student,
+        teacher=tiny_checkpoints.teacher,
+        rollout=dict(max_new_tokens=4, num_samples=2),
+    )
     datamodule = PromptDataModule(AdditionTask(digits=2, num_eval=16), batch_size=4, val_batch_size=16)
     probe = Probe()
     trainer = make_trainer(tmp_path_factory.mktemp("fit"), max_steps=2, callbacks=[probe])
@@ -145,13 +151,17 @@ def test_step_generator_depends_on_seed_step_and_salt(tiny_module):
     a, b = draw(tiny_module.step_generator()), draw(tiny_module.step_generator())
     assert torch.equal(a, b)
     assert not torch.equal(a, draw(tiny_module.step_generator(salt=1)))
-    tiny_module.hparams.seed = 1
+    tiny_module.training_options.seed = 1
     assert not torch.equal(a, draw(tiny_module.step_generator()))
 
 
 def fit_one_step(checkpoints, root, **module_kwargs) -> tuple[OPDModule, Probe]:
-    module = OPDModule(student=checkpoints.student, teacher=checkpoints.teacher, max_new_tokens=4, num_samples=2,
-                       **module_kwargs)
+    module = OPDModule(
+        student=checkpoints.student,
+        teacher=checkpoints.teacher,
+        **module_kwargs,
+        rollout=dict(max_new_tokens=4, num_samples=2),
+    )
     probe = Probe()
     make_trainer(root, max_steps=1, callbacks=[probe]).fit(
         module, datamodule=PromptDataModule(AdditionTask(digits=2, num_eval=16), batch_size=4, val_batch_size=16)
@@ -165,9 +175,9 @@ def test_loss_normalization_kept_vs_valid_in_training(tiny_checkpoints, tmp_path
 
     by = {}
     for norm in ("kept", "valid"):
-        module, probe = fit_one_step(tiny_checkpoints, tmp_path / norm, loss_normalization=norm,
+        module, probe = fit_one_step(tiny_checkpoints, tmp_path / norm, training={"loss_normalization": norm},
                                      selector=TeachabilitySelector(ratio=0.3, top_k=4))
-        by[norm] = (probe.losses[0], module.last_step.keep, module.last_step.stats.valid)
+        by[norm] = (probe.losses[0], probe.records[0].keep, probe.records[0].stats.valid)
     (kept_loss, keep, valid), (valid_loss, keep2, valid2) = by["kept"], by["valid"]
     assert torch.equal(keep, keep2) and torch.equal(valid, valid2), "the two runs must see the same step"
     assert 0 < keep.sum() < valid.sum()
@@ -189,7 +199,7 @@ def test_empty_selection_trains_to_zero_loss_without_nan(tiny_checkpoints, tmp_p
     from transformers import AutoModelForCausalLM
 
     module, probe = fit_one_step(tiny_checkpoints, tmp_path, selector=NothingSelector(),
-                                 loss_normalization=normalization)
+                                 training={"loss_normalization": normalization})
     assert probe.losses == [0.0]
     assert probe.student_grad_norms in ([0.0], [])  # backward ran (or was skipped) without NaN
     original = AutoModelForCausalLM.from_pretrained(tiny_checkpoints.student)
@@ -217,7 +227,7 @@ def test_selector_keeping_outside_response_mask_is_refused(tiny_module):
     # Force a padded row so that "everywhere" really is outside the response mask.
     rollout.response_mask[0, 1:] = False
     s, t = module.response_hidden_states(rollout)
-    stats = module.score(s, t, rollout)
+    stats = score(module, s, t, rollout)
     with pytest.raises(RuntimeError, match="outside the response mask"):
         module.select(stats)
 
@@ -225,10 +235,10 @@ def test_selector_keeping_outside_response_mask_is_refused(tiny_module):
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"num_samples": 0}, "num_samples"),
-        ({"max_new_tokens": 0}, "max_new_tokens"),
-        ({"temperature": 0.0}, "temperature must be > 0"),
-        ({"loss_normalization": "mean"}, "loss_normalization must be"),
+        ({"rollout": {"num_samples": 0}}, "num_samples"),
+        ({"rollout": {"max_new_tokens": 0}}, "max_new_tokens"),
+        ({"rollout": {"temperature": 0.0}}, "temperature must be > 0"),
+        ({"training": {"loss_normalization": "mean"}}, "loss_normalization must be"),
     ],
 )
 def test_invalid_module_arguments(kwargs, message):

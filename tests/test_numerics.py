@@ -1,8 +1,9 @@
 """Numerics of the memory-saving paths against plain full-logits computations.
 
 - chunked `compute_token_stats` == every field computed from full (N, L, V) log-softmaxes;
-- `kept_token_loss` (plain and chunked) and `score_and_loss_all_rows`: loss and gradients (hidden states
-  and LM-head weight) == the full-logits loss masked to the same rows;
+- `head_loss` (one chunk, several chunks, stored logit gradients, the autograd path of other heads, and
+  with the shared scoring projection): loss and gradients (hidden states and LM-head weight) == the
+  full-logits loss masked to the same rows;
 - `LogitHead` == the model's own logits for a soft-capped Gemma 2, a tied-embedding Qwen2, Cohere's
   logit_scale and Granite's logits_scaling (random init, no hub);
 - memory: no tensor with more than chunk_size rows of V logits exists during scoring + loss + backward,
@@ -22,8 +23,10 @@ from transformers import CohereConfig, CohereForCausalLM, Gemma2Config, Gemma2Fo
 from transformers import GraniteForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from opdlab.divergences import GeneralizedJSD, LossInputs, ReverseKL, SampledTokenOPD
-from opdlab.loss import kept_token_loss, reduce_token_loss, score_and_loss_all_rows
-from opdlab.models import LogitHead, final_hidden_states
+from conftest import kept_head_loss, shared_head_loss
+
+from opdlab.heads import LogitHead
+from opdlab.models import final_hidden_states
 from opdlab.rollout import Rollout
 from opdlab.scoring import TokenStats, compute_token_stats
 from opdlab.selectors import TeachabilitySelector
@@ -173,56 +176,67 @@ def test_bf16_head_stats_are_fp32_of_bf16_logits(step):
 @pytest.mark.parametrize("name", sorted(DIVERGENCES))
 @pytest.mark.parametrize("chunk_size", [3, 7, 1024])
 def test_kept_rows_loss_and_gradients_equal_full_logits(step, name, chunk_size, store):
-    """Kept rows (11 of 22): chunk 1024 runs the plain path, 3 and 7 the chunked autograd function, which
-    either takes each chunk's head gradients in forward or stores the logit gradients for backward."""
+    """Kept rows (11 of 22): chunk 1024 is one chunk, 3 and 7 several, whose head gradients are taken per
+    chunk in forward or from the stored logit gradients after the last chunk."""
     s, divergence = step, DIVERGENCES[name]()
     keep = s["valid"] & (torch.rand(N, LENGTH, generator=torch.Generator().manual_seed(1)) < 0.5)
     assert int(keep.sum()) > 7
     stats = compute_token_stats(s["student_hidden"].detach(), s["teacher_hidden"], s["tokens"], s["valid"],
                                 s["student_head"], s["teacher_head"], top_k=K)
-    token_loss = kept_token_loss(s["student_hidden"], s["teacher_hidden"], keep, s["rollout"], stats,
-                                 s["student_head"], s["teacher_head"], divergence, chunk_size=chunk_size,
-                                 store_rows=10**6 if store else 0)
-    loss = reduce_token_loss(token_loss, keep.sum())
+    loss = kept_head_loss(s["student_hidden"], s["teacher_hidden"], keep, s["rollout"], stats, s["student_head"],
+                          s["teacher_head"], divergence, chunk_size=chunk_size, store_rows=10**6 if store else 0)
     ref_tokens, ref_loss = full_logits_loss(s, divergence, keep)
-    torch.testing.assert_close(token_loss, ref_tokens, atol=1e-6, rtol=1e-5)
-    torch.testing.assert_close(loss, ref_loss, atol=1e-6, rtol=1e-5)
-    for got, expected in zip(grads_of(loss, s), grads_of(ref_loss, s), strict=True):
+    torch.testing.assert_close(loss.token_losses, ref_tokens.detach(), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(loss.loss, ref_loss, atol=1e-6, rtol=1e-5)
+    for got, expected in zip(grads_of(loss.loss, s), grads_of(ref_loss, s), strict=True):
         assert expected.abs().sum() > 0
         torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-4)
 
 
-@pytest.mark.parametrize("store", [False, True], ids=["grads_per_chunk", "stored_logit_grads"])
-@pytest.mark.parametrize("chunk_size", [3, 1024])
-def test_chunked_loss_exact_for_non_uniform_upstream_gradient(step, chunk_size, store):
-    """Weights per token (not a plain mean) still give exact gradients (the chunks are recomputed)."""
-    s, divergence = step, ReverseKL()
+@pytest.mark.parametrize("name", sorted(DIVERGENCES))
+def test_autograd_path_of_other_heads_equals_full_logits(step, name):
+    """A head that is not a local plain-linear LogitHead (here any callable; in training a sharded one)
+    goes through autograd over all kept rows, with the same loss and gradients."""
+    s, divergence = step, DIVERGENCES[name]()
+    keep = s["valid"] & (torch.rand(N, LENGTH, generator=torch.Generator().manual_seed(1)) < 0.5)
     stats = compute_token_stats(s["student_hidden"].detach(), s["teacher_hidden"], s["tokens"], s["valid"],
                                 s["student_head"], s["teacher_head"], top_k=K)
-    token_loss = kept_token_loss(s["student_hidden"], s["teacher_hidden"], s["valid"], s["rollout"], stats,
-                                 s["student_head"], s["teacher_head"], divergence, chunk_size=chunk_size,
-                                 store_rows=10**6 if store else 0)
-    weights = torch.rand(token_loss.shape, generator=torch.Generator().manual_seed(2))
-    ref_tokens, _ = full_logits_loss(s, divergence, s["valid"])
-    for got, expected in zip(grads_of((token_loss * weights).sum(), s), grads_of((ref_tokens * weights).sum(), s)):
+    loss = kept_head_loss(s["student_hidden"], s["teacher_hidden"], keep, s["rollout"], stats,
+                          lambda h: s["student_head"](h), s["teacher_head"], divergence, chunk_size=3)
+    assert loss.loss.grad_fn is not None and "PrecomputedGradients" not in type(loss.loss.grad_fn).__name__
+    ref_tokens, ref_loss = full_logits_loss(s, divergence, keep)
+    torch.testing.assert_close(loss.loss, ref_loss, atol=1e-6, rtol=1e-5)
+    for got, expected in zip(grads_of(loss.loss, s), grads_of(ref_loss, s), strict=True):
+        torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("store", [False, True], ids=["grads_per_chunk", "stored_logit_grads"])
+def test_upstream_gradient_rescales_the_gradients_of_forward(step, store):
+    """backward only rescales the gradients computed in forward: d(3·loss) = 3·d(loss), exactly as autograd."""
+    s = step
+    stats = compute_token_stats(s["student_hidden"].detach(), s["teacher_hidden"], s["tokens"], s["valid"],
+                                s["student_head"], s["teacher_head"], top_k=K)
+    loss = kept_head_loss(s["student_hidden"], s["teacher_hidden"], s["valid"], s["rollout"], stats, s["student_head"],
+                          s["teacher_head"], ReverseKL(), chunk_size=3, store_rows=10**6 if store else 0)
+    _, ref_loss = full_logits_loss(s, ReverseKL(), s["valid"])
+    for got, expected in zip(grads_of(3.0 * loss.loss, s), grads_of(3.0 * ref_loss, s), strict=True):
         torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-4)
 
 
 @pytest.mark.parametrize("name", sorted(DIVERGENCES))
 @pytest.mark.parametrize("chunk_size", [3, 7, 1024])
-def test_fused_ratio_one_path_equals_score_then_loss(step, name, chunk_size):
+def test_shared_projection_equals_score_then_loss(step, name, chunk_size):
+    """Ratio 1: the statistics and the loss of every valid row from one projection per chunk."""
     s, divergence = step, DIVERGENCES[name]()
-    stats, token_loss = score_and_loss_all_rows(s["student_hidden"], s["teacher_hidden"], s["rollout"],
-                                                s["student_head"], s["teacher_head"], divergence, top_k=K,
-                                                chunk_size=chunk_size, full_kl=True)
+    stats, loss = shared_head_loss(s["student_hidden"], s["teacher_hidden"], s["rollout"], s["student_head"],
+                                   s["teacher_head"], divergence, top_k=K, chunk_size=chunk_size, full_kl=True)
     with torch.no_grad():
         ref = reference_stats(s["student_head"](s["student_hidden"]), s["teacher_head"](s["teacher_hidden"]),
                               s["tokens"], K)
     assert_stats_equal(stats, ref, s["valid"])
-    loss = reduce_token_loss(token_loss, s["valid"].sum())
     ref_tokens, ref_loss = full_logits_loss(s, divergence, s["valid"])
-    torch.testing.assert_close(token_loss, ref_tokens, atol=1e-6, rtol=1e-5)
-    for got, expected in zip(grads_of(loss, s), grads_of(ref_loss, s), strict=True):
+    torch.testing.assert_close(loss.token_losses, ref_tokens.detach(), atol=1e-6, rtol=1e-5)
+    for got, expected in zip(grads_of(loss.loss, s), grads_of(ref_loss, s), strict=True):
         torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-4)
 
 
@@ -242,12 +256,12 @@ def test_tied_head_gradient_reaches_the_shared_embedding():
             teacher_hidden = hidden.detach() + 0.5
         stats = compute_token_stats(hidden.detach(), teacher_hidden, rollout.response_ids, rollout.response_mask,
                                     head, head, top_k=K)
-        loss = kept_token_loss(hidden, teacher_hidden, rollout.response_mask, rollout, stats, head, head, ReverseKL(),
-                               chunk_size=chunk_size)
-        reduce_token_loss(loss, loss.numel()).backward()
+        kept_head_loss(hidden, teacher_hidden, rollout.response_mask, rollout, stats, head, head, ReverseKL(),
+                       chunk_size=chunk_size).loss.backward()
         return model.model.embed_tokens.weight.grad.clone()
 
     torch.testing.assert_close(run(chunk_size=3), run(chunk_size=1024), atol=1e-6, rtol=1e-4)
+    assert model.model.embed_tokens.weight.grad.abs().sum() > 0
 
 
 # ------------------------------------------------------------------------------------ LogitHead
@@ -340,14 +354,13 @@ def test_chunked_loss_gradients_for_every_head_kind(name, store):
         stats = compute_token_stats(hidden.detach(), teacher_hidden, rollout.response_ids, rollout.response_mask,
                                     head, head, top_k=K)
         if chunk_size is None:  # the reference: full logits through the model's own head, masked
-            full_loss, _ = full_logits_loss({"student_head": head, "teacher_head": head, "student_hidden": hidden,
-                                             "teacher_hidden": teacher_hidden, "tokens": rollout.response_ids,
-                                             "rollout": rollout}, ReverseKL(), rollout.response_mask)
-            token_loss = full_loss
-        else:
-            token_loss = kept_token_loss(hidden, teacher_hidden, rollout.response_mask, rollout, stats, head, head,
-                                         ReverseKL(), chunk_size=chunk_size, store_rows=10**6 if store else 0)
-        return token_loss, torch.autograd.grad(reduce_token_loss(token_loss, token_loss.numel()), params)
+            token_loss, loss = full_logits_loss({"student_head": head, "teacher_head": head, "student_hidden": hidden,
+                                                 "teacher_hidden": teacher_hidden, "tokens": rollout.response_ids,
+                                                 "rollout": rollout}, ReverseKL(), rollout.response_mask)
+            return token_loss.detach(), torch.autograd.grad(loss, params)
+        loss = kept_head_loss(hidden, teacher_hidden, rollout.response_mask, rollout, stats, head, head, ReverseKL(),
+                              chunk_size=chunk_size, store_rows=10**6 if store else 0)
+        return loss.token_losses, torch.autograd.grad(loss.loss, params)
 
     ref_loss, ref = grads(None)
     got_loss, got = grads(4)  # 27 rows in chunks of 4: the last chunk is partial
@@ -358,23 +371,20 @@ def test_chunked_loss_gradients_for_every_head_kind(name, store):
 
 
 @pytest.mark.parametrize("store", [False, True], ids=["grads_per_chunk", "stored_logit_grads"])
-def test_chunked_loss_second_backward_through_retained_graph(step, store):
-    """backward twice (retain_graph) gives the same head gradient twice: the in-place scaled gradient
-    of the first backward is not reused by the second (which recomputes the chunks)."""
+def test_second_backward_through_retained_graph_is_refused(step, store):
+    """The gradients are computed once, in forward, and handed over by the first backward; a second one
+    (retain_graph) is an error that says so, never silently wrong gradients."""
     s = step
     stats = compute_token_stats(s["student_hidden"].detach(), s["teacher_hidden"], s["tokens"], s["valid"],
                                 s["student_head"], s["teacher_head"], top_k=K)
-    token_loss = kept_token_loss(s["student_hidden"], s["teacher_hidden"], s["valid"], s["rollout"], stats,
-                                 s["student_head"], s["teacher_head"], ReverseKL(), chunk_size=3,
-                                 store_rows=10**6 if store else 0)
-    loss = reduce_token_loss(token_loss, s["valid"].sum())
-    first = torch.autograd.grad(
-        loss, [s["student_hidden"], s["student"].lm_head.weight], retain_graph=True)
-    second = torch.autograd.grad(loss, [s["student_hidden"], s["student"].lm_head.weight])
+    loss = kept_head_loss(s["student_hidden"], s["teacher_hidden"], s["valid"], s["rollout"], stats, s["student_head"],
+                          s["teacher_head"], ReverseKL(), chunk_size=3, store_rows=10**6 if store else 0).loss
+    first = torch.autograd.grad(loss, [s["student_hidden"], s["student"].lm_head.weight], retain_graph=True)
     _, ref_loss = full_logits_loss(s, ReverseKL(), s["valid"])
-    for a, b, c in zip(first, second, grads_of(ref_loss, s), strict=True):
+    for a, c in zip(first, grads_of(ref_loss, s), strict=True):
         torch.testing.assert_close(a, c, atol=1e-6, rtol=1e-4)
-        torch.testing.assert_close(b, c, atol=1e-6, rtol=1e-4)
+    with pytest.raises(RuntimeError, match="second backward"):
+        torch.autograd.grad(loss, [s["student_hidden"], s["student"].lm_head.weight])
 
 
 @pytest.mark.parametrize("store", [False, True], ids=["grads_per_chunk", "stored_logit_grads"])
@@ -385,16 +395,14 @@ def test_chunked_loss_under_bf16_autocast_matches_autograd(step, store):
     stats = compute_token_stats(s["student_hidden"].detach(), s["teacher_hidden"], s["tokens"], s["valid"],
                                 s["student_head"], s["teacher_head"], top_k=K)
 
-    def run(chunk_size):
+    def run(head):
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            token_loss = kept_token_loss(s["student_hidden"], s["teacher_hidden"], s["valid"], s["rollout"], stats,
-                                         s["student_head"], s["teacher_head"], ReverseKL(), chunk_size=chunk_size,
-                                         store_rows=10**6 if store else 0)
-            loss = reduce_token_loss(token_loss, s["valid"].sum())
-        return grads_of(loss, s)
+            loss = kept_head_loss(s["student_hidden"], s["teacher_hidden"], s["valid"], s["rollout"], stats, head,
+                                  s["teacher_head"], ReverseKL(), chunk_size=3, store_rows=10**6 if store else 0)
+        return grads_of(loss.loss, s)
 
     weight = s["student"].lm_head.weight
-    chunked, plain = run(3), run(1024)  # 1024: one chunk, plain autograd through the head
+    chunked, plain = run(s["student_head"]), run(lambda h: s["student_head"](h))  # a plain callable: autograd
     assert weight.dtype == torch.float32 and chunked[1].dtype == torch.float32
     for a, b in zip(chunked, plain, strict=True):
         assert b.abs().sum() > 0
@@ -433,16 +441,16 @@ def memory_step(vocab: int = 512, chunk_size: int = 16, ratio: float = 0.1, fuse
     selector = TeachabilitySelector(ratio=ratio, top_k=8)
     with LargestLogits(vocab) as probe:
         if fused:
-            stats, token_loss = score_and_loss_all_rows(s_hidden, t_hidden, rollout, s_head, t_head, ReverseKL(),
-                                                        top_k=8, chunk_size=chunk_size)
+            stats, loss = shared_head_loss(s_hidden, t_hidden, rollout, s_head, t_head, ReverseKL(), top_k=8,
+                                           chunk_size=chunk_size)
             keep = stats.valid
         else:
             stats = compute_token_stats(s_hidden.detach(), t_hidden, rollout.response_ids, rollout.response_mask,
                                         s_head, t_head, top_k=8, chunk_size=chunk_size)
             keep = selector.select(stats)
-            token_loss = kept_token_loss(s_hidden, t_hidden, keep, rollout, stats, s_head, t_head, ReverseKL(),
-                                         chunk_size=chunk_size, store_rows=store_rows)
-        reduce_token_loss(token_loss, keep.sum()).backward()
+            loss = kept_head_loss(s_hidden, t_hidden, keep, rollout, stats, s_head, t_head, ReverseKL(),
+                                  chunk_size=chunk_size, store_rows=store_rows)
+        loss.loss.backward()
     assert student.lm_head.weight.grad.abs().sum() > 0
     return probe.max_rows, n * length, int(keep.sum())
 

@@ -236,7 +236,7 @@ def test_example_plugin_package_trains_through_opdlab_fit(example_plugin_install
     run_opdlab(
         [
             "fit", "--model.student", tiny_checkpoints.student, "--model.teacher", tiny_checkpoints.teacher,
-            "--model.selector", "low_confidence", "--model.selector.ratio", "0.2", "--model.max_new_tokens", "4",
+            "--model.selector", "low_confidence", "--model.selector.ratio", "0.2", "--model.rollout.max_new_tokens", "4",
             "--data.source", "opdlab.tasks.AdditionTask", "--data.source.digits", "2", "--data.source.num_eval", "8",
             "--data.batch_size", "8", "--data.val_batch_size", "8",
             "--trainer.max_steps", "3", "--trainer.accelerator", "cpu", "--trainer.log_every_n_steps", "1",

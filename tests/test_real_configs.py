@@ -46,7 +46,7 @@ def test_real_config_runs_with_tiny_qwen3(config, tiny_qwen3, tmp_path):
         "fit", "--config", str(config),
         # models and sizes
         "--model.student", tiny_qwen3["student"], "--model.teacher", tiny_qwen3["teacher"],
-        "--model.max_new_tokens", "8", "--model.num_samples", "2", "--model.micro_batch_size", "2",
+        "--model.rollout.max_new_tokens", "8", "--model.rollout.num_samples", "2", "--model.memory.micro_batch_size", "2",
         "--data.source.init_args.train_path", str(REPO_ROOT / "data/math_sample.jsonl"),
         "--data.source.init_args.num_eval", "4", "--data.batch_size", "2", "--data.val_batch_size", "4",
         # hardware and length of the run
@@ -67,8 +67,8 @@ def test_real_configs_use_the_papers_hyperparameters():
         assert opt["init_args"]["lr"] == 1.0e-6 and opt["init_args"]["weight_decay"] == 0.1
         assert opt["init_args"]["betas"] == [0.9, 0.98]
         assert cfg["model"]["divergence"]["class_path"].endswith("SampledTokenOPD")
-        assert cfg["model"]["temperature"] == 1.0 and cfg["trainer"]["precision"] == "bf16-mixed"
-        assert cfg["model"]["student_dtype"] == "float32" and cfg["model"]["teacher_dtype"] == "bfloat16"
+        assert cfg["model"]["rollout"]["temperature"] == 1.0 and cfg["trainer"]["precision"] == "bf16-mixed"
+        assert cfg["model"]["memory"]["student_dtype"] == "float32" and cfg["model"]["memory"]["teacher_dtype"] == "bfloat16"
         assert cfg["data"]["source"]["init_args"]["verifier"] == "math"
         assert cfg["data"]["source"]["init_args"]["chat_template"] is True
         assert "ModelParallelStrategy" in cfg["trainer"]["strategy"]["class_path"]

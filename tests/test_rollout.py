@@ -7,8 +7,9 @@ import math
 import pytest
 import torch
 
+from conftest import kept_head_loss, score
+
 from opdlab.divergences import LossInputs
-from opdlab.loss import kept_token_loss, reduce_token_loss
 from opdlab.models import final_hidden_states
 from opdlab.module import OPDModule
 from opdlab.plugins import discover
@@ -148,7 +149,11 @@ def eos_first_module(tiny_checkpoints, tmp_path_factory, char_tokenizer, make_sc
     model = make_scripted_model({"=": "<eos>", "+": "3", "3": "4", "4": "<eos>"}, default="5")
     model.save_pretrained(path)
     char_tokenizer.save_pretrained(path)
-    module = OPDModule(student=str(path), teacher=tiny_checkpoints.teacher, max_new_tokens=5)
+    module = OPDModule(
+        student=str(path),
+        teacher=tiny_checkpoints.teacher,
+        rollout=dict(max_new_tokens=5),
+    )
     module.configure_model()
     return module
 
@@ -159,11 +164,11 @@ def run_step_stages(module, texts):
     module.request_full_entropy()  # the full-vocabulary entropies are checked too
     rollout = module.rollout(prompts)
     student_hidden, teacher_hidden = module.response_hidden_states(rollout)
-    stats = module.score(student_hidden, teacher_hidden, rollout)
+    stats = score(module, student_hidden, teacher_hidden, rollout)
     keep = module.select(stats)
-    token_loss = kept_token_loss(student_hidden, teacher_hidden, keep, rollout, stats, module.student_head,
-                                 module.teacher_head, module.divergence)
-    return rollout, stats, keep, reduce_token_loss(token_loss, keep.sum())
+    loss = kept_head_loss(student_hidden, teacher_hidden, keep, rollout, stats, module.student_head,
+                          module.teacher_head, module.divergence)
+    return rollout, stats, keep, loss.loss
 
 
 def assert_step_finite(module, rollout, stats, keep, loss):
@@ -225,8 +230,8 @@ def test_loss_inputs_from_eos_first_rollout_are_consistent(eos_first_module):
             return super().token_loss(inputs)
 
     student_hidden, teacher_hidden = module.response_hidden_states(rollout)
-    kept_token_loss(student_hidden, teacher_hidden, keep, rollout, stats, module.student_head,
-                    module.teacher_head, Spy())
+    kept_head_loss(student_hidden, teacher_hidden, keep, rollout, stats, module.student_head,
+                   module.teacher_head, Spy())
     tokens = torch.cat([c.tokens for c in captured])
     assert torch.equal(tokens, rollout.response_ids[keep])
     torch.testing.assert_close(torch.cat([c.sampling_logp for c in captured]), rollout.sampling_logp[keep])

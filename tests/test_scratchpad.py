@@ -58,7 +58,7 @@ def test_tiny_fit_on_the_scratchpad_task(tiny_checkpoints, tmp_path):
         "--model.teacher", tiny_checkpoints.teacher, "--trainer.max_steps", "2", "--trainer.logger", "false",
         "--trainer.callbacks", "[]", "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir",
         str(tmp_path), "--data.batch_size", "4", "--data.val_batch_size", "16", "--data.source.init_args.num_eval", "16",
-        "--trainer.val_check_interval", "1000", "--model.max_new_tokens", "50",
+        "--trainer.val_check_interval", "1000", "--model.rollout.max_new_tokens", "50",
     ])
     assert result.code == 0, result.err[-3000:]
     assert "steps: 2" in result.out

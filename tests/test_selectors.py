@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from opdlab import plugins
-from opdlab.scoring import TokenStats, row_stats
+from opdlab.scoring import TokenStats, Workspace, chunk_stats
 from opdlab.selectors import (
     CompatibilitySelector,
     DivergenceSelector,
@@ -136,10 +136,10 @@ def test_invalid_arguments_fail_with_what_to_do():
 
 # --------------------------------------------------------------------------------------------- C, D, H by hand
 def stats_of(p_s: list[float], p_t: list[float], k: int) -> dict:
-    """row_stats of one position whose student/teacher distributions are exactly p_s, p_t."""
+    """The statistics of one position whose student/teacher distributions are exactly p_s, p_t."""
     s_logits = torch.tensor([p_s]).log()
     t_logits = torch.tensor([p_t]).log()
-    return row_stats(s_logits, t_logits, torch.tensor([0]), k, full_kl=True)
+    return chunk_stats(s_logits, t_logits, torch.tensor([0]), k, full_kl=True, work=Workspace(1))
 
 
 def kl(p: list[float], q: list[float]) -> float:
@@ -267,14 +267,11 @@ def test_budget_without_per_response_floor_keeps_exactly_the_budget():
 
 
 @pytest.mark.parametrize("selector_cls", [TeachabilitySelector, EntropySelector])
-def test_selector_honours_per_response_floor_attribute(selector_cls):
-    """OPDModule(per_response_floor=False) sets the attribute; the shared select() applies it."""
-    from opdlab.module import OPDModule
-
-    module = OPDModule(selector=selector_cls(ratio=0.05), per_response_floor=False)
-    assert module.selector.per_response_floor is False
-    stats = synthetic_stats(module.selector, torch.ones(40, 5, dtype=torch.bool))
-    assert int(module.selector.select(stats, torch.Generator().manual_seed(0)).sum()) == 10
+def test_selector_honours_per_response_floor(selector_cls):
+    """The budget rule's option belongs to the selector: per_response_floor=False reaches the shared select()."""
+    selector = selector_cls(ratio=0.05, per_response_floor=False)
+    stats = synthetic_stats(selector, torch.ones(40, 5, dtype=torch.bool))
+    assert int(selector.select(stats, torch.Generator().manual_seed(0)).sum()) == 10
     floored = selector_cls(ratio=0.05).select(stats, torch.Generator().manual_seed(0))  # the default rule
     assert floored.any(1).all() and int(floored.sum()) >= 40
 

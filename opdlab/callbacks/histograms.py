@@ -11,6 +11,11 @@ from opdlab.selectors.teachability import teachability_features
 FEATURES = ("C", "D", "H", "D_L", "D_I")
 
 
+def step_record(outputs):
+    """The `StepRecord` a training step returned (`outputs["record"]`), or None."""
+    return outputs.get("record") if isinstance(outputs, dict) else None
+
+
 def is_logging_step(step: int, every_n_steps: int) -> bool:
     """True on optimizer steps 1, n + 1, 2n + 1, ...: the first step, then every n-th."""
     return step >= 1 and (step - 1) % every_n_steps == 0
@@ -47,7 +52,7 @@ class TeachabilityHistograms(L.Callback):
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int
     ) -> None:
-        record, step = getattr(pl_module, "last_step", None), trainer.global_step
+        record, step = step_record(outputs), trainer.global_step
         if record is None or step == self._last_step or not is_logging_step(step, self.every_n_steps):
             return
         writers = [lg.experiment for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import lightning as L
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from opdlab.callbacks.histograms import check_every_n_steps, is_logging_step
+from opdlab.callbacks.histograms import check_every_n_steps, is_logging_step, step_record
 
 
 def render_row(tokenizer, ids: list[int], kept: list[bool]) -> str:
@@ -35,7 +35,7 @@ class RolloutSamples(L.Callback):
         self.num_rows = num_rows
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
-        record, step = getattr(pl_module, "last_step", None), trainer.global_step
+        record, step = step_record(outputs), trainer.global_step
         writers = [lg.experiment for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
         if record is None or not writers or not trainer.is_global_zero or not is_logging_step(step, self.every_n_steps):
             return

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import lightning as L
 
+from opdlab.callbacks.histograms import step_record
+
 
 class SelectionMetrics(L.Callback):
     """Logs, every training step:
@@ -15,7 +17,7 @@ class SelectionMetrics(L.Callback):
     """
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
-        record = getattr(pl_module, "last_step", None)
+        record = step_record(outputs)
         if record is None:
             return
         valid, keep = record.stats.valid, record.keep

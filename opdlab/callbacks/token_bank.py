@@ -9,7 +9,7 @@ from typing import Literal
 import lightning as L
 import torch
 
-from opdlab.callbacks.histograms import check_every_n_steps, is_logging_step
+from opdlab.callbacks.histograms import check_every_n_steps, is_logging_step, step_record
 from opdlab.selectors.base import Normalization, check_normalization
 from opdlab.selectors.teachability import teachability_features
 
@@ -90,7 +90,7 @@ class TokenBank(L.Callback):
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int
     ) -> None:
-        record, step = getattr(pl_module, "last_step", None), trainer.global_step
+        record, step = step_record(outputs), trainer.global_step
         if record is None or step == self._last_step or not is_logging_step(step, self.every_n_steps):
             return
         if self.rows_written >= self.max_rows:

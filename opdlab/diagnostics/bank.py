@@ -16,7 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from opdlab.engines import SamplingParams
-from opdlab.rollout import Rollout, encode_prompts
+from opdlab.rollout import Rollout, derive_seed, encode_prompts
 from opdlab.scoring import compute_token_stats
 from opdlab.selectors.base import Normalization, normalize_scores
 from opdlab.tasks import PromptSource
@@ -65,7 +65,7 @@ def sample_bank(module, source: PromptSource, opts: BankOptions, device: torch.d
         chunk = problems[start : start + opts.batch_size]
         prompts = encode_prompts(module.tokenizer, [p.prompt for p in chunk], [p.answer for p in chunk],
                                  chat_template=source.use_chat_template)
-        seeds = [hash((opts.seed, opts.prompt_offset + start + i)) % (2**63) for i in range(len(chunk))]
+        seeds = [derive_seed(opts.seed, opts.prompt_offset + start + i) for i in range(len(chunk))]
         rollout = module.generate(prompts, SamplingParams(
             max_new_tokens=opts.max_response_tokens, temperature=opts.temperature, seeds=seeds,
         ))
@@ -101,7 +101,7 @@ def score_bank(module, parts: list[Rollout], top_k: int, device: torch.device, d
             s_hidden, t_hidden = module.response_hidden_states(rollout, student_grad=False)
             st = compute_token_stats(
                 s_hidden, t_hidden, rollout.response_ids, rollout.response_mask, module.student_head,
-                module.teacher_head, top_k=top_k, chunk_size=module.hparams.chunk_size, full_kl=True,
+                module.teacher_head, top_k=top_k, chunk_size=module.memory_options.chunk_size, full_kl=True,
             )
             valid = st.valid
             n, length = valid.shape

@@ -10,7 +10,8 @@ import math
 
 import torch
 
-from opdlab.divergences.base import Divergence, LossInputs, log_softmax_fp32, masked_kl
+from opdlab.divergences.base import Divergence, LossInputs
+from opdlab.maths import log_softmax_fp32, masked_kl
 from opdlab.divergences.fused import hand_grad_loss  # KL / JSD with hand-written logit gradients
 
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from opdlab.divergences.base import Divergence, LossInputs, token_log_prob
+from opdlab.divergences.base import Divergence, LossInputs
+from opdlab.maths import token_log_prob
 
 
 class SampledTokenOPD(Divergence):

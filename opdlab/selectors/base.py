@@ -17,6 +17,7 @@ from typing import ClassVar, Literal
 
 import torch
 
+from opdlab.maths import linear_quantiles
 from opdlab.scoring import TokenStats
 
 Normalization = Literal["quantile", "minmax", "none"]
@@ -25,23 +26,6 @@ Normalization = Literal["quantile", "minmax", "none"]
 def budget_size(ratio: float, n_valid: int) -> int:
     """ceil(ratio · n_valid), robust to float error (0.05 · 640 is 32, not 33)."""
     return min(n_valid, math.ceil(round(ratio * n_valid, 6)))
-
-
-def linear_quantiles(values: torch.Tensor, qs: tuple[float, ...]) -> list[torch.Tensor]:
-    """Quantiles of a 1-D tensor with linear interpolation (numpy's default, `method="linear"`).
-
-    Sort-based rather than `torch.quantile`, which refuses inputs above 2**24 elements (a large rollout
-    batch can have more valid positions than that).
-    """
-    ordered = values.float().sort().values
-    n = ordered.numel()
-    out = []
-    for q in qs:
-        pos = q * (n - 1)
-        lo = math.floor(pos)
-        hi = min(lo + 1, n - 1)
-        out.append(ordered[lo] + (pos - lo) * (ordered[hi] - ordered[lo]))
-    return out
 
 
 def normalize_scores(x: torch.Tensor, valid: torch.Tensor, method: Normalization = "quantile") -> torch.Tensor:
@@ -105,17 +89,27 @@ class TokenSelector(ABC):
 
     Args:
         ratio: fraction of valid response tokens to keep, in (0, 1].
+        per_response_floor: also keep the best position of every non-empty response that got none (the
+            budget rule of docs/method.md §2.4, the default). With short responses this dominates small
+            budgets (4-5-token toy answers: "5%" keeps ~20%); False keeps exactly ceil(ratio · valid
+            tokens) over the batch, so some responses get no loss at all.
     """
 
     top_k: int = 16
     needs_full_kl: ClassVar[bool] = False
     needs_full_entropy: ClassVar[bool] = False
-    per_response_floor: bool = True  # set by OPDModule(per_response_floor=...); see apply_budget
 
-    def __init__(self, ratio: float = 1.0) -> None:
+    def __init__(self, ratio: float = 1.0, per_response_floor: bool = True) -> None:
         if not 0.0 < ratio <= 1.0:
             raise ValueError(f"ratio must be in (0, 1], got {ratio}; e.g. 0.05 keeps 5% of response tokens")
-        self.ratio = ratio
+        self.ratio, self.per_response_floor = ratio, per_response_floor
+
+    @property
+    def keeps_every_valid_position(self) -> bool:
+        """Whether `select` keeps every valid position whatever the scores (ratio 1 under the shared budget
+        rule): the training step then computes the loss in the scoring pass (`opdlab.step.StepPlan`). A
+        selector that overrides `select` must override this too."""
+        return self.ratio >= 1.0 and type(self).select is TokenSelector.select
 
     @abstractmethod
     def score(self, stats: TokenStats, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -16,12 +16,14 @@ class DivergenceSelector(TokenSelector):
         top_k: K of the student/teacher top-K sets whose union D is computed on.
         full_vocab: score the full-vocabulary forward KL instead of the union top-K KL.
         normalization: batch normalisation of D: quantile (q05/q95, the paper's), minmax, none.
+        per_response_floor: keep at least one position of every non-empty response (see `TokenSelector`).
     """
 
     def __init__(
-        self, ratio: float = 0.05, top_k: int = 16, full_vocab: bool = False, normalization: Normalization = "quantile"
+        self, ratio: float = 0.05, top_k: int = 16, full_vocab: bool = False, normalization: Normalization = "quantile",
+        per_response_floor: bool = True,
     ) -> None:
-        super().__init__(ratio)
+        super().__init__(ratio, per_response_floor)
         self.top_k, self.full_vocab = check_top_k(top_k), full_vocab
         self.normalization = check_normalization(normalization)
 

@@ -15,10 +15,12 @@ class EntropySelector(TokenSelector):
         ratio: fraction of valid response tokens to keep, in (0, 1].
         top_k: K of the student top-K set whose entropy H is.
         normalization: batch normalisation of H: quantile (q05/q95, the paper's), minmax, none.
+        per_response_floor: keep at least one position of every non-empty response (see `TokenSelector`).
     """
 
-    def __init__(self, ratio: float = 0.05, top_k: int = 16, normalization: Normalization = "quantile") -> None:
-        super().__init__(ratio)
+    def __init__(self, ratio: float = 0.05, top_k: int = 16, normalization: Normalization = "quantile",
+                 per_response_floor: bool = True) -> None:
+        super().__init__(ratio, per_response_floor)
         self.top_k, self.normalization = check_top_k(top_k), check_normalization(normalization)
 
     def score(self, stats: TokenStats, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -19,3 +19,7 @@ class FullSelector(TokenSelector):
 
     def select(self, stats: TokenStats, generator: torch.Generator | None = None) -> torch.Tensor:
         return stats.valid.clone()
+
+    @property
+    def keeps_every_valid_position(self) -> bool:
+        return True

@@ -13,10 +13,11 @@ class RandomSelector(TokenSelector):
 
     Args:
         ratio: fraction of valid response tokens to keep, in (0, 1].
+        per_response_floor: keep at least one position of every non-empty response (see `TokenSelector`).
     """
 
-    def __init__(self, ratio: float = 0.05) -> None:
-        super().__init__(ratio)
+    def __init__(self, ratio: float = 0.05, per_response_floor: bool = True) -> None:
+        super().__init__(ratio, per_response_floor)
 
     def score(self, stats: TokenStats, generator: torch.Generator | None = None) -> torch.Tensor:
         # Drawn on the CPU so that a CPU generator gives the same subset on any device.

@@ -17,10 +17,12 @@ class TipSelector(TokenSelector):
         ratio: fraction of valid response tokens to keep, in (0, 1].
         top_k: K of the top-K sets behind H and D.
         normalization: batch normalisation of H and D: quantile (q05/q95), minmax, none.
+        per_response_floor: keep at least one position of every non-empty response (see `TokenSelector`).
     """
 
-    def __init__(self, ratio: float = 0.05, top_k: int = 16, normalization: Normalization = "quantile") -> None:
-        super().__init__(ratio)
+    def __init__(self, ratio: float = 0.05, top_k: int = 16, normalization: Normalization = "quantile",
+                 per_response_floor: bool = True) -> None:
+        super().__init__(ratio, per_response_floor)
         self.top_k, self.normalization = check_top_k(top_k), check_normalization(normalization)
 
     def score(self, stats: TokenStats, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -41,10 +43,12 @@ class TipQ3Selector(TokenSelector):
         ratio: fraction of valid response tokens to keep, in (0, 1].
         top_k: K of the top-K sets behind H and D.
         normalization: batch normalisation of H and D: quantile (q05/q95), minmax, none.
+        per_response_floor: keep at least one position of every non-empty response (see `TokenSelector`).
     """
 
-    def __init__(self, ratio: float = 0.05, top_k: int = 16, normalization: Normalization = "quantile") -> None:
-        super().__init__(ratio)
+    def __init__(self, ratio: float = 0.05, top_k: int = 16, normalization: Normalization = "quantile",
+                 per_response_floor: bool = True) -> None:
+        super().__init__(ratio, per_response_floor)
         self.top_k, self.normalization = check_top_k(top_k), check_normalization(normalization)
 
     def score(self, stats: TokenStats, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -26,12 +26,14 @@ class LowConfidenceSelector(TokenSelector):
     Args:
         ratio: fraction of valid response tokens to keep, in (0, 1].
         normalization: batch normalisation of the surprisal: quantile (q05/q95), minmax, none.
+        per_response_floor: keep at least one position of every non-empty response (see `TokenSelector`).
     """
 
     top_k = 1  # uses no top-K feature: ask the scoring pass for the cheapest K
 
-    def __init__(self, ratio: float = 0.05, normalization: Literal["quantile", "minmax", "none"] = "quantile") -> None:
-        super().__init__(ratio)
+    def __init__(self, ratio: float = 0.05, normalization: Literal["quantile", "minmax", "none"] = "quantile",
+                 per_response_floor: bool = True) -> None:
+        super().__init__(ratio, per_response_floor)
         self.normalization = normalization
 
     def score(self, stats: TokenStats, generator: torch.Generator | None = None) -> torch.Tensor:
