@@ -43,9 +43,9 @@ def main() -> None:
         stats = module.token_stats(rollout)
         greedy = module.rollout(prompts, greedy=True)
     valid = stats.valid
-    d, c = stats.union_kl[valid], stats.compat[valid]
+    d, c = stats.disagreement[valid], stats.compatibility[valid]
     high = d >= torch.quantile(d, 0.9)
-    mass = torch.where(valid, stats.union_kl, 0.0).sum(0)  # total D at each response index
+    mass = torch.where(valid, stats.disagreement, 0.0).sum(0)  # total D at each response index
     by_position = mass / valid.sum(0).clamp(min=1)
     share = mass.sort(descending=True).values
     top = int((share.cumsum(0) < 0.8 * share.sum()).sum()) + 1
@@ -60,7 +60,7 @@ def main() -> None:
           "mean D by index:")
     print(" ".join(f"{x:.2f}" for x in by_position.tolist()))
     print("mean C by index:")
-    print(" ".join(f"{x:.2f}" for x in (torch.where(valid, stats.compat, 0.0).sum(0) / valid.sum(0).clamp(min=1)).tolist()))
+    print(" ".join(f"{x:.2f}" for x in (torch.where(valid, stats.compatibility, 0.0).sum(0) / valid.sum(0).clamp(min=1)).tolist()))
 
 
 if __name__ == "__main__":

@@ -111,7 +111,7 @@ def run_naive(x, selector, divergence, chunk: int, loss: str = "autograd") -> No
     """Full (T, V) logits of both models, features read off them, the loss masked (TRL / reference code).
 
     loss="autograd": the divergence's formula through autograd, as TRL's losses and the reference TA-OPD
-    code compute it (`autograd_token_loss` where a divergence has a hand-written gradient);
+    code compute it (`trl_style_token_loss` for reverse KL; the sampled-token loss has no other form);
     loss="opdlab": the divergence's own `token_loss` (opdlab's hand-written gradient) on the full logits.
     """
     s_logits = x.s_head(x.s_hidden.flatten(0, 1))  # (T, V) with grad
@@ -127,14 +127,20 @@ def run_naive(x, selector, divergence, chunk: int, loss: str = "autograd") -> No
         del work
         stats = scatter_rows(chunks, rows, x.valid, selector.top_k, False, full_entropy=False)
     keep = selector.select(stats).flatten()
-    loss_fn = divergence.token_loss if loss == "opdlab" else getattr(divergence, "autograd_token_loss",
-                                                                     divergence.token_loss)
+    loss_fn = divergence.token_loss if loss == "opdlab" or not isinstance(divergence, ReverseKL) else trl_style_token_loss
     token_loss = loss_fn(LossInputs(
         student_logits=s_logits, teacher_logits=t_logits, tokens=tok,
         sampling_logp=x.rollout.sampling_logp.flatten(), teacher_token_logp=stats.teacher_token_logp.flatten(),
     ))
     loss = torch.where(keep, token_loss, torch.zeros_like(token_loss)).sum() / keep.sum()
     loss.backward()
+
+
+def trl_style_token_loss(inputs: LossInputs) -> torch.Tensor:
+    """Reverse KL(p_S || p_T) per row through autograd: log-softmaxes, exp, the KL terms (TRL's formula)."""
+    s = torch.log_softmax(inputs.student_logits.float(), -1)
+    t = torch.log_softmax(inputs.teacher_logits.float(), -1)
+    return (s.exp() * (s - t)).sum(-1)
 
 
 @torch.no_grad()

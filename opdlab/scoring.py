@@ -21,6 +21,18 @@ from opdlab.heads import LogitHead
 from opdlab.maths import entropy_from_logp, masked_kl, union_kl
 
 
+# One name per per-position feature everywhere (TokenStats fields, `teachability/<name>/...` histograms,
+# token bank and diagnostic bank columns), with the paper's symbol and meaning (docs/method.md §2).
+# The last two are batch-normalised products, not TokenStats fields (`teachability_features`).
+FEATURES = {
+    "compatibility": ("C", "teacher mass on the student's top-K"),
+    "disagreement": ("D", "forward KL on the union of both top-K sets, renormalised there"),
+    "topk_entropy": ("H", "entropy of the student's renormalised top-K, / log K"),
+    "teachability": ("D^L", "D̃·C̃: disagreement the student can take up"),
+    "incompatibility": ("D^I", "D̃·(1-C̃): disagreement outside the student's top-K"),
+}
+
+
 @dataclass
 class TokenStats:
     """Per response position statistics; every field is (N, L) (or (N, L, K)), zero where invalid."""
@@ -28,8 +40,8 @@ class TokenStats:
     valid: torch.Tensor  # (N, L) bool: the response mask
     student_token_logp: torch.Tensor  # log p_S(y_t)
     teacher_token_logp: torch.Tensor  # log p_T(y_t)
-    compat: torch.Tensor  # C
-    union_kl: torch.Tensor  # D
+    compatibility: torch.Tensor  # C
+    disagreement: torch.Tensor  # D
     topk_entropy: torch.Tensor  # H
     student_topk_ids: torch.Tensor  # (N, L, K)
     student_topk_logp: torch.Tensor  # (N, L, K)
@@ -126,8 +138,8 @@ def chunk_stats(
     out = {
         "student_token_logp": s_logits.gather(-1, tokens[:, None]).squeeze(-1) - s_lse,
         "teacher_token_logp": t_logits.gather(-1, tokens[:, None]).squeeze(-1) - t_lse,
-        "compat": t_union[:, :k].exp().sum(-1).clamp(0.0, 1.0),  # teacher mass on the student's top-K
-        "union_kl": union_kl(s_union, t_union, s_ids, t_ids),
+        "compatibility": t_union[:, :k].exp().sum(-1).clamp(0.0, 1.0),  # teacher mass on the student's top-K
+        "disagreement": union_kl(s_union, t_union, s_ids, t_ids),
         "topk_entropy": (
             entropy_from_logp(torch.log_softmax(s_top_logp, -1)) / math.log(k) if k > 1 else torch.zeros_like(s_lse)
         ),

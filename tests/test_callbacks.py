@@ -55,17 +55,17 @@ def tensorboard_run(tiny_checkpoints, tmp_path_factory):
 def test_histograms_written_with_promised_tags(tensorboard_run):
     events, _ = tensorboard_run
     tags = set(events.Tags()["histograms"])
-    expected = {f"teachability/{name}/{subset}" for name in ("C", "D", "H", "D_L", "D_I") for subset in ("all", "kept")}
+    expected = {f"teachability/{name}/{subset}" for name in ("compatibility", "disagreement", "topk_entropy", "teachability", "incompatibility") for subset in ("all", "kept")}
     assert tags == expected
-    assert set(FEATURES) == {"C", "D", "H", "D_L", "D_I"}
+    assert set(FEATURES) == {"compatibility", "disagreement", "topk_entropy", "teachability", "incompatibility"}
     for tag in expected:
         assert [e.step for e in events.Histograms(tag)] == [1, 3]  # every 2 steps: the first, then every second
     for step in range(2):
-        everything = events.Histograms("teachability/C/all")[step].histogram_value
-        kept = events.Histograms("teachability/C/kept")[step].histogram_value
+        everything = events.Histograms("teachability/compatibility/all")[step].histogram_value
+        kept = events.Histograms("teachability/compatibility/kept")[step].histogram_value
         assert 0 < kept.num < everything.num  # a 25% budget keeps a strict subset
         assert 0.0 <= everything.min <= everything.max <= 1.0  # C is a probability mass
-        d_l = events.Histograms("teachability/D_L/all")[step].histogram_value
+        d_l = events.Histograms("teachability/teachability/all")[step].histogram_value
         assert 0.0 <= d_l.min <= d_l.max <= 1.0
 
 
@@ -89,10 +89,10 @@ def test_token_bank_rows_and_columns(tensorboard_run):
     assert steps == sorted(steps) and steps[0] == 1
     first = [r for r in rows if r["step"] == "1"]
     # Step 1 is complete: its D_L / D_I are D̃·C̃ / D̃·(1 − C̃) with the batch's q05/q95 normalisation.
-    d, c = (np.array([float(r[k]) for r in first]) for k in ("D", "C"))
+    d, c = (np.array([float(r[k]) for r in first]) for k in ("disagreement", "compatibility"))
     d_n, c_n = norm(d), norm(c)
-    np.testing.assert_allclose([float(r["D_L"]) for r in first], d_n * c_n, atol=1e-5)
-    np.testing.assert_allclose([float(r["D_I"]) for r in first], d_n * (1 - c_n), atol=1e-5)
+    np.testing.assert_allclose([float(r["teachability"]) for r in first], d_n * c_n, atol=1e-5)
+    np.testing.assert_allclose([float(r["incompatibility"]) for r in first], d_n * (1 - c_n), atol=1e-5)
     kept = [r["kept"] == "True" for r in first]
     assert sum(kept) >= int(np.ceil(0.25 * len(first)))
     assert all(float(r["student_token_logp"]) <= 0 and float(r["teacher_entropy"]) >= 0 for r in rows)

@@ -101,15 +101,15 @@ def test_the_predictor_that_determines_gain_gets_the_top_standardised_coefficien
     rng = np.random.default_rng(4)
     n = 3000
     clusters = np.arange(n) // 10
-    cols = {name: rng.normal(size=n) for name in ("H", "D", "C", "position", "teacher_entropy")}
-    cols["HxD"] = cols["H"] * cols["D"]
-    gain = 0.8 * cols["C"] + 0.1 * cols["D"] + rng.normal(0, 0.3, n)
+    cols = {name: rng.normal(size=n) for name in ("topk_entropy", "disagreement", "compatibility", "position", "teacher_entropy")}
+    cols["topk_entropy_x_disagreement"] = cols["topk_entropy"] * cols["disagreement"]
+    gain = 0.8 * cols["compatibility"] + 0.1 * cols["disagreement"] + rng.normal(0, 0.3, n)
     gain[:15] = 50.0  # a few outliers: winsorising keeps them from dominating
     for level in (0.01, 0.05):
         fit = standardized_ols(gain, cols, clusters, level)
         top = fit.names[int(np.argmax(np.abs(fit.coef)))]
-        assert top == "C"
-        assert fit.coef[fit.names.index("C")] > 5 * abs(fit.coef[fit.names.index("position")])
+        assert top == "compatibility"
+        assert fit.coef[fit.names.index("compatibility")] > 5 * abs(fit.coef[fit.names.index("position")])
         assert (fit.se_cluster > 0).all() and (fit.se_plain > 0).all()
 
 
@@ -164,15 +164,15 @@ def test_diagnose_writes_bank_summary_and_plots(diagnosed):
     assert summary["counts"]["contexts"] == 24
     rows = read_bank(out / "bank.csv")
     assert len(rows) == summary["counts"]["positions"] > 24
-    assert {"D", "C", "H", "D_L", "D_I", "teacher_entropy", "position", "kl_f_base", "kl_r_base",
-            "kl_f_after", "gain_f", "gain_r"} <= set(rows[0])
+    assert {"disagreement", "compatibility", "topk_entropy", "teachability", "incompatibility", "teacher_entropy", "position", "forward_kl_base", "reverse_kl_base",
+            "forward_kl_after", "forward_gain", "reverse_gain"} <= set(rows[0])
     for kind in ("forward", "reverse"):
         gaps = summary["terciles"][kind]
-        assert set(gaps) == {"D", "H", "C", "D_L", "D_I"}
+        assert set(gaps) == {"disagreement", "topk_entropy", "compatibility", "teachability", "incompatibility"}
         assert all(g["low"] <= g["high"] and g["draws"] == 50 for g in gaps.values())
         assert set(summary["terciles_winsorized"][kind]) == set(gaps)
         differences = summary["tercile_differences"][kind]
-        assert set(differences) == {"D_L - D", "D_L - D_I"}
+        assert set(differences) == {"teachability - disagreement", "teachability - incompatibility"}
         for name, d in differences.items():
             first, second = name.split(" - ")
             assert d["estimate"] == pytest.approx(gaps[first]["estimate"] - gaps[second]["estimate"])
@@ -183,8 +183,8 @@ def test_diagnose_writes_bank_summary_and_plots(diagnosed):
         for fits in models.values():
             assert set(fits) == {"winsor_0.01", "winsor_0.05"}
     raw, teach = summary["ols"]["forward"].values()
-    assert list(raw["winsor_0.01"]["coefficients"]) == ["H", "D", "HxD", "C", "position", "teacher_entropy"]
-    assert list(teach["winsor_0.01"]["coefficients"]) == ["H", "D_L", "D_I", "position", "teacher_entropy"]
+    assert list(raw["winsor_0.01"]["coefficients"]) == ["topk_entropy", "disagreement", "topk_entropy_x_disagreement", "compatibility", "position", "teacher_entropy"]
+    assert list(teach["winsor_0.01"]["coefficients"]) == ["topk_entropy", "teachability", "incompatibility", "position", "teacher_entropy"]
     assert summary["theta1"]["trained"]["steps"] == 3
     assert "scoring θ0" in result.err and "scoring θ1" in result.err  # tqdm progress bars
 
@@ -193,14 +193,14 @@ def test_gain_and_features_are_consistent(diagnosed):
     out, _ = diagnosed
     rows = read_bank(out / "bank.csv")
     for r in rows:
-        base, after = float(r["kl_f_base"]), float(r["kl_f_after"])
+        base, after = float(r["forward_kl_base"]), float(r["forward_kl_after"])
         if r["included"] == "True":
-            assert float(r["gain_f"]) == pytest.approx((base - after) / base, rel=1e-4, abs=1e-5)
-        d, c = float(r["D_norm"]), float(r["C_norm"])
+            assert float(r["forward_gain"]) == pytest.approx((base - after) / base, rel=1e-4, abs=1e-5)
+        d, c = float(r["disagreement_norm"]), float(r["compatibility_norm"])
         assert 0 <= d <= 1 and 0 <= c <= 1
-        assert float(r["D_L"]) == pytest.approx(d * c, abs=1e-5)
-        assert float(r["D_I"]) == pytest.approx(d * (1 - c), abs=1e-5)
-        assert 0 <= float(r["C"]) <= 1 + 1e-6
+        assert float(r["teachability"]) == pytest.approx(d * c, abs=1e-5)
+        assert float(r["incompatibility"]) == pytest.approx(d * (1 - c), abs=1e-5)
+        assert 0 <= float(r["compatibility"]) <= 1 + 1e-6
 
 
 def test_student_after_rescores_the_same_frozen_contexts(diagnosed, tiny_checkpoints, tmp_path):
@@ -213,7 +213,7 @@ def test_student_after_rescores_the_same_frozen_contexts(diagnosed, tiny_checkpo
     assert result.code == 0, result.err[-3000:]
     a, b = read_bank(first / "bank.csv"), read_bank(out / "bank.csv")
     assert [(r["context"], r["position"], r["token_id"]) for r in a] == [(r["context"], r["position"], r["token_id"]) for r in b]
-    for key in ("kl_f_base", "kl_f_after", "kl_r_after", "D_L"):
+    for key in ("forward_kl_base", "forward_kl_after", "reverse_kl_after", "teachability"):
         np.testing.assert_allclose([float(r[key]) for r in a], [float(r[key]) for r in b], rtol=1e-4, atol=1e-6)
     assert json.loads((out / "summary.json").read_text())["theta1"] == {"student_after": str(first / "student_after")}
 

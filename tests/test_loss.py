@@ -98,7 +98,7 @@ def test_shared_projection_equals_two_pass_path(tiny_module, name, chunk_size):
     shared_stats, shared = shared_head_loss(student_hidden, teacher_hidden, rollout, module.student_head,
                                             module.teacher_head, divergence, top_k=4, chunk_size=chunk_size)
     torch.testing.assert_close(shared.token_losses, two_pass.token_losses, atol=1e-6, rtol=1e-5)
-    for field in ("student_token_logp", "teacher_token_logp", "compat", "union_kl", "topk_entropy"):
+    for field in ("student_token_logp", "teacher_token_logp", "compatibility", "disagreement", "topk_entropy"):
         torch.testing.assert_close(getattr(shared_stats, field), getattr(stats, field), atol=1e-5, rtol=1e-5)
     a = torch.autograd.grad(shared.loss, params, retain_graph=True, allow_unused=True)
     b = torch.autograd.grad(two_pass.loss, params, allow_unused=True)
@@ -197,7 +197,7 @@ def test_full_vocabulary_entropies_only_when_asked(tiny_module):
         expected = -(logp.exp() * logp).sum(-1)
     torch.testing.assert_close(with_entropy.student_entropy[valid].double(), expected[valid], atol=1e-5, rtol=1e-5)
     assert (with_entropy.teacher_entropy[valid] > 0).all()
-    for name in ("union_kl", "compat", "topk_entropy", "student_token_logp"):  # the rest is unchanged
+    for name in ("disagreement", "compatibility", "topk_entropy", "student_token_logp"):  # the rest is unchanged
         torch.testing.assert_close(getattr(with_entropy, name), getattr(stats, name))
 
     from opdlab.selectors import EntropySelector

@@ -85,8 +85,8 @@ def reference_stats(s_logits: torch.Tensor, t_logits: torch.Tensor, tokens: torc
         "teacher_token_logp": t.gather(-1, tokens[..., None]).squeeze(-1),
         "student_entropy": -kl(s, torch.zeros_like(s)),
         "teacher_entropy": -kl(t, torch.zeros_like(t)),
-        "compat": t.gather(-1, s_ids).exp().sum(-1).clamp(0, 1),
-        "union_kl": union_kl,
+        "compatibility": t.gather(-1, s_ids).exp().sum(-1).clamp(0, 1),
+        "disagreement": union_kl,
         "topk_entropy": -kl(s_top_norm, torch.zeros_like(s_top_norm)) / math.log(k),
         "student_topk_ids": s_ids, "student_topk_logp": s_top,
         "teacher_topk_ids": t_ids, "teacher_topk_logp": t_top,
@@ -153,7 +153,7 @@ def test_chunked_stats_with_minus_inf_logits(step):
     with torch.no_grad():
         ref = reference_stats(s_head(s["student_hidden"]), t_head(s["teacher_hidden"]), tokens, K)
     assert_stats_equal(stats, ref, s["valid"])
-    for name in ("student_entropy", "teacher_entropy", "union_kl", "forward_kl", "reverse_kl"):
+    for name in ("student_entropy", "teacher_entropy", "disagreement", "forward_kl", "reverse_kl"):
         assert torch.isfinite(getattr(stats, name)).all(), name
 
 

@@ -25,7 +25,7 @@ SELECTOR_BASE = "opdlab.selectors.base.TokenSelector"
 
 class GoodSelector(TokenSelector):
     def score(self, stats, generator=None):
-        return stats.compat
+        return stats.compatibility
 
 
 class AbstractSelector(TokenSelector):

@@ -172,7 +172,7 @@ def run_step_stages(module, texts):
 
 
 def assert_step_finite(module, rollout, stats, keep, loss):
-    for name in ("student_token_logp", "teacher_token_logp", "compat", "union_kl", "topk_entropy",
+    for name in ("student_token_logp", "teacher_token_logp", "compatibility", "disagreement", "topk_entropy",
                  "student_entropy", "teacher_entropy"):
         assert torch.isfinite(getattr(stats, name)).all(), name
     assert not (keep & ~rollout.response_mask).any()

@@ -148,11 +148,11 @@ def kl(p: list[float], q: list[float]) -> float:
 
 def test_compat_is_teacher_mass_on_student_topk():
     out = stats_of([0.4, 0.3, 0.2, 0.05, 0.05], [0.1, 0.5, 0.05, 0.3, 0.05], k=2)  # S = {0, 1}
-    assert out["compat"].item() == pytest.approx(0.1 + 0.5, abs=1e-6)
+    assert out["compatibility"].item() == pytest.approx(0.1 + 0.5, abs=1e-6)
     out = stats_of([0.4, 0.3, 0.2, 0.05, 0.05], [0.1, 0.5, 0.05, 0.3, 0.05], k=3)  # S = {0, 1, 2}
-    assert out["compat"].item() == pytest.approx(0.65, abs=1e-6)
+    assert out["compatibility"].item() == pytest.approx(0.65, abs=1e-6)
     out = stats_of([0.05, 0.05, 0.1, 0.4, 0.4], [0.5, 0.5, 0.0, 0.0, 0.0], k=2)  # disjoint: no teacher mass
-    assert out["compat"].item() == pytest.approx(0.0, abs=1e-6)
+    assert out["compatibility"].item() == pytest.approx(0.0, abs=1e-6)
 
 
 def test_union_kl_partial_overlap():
@@ -163,19 +163,19 @@ def test_union_kl_partial_overlap():
     bar_t = [p_t[i] / sum(p_t[j] for j in u) for i in u]
     bar_s = [p_s[i] / sum(p_s[j] for j in u) for i in u]
     out = stats_of(p_s, p_t, k=2)
-    assert out["union_kl"].item() == pytest.approx(kl(bar_t, bar_s), rel=1e-5)
+    assert out["disagreement"].item() == pytest.approx(kl(bar_t, bar_s), rel=1e-5)
     assert out["forward_kl"].item() == pytest.approx(kl(p_t, p_s), rel=1e-5)  # the full-vocabulary variant
 
 
 def test_union_kl_identical_and_disjoint_sets():
     p = [0.5, 0.3, 0.1, 0.05, 0.05]
-    assert stats_of(p, p, k=2)["union_kl"].item() == pytest.approx(0.0, abs=1e-7)
+    assert stats_of(p, p, k=2)["disagreement"].item() == pytest.approx(0.0, abs=1e-7)
     p_s = [0.45, 0.45, 0.04, 0.03, 0.03]
     p_t = [0.03, 0.03, 0.04, 0.45, 0.45]  # S = {0, 1}, T = {3, 4}: U has 4 tokens
     u = [0, 1, 3, 4]
     bar_t = [p_t[i] / sum(p_t[j] for j in u) for i in u]
     bar_s = [p_s[i] / sum(p_s[j] for j in u) for i in u]
-    assert stats_of(p_s, p_t, k=2)["union_kl"].item() == pytest.approx(kl(bar_t, bar_s), rel=1e-5)
+    assert stats_of(p_s, p_t, k=2)["disagreement"].item() == pytest.approx(kl(bar_t, bar_s), rel=1e-5)
 
 
 def test_topk_entropy_is_normalised():
@@ -301,7 +301,7 @@ def feature_stats(d: list[float], c: list[float], h: list[float], valid: list[bo
     ids = torch.zeros(1, n, 2, dtype=torch.long)
     return TokenStats(
         valid=valid_t, student_token_logp=zeros, teacher_token_logp=zeros, student_entropy=zeros,
-        teacher_entropy=zeros, compat=torch.tensor([c]), union_kl=torch.tensor([d]), topk_entropy=torch.tensor([h]),
+        teacher_entropy=zeros, compatibility=torch.tensor([c]), disagreement=torch.tensor([d]), topk_entropy=torch.tensor([h]),
         student_topk_ids=ids, student_topk_logp=ids.float(), teacher_topk_ids=ids, teacher_topk_logp=ids.float(),
         forward_kl=torch.tensor([d]) * 2,
     )

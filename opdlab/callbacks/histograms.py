@@ -5,10 +5,9 @@ from __future__ import annotations
 import lightning as L
 from lightning.pytorch.loggers import TensorBoardLogger
 
+from opdlab.scoring import FEATURES
 from opdlab.selectors.base import Normalization, check_normalization
 from opdlab.selectors.teachability import teachability_features
-
-FEATURES = ("C", "D", "H", "D_L", "D_I")
 
 
 def step_record(outputs):
@@ -31,7 +30,8 @@ class TeachabilityHistograms(L.Callback):
     """Every `every_n_steps` optimizer steps, histograms of C, D, H, D^L = D̃·C̃ and D^I = D̃·(1−C̃).
 
     Tags: `teachability/<feature>/all` (every valid response position of the step's rollout batch) and
-    `teachability/<feature>/kept` (the positions the selector kept), feature in C, D, H, D_L, D_I.
+    `teachability/<feature>/kept` (the positions the selector kept), feature in compatibility (C),
+    disagreement (D), topk_entropy (H), teachability (D^L), incompatibility (D^I) (`opdlab.scoring.FEATURES`).
     C, D, H are raw; D̃ and C̃ are normalised over the batch exactly as the selectors do. Written only when
     a TensorBoard logger is configured (silently skipped otherwise), from global rank 0's batch.
 

@@ -10,13 +10,12 @@ import lightning as L
 import torch
 
 from opdlab.callbacks.histograms import check_every_n_steps, is_logging_step, step_record
+from opdlab.scoring import FEATURES
 from opdlab.selectors.base import Normalization, check_normalization
 from opdlab.selectors.teachability import teachability_features
 
-COLUMNS = (
-    "step", "sequence", "position", "token_id", "kept", "C", "D", "H", "D_L", "D_I",
-    "student_token_logp", "teacher_token_logp", "student_entropy", "teacher_entropy",
-)
+LOGP_COLUMNS = ("student_token_logp", "teacher_token_logp", "student_entropy", "teacher_entropy")
+COLUMNS = ("step", "sequence", "position", "token_id", "kept", *FEATURES, *LOGP_COLUMNS)
 
 
 def token_rows(record, step: int, normalization: Normalization = "quantile") -> dict[str, list]:
@@ -30,8 +29,8 @@ def token_rows(record, step: int, normalization: Normalization = "quantile") -> 
         "position": pos,
         "token_id": record.rollout.response_ids[seq, pos],
         "kept": record.keep[seq, pos],
-        **{name: features[name][seq, pos] for name in ("C", "D", "H", "D_L", "D_I")},
-        **{name: getattr(stats, name)[seq, pos] for name in COLUMNS[10:]},
+        **{name: features[name][seq, pos] for name in FEATURES},
+        **{name: getattr(stats, name)[seq, pos] for name in LOGP_COLUMNS},
     }
     return {k: v.detach().cpu().tolist() if isinstance(v, torch.Tensor) else v for k, v in columns.items()}
 
@@ -40,7 +39,8 @@ class TokenBank(L.Callback):
     """Writes one row per valid response position of training rollouts, up to `max_rows` rows.
 
     Columns: step, sequence (index in the step's rollout batch), position (response token index),
-    token_id, kept (selected for the loss), C, D, H, D_L, D_I (as in `TeachabilityHistograms`),
+    token_id, kept (selected for the loss), compatibility, disagreement, topk_entropy, teachability,
+    incompatibility (`opdlab.scoring.FEATURES`, as in `TeachabilityHistograms`),
     student/teacher log-prob of the sampled token, student/teacher full-vocabulary entropy. Rows are
     appended as training goes (the file is complete up to the last logged step if a run dies) and the file
     is started afresh at each fit. Global rank 0 writes `path`; other ranks write `<stem>.rank<r><suffix>`.
@@ -50,7 +50,7 @@ class TokenBank(L.Callback):
         max_rows: stop writing after this many rows (a step that would cross it is cut).
         every_n_steps: write on the first optimizer step and then every n-th.
         format: csv, or parquet (needs `pyarrow`).
-        normalization: normalisation of D and C behind D_L and D_I; default: the selector's own.
+        normalization: normalisation of D and C behind teachability and incompatibility; default: the selector's own.
     """
 
     def __init__(

@@ -109,9 +109,9 @@ def score_bank(module, parts: list[Rollout], top_k: int, device: torch.device, d
             position = torch.arange(length, device=valid.device)[None, :].expand(n, length)
             values = {
                 "context": context, "position": position, "token_id": rollout.response_ids,
-                "D": st.union_kl, "C": st.compat, "H": st.topk_entropy, "teacher_entropy": st.teacher_entropy,
+                "disagreement": st.disagreement, "compatibility": st.compatibility, "topk_entropy": st.topk_entropy, "teacher_entropy": st.teacher_entropy,
                 "student_entropy": st.student_entropy, "student_token_logp": st.student_token_logp,
-                "teacher_token_logp": st.teacher_token_logp, "kl_f": st.forward_kl, "kl_r": st.reverse_kl,
+                "teacher_token_logp": st.teacher_token_logp, "forward_kl": st.forward_kl, "reverse_kl": st.reverse_kl,
             }
             for name, value in values.items():
                 columns.setdefault(name, []).append(value[valid].cpu().numpy())
@@ -126,8 +126,8 @@ def teachability_columns(base: dict[str, np.ndarray], normalization: Normalizati
         t = torch.from_numpy(x).float()[None]
         return normalize_scores(t, torch.ones_like(t, dtype=torch.bool), normalization)[0].numpy()
 
-    d, c = norm(base["D"]), norm(base["C"])
-    return {"D_norm": d, "C_norm": c, "D_L": d * c, "D_I": d * (1.0 - c)}
+    d, c = norm(base["disagreement"]), norm(base["compatibility"])
+    return {"disagreement_norm": d, "compatibility_norm": c, "teachability": d * c, "incompatibility": d * (1.0 - c)}
 
 
 def gain(before: np.ndarray, after: np.ndarray, floor: float) -> np.ndarray:
@@ -142,14 +142,15 @@ def bank_table(base: dict, after: dict, tokenizer, normalization: Normalization,
     """One row per valid position: θ0 features, θ1 KLs, gains, and whether the row enters the statistics."""
     if not np.array_equal(base["token_id"], after["token_id"]):
         raise RuntimeError("θ0 and θ1 were scored on different contexts; this is a bug in the bank handling")
-    table = {k: v for k, v in base.items() if k not in ("kl_f", "kl_r")}
+    table = {k: v for k, v in base.items() if k not in ("forward_kl", "reverse_kl")}
     table["token"] = np.array([tokenizer.convert_ids_to_tokens(int(i)) for i in base["token_id"]], dtype=object)
     table.update(teachability_columns(base, normalization))
-    table["HxD"] = base["H"] * base["D"]
-    table.update(kl_f_base=base["kl_f"], kl_r_base=base["kl_r"], kl_f_after=after["kl_f"], kl_r_after=after["kl_r"])
-    table["gain_f"] = gain(base["kl_f"], after["kl_f"], min_base_kl)
-    table["gain_r"] = gain(base["kl_r"], after["kl_r"], min_base_kl)
-    table["included"] = np.isfinite(table["gain_f"]) & np.isfinite(table["gain_r"])
+    table["topk_entropy_x_disagreement"] = base["topk_entropy"] * base["disagreement"]
+    table.update(forward_kl_base=base["forward_kl"], reverse_kl_base=base["reverse_kl"],
+                 forward_kl_after=after["forward_kl"], reverse_kl_after=after["reverse_kl"])
+    table["forward_gain"] = gain(base["forward_kl"], after["forward_kl"], min_base_kl)
+    table["reverse_gain"] = gain(base["reverse_kl"], after["reverse_kl"], min_base_kl)
+    table["included"] = np.isfinite(table["forward_gain"]) & np.isfinite(table["reverse_gain"])
     return table
 
 
@@ -175,7 +176,7 @@ def bank_counts(table: dict[str, np.ndarray]) -> dict:
     rows = table["included"]
     return {
         "contexts": int(np.unique(table["context"]).size), "positions": int(rows.size), "included": int(rows.sum()),
-        "mean_gain_f": float(np.mean(table["gain_f"][rows])) if rows.any() else float("nan"),
-        "mean_gain_r": float(np.mean(table["gain_r"][rows])) if rows.any() else float("nan"),
-        "mean_kl_f_base": float(table["kl_f_base"].mean()), "mean_kl_f_after": float(table["kl_f_after"].mean()),
+        "mean_forward_gain": float(np.mean(table["forward_gain"][rows])) if rows.any() else float("nan"),
+        "mean_reverse_gain": float(np.mean(table["reverse_gain"][rows])) if rows.any() else float("nan"),
+        "mean_forward_kl_base": float(table["forward_kl_base"].mean()), "mean_forward_kl_after": float(table["forward_kl_after"].mean()),
     }

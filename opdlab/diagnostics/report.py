@@ -15,13 +15,14 @@ from opdlab.diagnostics.stats import (
     standardized_ols,
     winsorize,
 )
+from opdlab.scoring import FEATURES
 from opdlab.selectors.base import Normalization
 
-PREDICTORS = ["D", "H", "C", "D_L", "D_I"]
-RAW_MODEL = ["H", "D", "HxD", "C", "position", "teacher_entropy"]
-TEACHABILITY_MODEL = ["H", "D_L", "D_I", "position", "teacher_entropy"]
-GAINS = {"forward": "gain_f", "reverse": "gain_r"}
-DIFFERENCES = (("D_L", "D"), ("D_L", "D_I"))  # the paper's claim 1: teachability over raw and incompatible D
+PREDICTORS = ["disagreement", "topk_entropy", "compatibility", "teachability", "incompatibility"]
+RAW_MODEL = ["topk_entropy", "disagreement", "topk_entropy_x_disagreement", "compatibility", "position", "teacher_entropy"]
+TEACHABILITY_MODEL = ["topk_entropy", "teachability", "incompatibility", "position", "teacher_entropy"]
+GAINS = {"forward": "forward_gain", "reverse": "reverse_gain"}
+DIFFERENCES = (("teachability", "disagreement"), ("teachability", "incompatibility"))  # the paper's claim 1: teachability over raw and incompatible D
 
 
 @dataclass
@@ -73,7 +74,7 @@ def gain_statistics(table: dict[str, np.ndarray], opts: StatsOptions) -> dict:
                 for level in opts.winsorize
             }
             for model, names in (("raw: G ~ H + D + HxD + C + pos + H_T", RAW_MODEL),
-                                 ("teachability: G ~ H + D_L + D_I + pos + H_T", TEACHABILITY_MODEL))
+                                 ("teachability: G ~ H + D^L + D^I + pos + H_T", TEACHABILITY_MODEL))
         }
         result["deciles"][kind] = {name: decile_means(table[name][rows], g) for name in PREDICTORS}
     return result
@@ -93,12 +94,13 @@ def write_plots(result: dict, out: Path, label: str) -> list[str]:
 def format_report(result: dict, counts: dict) -> str:
     """A short text report of the headline numbers (printed at the end of the command)."""
     head = (f"positions: {counts['positions']} in {counts['contexts']} contexts, "
-            f"{counts['included']} with KL_f^base >= min_base_kl; mean G_f {counts['mean_gain_f']:.3f}")
+            f"{counts['included']} with KL_f^base >= min_base_kl; mean G_f {counts['mean_forward_gain']:.3f}")
     lines = [head]
     level = result["terciles_winsorized"]["level"]
-    for key, title, width in (("terciles", "tercile gap of G_{} (top - bottom, 95% CI)", 4),
-                              ("tercile_differences", "difference of tercile gaps of G_{} (paired bootstrap, 95% CI)", 9)):
+    for key, title in (("terciles", "tercile gap of G_{} (top - bottom, 95% CI)"),
+                       ("tercile_differences", "difference of tercile gaps of G_{} (paired bootstrap, 95% CI)")):
         for kind in GAINS:
+            width = max(map(len, result[key][kind]))
             lines.append(f"{title.format(kind[0])}   | G winsorised at {level:g}:")
             for name, r in result[key][kind].items():
                 w = result[f"{key}_winsorized"][kind][name]
@@ -113,10 +115,10 @@ def format_report(result: dict, counts: dict) -> str:
 
 
 LEGEND = [
-    "quantities (docs/method.md §2-3): G_f / G_r = relative drop of the forward / reverse KL(teacher, student)",
-    "  from θ0 to θ1 at the same context; D = top-K-union forward KL (disagreement), C = teacher mass on the",
-    "  student's top-K, H = normalised top-K entropy of the student, D_L = D̃·C̃ (teachability), D_I = D̃·(1-C̃)",
-    "  (incompatible disagreement); ~ = quantile-normalised over the bank.",
+    "quantities (docs/method.md §2-3): G_f / G_r (forward_gain / reverse_gain) = relative drop of the forward /",
+    "  reverse KL(teacher, student) from θ0 to θ1 at the same context;",
+    *(f"  {name} ({symbol}) = {meaning};" for name, (symbol, meaning) in FEATURES.items()),
+    "  ~ = quantile-normalised over the bank.",
 ]
 
 

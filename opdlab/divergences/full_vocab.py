@@ -12,7 +12,7 @@ import torch
 
 from opdlab.divergences.base import Divergence, LossInputs
 from opdlab.maths import log_softmax_fp32, masked_kl
-from opdlab.divergences.fused import hand_grad_loss  # KL / JSD with hand-written logit gradients
+from opdlab.divergences.hand_grad import hand_grad_loss  # KL / JSD with hand-written logit gradients
 
 
 def _pair(inputs: LossInputs, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -30,10 +30,6 @@ class ForwardKL(Divergence):
         return hand_grad_loss(inputs.student_logits, inputs.teacher_logits, "forward_kl",
                               temperature=self.temperature)
 
-    def autograd_token_loss(self, inputs: LossInputs) -> torch.Tensor:
-        """The same loss through autograd: the formula the tests and the TRL-style benchmark reference use."""
-        s, t = _pair(inputs, self.temperature)
-        return masked_kl(t, s)
 
 
 class ReverseKL(Divergence):
@@ -46,10 +42,6 @@ class ReverseKL(Divergence):
         return hand_grad_loss(inputs.student_logits, inputs.teacher_logits, "reverse_kl",
                               temperature=self.temperature)
 
-    def autograd_token_loss(self, inputs: LossInputs) -> torch.Tensor:
-        """The same loss through autograd: the formula the tests and the TRL-style benchmark reference use."""
-        s, t = _pair(inputs, self.temperature)
-        return masked_kl(s, t)
 
 
 class GeneralizedJSD(Divergence):
@@ -68,15 +60,6 @@ class GeneralizedJSD(Divergence):
         kind = {0.0: "forward_kl", 1.0: "reverse_kl"}.get(self.beta, "jsd")
         return hand_grad_loss(inputs.student_logits, inputs.teacher_logits, kind, self.beta, self.temperature)
 
-    def autograd_token_loss(self, inputs: LossInputs) -> torch.Tensor:
-        """The same loss through autograd (TRL's formula): the TRL-style benchmark reference."""
-        s, t = _pair(inputs, self.temperature)
-        if self.beta == 0.0:
-            return masked_kl(t, s)
-        if self.beta == 1.0:
-            return masked_kl(s, t)
-        m = torch.logsumexp(torch.stack([s + math.log(1 - self.beta), t + math.log(self.beta)]), dim=0)
-        return self.beta * masked_kl(t, m) + (1 - self.beta) * masked_kl(s, m)
 
 
 class SkewKL(Divergence):

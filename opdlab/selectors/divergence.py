@@ -34,5 +34,5 @@ class DivergenceSelector(TokenSelector):
     def score(self, stats: TokenStats, generator: torch.Generator | None = None) -> torch.Tensor:
         if self.full_vocab and stats.forward_kl is None:
             raise ValueError("full_vocab=True needs TokenStats with forward_kl: compute_token_stats(..., full_kl=True)")
-        raw = stats.forward_kl if self.full_vocab else stats.union_kl
+        raw = stats.forward_kl if self.full_vocab else stats.disagreement
         return normalize_scores(raw, stats.valid, self.normalization)

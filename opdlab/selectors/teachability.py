@@ -16,20 +16,21 @@ from opdlab.selectors.base import (
 
 
 def teachability_features(stats: TokenStats, normalization: Normalization = "quantile") -> dict[str, torch.Tensor]:
-    """The raw features and their products, each (N, L) and zero at invalid positions.
+    """The features of `opdlab.scoring.FEATURES`, each (N, L) and zero at invalid positions.
 
-    C, D, H are the raw per-position values; D_L = D̃ · C̃ (learnable) and D_I = D̃ · (1 - C̃)
-    (incompatible) use the batch normalisation of the selectors, so callbacks see what selection saw.
+    compatibility (C), disagreement (D) and topk_entropy (H) are the raw per-position values;
+    teachability D^L = D̃ · C̃ and incompatibility D^I = D̃ · (1 - C̃) use the batch normalisation of the
+    selectors, so callbacks see what selection saw.
     """
-    d = normalize_scores(stats.union_kl, stats.valid, normalization)
-    c = normalize_scores(stats.compat, stats.valid, normalization)
+    d = normalize_scores(stats.disagreement, stats.valid, normalization)
+    c = normalize_scores(stats.compatibility, stats.valid, normalization)
     valid = stats.valid.float()
     return {
-        "C": stats.compat * valid,
-        "D": stats.union_kl * valid,
-        "H": stats.topk_entropy * valid,
-        "D_L": d * c,
-        "D_I": d * (1 - c) * valid,
+        "compatibility": stats.compatibility * valid,
+        "disagreement": stats.disagreement * valid,
+        "topk_entropy": stats.topk_entropy * valid,
+        "teachability": d * c,
+        "incompatibility": d * (1 - c) * valid,
     }
 
 
@@ -56,21 +57,21 @@ class TeachabilitySelector(_DCSelector):
     """TA-OPD: score D^L = D̃ · C̃ (learnable disagreement)."""
 
     def score(self, stats: TokenStats, generator: torch.Generator | None = None) -> torch.Tensor:
-        return teachability_features(stats, self.normalization)["D_L"]
+        return teachability_features(stats, self.normalization)["teachability"]
 
 
 class IncompatibleSelector(_DCSelector):
     """Score D^I = D̃ · (1 - C̃) (disagreement the student cannot easily follow)."""
 
     def score(self, stats: TokenStats, generator: torch.Generator | None = None) -> torch.Tensor:
-        return teachability_features(stats, self.normalization)["D_I"]
+        return teachability_features(stats, self.normalization)["incompatibility"]
 
 
 class CompatibilitySelector(_DCSelector):
     """Score C̃ alone (teacher mass on the student's top-K)."""
 
     def score(self, stats: TokenStats, generator: torch.Generator | None = None) -> torch.Tensor:
-        return self._norm(stats.compat, stats)
+        return self._norm(stats.compatibility, stats)
 
 
 class TeachabilityEntropySelector(_DCSelector):
@@ -78,5 +79,5 @@ class TeachabilityEntropySelector(_DCSelector):
 
     def score(self, stats: TokenStats, generator: torch.Generator | None = None) -> torch.Tensor:
         h = self._norm(stats.topk_entropy, stats)
-        x = self._norm(stats.union_kl * stats.compat, stats)
+        x = self._norm(stats.disagreement * stats.compatibility, stats)
         return soft_or(h, x)

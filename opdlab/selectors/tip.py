@@ -27,7 +27,7 @@ class TipSelector(TokenSelector):
 
     def score(self, stats: TokenStats, generator: torch.Generator | None = None) -> torch.Tensor:
         h = normalize_scores(stats.topk_entropy, stats.valid, self.normalization)
-        d = normalize_scores(stats.union_kl, stats.valid, self.normalization)
+        d = normalize_scores(stats.disagreement, stats.valid, self.normalization)
         return soft_or(h, d)
 
 
@@ -54,7 +54,7 @@ class TipQ3Selector(TokenSelector):
     def score(self, stats: TokenStats, generator: torch.Generator | None = None) -> torch.Tensor:
         valid = stats.valid
         h = normalize_scores(stats.topk_entropy, valid, self.normalization)
-        d = normalize_scores(stats.union_kl, valid, self.normalization)
+        d = normalize_scores(stats.disagreement, valid, self.normalization)
         if not valid.any():
             return torch.zeros_like(d)
         (h_median,), (d_median,) = linear_quantiles(h[valid], (0.5,)), linear_quantiles(d[valid], (0.5,))
