@@ -16,7 +16,7 @@ from jsonargparse import ActionYesNo, Namespace
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from opdlab import plugins
-from opdlab.callbacks import FitSummary, SelectionMetrics
+from opdlab.callbacks import FitSummary, RolloutSamples, SelectionMetrics, TeachabilityHistograms
 from opdlab.cli import TRACEBACK_ENV
 from opdlab.data import PromptDataModule
 from opdlab.module import OPDModule
@@ -106,8 +106,6 @@ class OPDLabCLI(LightningCLI):
         parser.set_defaults({"trainer." + k: v for k, v in self.trainer_defaults.items() if k != "callbacks"})
 
     def add_arguments_to_parser(self, parser) -> None:
-        from opdlab.callbacks import RolloutSamples, TeachabilityHistograms
-
         # Always-on callbacks, configurable under their own top-level keys
         # (e.g. `--teachability_histograms.every_n_steps 10`). TokenBank is opt-in via trainer.callbacks.
         parser.add_lightning_class_args(SelectionMetrics, "selection_metrics")

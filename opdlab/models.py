@@ -6,7 +6,6 @@ directories and hub ids all reach the same `from_pretrained` code the tests exer
 
 from __future__ import annotations
 
-import inspect
 from pathlib import Path
 
 import torch
@@ -26,7 +25,7 @@ def resolve_model_path(name: str) -> str:
     raises here, before anything is loaded.
     """
     if name.startswith("toy:"):
-        from opdlab.toy import resolve_toy_path
+        from opdlab.toy import resolve_toy_path  # toy imports transformers and tokenizers: only when asked
 
         return str(resolve_toy_path(name))
     looks_local = name.startswith((".", "/", "~")) or name.count("/") != 1 or Path(name).exists()
@@ -89,20 +88,6 @@ def check_finite_weights(model: nn.Module, name: str) -> None:
             bad = int((~torch.isfinite(param)).sum())
             raise ValueError(f"model {name!r} has {bad} non-finite (NaN or inf) values in {param_name!r}: the "
                              "checkpoint is corrupt or was saved after a diverged update; use another checkpoint")
-
-
-def takes_argument(model: nn.Module, name: str) -> bool:
-    """Whether the model's forward declares `name` (read off its signature, behind any decorators)."""
-    return name in inspect.signature(inspect.unwrap(model.forward)).parameters
-
-
-def cache_keyword(model: nn.Module) -> str:
-    """The forward keyword that takes a KV cache: `cache` (transformers >= 5.2x) or `past_key_values`.
-
-    Recent versions still accept `past_key_values` with a deprecation warning, older 5.x ones know only it,
-    so the name is read off the model's own signature instead of assumed.
-    """
-    return "cache" if takes_argument(model, "cache") else "past_key_values"
 
 
 def freeze(model: nn.Module) -> nn.Module:

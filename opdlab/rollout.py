@@ -7,6 +7,7 @@ scores, only ever computes the last position's logits, and stops as soon as ever
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from dataclasses import dataclass, field, replace
 from typing import Literal
@@ -15,7 +16,6 @@ import torch
 from typing import TYPE_CHECKING
 
 from opdlab.distributed import all_reduce_sum
-from opdlab.models import cache_keyword
 
 if TYPE_CHECKING:  # transformers is imported where a model runs (see opdlab.models)
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -183,6 +183,20 @@ def sample_rollouts(
         prompt_len=ids.shape[1],
         answers=[a for a in prompts.answers for _ in range(num_samples)],
     )
+
+
+def takes_argument(model: torch.nn.Module, name: str) -> bool:
+    """Whether the model's forward declares `name` (read off its signature, behind any decorators)."""
+    return name in inspect.signature(inspect.unwrap(model.forward)).parameters
+
+
+def cache_keyword(model: torch.nn.Module) -> str:
+    """The forward keyword that takes a KV cache: `cache` (transformers >= 5.2x) or `past_key_values`.
+
+    Recent versions still accept `past_key_values` with a deprecation warning, older 5.x ones know only it,
+    so the name is read off the model's own signature instead of assumed.
+    """
+    return "cache" if takes_argument(model, "cache") else "past_key_values"
 
 
 def derive_seed(*parts: int | str) -> int:

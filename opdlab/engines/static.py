@@ -34,8 +34,16 @@ import torch
 from torch import nn
 
 from opdlab.engines.base import RolloutEngine, SamplingParams
-from opdlab.models import DTYPES, cache_keyword, takes_argument
-from opdlab.rollout import PromptBatch, Rollout, inverse_cdf_sample, per_row_uniforms, sampling_logprobs
+from opdlab.models import DTYPES
+from opdlab.rollout import (
+    PromptBatch,
+    Rollout,
+    cache_keyword,
+    inverse_cdf_sample,
+    per_row_uniforms,
+    sampling_logprobs,
+    takes_argument,
+)
 
 DEFAULT_COMPILE_OPTIONS = {"mode": "reduce-overhead", "fullgraph": True, "dynamic": False}
 
