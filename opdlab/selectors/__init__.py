@@ -1,6 +1,6 @@
 """Token-selection policies: one interface (`TokenSelector`), one small class per policy."""
 
-from opdlab.selectors.base import TokenSelector, apply_budget, budget_size, normalize_scores
+from opdlab.selectors.base import FeatureSelector, TokenSelector, apply_budget, budget_size, normalize_scores
 from opdlab.selectors.divergence import DivergenceSelector
 from opdlab.selectors.entropy import EntropySelector
 from opdlab.selectors.full import FullSelector
@@ -11,7 +11,8 @@ from opdlab.selectors.teachability import (
 from opdlab.selectors.tip import TipQ3Selector, TipSelector
 
 __all__ = [
-    "CompatibilitySelector", "DivergenceSelector", "EntropySelector", "FullSelector", "IncompatibleSelector",
+    "CompatibilitySelector", "DivergenceSelector", "EntropySelector", "FeatureSelector", "FullSelector",
+    "IncompatibleSelector",
     "RandomSelector", "TeachabilityEntropySelector", "TeachabilitySelector", "TipQ3Selector", "TipSelector",
     "TokenSelector", "apply_budget", "budget_size", "normalize_scores",
 ]

@@ -120,6 +120,26 @@ class TokenSelector(ABC):
         return apply_budget(self.score(stats, generator), stats.valid, self.ratio, self.per_response_floor)
 
 
+class FeatureSelector(TokenSelector):
+    """Shared constructor of the selectors scored from the top-K features (C, D, H of docs/method.md §2),
+    each normalised over the batch (§2.1).
+
+    Args:
+        ratio: fraction of valid response tokens to keep, in (0, 1].
+        top_k: K of the student/teacher top-K sets behind the features.
+        normalization: batch normalisation of each feature: quantile (q05/q95, the paper's), minmax, none.
+        per_response_floor: keep at least one position of every non-empty response (see `TokenSelector`).
+    """
+
+    def __init__(self, ratio: float = 0.05, top_k: int = 16, normalization: Normalization = "quantile",
+                 per_response_floor: bool = True) -> None:
+        super().__init__(ratio, per_response_floor)
+        self.top_k, self.normalization = check_top_k(top_k), check_normalization(normalization)
+
+    def normalized(self, x: torch.Tensor, stats: TokenStats) -> torch.Tensor:
+        return normalize_scores(x, stats.valid, self.normalization)
+
+
 def check_normalization(method: str) -> str:
     if method not in ("quantile", "minmax", "none"):
         raise ValueError(f"normalization must be 'quantile', 'minmax' or 'none', got {method!r}")

@@ -10,9 +10,7 @@ from __future__ import annotations
 import torch
 
 from opdlab.scoring import TokenStats
-from opdlab.selectors.base import (
-    Normalization, TokenSelector, check_normalization, check_top_k, normalize_scores, soft_or,
-)
+from opdlab.selectors.base import FeatureSelector, Normalization, normalize_scores, soft_or
 
 
 def teachability_features(stats: TokenStats, normalization: Normalization = "quantile") -> dict[str, torch.Tensor]:
@@ -34,50 +32,31 @@ def teachability_features(stats: TokenStats, normalization: Normalization = "qua
     }
 
 
-class _DCSelector(TokenSelector):
-    """Shared constructor of the D/C family (interface plumbing only, no behaviour).
-
-    Args:
-        ratio: fraction of valid response tokens to keep, in (0, 1].
-        top_k: K of the student/teacher top-K sets behind C and D.
-        normalization: batch normalisation of each score: quantile (q05/q95, the paper's), minmax, none.
-        per_response_floor: keep at least one position of every non-empty response (see `TokenSelector`).
-    """
-
-    def __init__(self, ratio: float = 0.05, top_k: int = 16, normalization: Normalization = "quantile",
-                 per_response_floor: bool = True) -> None:
-        super().__init__(ratio, per_response_floor)
-        self.top_k, self.normalization = check_top_k(top_k), check_normalization(normalization)
-
-    def _norm(self, x: torch.Tensor, stats: TokenStats) -> torch.Tensor:
-        return normalize_scores(x, stats.valid, self.normalization)
-
-
-class TeachabilitySelector(_DCSelector):
-    """TA-OPD: score D^L = D̃ · C̃ (learnable disagreement)."""
+class TeachabilitySelector(FeatureSelector):
+    """TA-OPD: score D^L = D̃ · C̃ (learnable disagreement). Options: see `FeatureSelector`."""
 
     def score(self, stats: TokenStats, generator: torch.Generator | None = None) -> torch.Tensor:
         return teachability_features(stats, self.normalization)["teachability"]
 
 
-class IncompatibleSelector(_DCSelector):
+class IncompatibleSelector(FeatureSelector):
     """Score D^I = D̃ · (1 - C̃) (disagreement the student cannot easily follow)."""
 
     def score(self, stats: TokenStats, generator: torch.Generator | None = None) -> torch.Tensor:
         return teachability_features(stats, self.normalization)["incompatibility"]
 
 
-class CompatibilitySelector(_DCSelector):
+class CompatibilitySelector(FeatureSelector):
     """Score C̃ alone (teacher mass on the student's top-K)."""
 
     def score(self, stats: TokenStats, generator: torch.Generator | None = None) -> torch.Tensor:
-        return self._norm(stats.compatibility, stats)
+        return self.normalized(stats.compatibility, stats)
 
 
-class TeachabilityEntropySelector(_DCSelector):
+class TeachabilityEntropySelector(FeatureSelector):
     """Soft-OR of H̃ and X, X = the normalised raw product D · C (not D̃ · C̃): 1 - (1 - H̃)(1 - X)."""
 
     def score(self, stats: TokenStats, generator: torch.Generator | None = None) -> torch.Tensor:
-        h = self._norm(stats.topk_entropy, stats)
-        x = self._norm(stats.disagreement * stats.compatibility, stats)
+        h = self.normalized(stats.topk_entropy, stats)
+        x = self.normalized(stats.disagreement * stats.compatibility, stats)
         return soft_or(h, x)
