@@ -59,8 +59,9 @@ class StepPlan:
 
 def micro_batches(n: int, size: int | None) -> tuple[slice, ...]:
     """Row slices of at most `size` rows covering n rows (one slice when size is None)."""
-    size = n if size is None or size >= n else size
-    return tuple(slice(i, min(i + size, n)) for i in range(0, n, size)) or (slice(0, 0),)
+    if size is None or size >= n:
+        return (slice(0, n),)
+    return tuple(slice(i, min(i + size, n)) for i in range(0, n, size))
 
 
 def plan_step(
