@@ -172,15 +172,19 @@ class OPDModule(L.LightningModule):
         with timer("select"):
             keep = stats.valid.clone() if plan.shared_projection else self.select(stats)
         record = StepRecord(rollout, stats, keep, timer.seconds, plan)
-        if self.skip_non_finite(stats.non_finite_models() is None, self.describe_log_probs(stats)):
+        bad = stats.non_finite_models()
+        if self.skip_non_finite(bad is None, f"{bad} log-probs ({self.checkpoints_of(bad)})"):
             return {"record": record}
         with timer("loss"):
             loss = self.backward_loss(hidden, keep, rollout, stats, plan, shared_loss)
         with timer("optimizer"):
             stepped = self.optimizer_step()
-        self.log("train/loss", loss, prog_bar=True, batch_size=rollout.response_mask.shape[0])
-        self.log_dict({f"time/{k}": v for k, v in timer.seconds.items()}, batch_size=1)
+        self.log_step(loss, timer.seconds, rows=rollout.response_mask.shape[0])
         return {"loss": loss, "record": record} if stepped else {"record": record}
+
+    def log_step(self, loss: torch.Tensor, seconds: dict[str, float], rows: int) -> None:
+        self.log("train/loss", loss, prog_bar=True, batch_size=rows)
+        self.log_dict({f"time/{k}": v for k, v in seconds.items()}, batch_size=1)
 
     def plan(self, rows: int) -> StepPlan:
         """The plan of a step over `rows` rollout rows (`opdlab.step.plan_step`)."""
@@ -332,11 +336,10 @@ class OPDModule(L.LightningModule):
             total += loss.detach()
         return global_loss(total)
 
-    def describe_log_probs(self, stats: TokenStats) -> str:
-        """'<models> log-probs (<model> <checkpoint>, ...)' for the non-finite-step warning and error."""
-        models = stats.non_finite_models() or ""
+    def checkpoints_of(self, models: str | None) -> str:
+        """The checkpoints behind 'student', 'teacher' or 'student and teacher' (for error messages)."""
         paths = {"student": self.student_path, "teacher": self.teacher_path}
-        return f"{models} log-probs ({', '.join(f'{m} {paths[m]}' for m in models.split(' and ') if m in paths)})"
+        return ", ".join(f"{m} {paths[m]}" for m in (models or "").split(" and ") if m in paths)
 
     def optimizer_step(self) -> bool:
         """Clip, check the gradient norm, step. A non-finite norm skips the update (see skip_non_finite)."""
