@@ -195,8 +195,8 @@ class OPDModule(L.LightningModule):
             normalization=self.training_options.loss_normalization,
         )
 
-    def on_train_start(self) -> None:
-        """Print the step plan of a full batch once, at the start of training."""
+    def on_fit_start(self) -> None:
+        """Print the step plan of a full batch once, before training starts (and its progress bar)."""
         batch_size = getattr(self.trainer.datamodule, "batch_size", None) if self.trainer.datamodule else None
         if batch_size:
             rank_zero_info(f"opdlab: {self.plan(batch_size * self.rollout_options.num_samples).describe()}")
