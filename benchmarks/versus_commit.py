@@ -61,11 +61,19 @@ def run_version(tree: Path, script: str, args: list[str], out: Path) -> tuple[li
     return last_table(out.read_text())
 
 
-def compare_tables(header: list[str], runs: dict[str, list[list[list[str]]]]) -> str:
-    """A markdown table: text columns as the key, then per numeric column base, head and head/base."""
+def compare_tables(header: list[str], runs: dict[str, list[list[list[str]]]], key_names: list[str] | None = None,
+                   column_names: list[str] | None = None) -> str:
+    """A markdown table: the key columns (default: the text ones), then per numeric column (default: all
+    the others) base, head and head/base."""
     first = runs["base"][0]
-    numeric = [i for i in range(len(header)) if any(number(row[i]) is not None for row in first)]
-    keys = [i for i in range(len(header)) if i not in numeric]
+    for name in (key_names or []) + (column_names or []):
+        if name not in header:
+            sys.exit(f"versus_commit: no column {name!r} in the benchmark's table; it has {header}")
+    numeric_anywhere = [i for i in range(len(header)) if any(number(row[i]) is not None for row in first)]
+    keys = ([header.index(n) for n in key_names] if key_names
+            else [i for i in range(len(header)) if i not in numeric_anywhere])
+    numeric = ([header.index(n) for n in column_names] if column_names
+               else [i for i in numeric_anywhere if i not in keys])
     cols = [header[i] for i in keys]
     for i in numeric:
         cols += [f"{header[i]} base", f"{header[i]} head", "head/base"]
@@ -90,6 +98,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--base", required=True, help="commit (or ref) to compare the working tree against")
     p.add_argument("--rounds", type=int, default=2, help="runs of each version, alternating")
+    p.add_argument("--keys", help="comma-separated columns that identify a row (default: the text columns)")
+    p.add_argument("--columns", help="comma-separated numeric columns to compare (default: all the others)")
     p.add_argument("--output", help="append the markdown result here")
     p.add_argument("benchmark", nargs=argparse.REMAINDER, help="-- script.py [its arguments]")
     args = p.parse_args()
@@ -121,7 +131,8 @@ def main() -> None:
                            text=True, check=True).stdout.strip()
     publish("versus_commit", f"{os.uname().nodename}, {os.cpu_count()} CPUs",
             f"Benchmark: `{' '.join(command)}`; base {base_sha}, head {head_sha}{' + uncommitted changes' if dirty else ''}; "
-            f"{args.rounds} alternating rounds, medians.\n", compare_tables(header, runs), args.output)
+            f"{args.rounds} alternating rounds, medians.\n", compare_tables(header, runs, args.keys and args.keys.split(","),
+                                                         args.columns and args.columns.split(",")), args.output)
 
 
 if __name__ == "__main__":
