@@ -146,7 +146,7 @@ def time_full_steps(size: str, args, device: torch.device) -> list[str]:
 
             def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
                 sync(device)
-                records.append({"step": time.perf_counter() - self.start, **pl_module.last_step.seconds})
+                records.append({"step": time.perf_counter() - self.start, **outputs["record"].seconds})
 
         trainer = L.Trainer(
             max_steps=args.warmup + args.steps, accelerator=device.type, devices=1, logger=False,

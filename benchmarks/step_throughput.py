@@ -6,7 +6,7 @@
 Each method is an `OPDModule` driven by its own Lightning `Trainer` (the real training step: rollout,
 forward, scoring, selection, loss + backward, optimizer step). Methods run in one process, interleaved:
 round r runs `--steps` steps of each method in turn (rotating the order), after `--warmup` untimed
-steps each. Per-stage seconds come from `module.last_step.seconds` (the `time/*` metrics); the step
+steps each. Per-stage seconds come from the step's `StepRecord.seconds` (the `time/*` metrics); the step
 total is measured around `training_step` by a callback. Medians over all timed steps are reported.
 """
 
@@ -45,13 +45,14 @@ class StepClock(L.Callback):
         self.records: list[dict] = []
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        self.start, self.tokens = time.perf_counter(), pl_module.response_tokens
+        self.start = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        record = dict(pl_module.last_step.seconds)
+        step = outputs["record"]  # the StepRecord the training step returned
+        record = dict(step.seconds)
         record["step"] = time.perf_counter() - self.start
-        record["tokens"] = pl_module.response_tokens - self.tokens
-        record["kept"] = int(pl_module.last_step.keep.sum())
+        record["tokens"] = int(step.rollout.response_mask.sum())
+        record["kept"] = int(step.keep.sum())
         self.records.append(record)
 
 

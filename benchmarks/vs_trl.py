@@ -157,12 +157,12 @@ def run_opdlab(args) -> dict:
 
     class Clock(L.Callback):
         def on_train_batch_start(self, trainer, module, *a):
-            self.start, self.tokens = time.perf_counter(), module.response_tokens
+            self.start = time.perf_counter()
 
-        def on_train_batch_end(self, trainer, module, *a):
+        def on_train_batch_end(self, trainer, module, outputs, *a):
             steps.append(time.perf_counter() - self.start)
-            tokens.append(module.response_tokens - self.tokens)
-            stages.append(dict(module.last_step.seconds))  # the time/* breakdown
+            tokens.append(int(outputs["record"].rollout.response_mask.sum()))
+            stages.append(dict(outputs["record"].seconds))  # the time/* breakdown
 
     module = OPDModule(
         student=args.student,
