@@ -115,7 +115,7 @@ def chunked_head_loss(rows: Rows, head: LogitHead, teacher_head: Head, divergenc
                       chunk_rows: int, store_rows: int, scoring: Scoring | None) -> HeadLoss:
     """The hand-written path: per chunk pre = h Wᵀ + b, z = post-processing(pre), dpre by autograd on the
     chunk alone; dh = dpre W and dW = dpreᵀ h by hand (written into one buffer, not allocated per chunk)."""
-    hidden, (weight, bias) = rows.student.detach(), head.linear_parts()
+    hidden, (weight, _) = rows.student.detach(), head.linear_parts()
     params = head.parameters()
     m, chunk_rows = hidden.shape[0], max(1, chunk_rows)
     store = m <= store_rows and m > chunk_rows
@@ -128,33 +128,47 @@ def chunked_head_loss(rows: Rows, head: LogitHead, teacher_head: Head, divergenc
     for start in range(0, m, chunk_rows):
         chunk = slice(start, start + chunk_rows)
         # The teacher logits live in a reused buffer: safe because this chunk's gradients are complete
-        # (autograd.grad below) before the next chunk overwrites it.
+        # (in chunk_loss_and_logit_grad) before the next chunk overwrites it.
         teacher_logits = head_logits(teacher_head, rows.teacher[chunk], work, "teacher") if needs_teacher else None
-        with torch.no_grad():
-            pre = F.linear(hidden[chunk], weight, bias)  # (R, V)
-        with torch.enable_grad():
-            pre.requires_grad_(True)
-            logits = head.postprocess(pre)
-            chunk_stat = None
-            if scoring is not None:
-                chunk_stat = chunk_stats(logits.detach().float(), teacher_logits, rows.tokens[chunk], scoring.top_k,
-                                         scoring.full_kl, work, scoring.full_entropy)
-                stats.append(chunk_stat)
-            losses = divergence.token_loss(loss_inputs(rows, chunk, logits, teacher_logits, divergence, chunk_stat))
-            total = losses.sum() * scale
-            d_pre = torch.autograd.grad(total, pre)[0] if total.requires_grad else torch.zeros_like(pre)
-        token_losses[chunk] = losses.detach()
+        losses, d_pre, chunk_stat = chunk_loss_and_logit_grad(rows, chunk, head, hidden[chunk], teacher_logits,
+                                                              divergence, scale, scoring, work)
+        token_losses[chunk] = losses
+        if chunk_stat is not None:
+            stats.append(chunk_stat)
         if store:
             if stored is None:
                 stored = d_pre.new_empty(m, d_pre.shape[1])
             stored[chunk] = d_pre
         else:
             head_backward(head, weight, params, d_pre, hidden[chunk], grad_hidden[chunk], grad_params, add=start > 0)
+        del d_pre  # the chunk's (R, V) gradient is gone before the next chunk's logits exist
     if store:
         head_backward(head, weight, params, stored, hidden, grad_hidden, grad_params, add=False)
     value = (token_losses.sum() * scale).to(torch.float32)
     loss = PrecomputedGradients.apply(value, GradientStore(grad_hidden, grad_params), rows.student, *params)
     return HeadLoss(loss, token_losses, stats)
+
+
+def chunk_loss_and_logit_grad(rows: Rows, chunk: slice, head: LogitHead, hidden: torch.Tensor,
+                              teacher_logits: torch.Tensor | None, divergence: Divergence, scale,
+                              scoring: Scoring | None, work: Workspace) -> tuple[torch.Tensor, torch.Tensor, dict | None]:
+    """One chunk: its (R,) losses, d(scale · Σ losses)/dpre (R, V) where pre = h Wᵀ + b are the logits
+    before the model's post-processing, and (with `scoring`) its statistics from the same logits. Its
+    logits are freed on return."""
+    weight, bias = head.linear_parts()
+    with torch.no_grad():
+        pre = F.linear(hidden, weight, bias)  # (R, V)
+    with torch.enable_grad():
+        pre.requires_grad_(True)
+        logits = head.postprocess(pre)
+        stat = None
+        if scoring is not None:
+            stat = chunk_stats(logits.detach().float(), teacher_logits, rows.tokens[chunk], scoring.top_k,
+                               scoring.full_kl, work, scoring.full_entropy)
+        losses = divergence.token_loss(loss_inputs(rows, chunk, logits, teacher_logits, divergence, stat))
+        total = losses.sum() * scale
+        d_pre = torch.autograd.grad(total, pre)[0] if total.requires_grad else torch.zeros_like(pre)
+    return losses.detach(), d_pre, stat
 
 
 @torch.no_grad()
