@@ -58,11 +58,26 @@ class OPDLabArgumentParser(LightningArgumentParser):
         """One line with the closest known keys, instead of the whole usage (hundreds of options) first."""
         if os.environ.get(TRACEBACK_ENV, "").strip() not in ("", "0"):
             return super().error(message + closest_keys_hint(message, self), ex)
-        first = message.strip().splitlines()[0] if message.strip() else message
+        first = error_summary(message)
         prog = self.prog.replace(" [options]", "")
         sys.stderr.write(f"{prog}: error: {first}{closest_keys_hint(message, self)}\n"
                          f"run '{prog} --help' for every option\n")
         sys.exit(2)
+
+
+JSONARGPARSE_SCAFFOLDING = ("Does not validate against", "Subtypes:", "Errors:", "Given value", "- Expected a <class 'NoneType'>")
+
+
+def error_summary(message: str) -> str:
+    """jsonargparse's first line, plus the reason when that line only names the key (`Parser key
+    "model.selector":` then, lines later, "module 'opdlab.selectors' has no attribute ...")."""
+    lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
+    if not lines:
+        return message
+    if not lines[0].endswith(":"):
+        return lines[0]
+    reasons = [line.lstrip("- ") for line in lines[1:] if not line.startswith(JSONARGPARSE_SCAFFOLDING)]
+    return " ".join([lines[0], *reasons[:2]])
 
 
 def closest_keys_hint(message: str, parser) -> str:

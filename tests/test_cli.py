@@ -254,6 +254,15 @@ def test_unknown_option_prints_the_hint_without_the_usage():
     assert "did you mean 'model.rollout.max_new_tokens'" in result.err and "opdlab fit --help" in result.err
 
 
+def test_a_mistyped_class_path_says_why_in_one_line():
+    """jsonargparse's first line only names the key (`Parser key "model.selector":`); the reason is lines later."""
+    result = run_opdlab(["fit", "--config", FAST, "--model.selector.class_path", "opdlab.selectors.TeachabilitySelectr"])
+    assert result.code == 2
+    first = result.err.splitlines()[0]
+    assert first.startswith('opdlab fit: error: Parser key "model.selector":'), result.err
+    assert "has no attribute 'TeachabilitySelectr'" in first and "Subtypes" not in result.err, result.err
+
+
 def test_errors_from_outside_opdlab_keep_their_traceback(monkeypatch):
     from opdlab import cli
 
