@@ -42,7 +42,7 @@ class Rows:
 
 
 def kept_rows(mask: torch.Tensor, student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, rollout: Rollout,
-                teacher_token_logp: torch.Tensor | None = None) -> Rows:
+              teacher_token_logp: torch.Tensor | None = None) -> Rows:
     """The rows of (N, L) `mask` from (N, L, H) hidden states and the rollout's (N, L) tensors."""
     index = mask.flatten().nonzero().squeeze(-1)
     return Rows(
@@ -221,8 +221,7 @@ class PrecomputedGradients(torch.autograd.Function):
         if store.params is None:
             raise RuntimeError("head_loss: a second backward through the same loss; its gradients were computed "
                                "once in forward and already handed over (compute the loss again instead)")
-        g = grad_out.to(store.hidden.dtype)
-        grads = [t.mul_(g) for t in (store.hidden, *store.params)]
+        grads = [t.mul_(grad_out.to(t.dtype)) for t in (store.hidden, *store.params)]  # each in its own dtype
         store.hidden = store.params = None
         return None, None, *grads
 

@@ -19,9 +19,8 @@ import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from torchmetrics import MeanMetric
-
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torchmetrics import MeanMetric
 
 from opdlab.checkpointing import capture_rng_state, restore_rng_state
 from opdlab.distributed import all_reduce_sum, gather_stats, world_size
@@ -30,7 +29,14 @@ from opdlab.engines import RolloutEngine, SamplingParams, StaticCacheEngine
 from opdlab.evaluation import verified
 from opdlab.heads import LogitHead
 from opdlab.loss import HeadLoss, Scoring, head_loss, kept_rows
-from opdlab.models import check_tokenizers_compatible, check_vocab_sizes, final_hidden_states, freeze, load_causal_lm, load_tokenizer
+from opdlab.models import (
+    check_tokenizers_compatible,
+    check_vocab_sizes,
+    final_hidden_states,
+    freeze,
+    load_causal_lm,
+    load_tokenizer,
+)
 from opdlab.options import MemoryOptions, RolloutOptions, TrainingOptions
 from opdlab.rollout import PromptBatch, Rollout, derive_seed, encode_prompts, sample_rollouts
 from opdlab.scoring import TokenStats, compute_token_stats, scatter_rows
@@ -192,8 +198,15 @@ class OPDModule(L.LightningModule):
             rows, micro_batch_size=self.memory_options.micro_batch_size, chunk_size=self.memory_options.chunk_size,
             keeps_every_valid_position=self.selector.keeps_every_valid_position,
             full_kl=self.selector.needs_full_kl, full_entropy=self.scores_full_entropy,
-            normalization=self.training_options.loss_normalization,
+            normalization=self.training_options.loss_normalization, shared_projection=self.head_is_local,
         )
+
+    @property
+    def head_is_local(self) -> bool:
+        """The student's LM head is a local plain-linear layer (or not loaded yet). A sharded one (FSDP2) takes
+        `head_loss`'s autograd path, all rows at once, so the plan does not also put the scoring there."""
+        head = getattr(self, "student_head", None)
+        return head is None or head.is_plain_linear
 
     def on_fit_start(self) -> None:
         """Print the step plan of a full batch once, before training starts (and its progress bar)."""

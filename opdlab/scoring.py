@@ -20,7 +20,6 @@ import torch
 from opdlab.heads import LogitHead
 from opdlab.maths import entropy_from_logp, masked_kl, union_kl
 
-
 # One name per per-position feature everywhere (TokenStats fields, `teachability/<name>/...` histograms,
 # token bank and diagnostic bank columns), with the paper's symbol and meaning (docs/method.md §2).
 # The last two are batch-normalised products, not TokenStats fields (`teachability_features`).
@@ -55,10 +54,6 @@ class TokenStats:
     @property
     def top_k(self) -> int:
         return self.student_topk_ids.shape[-1]
-
-    def rows(self, rows: slice) -> TokenStats:
-        """The statistics of rows `rows` (a micro-batch)."""
-        return replace(self, **{f.name: getattr(self, f.name)[rows] for f in fields(self) if getattr(self, f.name) is not None})
 
     @staticmethod
     def cat(parts: list[TokenStats]) -> TokenStats:

@@ -45,10 +45,9 @@ class StepPlan:
                else " (scoring forward without grad; each micro-batch forward again with grad)"),
             "scoring and loss share one projection per chunk (every valid token is kept)" if self.shared_projection
             else "score all rows, select, then the loss on the kept rows",
-            f"chunks: scoring {self.score_chunk_rows} rows, loss {self.loss_chunk_rows} rows; logit gradients "
-            f"stored up to {self.store_rows} kept rows",
-            f"loss = sum over kept tokens / {'kept' if self.normalization == 'kept' else 'valid'} tokens of the "
-            "whole batch on every rank",
+            (f"chunks: scoring {self.score_chunk_rows} rows, loss {self.loss_chunk_rows} rows; logit gradients "
+             f"stored up to {self.store_rows} kept rows"),
+            f"loss = sum over kept tokens / {self.normalization} tokens of the whole batch on every rank",
         ]
         extras = [name for name, on in (("full-vocabulary KLs", self.full_kl),
                                         ("full-vocabulary entropies", self.full_entropy)) if on]
@@ -81,7 +80,9 @@ def plan_step(
         keeps_every_valid_position: the selector keeps every valid position (ratio 1 with the shared
             budget rule; `TokenSelector.keeps_every_valid_position`), so the keep mask is known before any
             score and, in one micro-batch, scoring and loss can share the projection.
-        shared_projection: False forces the score-select-loss path even then (to compare the two).
+        shared_projection: False forces the score-select-loss path even then (to compare the two, or when the
+            student's LM head is sharded: `head_loss` then projects all rows at once, and the chunked scoring
+            pass keeps the statistics' memory at one chunk).
     """
     parts = micro_batches(rows, micro_batch_size)
     return StepPlan(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from types import SimpleNamespace
 
 import lightning as L
 import pytest
@@ -64,6 +65,8 @@ def test_module_plan_reads_selector_and_options(tiny_checkpoints):
     module.selector = FullSelector()
     module.memory_options.micro_batch_size = None
     assert module.plan(8).shared_projection
+    module.student_head = SimpleNamespace(is_plain_linear=False)  # as a FSDP2-sharded head reports
+    assert not module.plan(8).shared_projection
 
 
 def test_fit_prints_the_plan_once_at_the_start(tiny_checkpoints, tmp_path, caplog):
