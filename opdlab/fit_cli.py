@@ -5,9 +5,9 @@ Imported only when one of these commands runs (`opdlab --help`, `plugins` and `t
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
-import logging
 import warnings
 from pathlib import Path
 from typing import Optional

@@ -7,10 +7,10 @@ directories and hub ids all reach the same `from_pretrained` code the tests exer
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
-from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # transformers is imported where models are loaded: `opdlab plugins` / --help stay fast
     from transformers import PreTrainedModel, PreTrainedTokenizerBase

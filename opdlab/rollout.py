@@ -10,10 +10,9 @@ from __future__ import annotations
 import inspect
 import warnings
 from dataclasses import dataclass, field, replace
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
-from typing import TYPE_CHECKING
 
 from opdlab.distributed import all_reduce_sum
 

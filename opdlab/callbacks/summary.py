@@ -50,8 +50,8 @@ class FitSummary(L.Callback):
         before = f"{self.before:.1%}" if self.before is not None else "n/a"
         teacher = f"   (teacher {self.teacher:.1%})" if self.teacher is not None else ""
         return [
-            f"steps: {steps}   training wall time: {self.seconds:.1f} s   "
-            f"response tokens/s: {self.response_tokens / max(self.seconds, 1e-9):.0f}",
+            (f"steps: {steps}   training wall time: {self.seconds:.1f} s   "
+             f"response tokens/s: {self.response_tokens / max(self.seconds, 1e-9):.0f}"),
             f"student accuracy: before {before} -> after {after:.1%}{teacher}",
         ]
 

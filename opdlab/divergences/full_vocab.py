@@ -11,8 +11,8 @@ import math
 import torch
 
 from opdlab.divergences.base import Divergence, LossInputs
-from opdlab.maths import log_softmax_fp32, masked_kl
 from opdlab.divergences.hand_grad import hand_grad_loss  # KL / JSD with hand-written logit gradients
+from opdlab.maths import log_softmax_fp32, masked_kl
 
 
 def _pair(inputs: LossInputs, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -6,7 +6,10 @@ from opdlab.selectors.entropy import EntropySelector
 from opdlab.selectors.full import FullSelector
 from opdlab.selectors.random_tokens import RandomSelector
 from opdlab.selectors.teachability import (
-    CompatibilitySelector, IncompatibleSelector, TeachabilityEntropySelector, TeachabilitySelector,
+    CompatibilitySelector,
+    IncompatibleSelector,
+    TeachabilityEntropySelector,
+    TeachabilitySelector,
 )
 from opdlab.selectors.tip import TipQ3Selector, TipSelector
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from opdlab.scoring import TokenStats
 from opdlab.maths import linear_quantiles
+from opdlab.scoring import TokenStats
 from opdlab.selectors.base import FeatureSelector, soft_or
 
 
