@@ -164,7 +164,8 @@ def check_rollout_engine(engine_cls, atol: float = 1e-5) -> None:
 
     tokenizer = build_char_tokenizer()
     torch.manual_seed(0)
-    model = make_qwen2(ModelSpec(hidden=32, layers=2, ffn=64, heads=4, kv_heads=2), tokenizer).eval()
+    # head_dim 32, grouped-query heads: the smallest head vLLM's CPU kernels take, so wrapped engines run it too
+    model = make_qwen2(ModelSpec(hidden=64, layers=2, ffn=64, heads=2, kv_heads=1), tokenizer).eval()
     problems = [AdditionTask(digits=2).problem_at(i) for i in range(8)]
     texts = [p.prompt[i % 3 :] for i, p in enumerate(problems)]
     prompts = encode_prompts(tokenizer, texts, [p.answer for p in problems])

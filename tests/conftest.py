@@ -117,7 +117,7 @@ def scripted_qwen2(tokenizer, next_token: dict[str, str], default: str | None = 
     with a large logit. Tokens without a rule use `default` (or give uniform logits when it is None).
     """
     vocab = tokenizer.get_vocab()
-    spec = ModelSpec(hidden=max(32, len(tokenizer)), layers=1, ffn=32, heads=2, kv_heads=1)
+    spec = ModelSpec(hidden=max(64, len(tokenizer)), layers=1, ffn=32, heads=2, kv_heads=1)  # head_dim 32 (vLLM's CPU minimum)
     model = make_qwen2(spec, tokenizer)
     with torch.no_grad():
         for layer in model.model.layers:
