@@ -123,11 +123,33 @@ def main(argv: list[str] | None = None) -> None:
     Errors raised elsewhere (a bug, a library) keep their traceback."""
     try:
         run(argv)
-    except (ValueError, OSError, KeyError, RuntimeError) as err:  # PluginError is a RuntimeError
-        if os.environ.get(TRACEBACK_ENV, "").strip() not in ("", "0") or not raised_by_opdlab(err):
+    except (ValueError, OSError, KeyError, RuntimeError, ImportError) as err:  # PluginError is a RuntimeError
+        cause = opdlab_cause(err)
+        if os.environ.get(TRACEBACK_ENV, "").strip() not in ("", "0") or cause is None:
             raise
-        message = err.args[0] if isinstance(err, KeyError) and err.args else err
-        sys.exit(f"opdlab: error: {message}\n(set {TRACEBACK_ENV}=1 to see where it was raised)")
+        message = cause.args[0] if isinstance(cause, KeyError) and cause.args else cause
+        owner = raising_class(cause) if cause is not err else None  # raised inside a class the CLI built
+        sys.exit(f"opdlab: error: {owner + ': ' if owner else ''}{message}\n(set {TRACEBACK_ENV}=1 to see where it "
+                 "was raised)")
+
+
+def opdlab_cause(err: BaseException) -> BaseException | None:
+    """`err`, or the error that directly caused it, raised by opdlab's own code: jsonargparse wraps an error
+    raised while it builds a class (a selector, an engine) in its own multi-line one."""
+    while err is not None:
+        if raised_by_opdlab(err):
+            return err
+        err = err.__cause__
+    return None
+
+
+def raising_class(err: BaseException) -> str | None:
+    """The class whose method raised `err` (its `self`), e.g. the engine whose constructor refused a value."""
+    tb = err.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    owner = tb.tb_frame.f_locals.get("self") if tb is not None else None
+    return type(owner).__name__ if owner is not None else None
 
 
 def raised_by_opdlab(err: BaseException) -> bool:

@@ -199,7 +199,7 @@ def check_rollout_engine(engine_cls, atol: float = 1e-5) -> None:
     assert torch.equal(first.response_ids, rollout.response_ids[:8, :length]), "samples depend on the batch split"
     with torch.no_grad():
         for param in model.parameters():
-            param.add_(torch.randn_like(param) * 0.5)
+            param.add_(torch.randn_like(param) * 0.2)
     engine.load_weights(model)
     after = engine.generate(prompts, sampled)
     mask = after.response_mask

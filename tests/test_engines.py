@@ -8,6 +8,7 @@ weights the outputs change; the Rollout invariants of test_rollout hold.
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 import lightning as L
@@ -19,6 +20,7 @@ from transformers import Qwen3Config, Qwen3ForCausalLM
 
 from opdlab.data import PromptDataModule
 from opdlab.engines import ReferenceEngine, SamplingParams, StaticCacheEngine
+from opdlab.engines.vllm_engine import vllm_available
 from opdlab.models import final_hidden_states
 from opdlab.module import OPDModule
 from opdlab.plugins import discover
@@ -27,7 +29,21 @@ from opdlab.tasks import AdditionTask
 from opdlab.testing import check_rollout_engine
 from opdlab.toy import ModelSpec, make_qwen2
 
-ENGINES = sorted(discover("opdlab.rollout_engines"))
+
+def registered_engines() -> list:
+    """Every registered engine; `vllm` runs where the vllm package is installed (.ci/run's .venv-vllm)."""
+    needs_vllm = pytest.mark.skipif(not vllm_available(), reason="vllm is not installed (.ci/run tests it in .venv-vllm)")
+    return [pytest.param(name, marks=[pytest.mark.vllm, needs_vllm] if name == "vllm" else [])
+            for name in sorted(discover("opdlab.rollout_engines"))]
+
+
+ENGINES = registered_engines()
+# Options the tests give an engine: vLLM skips its torch.compile warm-up (minutes on two cores).
+ENGINE_OPTIONS = {"vllm": {"enforce_eager": True}}
+
+
+def make_engine(name: str):
+    return discover("rollout_engine")[name].cls(**ENGINE_OPTIONS.get(name, {}))
 
 
 def bound(engine, model, tokenizer):
@@ -66,7 +82,7 @@ def test_greedy_tokens_equal_the_reference_engine(name, tiny_student, char_token
     prompts = ragged_prompts(tok)
     params = SamplingParams(max_new_tokens=10, temperature=0.0)
     expected = bound(ReferenceEngine(), tiny_student, tok).generate(prompts, params)
-    got = bound(discover("rollout_engine")[name].cls(), tiny_student, tok).generate(prompts, params)
+    got = bound(make_engine(name), tiny_student, tok).generate(prompts, params)
     check_rollout_invariants(got, prompts, tok.eos_token_id, tok.pad_token_id)
     assert torch.equal(got.input_ids, expected.input_ids)
     assert torch.equal(got.response_mask, expected.response_mask)
@@ -79,7 +95,7 @@ def test_sampling_logp_equals_a_plain_forward(name, temperature, top_p, num_samp
     """The PPO ratio of the sampled-token loss divides by these: they must be the sampled distribution's."""
     tok = char_tokenizer
     prompts = ragged_prompts(tok)
-    engine = bound(discover("rollout_engine")[name].cls(), tiny_student, tok)
+    engine = bound(make_engine(name), tiny_student, tok)
     params = SamplingParams(num_samples=num_samples, max_new_tokens=12, temperature=temperature, top_p=top_p,
                             seeds=list(range(100, 116)))
     rollout = engine.generate(prompts, params)
@@ -95,7 +111,7 @@ def test_seeded_samples_do_not_depend_on_the_batch_split(name, tiny_student, cha
     tok = char_tokenizer
     prompts = ragged_prompts(tok, 8)
     seeds = [7 * i for i in range(8)]
-    engine = bound(discover("rollout_engine")[name].cls(), tiny_student, tok)
+    engine = bound(make_engine(name), tiny_student, tok)
     params = lambda s: SamplingParams(num_samples=2, max_new_tokens=8, seeds=s)  # noqa: E731
     whole = engine.generate(prompts, params(seeds))
     halves = [engine.generate(encode_prompts(tok, *texts), params(seeds[i : i + 4]))
@@ -114,7 +130,7 @@ def test_load_weights_changes_the_outputs(name, char_tokenizer):
     torch.manual_seed(5)
     model = make_qwen2(ModelSpec(hidden=64, layers=1, ffn=64, heads=2, kv_heads=1), tok).eval()
     prompts = ragged_prompts(tok, 8)
-    engine = bound(discover("rollout_engine")[name].cls(), model, tok)
+    engine = bound(make_engine(name), model, tok)
     params = SamplingParams(max_new_tokens=6, seeds=list(range(8)))
     before = engine.generate(prompts, params)
     with torch.no_grad():
@@ -136,7 +152,7 @@ def test_eos_edge_cases_match_the_reference(name, char_tokenizer, make_scripted_
     for max_new in (1, 3, 6):
         params = SamplingParams(max_new_tokens=max_new, temperature=0.0)
         expected = bound(ReferenceEngine(), model, tok).generate(prompts, params)
-        got = bound(discover("rollout_engine")[name].cls(), model, tok).generate(prompts, params)
+        got = bound(make_engine(name), model, tok).generate(prompts, params)
         assert torch.equal(got.input_ids, expected.input_ids), max_new
         assert torch.equal(got.response_mask, expected.response_mask), max_new
     assert got.response_mask.sum(1).tolist() == [3, 6, 1, 3, 3]  # "9" -> EOS first
@@ -260,7 +276,8 @@ def test_engine_generates_with_the_weights_of_the_last_optimizer_step(tiny_check
 
 
 @pytest.mark.parametrize("name,class_path", [("reference", "opdlab.engines.reference.ReferenceEngine"),
-                                             ("static", "opdlab.engines.static.StaticCacheEngine")])
+                                             ("static", "opdlab.engines.static.StaticCacheEngine"),
+                                             ("vllm", "opdlab.engines.vllm_engine.VLLMEngine")])
 def test_rollout_engine_option_takes_registered_names(name, class_path):
     result = run_opdlab(["fit", "--config", str(CONFIG_DIR / "fast.yaml"), "--model.rollout_engine", name,
                          "--print_config"])
@@ -275,7 +292,7 @@ def test_rollout_engine_is_described_in_fit_help():
 @pytest.mark.parametrize("name", ENGINES)
 def test_importable_contract_check_passes_for_every_engine(name):
     """opdlab.testing.check_rollout_engine, what a plugin package's own tests call."""
-    check_rollout_engine(discover("rollout_engine")[name].cls)
+    check_rollout_engine(functools.partial(discover("rollout_engine")[name].cls, **ENGINE_OPTIONS.get(name, {})))
 
 
 def test_importable_contract_check_catches_a_stale_engine():

@@ -3,5 +3,6 @@
 from opdlab.engines.base import RolloutEngine, SamplingParams
 from opdlab.engines.reference import ReferenceEngine
 from opdlab.engines.static import StaticCacheEngine
+from opdlab.engines.vllm_engine import VLLMEngine  # vllm itself is imported only when an engine is built
 
-__all__ = ["RolloutEngine", "SamplingParams", "ReferenceEngine", "StaticCacheEngine"]
+__all__ = ["RolloutEngine", "SamplingParams", "ReferenceEngine", "StaticCacheEngine", "VLLMEngine"]

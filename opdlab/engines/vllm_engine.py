@@ -140,6 +140,8 @@ class VLLMEngine(RolloutEngine):
                              f"got {sleep_level}")
         if tensor_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size must be >= 1, got {tensor_parallel_size}")
+        if not vllm_available():  # said at construction, before any model loads
+            raise ImportError(f"--model.rollout_engine vllm needs the vllm package, which is not installed: {INSTALL_HINT}")
         self.dtype, self.gpu_memory_utilization, self.kv_cache_gb = dtype, gpu_memory_utilization, kv_cache_gb
         self.max_model_len, self.enable_prefix_caching = max_model_len, enable_prefix_caching
         self.sleep_level, self.tensor_parallel_size, self.enforce_eager = sleep_level, tensor_parallel_size, enforce_eager
