@@ -244,6 +244,9 @@ def silence_lightning_noise() -> None:
     # The frozen teacher is in eval mode on purpose; Lightning warns about it at every fit.
     warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+    # Validation metrics are torchmetrics metrics, which sync across ranks when computed; Lightning asks for
+    # sync_dist as soon as a process group exists (the vllm engine makes one even in a single process).
+    warnings.filterwarnings("ignore", message=r"It is recommended to use `self.log\('val/")
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(drop_advertising)
 
 

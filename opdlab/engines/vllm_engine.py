@@ -56,7 +56,10 @@ def import_vllm():
     """vLLM's `LLM`, `SamplingParams` and `TokensPrompt`, with one clear line when it cannot be imported."""
     # In-process engine core (no spawned process, no __main__ guard), quiet logs: set before vLLM reads them.
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    # vLLM's start-up warnings (dozens of lines on a CPU: LD_PRELOAD advice, a chat-template warm-up that has no
+    # tokenizer to use) say nothing about a training run; VLLM_LOGGING_LEVEL=INFO shows them.
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"vllm\.")
     try:
         from vllm import LLM
         from vllm import SamplingParams as VLLMSamplingParams
@@ -209,8 +212,10 @@ class VLLMEngine(RolloutEngine):
 
     def build_llm(self, model: nn.Module, options: dict):
         """A vLLM instance of the student's architecture (dummy weights), in this process."""
+        from opdlab.checkpointing import capture_rng_state, restore_rng_state  # (Lightning: not at import)
+
         LLM, _, _ = import_vllm()
-        threads, set_threads = torch.get_num_threads(), torch.set_num_threads
+        threads, set_threads, rng = torch.get_num_threads(), torch.set_num_threads, capture_rng_state()
         # vLLM's CPU worker pins OpenMP threads to cores and cuts torch to one thread for serving: in a process
         # that also trains, keep torch's threads and leave the binding off unless the user set them.
         os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
@@ -235,6 +240,7 @@ class VLLMEngine(RolloutEngine):
         finally:
             torch.set_num_threads = set_threads  # vLLM's CPU worker replaces it with a no-op
             torch.set_num_threads(threads)
+            restore_rng_state(rng)  # vLLM seeds the global generators of the process it runs in
 
     # ------------------------------------------------------------------------- weights
     def load_weights(self, model: nn.Module) -> None:
