@@ -266,10 +266,25 @@ class OPDModule(L.LightningModule):
 
     def generate(self, prompts: PromptBatch, params: SamplingParams) -> Rollout:
         """Student rollouts from the engine, which first takes the weights of the last optimizer step."""
-        if self.engine_weights_stale:
-            self.rollout_engine.load_weights(self.student)
-            self.engine_weights_stale = False
-        return self.rollout_engine.generate(prompts, params)
+        try:
+            if self.engine_weights_stale:
+                self.rollout_engine.load_weights(self.student)
+                self.engine_weights_stale = False
+            return self.rollout_engine.generate(prompts, params)
+        except Exception as err:  # noqa: BLE001 - any engine failure (an external engine raises its own types)
+            raise RuntimeError(f"rollout engine {type(self.rollout_engine).__name__} failed {self.stage_name()}: "
+                               f"{type(err).__name__}: {' '.join(str(err).split())[:600]}") from err
+
+    def stage_name(self) -> str:
+        """Where a run is, for error messages: 'in training step 12 (11 steps completed, checkpoints saved
+        so far are intact; continue with --resume)', 'in validation at step 50', ..."""
+        if self._trainer is None:
+            return "outside a Trainer"
+        step = self.global_step
+        if self.trainer.training:
+            return (f"in training step {step + 1} ({step} steps completed; checkpoints saved so far are intact: "
+                    "continue with --resume)")
+        return f"in {'validation' if self.trainer.validating else 'evaluation'} at step {step}"
 
     def hidden_states(self, rollout: Rollout, plan: StepPlan) -> Hidden:
         """(student, teacher) hidden states of each micro-batch; the student's keep their graph when the
