@@ -1,4 +1,4 @@
-"""Rollout speed, reference loop vs static-cache engine, side by side in one process.
+"""Rollout speed of the engines (reference loop, static cache, vLLM) side by side in one process.
 
     python benchmarks/rollout.py                                  # CPU: toy and vocab-151,936 random pair
     python benchmarks/rollout.py --sizes qwen3-0.6b --new-tokens 32 --rounds 2   # the 0.6B shape on CPU
@@ -7,10 +7,13 @@
 
 Each engine generates the same prompts with the same per-prompt seeds; EOS is disabled so every row runs
 `--new-tokens` steps and the per-step time is comparable (ms/step = rollout wall time / new tokens, the
-prefill included). Rounds alternate the engines' order; medians are reported, with the reference/static
-ratio of wall time and of process CPU time (on a shared machine the CPU-time ratio is the steadier one). `--full-step` also times whole OPD training steps (rollout, forwards, scoring, loss, optimizer)
-at that size with each engine, a teacher of `--teacher-size`, bf16-mixed on CUDA, and the stage breakdown.
-Models are random-init (no hub): the `qwen3-*` sizes are Qwen3-0.6B / 1.7B shapes.
+prefill included). Rounds rotate the engines' order; medians are reported, with each engine's ratio to the
+reference and to the static engine, of wall time and of process CPU time (on a shared machine the CPU-time
+ratio is the steadier one). vLLM's start-up (building the engine, loading the weights, compiling) is paid
+once per fit and reported apart. `--full-step` also times whole OPD training steps (rollout, forwards,
+scoring, loss, optimizer) at that size with each engine, a teacher of `--teacher-size`, bf16-mixed on CUDA,
+and the stage breakdown. Models are random-init (no hub): the `qwen3-*` sizes are Qwen3-0.6B / 1.7B shapes.
+The vllm engine is timed where the vllm package is installed (see README: GPU and vLLM).
 """
 
 from __future__ import annotations
@@ -28,7 +31,8 @@ import torch
 from report import publish
 from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
-from opdlab.engines import ReferenceEngine, SamplingParams, StaticCacheEngine
+from opdlab.engines import ReferenceEngine, SamplingParams, StaticCacheEngine, VLLMEngine
+from opdlab.engines.vllm_engine import vllm_available
 from opdlab.models import load_tokenizer
 from opdlab.rollout import encode_prompts
 from opdlab.tasks import AdditionTask
@@ -45,7 +49,7 @@ SIZES = {  # name -> (model factory kwargs, default prompts per batch)
                     "intermediate_size": 6144, "num_attention_heads": 16, "num_key_value_heads": 8, "head_dim": 128,
                     "tie_word_embeddings": True}, 16),
 }
-ENGINES = {"reference": ReferenceEngine, "static": StaticCacheEngine}
+ENGINES = {"reference": ReferenceEngine, "static": StaticCacheEngine, "vllm": VLLMEngine}
 
 
 def build_model(size: str, tokenizer, device: torch.device, seed: int = 0):
@@ -70,26 +74,35 @@ def prompt_batch(tokenizer, n: int):
     return encode_prompts(tokenizer, [p.prompt[i % 3 :] for i, p in enumerate(problems)], [p.answer for p in problems])
 
 
+def make_engine(name: str, args):
+    return VLLMEngine(enforce_eager=args.vllm_eager or None) if name == "vllm" else ENGINES[name]()
+
+
 def time_rollouts(size: str, args, device: torch.device) -> dict:
     tokenizer = load_tokenizer("toy:add3/student") if size == "toy" else build_char_tokenizer()
     model = build_model(size, tokenizer, device)
     n = args.batch_size or SIZES[size][1]
     prompts = prompt_batch(tokenizer, n)
     params = SamplingParams(max_new_tokens=args.new_tokens, temperature=1.0, seeds=list(range(n)))
-    engines = {name: cls() for name, cls in ENGINES.items()}
-    seconds: dict[str, list[float]] = {name: [] for name in engines}
-    cpu_seconds: dict[str, list[float]] = {name: [] for name in engines}
-    names = list(engines)
-    # On CUDA as in bf16-mixed training: autocast, so the static engine's copy is built in bf16.
+    engines, startup = {}, {}
+    seconds: dict[str, list[float]] = {name: [] for name in args.engines}
+    cpu_seconds: dict[str, list[float]] = {name: [] for name in args.engines}
+    names = list(args.engines)
+    # On CUDA as in bf16-mixed training: autocast, so the engines' copies are built in bf16.
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        for engine in engines.values():
-            engine.bind(model, eos_token_id=-1, pad_token_id=tokenizer.pad_token_id)  # EOS never: full length
-            engine.load_weights(model)
+        for name in names:
+            start = time.perf_counter()
+            engines[name] = make_engine(name, args)
+            engines[name].bind(model, eos_token_id=-1, pad_token_id=tokenizer.pad_token_id)  # EOS never: full length
+            engines[name].load_weights(model)
+            startup[name] = time.perf_counter() - start
         for name in names:  # warm-up (the static engine compiles and captures its graph here on CUDA)
+            start = time.perf_counter()
             for _ in range(args.warmup):
                 engines[name].generate(prompts, params)
+            startup[name] += time.perf_counter() - start
         for rnd in range(args.rounds):
-            for name in names[rnd % 2:] + names[: rnd % 2]:
+            for name in names[rnd % len(names):] + names[: rnd % len(names)]:
                 sync(device)
                 start, cpu_start = time.perf_counter(), time.process_time()
                 engines[name].generate(prompts, params)
@@ -99,7 +112,19 @@ def time_rollouts(size: str, args, device: torch.device) -> dict:
             print(f"# {size} round {rnd + 1}: " + ", ".join(f"{k} {v[-1]:.3f} s" for k, v in seconds.items()), flush=True)
     med = {name: statistics.median(v) for name, v in seconds.items()}
     cpu = {name: statistics.median(v) for name, v in cpu_seconds.items()}
-    return {"size": size, "rows": n, "tokens": args.new_tokens, "median_s": med, "median_cpu_s": cpu}
+    return {"size": size, "rows": n, "tokens": args.new_tokens, "median_s": med, "median_cpu_s": cpu,
+            "startup_s": startup}
+
+
+def rollout_rows(r: dict) -> list[str]:
+    """One table row per engine: ms per decode step, tokens/s, and ratios to reference and static."""
+    med, cpu, tokens = r["median_s"], r["median_cpu_s"], r["rows"] * r["tokens"]
+    rows = []
+    for name in med:
+        ratio = lambda base: f"{med[base] / med[name]:.2f}x ({cpu[base] / cpu[name]:.2f}x)" if base in med else "-"  # noqa: E731
+        rows.append(f"| {r['size']} | {r['rows']} x {r['tokens']} | {name} | {1000 * med[name] / r['tokens']:.2f} | "
+                    f"{tokens / med[name]:,.0f} | {ratio('reference')} | {ratio('static')} | {r['startup_s'][name]:.1f} |")
+    return rows
 
 
 def sync(device: torch.device) -> None:
@@ -124,13 +149,13 @@ def time_full_steps(size: str, args, device: torch.device) -> list[str]:
         build_model(which, tokenizer, torch.device("cpu"), seed).save_pretrained(paths[role])
         tokenizer.save_pretrained(paths[role])
     rows = []
-    for name, cls in ENGINES.items():
+    for name in args.engines:
         module = OPDModule(
             student=paths["student"],
             teacher=paths["teacher"],
             selector=FullSelector(),
             divergence=SampledTokenOPD(),
-            rollout_engine=cls(),
+            rollout_engine=make_engine(name, args),
             optimizer=lambda p: torch.optim.Adam(p, lr=1e-6, betas=(0.9, 0.98), weight_decay=0.1),
             rollout=dict(max_new_tokens=args.new_tokens),
             memory=dict(teacher_dtype="bfloat16" if device.type == "cuda" else "float32", chunk_size=1024),
@@ -168,8 +193,10 @@ def time_full_steps(size: str, args, device: torch.device) -> list[str]:
     for name, med, peak in rows:
         lines.append(f"| {name} | {med['step']:.3f} | {med['rollout']:.3f} ({100 * med['rollout'] / med['step']:.0f}%) | "
                      f"{med['forward']:.3f} | {med['score']:.3f} | {med['loss']:.3f} | {med['optimizer']:.3f} | {peak:.1f} |")
-    ratio = rows[0][1]["step"] / rows[1][1]["step"]
-    lines.append(f"\nfull OPD step, reference / static: {ratio:.2f}x ({size} student, {args.teacher_size} teacher, "
+    steps = {name: med["step"] for name, med, _ in rows}
+    ratios = ", ".join(f"reference / {name}: {steps['reference'] / s:.2f}x" for name, s in steps.items()
+                       if name != "reference" and "reference" in steps)
+    lines.append(f"\nfull OPD step, {ratios} ({size} student, {args.teacher_size} teacher, "
                  f"{SIZES[size][1]} prompts x {args.new_tokens} tokens, sampled-token loss, medians of {args.steps} steps)")
     return lines
 
@@ -186,6 +213,10 @@ def main() -> None:
     p.add_argument("--teacher-size", default="qwen3-1.7b", choices=list(SIZES))
     p.add_argument("--steps", type=int, default=3, help="timed OPD steps per engine with --full-step")
     p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch intra-op threads")
+    p.add_argument("--engines", nargs="+", choices=list(ENGINES),
+                   default=[name for name in ENGINES if name != "vllm" or vllm_available()],
+                   help="engines to time (default: all, vllm where it is installed)")
+    p.add_argument("--vllm-eager", action="store_true", help="vLLM without torch.compile / CUDA graphs")
     p.add_argument("--output", help="append the markdown result here")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -193,24 +224,20 @@ def main() -> None:
     warnings.filterwarnings("ignore", r"Found \d+ module\(s\) in eval mode")
     device = torch.device(args.device)
 
-    lines = ["| size | rows x new tokens | reference ms/step | static ms/step | reference tok/s | static tok/s | "
-             "reference / static (wall) | (process CPU time) |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| size | rows x new tokens | engine | ms/step | tok/s | reference / engine, wall (CPU time) | "
+             "static / engine, wall (CPU time) | start-up s |", "|---|---|---|---|---|---|---|---|"]
     for size in args.sizes:
-        r = time_rollouts(size, args, device)
-        ref, fast = r["median_s"]["reference"], r["median_s"]["static"]
-        tokens = r["rows"] * r["tokens"]
-        lines.append(f"| {size} | {r['rows']} x {r['tokens']} | {1000 * ref / r['tokens']:.2f} | "
-                     f"{1000 * fast / r['tokens']:.2f} | {tokens / ref:,.0f} | {tokens / fast:,.0f} | {ref / fast:.2f}x | "
-                     f"{r['median_cpu_s']['reference'] / r['median_cpu_s']['static']:.2f}x |")
+        lines += rollout_rows(time_rollouts(size, args, device))
     if args.full_step:
         lines += ["", *time_full_steps(args.sizes[-1], args, device)]
     gpu = torch.cuda.get_device_name() if device.type == "cuda" else "no GPU"
     publish("rollout",
             f"{platform.node()}, {platform.processor() or platform.machine()}, {os.cpu_count()} CPU threads (torch "
             f"uses {torch.get_num_threads()}), {gpu}, torch {torch.__version__}.",
-            f"Reference loop vs StaticCacheEngine (defaults: compiled CUDA graph on CUDA, eager on CPU), same prompts "
-            f"and seeds, EOS disabled, generation {'bf16 autocast' if device.type == 'cuda' else 'fp32'}; medians of "
-            f"{args.rounds} alternating rounds after {args.warmup} warm-up rollout(s) each.\n",
+            f"Engines {', '.join(args.engines)} (static: compiled CUDA graph on CUDA, eager on CPU; vllm: "
+            f"{'eager' if args.vllm_eager else 'compiled'}, colocated), same prompts and seeds, EOS disabled, generation "
+            f"{'bf16 autocast' if device.type == 'cuda' else 'fp32'}; medians of {args.rounds} rotating rounds after "
+            f"{args.warmup} warm-up rollout(s) each; start-up = build + first weights + warm-up.\n",
             "\n".join(lines), args.output)
 
 

@@ -83,8 +83,10 @@ class OPDModule(L.LightningModule):
         scheduler: optional learning-rate scheduler factory (stepped every optimizer step).
         rollout_engine: what generates the student's responses (training rollouts, greedy validation, the
             diagnostic's bank): `static` (default: static KV cache, decode step compiled into a CUDA graph on
-            GPUs), `reference` (the plain eager loop the others are tested against), or a plugin's engine
-            (entry-point group `opdlab.rollout_engines`). See `opdlab.engines`.
+            GPUs), `vllm` (a colocated vLLM instance, weight-synced every step; `pip install -e ".[vllm]"`),
+            `reference` (the plain eager loop the others are tested against), or a plugin's engine
+            (entry-point group `opdlab.rollout_engines`). Each engine's options:
+            `opdlab fit --model.rollout_engine.help vllm`. See `opdlab.engines`.
         rollout: sampling of the training responses (`--model.rollout.max_new_tokens` ...).
         memory: chunking, micro-batches, checkpointing, dtypes and sharding (`--model.memory.chunk_size` ...).
         training: loss normalisation, gradient clipping, non-finite-step limit and seed

@@ -10,6 +10,7 @@ import torch
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
 from conftest import CONFIG_DIR, REPO_ROOT, run_opdlab
+from opdlab.engines.vllm_engine import vllm_available
 from opdlab.tasks import JsonlPrompts
 from opdlab.toy import build_char_tokenizer
 
@@ -30,7 +31,8 @@ def tiny_qwen3(tmp_path_factory):
         torch.manual_seed(len(role))
         config = Qwen3Config(
             vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=layers, intermediate_size=2 * hidden,
-            num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=512,
+            # head_dim 32: the smallest vLLM's CPU attention takes (the configs generate with vLLM)
+            num_attention_heads=2, num_key_value_heads=1, head_dim=32, max_position_embeddings=512,
             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=True,
         )
         path = tmp_path_factory.mktemp(f"qwen3_{role}")
@@ -40,10 +42,20 @@ def tiny_qwen3(tmp_path_factory):
     return paths
 
 
+NEEDS_VLLM = [pytest.mark.vllm, pytest.mark.skipif(not vllm_available(), reason="vllm is not installed (.ci/run tests "
+                                                                            "it in .venv-vllm)")]
+ENGINES = {  # the configs' own engine (vLLM, here on its CPU build) and the static engine they name as the alternative
+    "vllm": ["--model.rollout_engine.init_args.max_model_len", "512", "--model.rollout_engine.init_args.enforce_eager",
+             "true"],
+    "static": ["--model.rollout_engine", "static"],
+}
+
+
+@pytest.mark.parametrize("engine", [pytest.param("vllm", marks=NEEDS_VLLM), "static"])
 @pytest.mark.parametrize("config", REAL_CONFIGS, ids=lambda p: p.name)
-def test_real_config_runs_with_tiny_qwen3(config, tiny_qwen3, tmp_path):
+def test_real_config_runs_with_tiny_qwen3(config, engine, tiny_qwen3, tmp_path):
     result = run_opdlab([
-        "fit", "--config", str(config),
+        "fit", "--config", str(config), *ENGINES[engine],
         # models and sizes
         "--model.student", tiny_qwen3["student"], "--model.teacher", tiny_qwen3["teacher"],
         "--model.rollout.max_new_tokens", "8", "--model.rollout.num_samples", "2", "--model.memory.micro_batch_size", "2",
@@ -72,6 +84,10 @@ def test_real_configs_use_the_papers_hyperparameters():
         assert cfg["data"]["source"]["init_args"]["verifier"] == "math"
         assert cfg["data"]["source"]["init_args"]["chat_template"] is True
         assert "ModelParallelStrategy" in cfg["trainer"]["strategy"]["class_path"]
+        engine = cfg["model"]["rollout_engine"]
+        assert engine["class_path"] == "opdlab.engines.VLLMEngine", config
+        limit = cfg["model"]["rollout"]["max_prompt_len"] + cfg["model"]["rollout"]["max_new_tokens"]
+        assert engine["init_args"]["max_model_len"] == limit, config
 
 
 def test_math_verify_checks_the_shipped_math_sample():

@@ -85,6 +85,7 @@ class SharedLLM:
     max_model_len: int
     owner: int | None = None
     engines: set = field(default_factory=set)
+    sleeping: set = field(default_factory=set)  # what `sleep` freed (tags of `LLM.wake_up`)
 
 
 SHARED: dict[str, SharedLLM] = {}  # options + architecture -> instance, for this process
@@ -150,7 +151,6 @@ class VLLMEngine(RolloutEngine):
         self.sleep_level, self.tensor_parallel_size, self.enforce_eager = sleep_level, tensor_parallel_size, enforce_eager
         self.engine_kwargs = dict(engine_kwargs or {})
         self.shared: SharedLLM | None = None
-        self.asleep = False
         self.warned_sleep = False
 
     # ------------------------------------------------------------------------- building
@@ -246,7 +246,7 @@ class VLLMEngine(RolloutEngine):
     def load_weights(self, model: nn.Module) -> None:
         """Stream the student's parameters into vLLM (one full tensor at a time) and drop the prefix cache."""
         self.model = model
-        self.wake(weights_only=True)
+        self.wake(("weights",))
         self.push_weights(model)
 
     def push_weights(self, model: nn.Module) -> None:
@@ -262,19 +262,15 @@ class VLLMEngine(RolloutEngine):
         llm.reset_prefix_cache()
         self.shared.owner = id(self)
 
-    def wake(self, weights_only: bool = False) -> None:
-        """Undo `sleep` (CUDA): weights first (reloaded from the student after level 2), then the KV cache."""
-        if not self.asleep:
-            return
-        llm = self.shared.llm
-        llm.wake_up(tags=["weights"])
-        if not weights_only:
-            if self.sleep_level == 2:
-                self.push_weights(self.model)
-            llm.wake_up(tags=["kv_cache"])
-            self.asleep = False
+    def wake(self, tags: tuple[str, ...] = ("weights", "kv_cache")) -> None:
+        """Reallocate what `sleep` freed (CUDA); weights freed at level 2 are pushed again before generating."""
+        waking = [tag for tag in tags if tag in self.shared.sleeping]
+        if waking:
+            self.shared.llm.wake_up(tags=waking)
+            self.shared.sleeping -= set(waking)
 
     def sleep(self) -> None:
+        """Free vLLM's memory while the training part of the step runs (`sleep_level`, CUDA only)."""
         if not self.sleep_level:
             return
         if self.device.type != "cuda":
@@ -284,18 +280,19 @@ class VLLMEngine(RolloutEngine):
                 self.warned_sleep = True
             return
         self.shared.llm.sleep(level=self.sleep_level)
-        self.asleep = True
+        self.shared.sleeping = {"weights", "kv_cache"}
         if self.sleep_level == 2:
-            self.shared.owner = None  # the weights are gone: pushed again on waking
+            self.shared.owner = None  # the weights are gone: pushed again before the next rollout
 
     # ------------------------------------------------------------------------- generation
     @torch.no_grad()
     def generate(self, prompts: PromptBatch, params: SamplingParams) -> Rollout:
         if self.shared is None:
             raise RuntimeError("VLLMEngine.generate before bind: the module binds the engine in configure_model")
-        self.wake()
-        if self.shared.owner != id(self):  # another engine on this instance loaded its weights since ours
+        self.wake(("weights",))
+        if self.shared.owner != id(self):  # freed by sleep, or another engine on this instance loaded its own
             self.push_weights(self.model)
+        self.wake(("kv_cache",))
         ids, masks = prompts.input_ids, prompts.attention_mask.bool()
         width = ids.shape[1]
         longest = int(masks.sum(1).max()) if ids.numel() else 0
