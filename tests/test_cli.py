@@ -358,3 +358,29 @@ def test_rollouts_are_logged_as_text_with_the_kept_tokens(tmp_path, tiny_checkpo
     lines = text.splitlines()
     assert lines[0] == "| prompt | response (**kept tokens**) | answer | correct |" and len(lines) == 2 + 3
     assert "**" in text and all(line.endswith(("| yes |", "| no |")) for line in lines[2:])
+
+
+def test_an_engine_failure_mid_run_names_the_step_and_keeps_the_checkpoints(tmp_path, tiny_checkpoints, monkeypatch):
+    """An engine that breaks in training step 3 (a serving engine's crash, an out-of-memory): one line naming
+    the engine and the step, the checkpoint of step 2 intact, and --resume continues from it."""
+    from opdlab.engines import StaticCacheEngine
+
+    generate, calls = StaticCacheEngine.generate, []
+
+    def breaks_at_the_third_training_rollout(self, prompts, params):
+        calls.append(params.temperature)
+        if params.temperature > 0 and calls.count(params.temperature) == 3:
+            raise RuntimeError("engine core died")
+        return generate(self, prompts, params)
+
+    monkeypatch.setattr(StaticCacheEngine, "generate", breaks_at_the_third_training_rollout)
+    failed = run_fit(tmp_path, tiny_checkpoints, "--trainer.max_steps", "4")
+    message = str(failed.code)
+    assert message.startswith("opdlab: error: rollout engine StaticCacheEngine failed in training step 3 (2 steps "
+                              "completed"), message
+    assert "RuntimeError: engine core died" in message and "--resume" in message and message.count("\n") == 1
+    last = tmp_path / "runs" / "fast" / "version_0" / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=True, map_location="cpu")["global_step"] == 2
+    monkeypatch.setattr(StaticCacheEngine, "generate", generate)
+    resumed = run_fit(tmp_path, tiny_checkpoints, "--trainer.max_steps", "4", "--resume")
+    assert resumed.code == 0 and f"resuming from {last}" in resumed.out and "steps: 4" in resumed.out, resumed.err[-2000:]

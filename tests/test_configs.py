@@ -53,6 +53,9 @@ def test_config_instantiates(config, tmp_path, monkeypatch):
         args += ["--data.source.init_args.train_path", str(REPO_ROOT / train_path)]
     if raw.get("trainer", {}).get("accelerator") == "gpu":  # instantiating needs the hardware it names
         args += ["--trainer.accelerator", "cpu", "--trainer.devices", "1"]
+    # The GPU configs generate with vLLM; its constructor checks its options here and, where vllm is not
+    # installed (this environment, unlike .ci/run's .venv-vllm), would refuse before them.
+    monkeypatch.setattr("opdlab.engines.vllm_engine.vllm_available", lambda: True)
     cli = OPDLabCLI(OPDModule, PromptDataModule, args=args, run=False,
                     trainer_defaults=TRAINER_DEFAULTS, auto_configure_optimizers=False)
     assert isinstance(cli.model, OPDModule) and isinstance(cli.datamodule, PromptDataModule)

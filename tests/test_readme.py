@@ -51,3 +51,10 @@ def test_docs_sections_cited_in_the_repository_exist():
     assert cited and cited <= sections, sorted(cited - sections)
     mentions = subprocess.run(["git", "grep", "-l", "DESIGN" + ".md"], cwd=REPO_ROOT, capture_output=True, text=True)
     assert mentions.stdout.split() == [], mentions.stdout
+
+
+def test_ci_sets_up_vllm_as_the_readme_says():
+    """The vLLM-on-CPU setup line in the README is the one .ci/run uses for its vllm environment."""
+    setup = re.search(r"```sh\n(python3 -m venv \.venv-vllm[^\n]*)\n", README).group(1)
+    assert setup in (REPO_ROOT / ".ci/run").read_text().splitlines()
+    assert ".venv-vllm/bin/pytest -m vllm" in (REPO_ROOT / ".ci/run").read_text()

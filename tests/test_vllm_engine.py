@@ -139,3 +139,57 @@ def test_a_model_vllm_cannot_run_is_refused_before_training(tiny_checkpoints, tm
                                   "--model.teacher", tiny_checkpoints.teacher, "--trainer.max_steps", "1"]))
     assert "vLLM cannot serve Qwen2ForCausalLM" in line and "rollout_engine static" in line, line
     assert not list(tmp_path.rglob("*.ckpt"))
+
+
+# --------------------------------------------------------------------------------------------- sleep mode
+class RecordingLLM:
+    """Stands in for `vllm.LLM` on a GPU: records the calls the engine makes around sleep and weight loads."""
+
+    def __init__(self):
+        self.calls = []
+
+    def sleep(self, level):
+        self.calls.append(("sleep", level))
+
+    def wake_up(self, tags):
+        self.calls.append(("wake_up", tuple(tags)))
+
+    def collective_rpc(self, method, kwargs):
+        self.calls.append((method, len(list(kwargs["weights_iterator"]))))  # the generator is consumed
+
+    def reset_prefix_cache(self):
+        self.calls.append(("reset_prefix_cache",))
+
+
+@pytest.mark.parametrize("level", [1, 2])
+def test_sleep_frees_and_wake_restores_before_the_next_rollout(level, monkeypatch, char_tokenizer):
+    """vLLM's sleep mode needs CUDA (its CPU build ignores it), so the bookkeeping is checked on a recording
+    stand-in for `vllm.LLM`: after each rollout the engine sleeps; new weights wake the weights first and are
+    pushed; at level 2 (weights freed) a rollout without new weights pushes them again; the KV cache wakes
+    last, just before generating."""
+    from opdlab.engines.vllm_engine import SharedLLM
+    from opdlab.toy import make_qwen2
+
+    monkeypatch.setattr("opdlab.engines.vllm_engine.vllm_available", lambda: True)
+    model = make_qwen2(ModelSpec(hidden=64, layers=1, ffn=64, heads=2, kv_heads=1), char_tokenizer)
+    engine = VLLMEngine(sleep_level=level)
+    llm = RecordingLLM()
+    engine.model, engine.device, engine.shared = model, torch.device("cuda"), SharedLLM(llm, max_model_len=64)
+    engine.requests = lambda ids, masks, params: ([], [])
+    engine.run = lambda requests, sampling: llm.calls.append(("generate",)) or []
+    engine.to_rollout = lambda *args: None
+    prompts, params = ragged_prompts(char_tokenizer, 2), SamplingParams(max_new_tokens=4, seeds=[0, 1])
+    pushes = len(list(model.named_parameters()))
+    engine.load_weights(model)
+    engine.generate(prompts, params)
+    assert llm.calls == [("reload_weights", pushes), ("reset_prefix_cache",), ("generate",), ("sleep", level)]
+    assert engine.shared.sleeping == {"weights", "kv_cache"}
+    llm.calls.clear()
+    engine.load_weights(model)  # after an optimizer step
+    engine.generate(prompts, params)
+    assert llm.calls == [("wake_up", ("weights",)), ("reload_weights", pushes), ("reset_prefix_cache",),
+                         ("wake_up", ("kv_cache",)), ("generate",), ("sleep", level)]
+    llm.calls.clear()
+    engine.generate(prompts, params)  # no optimizer step in between (validation batches)
+    again = [("reload_weights", pushes), ("reset_prefix_cache",)] if level == 2 else []
+    assert llm.calls == [("wake_up", ("weights",)), *again, ("wake_up", ("kv_cache",)), ("generate",), ("sleep", level)]

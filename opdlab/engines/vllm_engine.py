@@ -220,6 +220,9 @@ class VLLMEngine(RolloutEngine):
         # that also trains, keep torch's threads and leave the binding off unless the user set them.
         os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
         os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+        if world_size() > 1:  # vLLM's external launcher reads the torchrun variables (Lightning's launcher may not set them)
+            os.environ.setdefault("RANK", str(rank()))
+            os.environ.setdefault("LOCAL_RANK", str(rank() % max(torch.cuda.device_count(), 1)))
         directory = tempfile.mkdtemp(prefix="opdlab_vllm_")
         model.config.save_pretrained(directory)
         if getattr(model, "generation_config", None) is not None:
