@@ -1,7 +1,8 @@
 """A test-only callback that appends one JSON line per optimizer step (used by subprocess runs).
 
-Each line: global step, the prompt stream indices of the batch, the logged loss, and for rank 0 of a
-sharded run what it saw of the teacher (sharded? any grad? in the optimizer?).
+Each line: global step, the prompt stream indices of the batch, the logged loss, for rank 0 of a sharded
+run what it saw of the teacher (sharded? any grad? in the optimizer?), and how far the rollout's sampling
+log-probs are from the step's own student log-probs.
 """
 
 from __future__ import annotations
@@ -37,11 +38,24 @@ class StepRecorder(L.Callback):
             "teacher_has_grad": any(p.grad is not None for p in teacher_params),
             "teacher_in_optimizer": any(id(p) in opt_ids for p in teacher_params),
             "student_sharded": sharded(pl_module.student),
+            "sampling_logp_gap": sampling_logp_gap(outputs),
         }
         with open(f"{self.path}.rank{trainer.global_rank}", "a") as f:
             f.write(json.dumps(row) + "\n")
             f.flush()
             os.fsync(f.fileno())
+
+
+def sampling_logp_gap(outputs) -> float | None:
+    """Largest |engine's sampling log-prob - the step's own student log-prob| of a sampled token. At
+    temperature 1 and top-p 1 both are log p_student(token) with the same weights: a stale engine (weights of
+    an earlier step) shows up here."""
+    record = outputs.get("record") if isinstance(outputs, dict) else None
+    if record is None:
+        return None
+    valid = record.rollout.response_mask.bool()
+    gap = (record.rollout.sampling_logp - record.stats.student_token_logp).abs()[valid]
+    return float(gap.max()) if gap.numel() else 0.0
 
 
 def read_records(path, rank: int = 0) -> list[dict]:

@@ -92,6 +92,28 @@ def test_fit_with_vllm_lands_in_the_static_engines_accuracy_band(tmp_path, monke
     assert abs(vllm - static) < 6, (vllm, static)
 
 
+@needs_vllm
+def test_two_processes_with_a_sharded_student_generate_with_current_weights(tmp_path):
+    """torchrun-style data parallelism (2 CPU processes, FSDP2-sharded student and teacher): each rank runs
+    its own vLLM through the external launcher, fed full tensors gathered parameter by parameter. On every
+    rank and step the engine's log-probs of its samples equal the step's own student log-probs (temperature
+    1), i.e. every rank's vLLM holds that step's weights, not an earlier step's."""
+    from types import SimpleNamespace
+
+    from step_recorder import read_records
+    from test_distributed import MODEL_PARALLEL_2, fit_subprocess
+
+    toy = SimpleNamespace(student="toy:add3/student", teacher="toy:add3/teacher")  # head_dim 32 (vLLM's CPU minimum)
+    _, record = fit_subprocess(toy, tmp_path, "vllm_dp2", [*EAGER, *MODEL_PARALLEL_2, "--data.source.init_args.digits",
+                                                           "3"], steps=4)
+    for rank in (0, 1):
+        rows = read_records(record, rank)
+        assert [row["step"] for row in rows] == [1, 2, 3, 4]
+        assert rows[0]["student_sharded"] or rank == 1
+        gaps = [row["sampling_logp_gap"] for row in rows]
+        assert max(gaps) < 1e-3, gaps  # a step-old engine gives gaps of order 0.1-1 after an update at lr 3e-4
+
+
 # --------------------------------------------------------------------------------------------- bad input
 @pytest.mark.parametrize("option,value,says", [
     ("gpu_memory_utilization", "1.5", "gpu_memory_utilization must be in (0, 1]"),
