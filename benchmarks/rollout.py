@@ -19,6 +19,7 @@ The vllm engine is timed where the vllm package is installed (see README: GPU an
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import platform
 import statistics
@@ -74,8 +75,10 @@ def prompt_batch(tokenizer, n: int):
     return encode_prompts(tokenizer, [p.prompt[i % 3 :] for i, p in enumerate(problems)], [p.answer for p in problems])
 
 
-def make_engine(name: str, args):
-    return VLLMEngine(enforce_eager=args.vllm_eager or None) if name == "vllm" else ENGINES[name]()
+def make_engine(name: str, args, max_model_len: int | None = None):
+    if name != "vllm":
+        return ENGINES[name]()
+    return VLLMEngine(enforce_eager=args.vllm_eager or None, max_model_len=max_model_len)
 
 
 def time_rollouts(size: str, args, device: torch.device) -> dict:
@@ -83,7 +86,9 @@ def time_rollouts(size: str, args, device: torch.device) -> dict:
     model = build_model(size, tokenizer, device)
     n = args.batch_size or SIZES[size][1]
     prompts = prompt_batch(tokenizer, n)
-    params = SamplingParams(max_new_tokens=args.new_tokens, temperature=1.0, seeds=list(range(n)))
+    # Within the model's positions (the toy has 64; vLLM's rotary tables end there, the other engines' do not).
+    tokens = min(args.new_tokens, model.config.max_position_embeddings - prompts.input_ids.shape[1])
+    params = SamplingParams(max_new_tokens=tokens, temperature=1.0, seeds=list(range(n)))
     engines, startup = {}, {}
     seconds: dict[str, list[float]] = {name: [] for name in args.engines}
     cpu_seconds: dict[str, list[float]] = {name: [] for name in args.engines}
@@ -92,7 +97,7 @@ def time_rollouts(size: str, args, device: torch.device) -> dict:
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
         for name in names:
             start = time.perf_counter()
-            engines[name] = make_engine(name, args)
+            engines[name] = make_engine(name, args, prompts.input_ids.shape[1] + tokens)
             engines[name].bind(model, eos_token_id=-1, pad_token_id=tokenizer.pad_token_id)  # EOS never: full length
             engines[name].load_weights(model)
             startup[name] = time.perf_counter() - start
@@ -110,9 +115,11 @@ def time_rollouts(size: str, args, device: torch.device) -> dict:
                 seconds[name].append(time.perf_counter() - start)
                 cpu_seconds[name].append(time.process_time() - cpu_start)
             print(f"# {size} round {rnd + 1}: " + ", ".join(f"{k} {v[-1]:.3f} s" for k, v in seconds.items()), flush=True)
+    del engines, model  # (and vLLM's instance with them) before the next size or the full steps
+    gc.collect()
     med = {name: statistics.median(v) for name, v in seconds.items()}
     cpu = {name: statistics.median(v) for name, v in cpu_seconds.items()}
-    return {"size": size, "rows": n, "tokens": args.new_tokens, "median_s": med, "median_cpu_s": cpu,
+    return {"size": size, "rows": n, "tokens": tokens, "median_s": med, "median_cpu_s": cpu,
             "startup_s": startup}
 
 
@@ -155,7 +162,7 @@ def time_full_steps(size: str, args, device: torch.device) -> list[str]:
             teacher=paths["teacher"],
             selector=FullSelector(),
             divergence=SampledTokenOPD(),
-            rollout_engine=make_engine(name, args),
+            rollout_engine=make_engine(name, args, 64 + args.new_tokens),
             optimizer=lambda p: torch.optim.Adam(p, lr=1e-6, betas=(0.9, 0.98), weight_decay=0.1),
             rollout=dict(max_new_tokens=args.new_tokens),
             memory=dict(teacher_dtype="bfloat16" if device.type == "cuda" else "float32", chunk_size=1024),
@@ -185,6 +192,7 @@ def time_full_steps(size: str, args, device: torch.device) -> list[str]:
         peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
         rows.append((name, med, peak))
         del module, trainer
+        gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()

@@ -32,6 +32,7 @@ TRAINER_DEFAULTS = {
 }
 SHORT_NAME_ARGS = {"--model.selector": "opdlab.selectors", "--model.divergence": "opdlab.divergences",
                    "--model.rollout_engine": "opdlab.rollout_engines"}
+SHORT_NAME_ARGS.update({f"{key}.help": group for key, group in SHORT_NAME_ARGS.items()})  # `--model.selector.help tip`
 
 
 class OPDLabArgumentParser(LightningArgumentParser):

@@ -285,6 +285,13 @@ def test_rollout_engine_option_takes_registered_names(name, class_path):
     assert class_path in result.out
 
 
+@pytest.mark.parametrize("option,name,says", [("--model.rollout_engine.help", "vllm", "gpu_memory_utilization"),
+                                              ("--model.selector.help", "teachability", "top_k")])
+def test_a_plugins_options_are_explained_by_its_short_name(option, name, says):
+    result = run_opdlab(["fit", option, name])
+    assert result.code == 0 and says in result.out, result.err
+
+
 def test_rollout_engine_is_described_in_fit_help():
     assert "diagnostic's bank): `static`" in " ".join(run_opdlab(["fit", "--help"]).out.split())
 

@@ -114,6 +114,35 @@ def test_two_processes_with_a_sharded_student_generate_with_current_weights(tmp_
         assert max(gaps) < 1e-3, gaps  # a step-old engine gives gaps of order 0.1-1 after an update at lr 3e-4
 
 
+@needs_vllm
+def test_vllm_serves_a_tied_qwen3_built_from_its_config(char_tokenizer):
+    """A Qwen3 with a tied head, built from a config (no `architectures` recorded): greedy tokens and
+    sampling log-probs equal the reference's (the tied head is pushed once, under the embedding's name)."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from opdlab.engines import ReferenceEngine
+
+    tok = char_tokenizer
+    torch.manual_seed(0)
+    model = Qwen3ForCausalLM(Qwen3Config(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=32, tie_word_embeddings=True, pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+    )).eval()
+    prompts = ragged_prompts(tok, 8)
+    engines = []
+    for engine in (ReferenceEngine(), VLLMEngine(enforce_eager=True)):
+        engine.bind(model, tok.eos_token_id, tok.pad_token_id)
+        engine.load_weights(model)
+        engines.append(engine)
+    greedy = SamplingParams(max_new_tokens=8, temperature=0.0)
+    assert torch.equal(engines[1].generate(prompts, greedy).input_ids, engines[0].generate(prompts, greedy).input_ids)
+    sampled = engines[1].generate(prompts, SamplingParams(num_samples=2, max_new_tokens=8, seeds=list(range(8))))
+    mask = sampled.response_mask
+    torch.testing.assert_close(sampled.sampling_logp[mask], recomputed_logp(model, sampled, 1.0, 1.0)[mask],
+                               atol=1e-5, rtol=1e-5)
+
+
 # --------------------------------------------------------------------------------------------- bad input
 @pytest.mark.parametrize("option,value,says", [
     ("gpu_memory_utilization", "1.5", "gpu_memory_utilization must be in (0, 1]"),

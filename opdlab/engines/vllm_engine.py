@@ -33,10 +33,12 @@ seconds); whichever engine generates first after another one loaded weights push
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import tempfile
 import warnings
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -88,7 +90,8 @@ class SharedLLM:
     sleeping: set = field(default_factory=set)  # what `sleep` freed (tags of `LLM.wake_up`)
 
 
-SHARED: dict[str, SharedLLM] = {}  # options + architecture -> instance, for this process
+# options + architecture -> instance, for this process; an instance lives as long as an engine holds it
+SHARED: weakref.WeakValueDictionary[str, SharedLLM] = weakref.WeakValueDictionary()
 
 
 class VLLMEngine(RolloutEngine):
@@ -164,9 +167,10 @@ class VLLMEngine(RolloutEngine):
         config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
         options = self.llm_options(model, device)
         key = json.dumps({"config": model.config.to_dict(), "options": options}, sort_keys=True, default=str)
-        if key not in SHARED:
-            SHARED[key] = SharedLLM(self.build_llm(model, options), options["max_model_len"])
-        self.shared = SHARED[key]
+        shared = SHARED.get(key)
+        if shared is None:
+            shared = SHARED[key] = SharedLLM(self.build_llm(model, options), options["max_model_len"])
+        self.shared = shared
         self.shared.engines.add(id(self))
         self.shared.owner = None if self.shared.owner == id(self) else self.shared.owner  # new student: reload
         self.vocab_size = config.vocab_size
@@ -189,6 +193,7 @@ class VLLMEngine(RolloutEngine):
             "tensor_parallel_size": tp,
             "gpu_memory_utilization": self.gpu_memory_utilization,
             "seed": rank() // tp,
+            "runner": "generate",  # not a pooling/scoring model, whatever vLLM could make of the architecture
             "logprobs_mode": "processed_logprobs",  # log-probs of the distribution sampled from
             "skip_tokenizer_init": True,  # token ids in and out: no tokenizer to mismatch
             "load_format": "dummy",  # the weights come from the student at load_weights
@@ -224,7 +229,9 @@ class VLLMEngine(RolloutEngine):
             os.environ.setdefault("RANK", str(rank()))
             os.environ.setdefault("LOCAL_RANK", str(rank() % max(torch.cuda.device_count(), 1)))
         directory = tempfile.mkdtemp(prefix="opdlab_vllm_")
-        model.config.save_pretrained(directory)
+        config = copy.deepcopy(model.config)
+        config.architectures = [type(model).__name__]  # a model built from a config (not loaded) has none
+        config.save_pretrained(directory)
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(directory)
         try:
