@@ -9,6 +9,7 @@ the ones that check what a user without vLLM is told.
 
 from __future__ import annotations
 
+import os
 import re
 
 import lightning as L
@@ -24,6 +25,7 @@ from opdlab.module import OPDModule
 from opdlab.tasks import AdditionTask
 from opdlab.toy import ModelSpec
 
+CLEAN_ENV = dict(os.environ)  # before any vLLM instance of this pytest process sets its variables
 needs_vllm = pytest.mark.skipif(not vllm_available(), reason="vllm is not installed (.ci/run tests it in .venv-vllm)")
 pytestmark = pytest.mark.vllm
 FAST = str(CONFIG_DIR / "fast.yaml")
@@ -93,7 +95,7 @@ def test_fit_with_vllm_lands_in_the_static_engines_accuracy_band(tmp_path, monke
 
 
 @needs_vllm
-def test_two_processes_with_a_sharded_student_generate_with_current_weights(tmp_path):
+def test_two_processes_with_a_sharded_student_generate_with_current_weights(tmp_path, monkeypatch):
     """torchrun-style data parallelism (2 CPU processes, FSDP2-sharded student and teacher): each rank runs
     its own vLLM through the external launcher, fed full tensors gathered parameter by parameter. On every
     rank and step the engine's log-probs of its samples equal the step's own student log-probs (temperature
@@ -103,6 +105,12 @@ def test_two_processes_with_a_sharded_student_generate_with_current_weights(tmp_
     from step_recorder import read_records
     from test_distributed import MODEL_PARALLEL_2, fit_subprocess
 
+    # vLLM instances built earlier in this pytest process set variables (LOCAL_WORLD_SIZE=1, LD_PRELOAD, ...)
+    # that a 2-process launch must not inherit: it would hang in rendezvous.
+    for key in set(os.environ) - set(CLEAN_ENV):
+        monkeypatch.delenv(key)
+    for key, value in CLEAN_ENV.items():
+        monkeypatch.setenv(key, value)
     toy = SimpleNamespace(student="toy:add3/student", teacher="toy:add3/teacher")  # head_dim 32 (vLLM's CPU minimum)
     _, record = fit_subprocess(toy, tmp_path, "vllm_dp2", [*EAGER, *MODEL_PARALLEL_2, "--data.source.init_args.digits",
                                                            "3"], steps=4)

