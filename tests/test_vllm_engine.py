@@ -123,20 +123,24 @@ def test_two_processes_with_a_sharded_student_generate_with_current_weights(tmp_
 
 
 @needs_vllm
-def test_vllm_serves_a_tied_qwen3_built_from_its_config(char_tokenizer):
-    """A Qwen3 with a tied head, built from a config (no `architectures` recorded): greedy tokens and
-    sampling log-probs equal the reference's (the tied head is pushed once, under the embedding's name)."""
-    from transformers import Qwen3Config, Qwen3ForCausalLM
+@pytest.mark.parametrize("architecture", ["qwen3", "qwen2"])
+def test_vllm_serves_tied_heads_built_from_a_config(architecture, char_tokenizer):
+    """Tied heads (Qwen3-0.6B/1.7B have them), models built from a config (no `architectures` recorded):
+    greedy tokens and sampling log-probs equal the reference's. vLLM's in-place reload breaks its
+    embedding/head alias, so the head is sent under its own name too (without it: garbage tokens)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
     from opdlab.engines import ReferenceEngine
 
     tok = char_tokenizer
     torch.manual_seed(0)
-    model = Qwen3ForCausalLM(Qwen3Config(
+    config_cls, model_cls = (Qwen3Config, Qwen3ForCausalLM) if architecture == "qwen3" else (Qwen2Config, Qwen2ForCausalLM)
+    model = model_cls(config_cls(
         vocab_size=len(tok), hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=1, head_dim=32, tie_word_embeddings=True, pad_token_id=tok.pad_token_id,
-        eos_token_id=tok.eos_token_id,
+        num_key_value_heads=1, tie_word_embeddings=True, pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id, max_position_embeddings=64, **({"head_dim": 32} if architecture == "qwen3" else {}),
     )).eval()
+    assert model.lm_head.weight is model.model.embed_tokens.weight
     prompts = ragged_prompts(tok, 8)
     engines = []
     for engine in (ReferenceEngine(), VLLMEngine(enforce_eager=True)):

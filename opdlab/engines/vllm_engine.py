@@ -264,7 +264,9 @@ class VLLMEngine(RolloutEngine):
 
     def push_weights(self, model: nn.Module) -> None:
         def parameters():
-            for name, param in model.named_parameters():  # a tied head once, under its embedding's name
+            # A tied head under both names: vLLM's in-place reload materialises each layer anew, which breaks
+            # its embedding/head alias, so the head must be sent too (measured: a tied Qwen3 generated garbage).
+            for name, param in model.named_parameters(remove_duplicate=False):
                 full = param.full_tensor() if hasattr(param, "full_tensor") else param
                 yield name, full.detach()  # released once vLLM has copied it
 
