@@ -30,6 +30,7 @@ TRAINER_DEFAULTS = {
     "plugins": [{"class_path": "opdlab.checkpointing.AtomicCheckpointIO"}],
     "enable_model_summary": False,  # a table of two models' parameter counts and "FLOPs: 0" on every run
 }
+LIGHTNING_CSV_LOGGERS = ("lightning.pytorch.loggers.CSVLogger", "lightning.pytorch.loggers.csv_logs.CSVLogger")
 SHORT_NAME_ARGS = {"--model.selector": "opdlab.selectors", "--model.divergence": "opdlab.divergences",
                    "--model.rollout_engine": "opdlab.rollout_engines"}
 SHORT_NAME_ARGS.update({f"{key}.help": group for key, group in SHORT_NAME_ARGS.items()})  # `--model.selector.help tip`
@@ -156,6 +157,8 @@ class OPDLabCLI(LightningCLI):
             if config.get("resume") or config.get("run_name"):
                 raise RunError("--resume and --run_name need a logger with a save_dir (e.g. TensorBoardLogger)")
             return
+        if logger.class_path in LIGHTNING_CSV_LOGGERS:  # Lightning's deletes metrics.csv when a run resumes
+            logger.class_path = "opdlab.loggers.CSVLogger"
         if logger.class_path.endswith("TensorBoardLogger") and init.get("default_hp_metric", True):
             init.default_hp_metric = False  # a placeholder hp_metric=-1 curve in every run otherwise
         if config.get("resume") and config.get("ckpt_path"):

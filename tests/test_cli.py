@@ -384,3 +384,25 @@ def test_an_engine_failure_mid_run_names_the_step_and_keeps_the_checkpoints(tmp_
     monkeypatch.setattr(StaticCacheEngine, "generate", generate)
     resumed = run_fit(tmp_path, tiny_checkpoints, "--trainer.max_steps", "4", "--resume")
     assert resumed.code == 0 and f"resuming from {last}" in resumed.out and "steps: 4" in resumed.out, resumed.err[-2000:]
+
+
+@pytest.mark.parametrize("interrupt", ["sigint", "finished"])
+def test_resume_with_the_csv_logger_keeps_the_earlier_rows(tmp_path, tiny_checkpoints, interrupt):
+    """Lightning's CSVLogger deletes metrics.csv when the folder has one; a resumed run must keep the
+    curve: rows of steps before the resume point stay, the redone steps' rows are replaced, not doubled."""
+    import csv
+
+    csv_logger = ["--trainer.callbacks.save_top_k=-1", "--trainer.logger", "lightning.pytorch.loggers.CSVLogger",
+                  "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"), "--trainer.logger.init_args.name", "fast"]
+    first = run_fit(tmp_path, tiny_checkpoints, "--trainer.max_steps", "3", *csv_logger)
+    assert first.code == 0, first.err[-3000:]
+    run = tmp_path / "runs" / "fast" / "version_0"
+    if interrupt == "sigint":  # as if killed after step 3 was logged but before its checkpoint: step 2's is the last
+        (run / "checkpoints" / "last.ckpt").unlink()
+        (run / "checkpoints" / "epoch=0-step=2.ckpt").rename(run / "checkpoints" / "last.ckpt")
+    for steps in (5, 6):
+        again = run_fit(tmp_path, tiny_checkpoints, "--trainer.max_steps", str(steps), "--resume", *csv_logger)
+        assert again.code == 0, again.err[-3000:]
+    with open(run / "metrics.csv", newline="") as file:
+        losses = [int(row["step"]) for row in csv.DictReader(file) if row.get("train/loss")]
+    assert losses == [0, 1, 2, 3, 4, 5], losses  # one row per step, across three processes
