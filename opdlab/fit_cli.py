@@ -17,6 +17,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from opdlab import plugins
 from opdlab.callbacks import FitSummary, RolloutSamples, SelectionMetrics, TeachabilityHistograms
+from opdlab.callbacks.interrupt import SaveOnInterrupt
 from opdlab.cli import TRACEBACK_ENV
 from opdlab.data import PromptDataModule
 from opdlab.module import OPDModule
@@ -115,6 +116,8 @@ def option_keys(parser) -> list[str]:
 class OPDLabCLI(LightningCLI):
     """LightningCLI over `OPDModule` and `PromptDataModule`; `fit` also reports accuracy before/after."""
 
+    argv: list[str] = []  # this fit's command line (set by run_fit), for the --resume hint after an interrupt
+
     def add_core_arguments_to_parser(self, parser) -> None:
         """opdlab's own options (model, data) before the Trainer's, so `fit --help` reads from the top."""
         parser.add_lightning_class_args(self._model_class, "model", subclass_mode=self.subclass_mode_model)
@@ -144,7 +147,7 @@ class OPDLabCLI(LightningCLI):
             self.save_config_callback = None  # nor the working directory (no log folder to save config.yaml in)
         elif subcommand == "fit":
             self.resolve_run_folder(config)
-        added = ["opdlab.callbacks.FitSummary"]
+        added = ["opdlab.callbacks.FitSummary"] + (["opdlab.callbacks.interrupt.SaveOnInterrupt"] if subcommand == "fit" else [])
         if config.trainer.get("enable_progress_bar") is not False:  # steps out of max_steps, not epochs
             added.append("opdlab.callbacks.progress.StepProgressBar")
         config.trainer.callbacks = [*(config.trainer.get("callbacks") or []), *(Namespace(class_path=c) for c in added)]
@@ -216,6 +219,9 @@ class OPDLabCLI(LightningCLI):
 
     def after_fit(self) -> None:
         trainer = self.trainer
+        interrupt = next((c for c in trainer.callbacks if isinstance(c, SaveOnInterrupt)), None)
+        if interrupt is not None and interrupt.stopped_by is not None:
+            self.exit_interrupted(interrupt)
         summary = next(c for c in trainer.callbacks if isinstance(c, FitSummary))
         if summary.accuracy_step != trainer.global_step:  # no validation after the last step yet
             trainer.validate(self.model, datamodule=self.datamodule, verbose=False)
@@ -224,6 +230,18 @@ class OPDLabCLI(LightningCLI):
         if trainer.is_global_zero:
             lines = [*summary.lines(trainer.global_step, summary.accuracy), f"student exported to {export}"]
             print("\n".join(["", "opdlab fit summary", *lines]))
+
+    def exit_interrupted(self, interrupt: SaveOnInterrupt) -> None:
+        """After SIGINT/SIGTERM: where the checkpoint is, the command that continues, exit 128 + signal."""
+        import shlex
+        import signal
+
+        if self.trainer.is_global_zero:
+            args = [a for a in self.argv if a not in ("--resume", "--resume=true")]
+            print(f"\nopdlab fit: stopped by {signal.Signals(interrupt.stopped_by).name} after step "
+                  f"{self.trainer.global_step}; checkpoint saved to {interrupt.saved}\ncontinue with: opdlab "
+                  f"{shlex.join(args)} --resume", flush=True)
+        sys.exit(128 + int(interrupt.stopped_by))
 
 
 def flat_options(options, prefix: str = "") -> dict:
@@ -271,6 +289,7 @@ def run_fit(argv: list[str]) -> None:
         argv = plugins.expand_short_names(argv, SHORT_NAME_ARGS)
     except ValueError as err:
         sys.exit(f"opdlab: error: {err}")
+    OPDLabCLI.argv = ["fit", *argv] if argv[:1] != ["fit"] else list(argv)
     OPDLabCLI(
         OPDModule, PromptDataModule, args=argv, trainer_defaults=TRAINER_DEFAULTS,
         auto_configure_optimizers=False, save_config_kwargs={"overwrite": True},

@@ -148,3 +148,29 @@ def test_sigkill_mid_training_resumes_without_repeating_or_skipping_prompts(tiny
     assert by_step == reference  # same prompts at every step, none skipped
     redone = [row["step"] for row in rows].count(resumed_from + 1)
     assert redone <= 2
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_an_interrupted_fit_saves_a_checkpoint_exits_nonzero_and_resumes(tiny_checkpoints, tmp_path, sig):
+    """Ctrl-C (SIGINT) or a scheduler's SIGTERM mid-fit, with no ModelCheckpoint configured: the step under
+    way ends, checkpoints/last.ckpt is written, the exit code is 128 + signal, the output says how to
+    continue, and `--resume` continues from that step."""
+    import signal
+    import time
+
+    proc, record = fit_subprocess(tiny_checkpoints, tmp_path, "run", [], steps=200, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not (record.parent / f"{record.name}.rank0").exists() or len(read_records(record)) < 2:
+        assert proc.poll() is None and time.time() < deadline, "the run ended before its second step"
+        time.sleep(0.05)
+    proc.send_signal(getattr(signal, sig))
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 128 + getattr(signal, sig), err[-3000:]
+    steps = len(read_records(record))
+    assert 2 <= steps < 200
+    assert f"opdlab fit: stopped by {sig} after step {steps}" in out and "--resume" in out.splitlines()[-1], out[-2000:]
+    checkpoint = tmp_path / "run" / "fast" / "version_0" / "checkpoints" / "last.ckpt"
+    assert torch.load(checkpoint, map_location="cpu", weights_only=False)["global_step"] == steps
+    proc, _ = fit_subprocess(tiny_checkpoints, tmp_path, "run", ["--resume"], steps=steps + 2)
+    assert f"resuming from {checkpoint}" in proc.stdout and f"steps: {steps + 2}" in proc.stdout
