@@ -21,7 +21,7 @@ from opdlab.callbacks.interrupt import SaveOnInterrupt
 from opdlab.cli import TRACEBACK_ENV
 from opdlab.data import PromptDataModule
 from opdlab.module import OPDModule
-from opdlab.runs import RunError, resolve_run
+from opdlab.runs import RunError, remove_runs_without_results, resolve_run
 
 TRAINER_DEFAULTS = {
     "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger", "init_args": {"save_dir": "runs", "name": "opdlab"}},
@@ -117,6 +117,13 @@ class OPDLabCLI(LightningCLI):
     """LightningCLI over `OPDModule` and `PromptDataModule`; `fit` also reports accuracy before/after."""
 
     argv: list[str] = []  # this fit's command line (set by run_fit), for the --resume hint after an interrupt
+    run_base: Path | None = None  # where this fit's run folder goes, and the folders there before it
+    runs_before: set = set()
+    current_trainer = None
+
+    def instantiate_trainer(self, *args, **kwargs):
+        trainer = OPDLabCLI.current_trainer = super().instantiate_trainer(*args, **kwargs)
+        return trainer
 
     def add_core_arguments_to_parser(self, parser) -> None:
         """opdlab's own options (model, data) before the Trainer's, so `fit --help` reads from the top."""
@@ -166,8 +173,10 @@ class OPDLabCLI(LightningCLI):
             init.default_hp_metric = False  # a placeholder hp_metric=-1 curve in every run otherwise
         if config.get("resume") and config.get("ckpt_path"):
             raise RunError("give --resume or --ckpt_path, not both")
-        version, checkpoint = resolve_run(Path(init.save_dir) / (init.get("name") or ""), config.get("run_name"),
-                                          bool(config.get("resume")))
+        base = Path(init.save_dir) / (init.get("name") or "")
+        version, checkpoint = resolve_run(base, config.get("run_name"), bool(config.get("resume")))
+        OPDLabCLI.run_base = base  # a new run folder that ends up empty is removed (run_fit)
+        OPDLabCLI.runs_before = {p for p in base.glob("*") if p.is_dir()} if base.is_dir() else set()
         if version is not None:
             init.version = version
         if checkpoint is not None:
@@ -210,8 +219,13 @@ class OPDLabCLI(LightningCLI):
             run = Path(self.trainer.log_dir or self.trainer.default_root_dir)
             viewer = (f" (tensorboard --logdir {run.parent})"
                       if any(type(lg).__name__ == "TensorBoardLogger" for lg in self.trainer.loggers) else "")
-            print(f"opdlab fit: run folder {run}{viewer}; checkpoints in {run / 'checkpoints'}; the trained "
-                  f"student will be exported to {run / 'student'}", flush=True)
+            callback, folder = self.trainer.checkpoint_callback, run / "checkpoints"
+            periodic = callback is not None and (getattr(callback, "_every_n_train_steps", 0) or callback.save_last)
+            saves = (f"checkpoints in {callback.dirpath or folder}" if periodic else
+                     f"no checkpoints during training (add a ModelCheckpoint with every_n_train_steps and save_last; "
+                     f"Ctrl-C and SIGTERM save {folder / 'last.ckpt'})")
+            print(f"opdlab fit: run folder {run}{viewer}; {saves}; the trained student will be exported to "
+                  f"{run / 'student'}", flush=True)
             if ckpt_path:
                 print(f"opdlab fit: resuming from {ckpt_path}", flush=True)
         if not ckpt_path:  # the accuracy before training (FitSummary); a resumed run's is in its checkpoint
@@ -290,9 +304,17 @@ def run_fit(argv: list[str]) -> None:
     except ValueError as err:
         sys.exit(f"opdlab: error: {err}")
     OPDLabCLI.argv = ["fit", *argv] if argv[:1] != ["fit"] else list(argv)
-    OPDLabCLI(
-        OPDModule, PromptDataModule, args=argv, trainer_defaults=TRAINER_DEFAULTS,
-        auto_configure_optimizers=False, save_config_kwargs={"overwrite": True},
-        parser_class=OPDLabArgumentParser,
-    )
+    OPDLabCLI.run_base, OPDLabCLI.current_trainer = None, None
+    try:
+        OPDLabCLI(
+            OPDModule, PromptDataModule, args=argv, trainer_defaults=TRAINER_DEFAULTS,
+            auto_configure_optimizers=False, save_config_kwargs={"overwrite": True},
+            parser_class=OPDLabArgumentParser,
+        )
+    except BaseException:
+        base, before, trainer = OPDLabCLI.run_base, OPDLabCLI.runs_before, OPDLabCLI.current_trainer
+        if base is not None and (trainer is None or trainer.global_step == 0):  # failed before its first step
+            for folder in remove_runs_without_results(base, before):
+                print(f"opdlab fit: removed {folder} (the run stopped before its first step)", file=sys.stderr)
+        raise
 

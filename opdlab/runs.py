@@ -8,6 +8,7 @@ one that has a `checkpoints/last.ckpt`, in the same folder (same curves), howeve
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 
@@ -15,13 +16,40 @@ class RunError(ValueError):
     """A run folder that cannot be used as asked (nothing to resume, or a name already taken)."""
 
 
+def latest_run(base: Path) -> Path | None:
+    """The run folder under `base` that was written most recently (its newest file), or None."""
+    def last_written(folder: Path) -> float:
+        return max((p.stat().st_mtime for p in folder.rglob("*") if p.is_file()), default=folder.stat().st_mtime)
+
+    folders = [p for p in base.glob("*") if p.is_dir()] if base.is_dir() else []
+    return max(folders, key=last_written, default=None)
+
+
 def latest_resumable_run(base: Path) -> Path:
-    """The run folder under `base` whose `checkpoints/last.ckpt` was written most recently."""
-    candidates = sorted(base.glob("*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
-    if not candidates:
-        raise RunError(f"nothing to resume under {base}: no run there has checkpoints/last.ckpt (the configs'"
-                       " ModelCheckpoint with save_last: true writes it); start without --resume")
-    return candidates[-1].parent.parent
+    """The most recent run under `base`; refused (named) when it has no `checkpoints/last.ckpt` to resume
+    from, rather than silently continuing an older run."""
+    latest = latest_run(base)
+    if latest is None:
+        raise RunError(f"nothing to resume under {base}: no runs there; start without --resume")
+    if not (latest / "checkpoints" / "last.ckpt").is_file():
+        older = sorted(p.parent.parent.name for p in base.glob("*/checkpoints/last.ckpt"))
+        hint = f"; to continue an older run name it: --run_name {older[-1]} --resume" if older else ""
+        raise RunError(f"the most recent run, {latest}, has no checkpoints/last.ckpt to resume from (save one with "
+                       "a ModelCheckpoint with save_last: true; Ctrl-C and SIGTERM save one too); start without "
+                       f"--resume{hint}")
+    return latest
+
+
+def remove_runs_without_results(base: Path, before: set[Path]) -> list[Path]:
+    """Remove the run folders under `base` made since `before` that hold nothing but the saved config
+    (a fit that failed before its first step); returns them."""
+    removed = []
+    for folder in sorted(p for p in base.glob("*") if p.is_dir() and p not in before):
+        files = [p for p in folder.rglob("*") if p.is_file()]
+        if all(p.name in ("config.yaml", "hparams.yaml") or p.name.startswith("events.out.tfevents") for p in files):
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    return removed
 
 
 def resolve_run(base: Path, run_name: str | None, resume: bool) -> tuple[str | None, Path | None]:

@@ -406,3 +406,34 @@ def test_resume_with_the_csv_logger_keeps_the_earlier_rows(tmp_path, tiny_checkp
     with open(run / "metrics.csv", newline="") as file:
         losses = [int(row["step"]) for row in csv.DictReader(file) if row.get("train/loss")]
     assert losses == [0, 1, 2, 3, 4, 5], losses  # one row per step, across three processes
+
+
+def test_resume_refuses_when_the_latest_run_has_no_checkpoint(tmp_path, tiny_checkpoints):
+    """--resume without a name continues the most recent run; when that one has nothing to resume from it
+    says so, naming it and the older run it could mean, instead of silently continuing the older run."""
+    import os
+    import time
+
+    older = run_fit(tmp_path, tiny_checkpoints, "--trainer.max_steps", "1")
+    assert older.code == 0, older.err[-2000:]
+    newer = tmp_path / "runs" / "fast" / "version_1"
+    newer.mkdir()
+    (newer / "events.out.tfevents.1").write_bytes(b"x")  # a run that logged but never checkpointed
+    later = time.time() + 5
+    os.utime(newer / "events.out.tfevents.1", (later, later))
+    message = str(run_fit(tmp_path, tiny_checkpoints, "--trainer.max_steps", "2", "--resume").code)
+    assert message.startswith(f"opdlab: error: the most recent run, {newer}, has no checkpoints/last.ckpt"), message
+    assert "--run_name version_0 --resume" in message, message
+
+
+def test_a_fit_that_fails_before_its_first_step_leaves_no_run_folder(tmp_path, tiny_checkpoints, monkeypatch):
+    from opdlab.engines import StaticCacheEngine
+
+    def broken(self, prompts, params):
+        raise RuntimeError("no engine today")
+
+    monkeypatch.setattr(StaticCacheEngine, "generate", broken)
+    result = run_fit(tmp_path, tiny_checkpoints, "--trainer.max_steps", "2")
+    assert "rollout engine StaticCacheEngine failed in validation at step 0" in str(result.code), result.code
+    assert "removed" in result.err and "before its first step" in result.err, result.err[-1000:]
+    assert not list((tmp_path / "runs" / "fast").glob("*")), list((tmp_path / "runs" / "fast").glob("*"))
