@@ -481,3 +481,17 @@ class OPDModule(L.LightningModule):
         if self.global_rank == 0:
             self.student.save_pretrained(path, state_dict=state_dict)
             self.tokenizer.save_pretrained(path)
+            readable_by_default(path)
+
+
+def readable_by_default(folder: str) -> None:
+    """Give the files of an exported checkpoint the permissions a new file gets here (the umask): transformers
+    writes the weights through a private temporary file (mode 0600), so other users and jobs could not read them."""
+    import os
+    from pathlib import Path
+
+    umask = os.umask(0)
+    os.umask(umask)
+    for file in Path(folder).iterdir():
+        if file.is_file():
+            file.chmod(0o666 & ~umask)

@@ -437,3 +437,15 @@ def test_a_fit_that_fails_before_its_first_step_leaves_no_run_folder(tmp_path, t
     assert "rollout engine StaticCacheEngine failed in validation at step 0" in str(result.code), result.code
     assert "removed" in result.err and "before its first step" in result.err, result.err[-1000:]
     assert not list((tmp_path / "runs" / "fast").glob("*")), list((tmp_path / "runs" / "fast").glob("*"))
+
+
+def test_the_exported_student_is_readable_like_any_new_file(tmp_path, tiny_checkpoints):
+    import os
+    import stat
+
+    result = run_fit(tmp_path, tiny_checkpoints, "--trainer.max_steps", "1")
+    assert result.code == 0, result.err[-2000:]
+    umask = os.umask(0)
+    os.umask(umask)
+    for file in (tmp_path / "runs" / "fast" / "version_0" / "student").iterdir():
+        assert stat.S_IMODE(file.stat().st_mode) == 0o666 & ~umask, file
