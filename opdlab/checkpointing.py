@@ -27,6 +27,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             raise TypeError(f"AtomicCheckpointIO takes no storage_options, got {storage_options!r}")
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
+        existed = path.is_file()
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         try:
             with open(tmp, "wb") as f:
@@ -38,7 +39,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             free = shutil.disk_usage(path.parent).free
             raise OSError(f"could not write checkpoint {path} ({type(err).__name__}: {str(err).splitlines()[0][:200]}); "
                           f"{free / 2**20:,.0f} MiB free on {path.parent}: free space or point the checkpoint "
-                          "callback's dirpath elsewhere. The previous checkpoint is intact.") from err
+                          "callback's dirpath elsewhere. "
+                          + ("The previous version of this file is intact." if existed else "Nothing was written.")) from err
         finally:
             tmp.unlink(missing_ok=True)
 

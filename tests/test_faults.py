@@ -114,9 +114,14 @@ def test_full_disk_at_checkpoint_names_the_path_and_free_space(tmp_path, monkeyp
 
     monkeypatch.setattr(torch, "save", full_disk)
     target = tmp_path / "checkpoints" / "last.ckpt"
-    with pytest.raises(OSError, match=rf"could not write checkpoint {target} .*MiB free on {target.parent}"):
+    with pytest.raises(OSError, match=rf"could not write checkpoint {target} .*MiB free on {target.parent}.*"
+                                      "Nothing was written"):
         AtomicCheckpointIO().save_checkpoint({"x": 1}, target)
     assert list(target.parent.iterdir()) == []  # no partial file left behind
+    target.write_bytes(b"the last good checkpoint")
+    with pytest.raises(OSError, match="The previous version of this file is intact"):
+        AtomicCheckpointIO().save_checkpoint({"x": 1}, target)
+    assert target.read_bytes() == b"the last good checkpoint"
 
 
 @pytest.mark.parametrize("content", [b"", b"not a checkpoint at all", b"PK\x03\x04truncated zip"])
