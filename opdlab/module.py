@@ -125,6 +125,7 @@ class OPDModule(L.LightningModule):
         self.strict_loading = False  # checkpoints leave out the frozen teacher (see on_save_checkpoint)
         self.full_entropy_requested = False  # see request_full_entropy
         self.warned_unknown_tokens = False  # see warn_unknown_tokens
+        self.warned_nothing_kept = self.warned_positions = False  # see warn_if_nothing_kept, warn_past_positions
         self.automatic_optimization = False  # global selection spans micro-batches: see training_step
         self.skipped_steps = self.bad_steps_in_a_row = 0
 
@@ -150,10 +151,22 @@ class OPDModule(L.LightningModule):
             shard_model(self.teacher, dp_mesh)
             if mem.shard_student:
                 shard_model(self.student, dp_mesh)
+        self.check_positions()
         columns = check_vocab_sizes(self.student, self.teacher, self.tokenizer)
         self.student_head = LogitHead(self.student, columns)
         self.teacher_head = LogitHead(self.teacher, columns)
         self.bind_rollout_engine()
+
+    def check_positions(self) -> None:
+        """A response limit beyond the student's position limit is refused before any weights are used (prompts
+        that with their response run past it are warned about when they come, in `encode`)."""
+        limit = getattr(self.student.config.get_text_config(), "max_position_embeddings", None)
+        opts = self.rollout_options
+        if limit is None:
+            return
+        if opts.max_new_tokens >= limit:
+            raise ValueError(f"rollout.max_new_tokens={opts.max_new_tokens} does not fit the student's "
+                             f"{limit} positions ({self.student_path}: max_position_embeddings); use fewer than {limit}")
 
     def bind_rollout_engine(self) -> None:
         """Attach the rollout engine to the current student object (again after it is replaced)."""
@@ -180,6 +193,7 @@ class OPDModule(L.LightningModule):
         with timer("select"):
             keep = stats.valid.clone() if plan.shared_projection else self.select(stats)
         record = StepRecord(rollout, stats, keep, timer.seconds, plan)
+        self.warn_if_nothing_kept(keep)
         bad = stats.non_finite_models()
         if self.skip_non_finite(bad is None, f"{bad} log-probs ({self.checkpoints_of(bad)})"):
             return {"record": record}
@@ -189,6 +203,14 @@ class OPDModule(L.LightningModule):
             stepped = self.optimizer_step()
         self.log_step(loss, timer.seconds, rows=rollout.response_mask.shape[0])
         return {"loss": loss, "record": record} if stepped else {"record": record}
+
+    def warn_if_nothing_kept(self, keep: torch.Tensor) -> None:
+        """Once per run: a step whose selector kept no position of the whole batch trains on nothing."""
+        if not self.warned_nothing_kept and int(all_reduce_sum(keep.sum())) == 0:
+            self.warned_nothing_kept = True
+            rank_zero_warn(f"the selector {type(self.selector).__name__} kept no response token in step "
+                           f"{self.global_step + 1}: that step trains on nothing (every response empty, or a plugin "
+                           "selector that keeps none); check the selector's budget and the responses")
 
     def log_step(self, loss: torch.Tensor, seconds: dict[str, float], rows: int) -> None:
         self.log("train/loss", loss, prog_bar=True, batch_size=rows)
@@ -231,7 +253,19 @@ class OPDModule(L.LightningModule):
             chat_template=self.chat_template,
         )
         self.warn_unknown_tokens(prompts, batch["prompts"])
+        self.warn_past_positions(prompts)
         return prompts
+
+    def warn_past_positions(self, prompts: PromptBatch) -> None:
+        """Once per run: prompts whose response could run past the student's position limit."""
+        limit = getattr(self.student.config.get_text_config(), "max_position_embeddings", None)
+        longest = int(prompts.attention_mask.sum(1).max()) if prompts.attention_mask.numel() else 0
+        if self.warned_positions or limit is None or longest + self.rollout_options.max_new_tokens <= limit:
+            return
+        self.warned_positions = True
+        rank_zero_warn(f"a prompt of {longest} tokens + rollout.max_new_tokens={self.rollout_options.max_new_tokens} "
+                       f"exceeds the student's {limit} positions ({self.student_path}): its response runs past what "
+                       "the model was built for; lower max_new_tokens or max_prompt_len")
 
     def warn_unknown_tokens(self, prompts: PromptBatch, texts: list[str]) -> None:
         """Warn once per run when the tokenizer cannot represent some prompt characters (it maps them to
@@ -428,8 +462,13 @@ class OPDModule(L.LightningModule):
         self.log("val/accuracy", self.val_accuracy.compute(), prog_bar=True)
         self.val_accuracy.reset()
         if not self.teacher_evaluated and not self.trainer.sanity_checking:
-            self.log("val/teacher_accuracy", self.teacher_accuracy.compute())
+            teacher = self.teacher_accuracy.compute()
+            self.log("val/teacher_accuracy", teacher)
             self.teacher_evaluated = True
+            if float(teacher) == 0.0:
+                rank_zero_warn(f"the teacher ({self.teacher_path}) answers 0% of the validation set correctly: the "
+                               "data's answers and its verifier disagree with what the models write, or this is not "
+                               "the teacher you meant; distilling it teaches nothing the verifier accepts")
 
     test_step = validation_step
 

@@ -5,6 +5,7 @@ Each group checks its own values at construction, before any model loads, and sa
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -36,7 +37,7 @@ class RolloutOptions:
         if self.num_samples < 1 or self.max_new_tokens < 1:
             raise ValueError(f"rollout.num_samples and rollout.max_new_tokens must be >= 1, got {self.num_samples} "
                              f"and {self.max_new_tokens}")
-        if self.temperature <= 0:
+        if not math.isfinite(self.temperature) or self.temperature <= 0:
             raise ValueError(f"rollout.temperature must be > 0 (on-policy sampling), got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"rollout.top_p must be in (0, 1] (1 = no nucleus truncation), got {self.top_p}")

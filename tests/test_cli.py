@@ -449,3 +449,41 @@ def test_the_exported_student_is_readable_like_any_new_file(tmp_path, tiny_check
     os.umask(umask)
     for file in (tmp_path / "runs" / "fast" / "version_0" / "student").iterdir():
         assert stat.S_IMODE(file.stat().st_mode) == 0o666 & ~umask, file
+
+
+# ------------------------------------------------------------------------------ silent wrong runs, now refused or warned
+def test_max_new_tokens_beyond_the_students_positions_is_refused(tmp_path, tiny_checkpoints):
+    message = str(run_fit(tmp_path, tiny_checkpoints, "--model.rollout.max_new_tokens", "100000").code)
+    assert message.startswith("opdlab: error: rollout.max_new_tokens=100000 does not fit the student's"), message
+    assert message.count("\n") == 1
+
+
+def test_nonfinite_rollout_temperature_is_refused():
+    from opdlab.options import RolloutOptions
+
+    for value in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="rollout.temperature must be > 0"):
+            RolloutOptions(temperature=value)
+
+
+def test_an_empty_jsonl_prompt_is_refused_with_its_line(tmp_path):
+    from opdlab.tasks import JsonlPrompts
+
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"prompt": "1+1=", "answer": "2"}\n{"prompt": "  ", "answer": "3"}\n')
+    with pytest.raises(ValueError, match=r'p.jsonl:2: the "prompt" is empty'):
+        JsonlPrompts(str(path), num_eval=1)
+
+
+def test_a_step_that_keeps_nothing_and_a_teacher_at_zero_percent_are_said(tmp_path, tiny_checkpoints, monkeypatch):
+    """A selector that keeps nothing trains on nothing; a teacher that scores 0% (the tiny random teacher here)
+    means data, verifier or teacher are wrong: both are said once, not left to the final summary."""
+    from opdlab.selectors import TeachabilitySelector
+
+    monkeypatch.setattr(TeachabilitySelector, "select", lambda self, stats, generator=None: torch.zeros_like(stats.valid))
+    with pytest.warns(UserWarning) as caught:
+        result = run_fit(tmp_path, tiny_checkpoints, "--trainer.max_steps", "2")
+    assert result.code == 0, result.err[-2000:]
+    messages = [str(w.message) for w in caught]
+    assert sum("kept no response token in step 1" in m for m in messages) == 1, messages
+    assert sum("answers 0% of the validation set" in m for m in messages) == 1, messages

@@ -70,6 +70,8 @@ def read_jsonl_problems(path: str | Path) -> list[Problem]:
             except json.JSONDecodeError as err:
                 raise ValueError(f"{where}: not valid JSON ({err.msg}); expected one object per line") from None
             prompt, answer = parse_record(record)
+            if isinstance(prompt, str) and not prompt.strip():
+                raise ValueError(f'{where}: the "prompt" is empty; every line needs the text of a problem')
             if prompt is None:
                 raise ValueError(
                     f'{where}: expected an object with a string "prompt" field (or DAPO-style chat '
