@@ -289,6 +289,26 @@ def curve_rows(results: list[RunResult]) -> list[dict]:
             for m, (steps, mean, std) in by_step.items() for i, (s, a, d) in enumerate(zip(steps, mean, std, strict=True))]
 
 
+def check_before_running(specs: list[RunSpec], overlays: Path, steps: int, val_check_interval: int, jobs: int) -> None:
+    """Every selector name, budget and count, checked before the first run starts (a typo or a bad budget
+    found after minutes of runs wastes them)."""
+    import difflib
+
+    known = sorted(p.stem for p in overlays.glob("*.yaml"))
+    for spec in specs:
+        if not spec.selector.endswith((".yaml", ".yml")) and spec.selector not in known:
+            close = difflib.get_close_matches(spec.selector, known, n=2, cutoff=0.6)
+            hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+            raise CompareError(f"no selector {spec.selector!r} in {overlays} (known: {', '.join(known)}){hint}")
+        if spec.selector.endswith((".yaml", ".yml")) and not Path(spec.selector).is_file():
+            raise CompareError(f"selector overlay {spec.selector} does not exist")
+        if not 0 < spec.ratio <= 1:
+            raise CompareError(f"ratio must be in (0, 1] (the share of response tokens kept), got {spec.ratio:g}")
+    for name, value in (("steps", steps), ("val_check_interval", val_check_interval), ("jobs", jobs)):
+        if value < 1:
+            raise CompareError(f"{name} must be >= 1, got {value}")
+
+
 def as_list(value) -> list:
     return [] if value is None else list(value) if isinstance(value, (list, tuple)) else [value]
 
@@ -353,6 +373,7 @@ def compare(
     if not specs:
         raise CompareError(f"nothing to run: selectors {selectors} x seeds {seeds} (and no sweep) is empty; "
                            "pass at least one selector and one seed")
+    check_before_running(specs, overlays, steps, val_check_interval, jobs)
     env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
 
     def launch(spec: RunSpec) -> RunResult:

@@ -35,7 +35,34 @@ def resolve_model_path(name: str) -> str:
             f"model path {name!r} does not exist; pass a local checkpoint directory, a hub id such as "
             "'Qwen/Qwen3-1.7B', or a toy model such as 'toy:add3/student' (see `opdlab toy --help`)"
         )
+    if not looks_local:
+        check_hub_model(name)
     return str(path) if looks_local else name
+
+
+def check_hub_model(name: str) -> None:
+    """A hub id that is not in the local hub cache must be reachable: say so at once, in one line, rather
+    than after transformers' minute of retries. Offline mode (HF_HUB_OFFLINE=1) leaves it to the cache."""
+    import os
+
+    from huggingface_hub import HfApi, try_to_load_from_cache
+
+    if os.environ.get("HF_HUB_OFFLINE", "").strip() not in ("", "0") or isinstance(
+            try_to_load_from_cache(name, "config.json"), str):
+        return
+    try:
+        HfApi().model_info(name, timeout=10)
+    except Exception as err:  # noqa: BLE001 - connection errors, unknown repos, gated repos: each is said below
+        kind = type(err).__name__
+        if "NotFound" in kind:
+            raise FileNotFoundError(f"model {name!r} is neither a local directory nor a model on the hub; pass a "
+                                    "local checkpoint directory or an existing hub id") from None
+        if "Gated" in kind or "401" in str(err) or "403" in str(err):
+            raise PermissionError(f"model {name!r} on the hub needs access (log in with `hf auth login` after "
+                                  "accepting its terms)") from None
+        raise ConnectionError(f"model {name!r} is not a local directory, not in the hub cache, and the hub cannot be "
+                              f"reached from here ({kind}: {str(err).splitlines()[0][:120]}); download it where there "
+                              "is network and pass its local directory") from None
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model", "vocab.txt")

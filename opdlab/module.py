@@ -372,6 +372,11 @@ class OPDModule(L.LightningModule):
         everything, (offset, count, length) = gather_stats(stats)
         # The same generator on every rank, so a random selector draws one global choice.
         keep = self.selector.select(everything, generator=self.step_generator(salt=1, device="cpu", per_rank=False))
+        expected = tuple(everything.valid.shape)
+        if not isinstance(keep, torch.Tensor) or keep.dtype != torch.bool or tuple(keep.shape) != expected:
+            got = f"{keep.dtype} {tuple(keep.shape)}" if isinstance(keep, torch.Tensor) else type(keep).__name__
+            raise ValueError(f"selector {type(self.selector).__name__} returned a keep mask of {got}; expected "
+                             f"torch.bool {expected} (one entry per response position of the whole batch)")
         keep = keep[offset : offset + count, :length]
         if (keep & ~stats.valid).any():
             raise RuntimeError(f"selector {type(self.selector).__name__} kept positions outside the response mask")
@@ -491,7 +496,10 @@ class OPDModule(L.LightningModule):
         return gen
 
     def configure_optimizers(self):
-        optimizer = self.optimizer_factory(self.student.parameters())
+        try:
+            optimizer = self.optimizer_factory(self.student.parameters())
+        except (ValueError, TypeError) as err:  # torch's own checks (e.g. "Invalid learning rate: -0.1")
+            raise ValueError(f"--model.optimizer: {err}; fix its init_args (e.g. --model.optimizer.init_args.lr)") from err
         if self.scheduler_factory is None:
             return optimizer
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer), "interval": "step"}}

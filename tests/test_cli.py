@@ -487,3 +487,23 @@ def test_a_step_that_keeps_nothing_and_a_teacher_at_zero_percent_are_said(tmp_pa
     messages = [str(w.message) for w in caught]
     assert sum("kept no response token in step 1" in m for m in messages) == 1, messages
     assert sum("answers 0% of the validation set" in m for m in messages) == 1, messages
+
+
+def test_a_bad_optimizer_value_and_an_unreachable_hub_id_are_one_line(tmp_path, tiny_checkpoints):
+    message = str(run_fit(tmp_path, tiny_checkpoints, "--model.optimizer.init_args.lr", "-0.1").code)
+    assert message.startswith("opdlab: error: --model.optimizer: Invalid learning rate: -0.1"), message
+    message = str(run_fit(tmp_path, tiny_checkpoints, "--model.student", "nobody/no-such-model").code)
+    assert message.startswith("opdlab: error: model 'nobody/no-such-model' is"), message  # unreachable or unknown
+    assert message.count("\n") == 1
+
+
+@pytest.mark.parametrize("bad", ["float", "shape"])
+def test_a_plugin_selectors_malformed_keep_mask_names_the_selector(tmp_path, tiny_checkpoints, monkeypatch, bad):
+    from opdlab.selectors import TeachabilitySelector
+
+    def malformed(self, stats, generator=None):
+        return stats.valid.float() if bad == "float" else stats.valid[:, :-1]
+
+    monkeypatch.setattr(TeachabilitySelector, "select", malformed)
+    message = str(run_fit(tmp_path, tiny_checkpoints, "--trainer.max_steps", "1").code)
+    assert "selector TeachabilitySelector returned a keep mask of" in message and "expected torch.bool" in message, message

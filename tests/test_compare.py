@@ -172,3 +172,17 @@ def test_top_k_applies_to_the_overlays_that_set_one(tmp_path):
     for selector in ("random", "full"):  # no top_k in their overlays: untouched
         assert "--model.selector.init_args.top_k" not in fit_command(RunSpec(selector, 0.05, 0), ["base.yaml"],
                                                                      OVERLAYS, tmp_path, 10, 5, [], top_k=4)
+
+
+@pytest.mark.parametrize("args,says", [
+    (["--selectors", "[full,teachabilty]"], "no selector 'teachabilty'"),
+    (["--selectors", "[full,teachabilty]"], "did you mean 'teachability'"),
+    (["--ratio", "1.5"], "ratio must be in (0, 1]"),
+    (["--sweep_selector", "random", "--sweep_ratios", "[0.1,2.0]"], "got 2"),
+    (["--steps", "0"], "steps must be >= 1"),
+])
+def test_compare_checks_names_and_values_before_any_run(tmp_path, args, says):
+    out = tmp_path / "out"
+    result = run_opdlab(["compare", "--overlays_dir", str(OVERLAYS), "--seeds", "[0]", "--out_dir", str(out), *args])
+    assert result.code != 0 and says in str(result.code), result.code
+    assert not out.exists()  # nothing ran, nothing written
