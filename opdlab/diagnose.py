@@ -154,9 +154,14 @@ def diagnose(
         teacher_dtype: teacher weight dtype.
         chunk_size: response rows whose logits the scoring pass materialises at once.
     """
+    from opdlab.models import load_tokenizer
     from opdlab.module import OPDModule
 
     source = source if source is not None else AdditionTask(digits=3)
+    vocabulary = len(load_tokenizer(student))  # checked before any weights load
+    if bank.top_k > vocabulary:
+        raise ValueError(f"bank.top_k={bank.top_k} exceeds the vocabulary ({vocabulary} tokens of {student}); use "
+                         f"--bank.top_k <= {vocabulary}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     module = OPDModule(

@@ -269,3 +269,11 @@ def test_paired_bootstrap_of_a_difference_of_tercile_gaps():
     assert diff.low > 0  # the informative predictor separates gains better, and the interval says so
     unpaired = bootstrap_tercile_gap(good, y, clusters, draws=200)
     assert diff.high - diff.low < 2 * (unpaired.high - unpaired.low)
+
+
+def test_a_bank_top_k_beyond_the_vocabulary_is_one_line_before_loading(tmp_path):
+    result = run_opdlab(["diagnose", "--config", str(CONFIG_DIR / "diagnose" / "add3.yaml"), "--bank.top_k", "100",
+                         "--out_dir", str(tmp_path / "d")])
+    message = str(result.code)
+    assert message.startswith("opdlab: error: bank.top_k=100 exceeds the vocabulary (16 tokens"), message
+    assert not (tmp_path / "d").exists()
