@@ -36,6 +36,7 @@ import numpy as np
 import yaml
 
 from opdlab.diagnostics import plots
+from opdlab.runs import writable_folder
 
 NO_RATIO = {"full"}  # overlays whose selector takes no ratio (always every valid token)
 INVOCATION: list[str] | None = None  # the command line, recorded by run_compare for the table header
@@ -374,6 +375,7 @@ def compare(
         raise CompareError(f"nothing to run: selectors {selectors} x seeds {seeds} (and no sweep) is empty; "
                            "pass at least one selector and one seed")
     check_before_running(specs, overlays, steps, val_check_interval, jobs)
+    writable_folder(out, "--out_dir")
     env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
 
     def launch(spec: RunSpec) -> RunResult:

@@ -156,14 +156,14 @@ def diagnose(
     """
     from opdlab.models import load_tokenizer
     from opdlab.module import OPDModule
+    from opdlab.runs import writable_folder
 
     source = source if source is not None else AdditionTask(digits=3)
     vocabulary = len(load_tokenizer(student))  # checked before any weights load
     if bank.top_k > vocabulary:
         raise ValueError(f"bank.top_k={bank.top_k} exceeds the vocabulary ({vocabulary} tokens of {student}); use "
                          f"--bank.top_k <= {vocabulary}")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = writable_folder(out_dir, "--out_dir")
     module = OPDModule(
         student=student, teacher=teacher, selector=train.selector or FullSelector(),
         divergence=train.divergence or ReverseKL(),

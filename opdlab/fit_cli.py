@@ -21,7 +21,7 @@ from opdlab.callbacks.interrupt import SaveOnInterrupt
 from opdlab.cli import TRACEBACK_ENV
 from opdlab.data import PromptDataModule
 from opdlab.module import OPDModule
-from opdlab.runs import RunError, remove_runs_without_results, resolve_run
+from opdlab.runs import RunError, remove_runs_without_results, resolve_run, writable_folder
 
 TRAINER_DEFAULTS = {
     "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger", "init_args": {"save_dir": "runs", "name": "opdlab"}},
@@ -173,6 +173,7 @@ class OPDLabCLI(LightningCLI):
             init.default_hp_metric = False  # a placeholder hp_metric=-1 curve in every run otherwise
         if config.get("resume") and config.get("ckpt_path"):
             raise RunError("give --resume or --ckpt_path, not both")
+        writable_folder(init.save_dir, "--trainer.logger.init_args.save_dir")
         base = Path(init.save_dir) / (init.get("name") or "")
         version, checkpoint = resolve_run(base, config.get("run_name"), bool(config.get("resume")))
         OPDLabCLI.run_base = base  # a new run folder that ends up empty is removed (run_fit)

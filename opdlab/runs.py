@@ -8,6 +8,7 @@ one that has a `checkpoints/last.ckpt`, in the same folder (same curves), howeve
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -64,3 +65,19 @@ def resolve_run(base: Path, run_name: str | None, resume: bool) -> tuple[str | N
         raise RunError(f"run {base / run_name} already has checkpoints; pass --resume to continue it, or another "
                        "--run_name")
     return run_name, None
+
+
+def writable_folder(path: Path | str, what: str) -> Path:
+    """`path`, created if needed; a folder that cannot be created or written (under a regular file, on a
+    read-only disk, without permission) is refused in one line naming `what` (the option or variable)."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".opdlab-write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        reason = err.strerror or str(err)
+        raise OSError(f"{what} {path} cannot be written ({type(err).__name__}: {reason}); choose a folder you can "
+                      "write to") from None
+    return path

@@ -333,5 +333,9 @@ def resolve_toy_path(spec: str) -> Path:
     if shipped is not None:
         return shipped / role
     if name in TOYS and not (cache_root() / "toy" / build_name(name, seed) / "build.json").exists():
+        from opdlab.runs import writable_folder
+
+        what = "OPDLAB_CACHE" if "OPDLAB_CACHE" in os.environ else "the toy cache (set OPDLAB_CACHE to move it)"
+        writable_folder(cache_root() / "toy", what)
         print(f"opdlab: building toy {name!r} (seed {seed}) once; it is cached in {cache_root() / 'toy'}", flush=True)
     return build_toy(name, seed=seed) / role

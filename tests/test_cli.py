@@ -13,7 +13,7 @@ import torch
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import CONFIG_DIR, run_opdlab
+from conftest import CONFIG_DIR, REPO_ROOT, run_opdlab
 
 FAST = str(CONFIG_DIR / "fast.yaml")
 MAX_STEPS, BATCH = 4, 8
@@ -507,3 +507,24 @@ def test_a_plugin_selectors_malformed_keep_mask_names_the_selector(tmp_path, tin
     monkeypatch.setattr(TeachabilitySelector, "select", malformed)
     message = str(run_fit(tmp_path, tiny_checkpoints, "--trainer.max_steps", "1").code)
     assert "selector TeachabilitySelector returned a keep mask of" in message and "expected torch.bool" in message, message
+
+
+@pytest.mark.parametrize("command", ["fit", "compare", "diagnose", "cache"])
+def test_an_output_folder_that_cannot_be_written_is_one_line(tmp_path, command, monkeypatch):
+    """A folder under a regular file (the same refusal covers read-only disks and missing permissions)."""
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    where = str(blocker / "out")
+    args = {
+        "fit": ["fit", "--config", FAST, "--trainer.logger.init_args.save_dir", where],
+        "compare": ["compare", "--seeds", "[0]", "--selectors", "[full]", "--out_dir", where,
+                    "--overlays_dir", str(REPO_ROOT / "configs" / "selectors")],
+        "diagnose": ["diagnose", "--config", str(REPO_ROOT / "configs" / "diagnose" / "add3.yaml"), "--out_dir", where],
+        "cache": ["fit", "--config", FAST, "--trainer.logger.init_args.save_dir", str(tmp_path / "runs")],
+    }[command]
+    if command == "cache":  # the toy add2 of fast.yaml is built into the cache on first use
+        monkeypatch.setenv("OPDLAB_CACHE", where)
+    message = str(run_opdlab(args).code)
+    name = {"fit": "--trainer.logger.init_args.save_dir", "cache": "OPDLAB_CACHE"}.get(command, "--out_dir")
+    assert message.startswith(f"opdlab: error: {name} {where}"), message
+    assert "cannot be written (NotADirectoryError" in message and message.count("\n") == 1, message
