@@ -120,6 +120,7 @@ class OPDLabCLI(LightningCLI):
     run_base: Path | None = None  # where this fit's run folder goes, and the folders there before it
     runs_before: set = set()
     current_trainer = None
+    trainer_log_dir_hint: str | None = None  # the folder a --resume continues in
 
     def instantiate_trainer(self, *args, **kwargs):
         trainer = OPDLabCLI.current_trainer = super().instantiate_trainer(*args, **kwargs)
@@ -180,6 +181,7 @@ class OPDLabCLI(LightningCLI):
         OPDLabCLI.runs_before = {p for p in base.glob("*") if p.is_dir()} if base.is_dir() else set()
         if version is not None:
             init.version = version
+        self.trainer_log_dir_hint = str(base / version) if version is not None and checkpoint is not None else None
         if checkpoint is not None:
             config.ckpt_path = str(checkpoint)
 
@@ -209,10 +211,39 @@ class OPDLabCLI(LightningCLI):
                          f"but this run names {given.get(key)!r}; resume with the same {key} (or start a new run "
                          "without --ckpt_path)")
         now = flat_options(given)
+        warned = set()
         for key, value in flat_options(saved).items():
             if key in now and key not in ("student", "teacher") and now[key] != value:
+                warned.add(f"model.{key}")
                 warnings.warn(f"resuming from {ckpt_path} with model.{key}={now[key]!r} (the checkpoint was "
                               f"trained with {value!r})", stacklevel=1)
+        self.compare_with_recorded_config(Path(ckpt_path), warned)
+
+    def compare_with_recorded_config(self, ckpt_path: Path, warned: set[str]) -> None:
+        """Every option (selector, divergence, optimizer, data, trainer ...) against the config.yaml of the run
+        the checkpoint belongs to: a warning per difference. That record is kept: a resume in the same folder
+        saves its own config as config.resume-N.yaml."""
+        recorded_path = ckpt_path.parent.parent / "config.yaml"
+        if not recorded_path.is_file():
+            return
+        import yaml
+
+        subcommand = self.config.get("subcommand")
+        try:
+            recorded = flat_options(yaml.safe_load(recorded_path.read_text()) or {})
+        except (OSError, yaml.YAMLError):
+            return
+        now = {key: plain(value) for key, value in flat_options(self.config[subcommand].clone().as_dict()).items()}
+        ignore = {"ckpt_path", "resume", "run_name", "trainer.max_steps", "config"}
+        for key in sorted(set(recorded) | set(now)):
+            if key in ignore or key in warned or key.startswith("trainer.logger") or recorded.get(key) == now.get(key):
+                continue
+            warnings.warn(f"resuming from {ckpt_path} with {key}={now.get(key)!r} (the run was started with "
+                          f"{recorded.get(key)!r}, {recorded_path})", stacklevel=1)
+        same_folder = Path(self.trainer_log_dir_hint or "") == recorded_path.parent
+        if same_folder:
+            count = len(list(recorded_path.parent.glob("config.resume-*.yaml"))) + 1
+            self.save_config_kwargs["config_filename"] = f"config.resume-{count}.yaml"
 
     def before_fit(self) -> None:
         ckpt_path = self.config[self.config.subcommand].get("ckpt_path")
@@ -257,6 +288,15 @@ class OPDLabCLI(LightningCLI):
                   f"{self.trainer.global_step}; checkpoint saved to {interrupt.saved}\ncontinue with: opdlab "
                   f"{shlex.join(args)} --resume", flush=True)
         sys.exit(128 + int(interrupt.stopped_by))
+
+
+def plain(value):
+    """A value as YAML reads it back (tuples become lists), for comparing with a saved config."""
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    return value
 
 
 def flat_options(options, prefix: str = "") -> dict:

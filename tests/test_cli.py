@@ -528,3 +528,17 @@ def test_an_output_folder_that_cannot_be_written_is_one_line(tmp_path, command, 
     name = {"fit": "--trainer.logger.init_args.save_dir", "cache": "OPDLAB_CACHE"}.get(command, "--out_dir")
     assert message.startswith(f"opdlab: error: {name} {where}"), message
     assert "cannot be written (NotADirectoryError" in message and message.count("\n") == 1, message
+
+
+def test_resume_with_a_changed_selector_warns_and_keeps_the_original_config(tmp_path, tiny_checkpoints):
+    first = run_fit(tmp_path, tiny_checkpoints, "--trainer.max_steps", "1")
+    assert first.code == 0, first.err[-2000:]
+    with pytest.warns(UserWarning) as caught:
+        again = run_fit(tmp_path, tiny_checkpoints, "--trainer.max_steps", "2", "--resume",
+                        "--model.selector.init_args.ratio", "0.5")
+    assert again.code == 0, again.err[-2000:]
+    said = [str(w.message) for w in caught if "resuming from" in str(w.message)]
+    assert len(said) == 1 and "model.selector.init_args.ratio=0.5 (the run was started with 0.2" in said[0], "\n".join(m.split(" with ", 1)[1][:150] for m in said)
+    run = tmp_path / "runs" / "fast" / "version_0"
+    assert yaml.safe_load((run / "config.yaml").read_text())["model"]["selector"]["init_args"]["ratio"] == 0.2
+    assert yaml.safe_load((run / "config.resume-1.yaml").read_text())["model"]["selector"]["init_args"]["ratio"] == 0.5
