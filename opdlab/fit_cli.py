@@ -21,7 +21,7 @@ from opdlab.callbacks.interrupt import SaveOnInterrupt
 from opdlab.cli import TRACEBACK_ENV
 from opdlab.data import PromptDataModule
 from opdlab.module import OPDModule
-from opdlab.runs import RunError, remove_runs_without_results, resolve_run, writable_folder
+from opdlab.runs import RunError, lock_run, remove_runs_without_results, resolve_run, writable_folder
 
 TRAINER_DEFAULTS = {
     "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger", "init_args": {"save_dir": "runs", "name": "opdlab"}},
@@ -181,6 +181,7 @@ class OPDLabCLI(LightningCLI):
         OPDLabCLI.runs_before = {p for p in base.glob("*") if p.is_dir()} if base.is_dir() else set()
         if version is not None:
             init.version = version
+            lock_run(base / version)  # a named or resumed run: one fit at a time
         self.trainer_log_dir_hint = str(base / version) if version is not None and checkpoint is not None else None
         if checkpoint is not None:
             config.ckpt_path = str(checkpoint)

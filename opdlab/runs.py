@@ -47,7 +47,8 @@ def remove_runs_without_results(base: Path, before: set[Path]) -> list[Path]:
     removed = []
     for folder in sorted(p for p in base.glob("*") if p.is_dir() and p not in before):
         files = [p for p in folder.rglob("*") if p.is_file()]
-        if all(p.name in ("config.yaml", "hparams.yaml") or p.name.startswith("events.out.tfevents") for p in files):
+        if all(p.name in ("config.yaml", "hparams.yaml", ".opdlab.lock") or p.name.startswith("events.out.tfevents")
+               for p in files):
             shutil.rmtree(folder, ignore_errors=True)
             removed.append(folder)
     return removed
@@ -81,3 +82,41 @@ def writable_folder(path: Path | str, what: str) -> Path:
         raise OSError(f"{what} {path} cannot be written ({type(err).__name__}: {reason}); choose a folder you can "
                       "write to") from None
     return path
+
+
+def lock_run(folder: Path) -> None:
+    """Claim a named run folder for this process until it exits: a second fit started with the same
+    --run_name (or --resume of the same run) is refused instead of writing into the same files. A lock
+    left by a process that no longer runs is taken over."""
+    import atexit
+
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = folder / ".opdlab.lock"
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                pid = int(lock.read_text().strip() or 0)
+            except (OSError, ValueError):
+                pid = 0
+            if pid and pid != os.getpid() and process_alive(pid):
+                raise RunError(f"run {folder} is in use by another opdlab fit (process {pid}); wait for it, or "
+                               "choose another --run_name") from None
+            lock.unlink(missing_ok=True)  # stale: its process is gone
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+        atexit.register(lambda: lock.unlink(missing_ok=True) if lock.is_file() and lock.read_text() == str(os.getpid())
+                        else None)
+        return
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -542,3 +542,20 @@ def test_resume_with_a_changed_selector_warns_and_keeps_the_original_config(tmp_
     run = tmp_path / "runs" / "fast" / "version_0"
     assert yaml.safe_load((run / "config.yaml").read_text())["model"]["selector"]["init_args"]["ratio"] == 0.2
     assert yaml.safe_load((run / "config.resume-1.yaml").read_text())["model"]["selector"]["init_args"]["ratio"] == 0.5
+
+
+def test_two_fits_with_the_same_run_name_cannot_share_its_folder(tmp_path, tiny_checkpoints):
+    import subprocess
+
+    run = tmp_path / "runs" / "fast" / "mine"
+    run.mkdir(parents=True)
+    holder = subprocess.Popen(["sleep", "30"])  # a live process holding the run's lock
+    try:
+        (run / ".opdlab.lock").write_text(str(holder.pid))
+        message = str(run_fit(tmp_path, tiny_checkpoints, "--trainer.max_steps", "1", "--run_name", "mine").code)
+        assert f"run {run} is in use by another opdlab fit (process {holder.pid})" in message, message
+    finally:
+        holder.kill()
+        holder.wait()
+    result = run_fit(tmp_path, tiny_checkpoints, "--trainer.max_steps", "1", "--run_name", "mine")  # a stale lock
+    assert result.code == 0, result.err[-2000:]
