@@ -125,12 +125,38 @@ def main(argv: list[str] | None = None) -> None:
         run(argv)
     except (ValueError, OSError, KeyError, RuntimeError, ImportError) as err:  # PluginError is a RuntimeError
         cause = opdlab_cause(err)
-        if os.environ.get(TRACEBACK_ENV, "").strip() not in ("", "0") or cause is None:
+        if os.environ.get(TRACEBACK_ENV, "").strip() not in ("", "0"):
             raise
+        if cause is None:  # older jsonargparse keeps only the text of an error raised in a class it builds
+            summary = union_error_summary(str(err))
+            if summary is None:
+                raise
+            sys.exit(f"opdlab: error: {summary}\n(set {TRACEBACK_ENV}=1 to see where it was raised)")
         message = cause.args[0] if isinstance(cause, KeyError) and cause.args else cause
         owner = raising_class(cause) if cause is not err else None  # raised inside a class the CLI built
         sys.exit(f"opdlab: error: {owner + ': ' if owner else ''}{message}\n(set {TRACEBACK_ENV}=1 to see where it "
                  "was raised)")
+
+
+def union_error_summary(message: str) -> str | None:
+    """'<Class>: <reason>' from jsonargparse's "Does not validate against any of the Union subtypes" text
+    (the reasons are its "Errors:" lines, the class its "Given value: Namespace(class_path=...)"), or None."""
+    import re
+
+    if not message.startswith("Does not validate against any of the Union subtypes"):
+        return None
+    lines = [line.strip() for line in message.splitlines()]
+    reasons = []
+    for i, line in enumerate(lines):
+        if line.startswith("- ") and not line.startswith("- Expected a <class"):
+            follows = lines[i + 1] if i + 1 < len(lines) else ""
+            # "- Problem with given class_path '...':" is followed by the reason on its own line
+            continued = line.endswith(":") and follows and not follows.startswith(("- ", "Given value"))
+            reasons.append(follows if continued else line[2:])
+    found = re.search(r"class_path='([\w.]+)'", message)
+    if not reasons:
+        return None
+    return f"{found.group(1).rsplit('.', 1)[-1]}: {reasons[0]}" if found else reasons[0]
 
 
 def opdlab_cause(err: BaseException) -> BaseException | None:
