@@ -559,3 +559,13 @@ def test_two_fits_with_the_same_run_name_cannot_share_its_folder(tmp_path, tiny_
         holder.wait()
     result = run_fit(tmp_path, tiny_checkpoints, "--trainer.max_steps", "1", "--run_name", "mine")  # a stale lock
     assert result.code == 0, result.err[-2000:]
+
+
+def test_jsonl_a_directory_is_named_and_a_byte_order_mark_is_read(tmp_path):
+    from opdlab.tasks import JsonlPrompts
+
+    with pytest.raises(IsADirectoryError, match="is a directory; pass the .jsonl file inside it"):
+        JsonlPrompts(str(tmp_path), num_eval=1)
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b'\xef\xbb\xbf{"prompt": "1+1=", "answer": "2"}\n{"prompt": "2+2=", "answer": "4"}\n')
+    assert [p.prompt for p in JsonlPrompts(str(path), num_eval=1).eval_problems()] == ["2+2="]

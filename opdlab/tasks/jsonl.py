@@ -52,6 +52,8 @@ def answer_text(answer: object, where: str) -> str:
 def read_jsonl_problems(path: str | Path) -> list[Problem]:
     """Read problems from a JSONL file; a malformed line raises with its file and line number."""
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"JSONL prompt file {path} is a directory; pass the .jsonl file inside it")
     if not path.is_file():
         raise FileNotFoundError(f"JSONL prompt file not found: {path}")
     problems = []
@@ -59,7 +61,7 @@ def read_jsonl_problems(path: str | Path) -> list[Problem]:
         for lineno, raw in enumerate(f, start=1):
             where = f"{path}:{lineno}"
             try:
-                line = raw.decode("utf-8")
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")  # a byte-order mark is fine
             except UnicodeDecodeError as err:
                 raise ValueError(f"{where}: not UTF-8 (byte {raw[err.start]:#04x} at column {err.start + 1}); "
                                  "re-encode the file as UTF-8") from None
