@@ -95,11 +95,13 @@ def test_fit_with_vllm_lands_in_the_static_engines_accuracy_band(tmp_path, monke
 
 
 @needs_vllm
-def test_two_processes_with_a_sharded_student_generate_with_current_weights(tmp_path, monkeypatch):
-    """torchrun-style data parallelism (2 CPU processes, FSDP2-sharded student and teacher): each rank runs
-    its own vLLM through the external launcher, fed full tensors gathered parameter by parameter. On every
-    rank and step the engine's log-probs of its samples equal the step's own student log-probs (temperature
-    1), i.e. every rank's vLLM holds that step's weights, not an earlier step's."""
+@pytest.mark.parametrize("tensor_parallel", [1, 2])
+def test_two_processes_with_a_sharded_student_generate_with_current_weights(tmp_path, monkeypatch, tensor_parallel):
+    """torchrun-style data parallelism (2 CPU processes, FSDP2-sharded student and teacher), with one vLLM
+    per rank (tensor_parallel 1) or one vLLM over both ranks (2: they send their prompts together and each
+    keeps its own rows), through the external launcher, fed full tensors gathered parameter by parameter.
+    On every rank and step the engine's log-probs of its samples equal the step's own student log-probs
+    (temperature 1): every rank's engine holds that step's weights, and got back its own prompts' rows."""
     from types import SimpleNamespace
 
     from step_recorder import read_records
@@ -113,7 +115,8 @@ def test_two_processes_with_a_sharded_student_generate_with_current_weights(tmp_
         monkeypatch.setenv(key, value)
     toy = SimpleNamespace(student="toy:add3/student", teacher="toy:add3/teacher")  # head_dim 32 (vLLM's CPU minimum)
     _, record = fit_subprocess(toy, tmp_path, "vllm_dp2", [*EAGER, *MODEL_PARALLEL_2, "--data.source.init_args.digits",
-                                                           "3"], steps=4)
+                                                           "3", "--model.rollout_engine.init_args.tensor_parallel_size",
+                                                           str(tensor_parallel)], steps=4)
     for rank in (0, 1):
         rows = read_records(record, rank)
         assert [row["step"] for row in rows] == [1, 2, 3, 4]
