@@ -10,7 +10,7 @@ import os
 import sys
 import warnings
 from pathlib import Path
-from typing import Optional
+from typing import ClassVar, Optional
 
 from jsonargparse import ActionYesNo, Namespace
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -116,9 +116,9 @@ def option_keys(parser) -> list[str]:
 class OPDLabCLI(LightningCLI):
     """LightningCLI over `OPDModule` and `PromptDataModule`; `fit` also reports accuracy before/after."""
 
-    argv: list[str] = []  # this fit's command line (set by run_fit), for the --resume hint after an interrupt
+    argv: ClassVar[list[str]] = []  # this fit's command line (set by run_fit), for the --resume hint after an interrupt
     run_base: Path | None = None  # where this fit's run folder goes, and the folders there before it
-    runs_before: set = set()
+    runs_before: ClassVar[set] = set()
     current_trainer = None
     trainer_log_dir_hint: str | None = None  # the folder a --resume continues in
 

@@ -74,3 +74,15 @@ class RolloutEngine(ABC):
     @abstractmethod
     def generate(self, prompts: PromptBatch, params: SamplingParams) -> Rollout:
         """Sample `params.num_samples` responses per prompt (rows prompt-major: i * num_samples + j)."""
+
+
+def generation_dtype(setting: str, model: nn.Module, device: torch.device) -> torch.dtype:
+    """The dtype an engine generates in: `setting` itself (float32, bfloat16, float16) or, for `auto`, the
+    dtype the student computes in here: autocast's (bf16-mixed training) or its own weights'."""
+    from opdlab.models import DTYPES
+
+    if setting != "auto":
+        return DTYPES[setting]
+    if torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return next(model.parameters()).dtype

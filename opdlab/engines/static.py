@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from opdlab.engines.base import RolloutEngine, SamplingParams
+from opdlab.engines.base import RolloutEngine, SamplingParams, generation_dtype
 from opdlab.models import DTYPES
 from opdlab.rollout import (
     PromptBatch,
@@ -290,11 +290,7 @@ class StaticCacheEngine(RolloutEngine):
 
     def generation_dtype(self, model: nn.Module, device: torch.device) -> torch.dtype:
         """`auto`: the dtype the student computes in here: autocast's (bf16-mixed training) or its own."""
-        if self.dtype != "auto":
-            return DTYPES[self.dtype]
-        if torch.is_autocast_enabled(device.type):
-            return torch.get_autocast_dtype(device.type)
-        return next(model.parameters()).dtype
+        return generation_dtype(self.dtype, model, device)
 
     # ------------------------------------------------------------------------- generation
     @torch.no_grad()

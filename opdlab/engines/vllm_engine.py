@@ -46,7 +46,7 @@ import torch
 from torch import nn
 
 from opdlab.distributed import rank, world_size
-from opdlab.engines.base import RolloutEngine, SamplingParams
+from opdlab.engines.base import RolloutEngine, SamplingParams, generation_dtype
 from opdlab.models import DTYPES
 from opdlab.rollout import PromptBatch, Rollout, derive_seed
 
@@ -212,11 +212,7 @@ class VLLMEngine(RolloutEngine):
 
     def generation_dtype(self, model: nn.Module, device: torch.device) -> torch.dtype:
         """`auto`: the dtype the student computes in here: autocast's (bf16-mixed training) or its own."""
-        if self.dtype != "auto":
-            return DTYPES[self.dtype]
-        if torch.is_autocast_enabled(device.type):
-            return torch.get_autocast_dtype(device.type)
-        return next(model.parameters()).dtype
+        return generation_dtype(self.dtype, model, device)
 
     def build_llm(self, model: nn.Module, options: dict):
         """A vLLM instance of the student's architecture (dummy weights), in this process."""
