@@ -569,3 +569,12 @@ def test_jsonl_a_directory_is_named_and_a_byte_order_mark_is_read(tmp_path):
     path = tmp_path / "bom.jsonl"
     path.write_bytes(b'\xef\xbb\xbf{"prompt": "1+1=", "answer": "2"}\n{"prompt": "2+2=", "answer": "4"}\n')
     assert [p.prompt for p in JsonlPrompts(str(path), num_eval=1).eval_problems()] == ["2+2="]
+
+
+@pytest.mark.parametrize("divergence", ["reverse_kl", "forward_kl", "jsd", "skew_kl", "tvd"])
+@pytest.mark.parametrize("value", ["0", "-1"])
+def test_a_loss_temperature_that_is_not_positive_is_refused_before_any_model_loads(divergence, value):
+    message = str(run_opdlab(["fit", "--config", FAST, "--model.divergence", divergence,
+                              "--model.divergence.init_args.temperature", value]).code)
+    assert "temperature (the loss's softmax temperature, not the rollout's) must be a number > 0" in message, message
+    assert message.startswith("opdlab: error: ") and message.count("\n") == 1

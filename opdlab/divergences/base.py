@@ -7,6 +7,7 @@ per row; `opdlab.loss.head_loss` sums them into the step's scalar with the modul
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import ClassVar
@@ -41,3 +42,12 @@ class Divergence(ABC):
     @abstractmethod
     def token_loss(self, inputs: LossInputs) -> torch.Tensor:
         """(M,) loss per kept position, differentiable w.r.t. `inputs.student_logits`."""
+
+
+def checked_loss_temperature(temperature: float) -> float:
+    """A divergence's loss temperature (its softmax temperature, separate from the rollout's), checked where
+    the divergence is built, before any model loads."""
+    if not math.isfinite(temperature) or temperature <= 0:
+        raise ValueError(f"temperature (the loss's softmax temperature, not the rollout's) must be a number > 0, "
+                         f"got {temperature}")
+    return temperature

@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from opdlab.divergences.base import Divergence, LossInputs
+from opdlab.divergences.base import Divergence, LossInputs, checked_loss_temperature
 from opdlab.divergences.hand_grad import hand_grad_loss  # KL / JSD with hand-written logit gradients
 from opdlab.maths import log_softmax_fp32, masked_kl
 
@@ -24,7 +24,7 @@ class ForwardKL(Divergence):
     """KL(p_T || p_S): mass-covering (the supervised-KD direction)."""
 
     def __init__(self, temperature: float = 1.0) -> None:
-        self.temperature = temperature
+        self.temperature = checked_loss_temperature(temperature)
 
     def token_loss(self, inputs: LossInputs) -> torch.Tensor:
         return hand_grad_loss(inputs.student_logits, inputs.teacher_logits, "forward_kl",
@@ -36,7 +36,7 @@ class ReverseKL(Divergence):
     """KL(p_S || p_T): mode-seeking, the usual on-policy distillation objective."""
 
     def __init__(self, temperature: float = 1.0) -> None:
-        self.temperature = temperature
+        self.temperature = checked_loss_temperature(temperature)
 
     def token_loss(self, inputs: LossInputs) -> torch.Tensor:
         return hand_grad_loss(inputs.student_logits, inputs.teacher_logits, "reverse_kl",
@@ -54,7 +54,7 @@ class GeneralizedJSD(Divergence):
     def __init__(self, beta: float = 0.5, temperature: float = 1.0) -> None:
         if not 0.0 <= beta <= 1.0:
             raise ValueError(f"beta must be in [0, 1], got {beta}")
-        self.beta, self.temperature = beta, temperature
+        self.beta, self.temperature = beta, checked_loss_temperature(temperature)
 
     def token_loss(self, inputs: LossInputs) -> torch.Tensor:
         kind = {0.0: "forward_kl", 1.0: "reverse_kl"}.get(self.beta, "jsd")
@@ -68,7 +68,7 @@ class SkewKL(Divergence):
     def __init__(self, alpha: float = 0.1, reverse: bool = False, temperature: float = 1.0) -> None:
         if not 0.0 <= alpha < 1.0:
             raise ValueError(f"alpha must be in [0, 1), got {alpha}")
-        self.alpha, self.reverse, self.temperature = alpha, reverse, temperature
+        self.alpha, self.reverse, self.temperature = alpha, reverse, checked_loss_temperature(temperature)
 
     def token_loss(self, inputs: LossInputs) -> torch.Tensor:
         s, t = _pair(inputs, self.temperature)
@@ -83,7 +83,7 @@ class TotalVariation(Divergence):
     """Total variation distance 0.5 · Σ |p_T - p_S|."""
 
     def __init__(self, temperature: float = 1.0) -> None:
-        self.temperature = temperature
+        self.temperature = checked_loss_temperature(temperature)
 
     def token_loss(self, inputs: LossInputs) -> torch.Tensor:
         s, t = _pair(inputs, self.temperature)
