@@ -80,7 +80,11 @@ def error_summary(message: str) -> str:
     if not lines[0].endswith(":"):
         return lines[0]
     reasons = [line.lstrip("- ") for line in lines[1:] if not line.startswith(JSONARGPARSE_SCAFFOLDING)]
-    return " ".join([lines[0], *reasons[:2]])
+    given = next((line.removeprefix("Given value:").strip() for line in lines if line.startswith("Given value:")), None)
+    shown = " ".join([lines[0], *reasons[:2]])
+    if given is not None and "Got value" not in shown and len(given) < 80:  # say which value (e.g. nan for a float)
+        shown += f" (got {given!r})"
+    return shown
 
 
 def closest_keys_hint(message: str, parser) -> str:

@@ -578,3 +578,9 @@ def test_a_loss_temperature_that_is_not_positive_is_refused_before_any_model_loa
                               "--model.divergence.init_args.temperature", value]).code)
     assert "temperature (the loss's softmax temperature, not the rollout's) must be a number > 0" in message, message
     assert message.startswith("opdlab: error: ") and message.count("\n") == 1
+
+
+def test_a_value_of_the_wrong_type_is_shown_in_its_error_line():
+    result = run_opdlab(["fit", "--config", FAST, "--model.training.gradient_clip_val", "nan"])
+    first = result.err.splitlines()[0]
+    assert first.startswith('opdlab fit: error: Parser key "model.training.gradient_clip_val":') and "'nan'" in first, first
