@@ -152,12 +152,13 @@ def test_validation_steps_follow_the_schedule():
 def test_failed_run_makes_compare_exit_nonzero_after_writing_the_rest(compared):
     out, _ = compared
     base = out.parent / "base.yaml"
-    result = run_opdlab([  # `full` is reloaded from the fixture's run; random at ratio 2 fails at once
-        "compare", "--fit_config", f"[{base}]", "--selectors", "[full,random]", "--ratio", "2", "--seeds", "[0]",
+    result = run_opdlab([  # `full` is reloaded from the fixture's run; random, with a refused option, fails at once
+        "compare", "--fit_config", f"[{base}]", "--selectors", "[full,random]", "--ratio", "0.5", "--seeds", "[0]",
         "--steps", "3", "--val_check_interval", "1", "--overlays_dir", str(OVERLAYS), "--out_dir", str(out),
+        "--extra_args", "[--model.training.max_bad_steps=-1]",
     ])
     assert result.code != 0
-    assert "1 of 2 runs failed (random@2 seed 0)" in str(result.code)
+    assert "1 of 2 runs failed (random@0.5 seed 0)" in str(result.code)
     assert "| full | 1 |" in (out / "table.md").read_text()  # what finished is still written
 
 

@@ -90,9 +90,13 @@ def test_missing_model_path(path):
     assert "hub id" in str(err.value)
 
 
-def test_hub_ids_and_existing_dirs_pass_through(tmp_path):
-    assert resolve_model_path("Qwen/Qwen3-1.7B") == "Qwen/Qwen3-1.7B"
+def test_hub_ids_and_existing_dirs_pass_through(tmp_path, monkeypatch):
     assert resolve_model_path(str(tmp_path)) == str(tmp_path)
+    # No hub here: an id that is not cached is refused at once, in one line (not after a minute of retries) ...
+    with pytest.raises(OSError, match="'Qwen/Qwen3-1.7B' is not a local directory, not in the hub cache"):
+        resolve_model_path("Qwen/Qwen3-1.7B")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # ... and offline mode leaves ids to the cache, as transformers does
+    assert resolve_model_path("Qwen/Qwen3-1.7B") == "Qwen/Qwen3-1.7B"
 
 
 def test_bad_toy_spec():
