@@ -186,6 +186,9 @@ class OPDLabCLI(LightningCLI):
         if version is not None:
             init.version = version
             lock_run(base / version)  # a named or resumed run: one fit at a time
+        if checkpoint is not None and logger.class_path.endswith("TensorBoardLogger"):
+            # Steps after the checkpoint are trained again: TensorBoard drops their earlier points (purge_step).
+            init.purge_step = checkpoint_step(checkpoint)
         self.trainer_log_dir_hint = str(base / version) if version is not None and checkpoint is not None else None
         if checkpoint is not None:
             config.ckpt_path = str(checkpoint)
@@ -293,6 +296,13 @@ class OPDLabCLI(LightningCLI):
                   f"{self.trainer.global_step}; checkpoint saved to {interrupt.saved}\ncontinue with: opdlab "
                   f"{shlex.join(args)} --resume", flush=True)
         sys.exit(128 + int(interrupt.stopped_by))
+
+
+def checkpoint_step(path: Path) -> int:
+    """The global step a checkpoint was saved at, without reading its tensors (memory-mapped)."""
+    import torch
+
+    return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["global_step"])
 
 
 def plain(value):

@@ -584,3 +584,16 @@ def test_a_value_of_the_wrong_type_is_shown_in_its_error_line():
     result = run_opdlab(["fit", "--config", FAST, "--model.training.gradient_clip_val", "nan"])
     first = result.err.splitlines()[0]
     assert first.startswith('opdlab fit: error: Parser key "model.training.gradient_clip_val":') and "'nan'" in first, first
+
+
+def test_resume_after_an_interruption_past_the_checkpoint_keeps_one_tensorboard_point_per_step(tmp_path, tiny_checkpoints):
+    """Steps logged after the last checkpoint are trained again on resume: their first points are purged."""
+    first = run_fit(tmp_path, tiny_checkpoints, "--trainer.max_steps", "3", "--trainer.callbacks.save_top_k=-1")
+    assert first.code == 0, first.err[-3000:]
+    run = tmp_path / "runs" / "fast" / "version_0"
+    (run / "checkpoints" / "last.ckpt").unlink()  # as if killed after step 3 was logged, before its checkpoint
+    (run / "checkpoints" / "epoch=0-step=2.ckpt").rename(run / "checkpoints" / "last.ckpt")
+    again = run_fit(tmp_path, tiny_checkpoints, "--trainer.max_steps", "4", "--resume")
+    assert again.code == 0, again.err[-3000:]
+    steps = [step for step, _ in scalars(run)["train/loss"]]
+    assert steps == [0, 1, 2, 3], steps
