@@ -597,3 +597,13 @@ def test_resume_after_an_interruption_past_the_checkpoint_keeps_one_tensorboard_
     assert again.code == 0, again.err[-3000:]
     steps = [step for step, _ in scalars(run)["train/loss"]]
     assert steps == [0, 1, 2, 3], steps
+
+
+def test_evaluation_prompts_that_are_also_training_prompts_are_warned_about(tmp_path):
+    from opdlab.tasks import JsonlPrompts
+
+    train, held = tmp_path / "train.jsonl", tmp_path / "eval.jsonl"
+    train.write_text("".join(f'{{"prompt": "{i}+1=", "answer": "{i + 1}"}}\n' for i in range(10)))
+    held.write_text('{"prompt": "3+1=", "answer": "4"}\n{"prompt": "99+1=", "answer": "100"}\n')
+    with pytest.warns(UserWarning, match="1 of 2 evaluation prompts also appear among the 10 training prompts"):
+        JsonlPrompts(str(train), eval_path=str(held))

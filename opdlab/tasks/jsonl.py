@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
@@ -123,6 +124,9 @@ class JsonlPrompts(PromptSource):
         if verifier not in ("exact", "math"):
             raise ValueError(f"verifier must be 'exact' or 'math', got {verifier!r}")
         self.verifier, self.use_chat_template, self.seed = verifier, chat_template, seed
+        warn_overlap(self._train, self._eval, "evaluation")
+        if self._test is not None:
+            warn_overlap(self._train, self._test, "test")
 
     def train_problems(self, start: int = 0) -> Iterator[Problem]:
         n = len(self._train)
@@ -147,3 +151,14 @@ class JsonlPrompts(PromptSource):
         from opdlab.tasks.math_answers import verify_math_answer
 
         return verify_math_answer(response, answer)
+
+
+def warn_overlap(train: list[Problem], held_out: list[Problem], name: str) -> None:
+    """Warn when held-out prompts also appear among the training prompts: the held-out accuracy would then
+    measure memorisation as well (duplicated files, or an eval file cut from the training file)."""
+    seen = {p.prompt.strip() for p in train}
+    shared = sum(p.prompt.strip() in seen for p in held_out)
+    if shared:
+        warnings.warn(f"{shared} of {len(held_out)} {name} prompts also appear among the {len(train)} training "
+                      f"prompts: held-out accuracy on them is not held out; remove them from one of the files",
+                      stacklevel=3)
