@@ -25,6 +25,7 @@ import json
 import os
 import platform
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -161,6 +162,8 @@ def run_one(spec: RunSpec, command: list[str], log_dir: Path, env: dict, rerun: 
     done = log_dir / "result.json"
     if done.is_file() and not rerun:
         return result_from_json(json.loads(done.read_text()))
+    if log_dir.exists():  # a rerun starts from an empty folder: old and new events must not mix
+        shutil.rmtree(log_dir)
     log_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     proc = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
@@ -179,12 +182,34 @@ def run_one(spec: RunSpec, command: list[str], log_dir: Path, env: dict, rerun: 
         kept_tokens=sum(kept), valid_tokens=sum(scalars.get("train/valid_tokens", [])),
         fit_seconds=parse_fit_seconds(proc.stdout), process_seconds=round(seconds, 1),
     )
-    done.write_text(json.dumps({**asdict(result), "spec": asdict(spec)}, indent=2))
+    done.write_text(json.dumps({**asdict(result), "spec": asdict(spec), "command": settings(command)}, indent=2))
     return result
 
 
+def settings(command: list[str]) -> list[str]:
+    """What a run's result depends on: its `opdlab fit` arguments (not the Python that ran them)."""
+    return command[command.index("fit"):]
+
+
 def result_from_json(data: dict) -> RunResult:
+    data = {k: v for k, v in data.items() if k != "command"}
     return RunResult(**{**data, "spec": RunSpec(**data["spec"])})
+
+
+def check_saved_results(commands: dict[Path, list[str]], out: Path) -> None:
+    """Results already in `out` are reused only if they were made with the same settings; otherwise refuse
+    (they would be tabulated as if made with these)."""
+    for log_dir, command in commands.items():
+        done = log_dir / "result.json"
+        if not done.is_file():
+            continue
+        saved = json.loads(done.read_text()).get("command")
+        if saved is not None and saved != settings(command):
+            first = next((f"{a} vs {b}" for a, b in zip(saved, settings(command), strict=False) if a != b),
+                         f"{len(saved)} vs {len(settings(command))} arguments")
+            raise CompareError(f"{out} already holds a result of {log_dir.relative_to(out)} made with other settings "
+                               f"(first difference, saved vs now: {first}); pass --rerun to run such runs again, or "
+                               "choose another --out_dir")
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -376,6 +401,9 @@ def compare(
                            "pass at least one selector and one seed")
     check_before_running(specs, overlays, steps, val_check_interval, jobs)
     writable_folder(out, "--out_dir")
+    if not rerun:
+        check_saved_results({out / "runs" / spec.name / f"seed{spec.seed}": fit_command(
+            spec, fit_config, overlays, out / "runs", steps, val_check_interval, extra_args, top_k) for spec in specs}, out)
     env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
 
     def launch(spec: RunSpec) -> RunResult:

@@ -149,17 +149,31 @@ def test_validation_steps_follow_the_schedule():
     assert validation_steps(4, 50, 20) == [0, 20, 40, 50]  # the extra validation at the end of fit
 
 
-def test_failed_run_makes_compare_exit_nonzero_after_writing_the_rest(compared):
+def test_failed_run_makes_compare_exit_nonzero_after_writing_the_rest(compared, tmp_path):
     out, _ = compared
     base = out.parent / "base.yaml"
-    result = run_opdlab([  # `full` is reloaded from the fixture's run; random, with a refused option, fails at once
-        "compare", "--fit_config", f"[{base}]", "--selectors", "[full,random]", "--ratio", "0.5", "--seeds", "[0]",
+    broken = tmp_path / "broken.yaml"  # an overlay whose run fails at once (no such selector class)
+    broken.write_text("model:\n  selector:\n    class_path: opdlab.selectors.NoSuchSelector\n")
+    result = run_opdlab([  # `full` is reloaded from the fixture's run (same settings)
+        "compare", "--fit_config", f"[{base}]", "--selectors", f"[full,{broken}]", "--ratio", "0.25", "--seeds", "[0]",
         "--steps", "3", "--val_check_interval", "1", "--overlays_dir", str(OVERLAYS), "--out_dir", str(out),
-        "--extra_args", "[--model.training.max_bad_steps=-1]",
     ])
     assert result.code != 0
-    assert "1 of 2 runs failed (random@0.5 seed 0)" in str(result.code)
+    assert "1 of 2 runs failed (broken" in str(result.code), result.code
     assert "| full | 1 |" in (out / "table.md").read_text()  # what finished is still written
+
+
+def test_results_made_with_other_settings_are_not_reused(compared):
+    """The fixture ran 3 steps; asking for 2 into the same folder must not tabulate the 3-step results."""
+    out, _ = compared
+    result = run_opdlab([
+        "compare", "--fit_config", f"[{out.parent / 'base.yaml'}]", "--selectors", "[full]", "--seeds", "[0]",
+        "--steps", "2", "--val_check_interval", "1", "--overlays_dir", str(OVERLAYS), "--out_dir", str(out),
+    ])
+    message = str(result.code)
+    assert "already holds a result of runs/full/seed0 made with other settings" in message, message
+    assert "--trainer.max_steps" not in message or "3 vs 2" in message, message
+    assert "pass --rerun" in message
 
 
 def test_compare_with_nothing_to_run_exits_nonzero(tmp_path):
