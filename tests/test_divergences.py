@@ -262,8 +262,10 @@ def test_invalid_divergence_arguments_raise(make):
 
 
 def test_loss_temperature_must_be_positive():
-    with pytest.raises(ValueError, match="temperature must be > 0"):
-        ForwardKL(temperature=0.0).token_loss(make_inputs(torch.randn(2, V), torch.randn(2, V)))
+    """Refused where the divergence is built (it used to pass construction and fail inside the first step)."""
+    for value in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match=r"temperature \(the loss's softmax temperature, not the rollout's\) must"):
+            ForwardKL(temperature=value)
 
 
 def autograd_reference(kind: str, student, teacher, beta: float = 0.5, temperature: float = 1.0):
