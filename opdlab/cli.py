@@ -120,7 +120,20 @@ commands:
 def main(argv: list[str] | None = None) -> None:
     """`opdlab ...`: errors that opdlab itself raises (option checks, data, paths, plugins, checkpoints)
     are printed as one `opdlab: error: ...` line; `OPDLAB_TRACEBACK=1` shows the traceback instead.
-    Errors raised elsewhere (a bug, a library) keep their traceback."""
+    Errors raised elsewhere (a bug, a library) keep their traceback, except Lightning's refusals of a Trainer
+    option, which are the user's input too."""
+    try:
+        run_and_report(argv)
+    except Exception as err:
+        if type(err).__name__ != "MisconfigurationException" or os.environ.get(TRACEBACK_ENV, "").strip() not in ("", "0"):
+            raise
+        # Lightning's word for a Trainer option it cannot use (devices, accelerator, max_steps ...): the user's input
+        sys.exit(f"opdlab: error: {' '.join(str(err).split())} (a --trainer.* option)\n(set {TRACEBACK_ENV}=1 to see "
+                 "where it was raised)")
+
+
+def run_and_report(argv: list[str] | None) -> None:
+    """`run`, with opdlab's own errors (and those of classes the CLI builds) as one line."""
     try:
         run(argv)
     except (ValueError, OSError, KeyError, RuntimeError, ImportError) as err:  # PluginError is a RuntimeError

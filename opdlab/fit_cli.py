@@ -159,6 +159,10 @@ class OPDLabCLI(LightningCLI):
             self.save_config_callback = None  # nor the working directory (no log folder to save config.yaml in)
         elif subcommand == "fit":
             self.resolve_run_folder(config)
+        interval = config.trainer.get("val_check_interval")
+        if isinstance(interval, (int, float)) and not isinstance(interval, bool) and interval <= 0:
+            raise RunError(f"trainer.val_check_interval must be > 0 (steps between validations, or a fraction of "
+                           f"an epoch), got {interval}")
         added = ["opdlab.callbacks.FitSummary"] + (["opdlab.callbacks.interrupt.SaveOnInterrupt"] if subcommand == "fit" else [])
         if config.trainer.get("enable_progress_bar") is not False:  # steps out of max_steps, not epochs
             added.append("opdlab.callbacks.progress.StepProgressBar")

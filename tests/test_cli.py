@@ -607,3 +607,16 @@ def test_evaluation_prompts_that_are_also_training_prompts_are_warned_about(tmp_
     held.write_text('{"prompt": "3+1=", "answer": "4"}\n{"prompt": "99+1=", "answer": "100"}\n')
     with pytest.warns(UserWarning, match="1 of 2 evaluation prompts also appear among the 10 training prompts"):
         JsonlPrompts(str(train), eval_path=str(held))
+
+
+@pytest.mark.parametrize("option,value,says", [
+    ("--trainer.max_steps", "-5", "`max_steps` must be a non-negative integer"),
+    ("--trainer.devices", "0", "value is not a valid input"),
+    ("--trainer.accelerator", "gpu", "No supported gpu backend found"),
+    ("--trainer.val_check_interval", "0", "trainer.val_check_interval must be > 0"),
+])
+def test_trainer_options_lightning_refuses_are_one_line(option, value, says):
+    """Found by benchmarks/adversarial.py: Lightning's MisconfigurationException reached users as a traceback,
+    and val_check_interval 0 as a ZeroDivisionError inside Lightning."""
+    message = str(run_opdlab(["fit", "--config", FAST, option, value]).code)
+    assert message.startswith("opdlab: error: ") and says in message and message.count("\n") == 1, message
