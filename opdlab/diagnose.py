@@ -80,6 +80,13 @@ class TrainOptions:
     seed: int = 0
     accelerator: str = "auto"
 
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "num_samples", "max_new_tokens"):
+            if getattr(self, name) < 1:  # steps -1 would be Lightning's "no limit": a run that never ends
+                raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if not self.lr > 0 or not self.temperature > 0:
+            raise ValueError(f"train.lr and train.temperature must be > 0, got {self.lr} and {self.temperature}")
+
 
 # --------------------------------------------------------------------------------------------- θ1
 def train_student(module, source: PromptSource, opts: TrainOptions) -> dict:
@@ -159,6 +166,9 @@ def diagnose(
     from opdlab.runs import writable_folder
 
     source = source if source is not None else AdditionTask(digits=3)
+    if bank.path and not Path(bank.path).is_file():
+        raise FileNotFoundError(f"bank.path {bank.path} does not exist; pass the bank.pt an earlier diagnose wrote "
+                                "(in its --out_dir), or leave bank.path unset to sample a new bank")
     vocabulary = len(load_tokenizer(student))  # checked before any weights load
     if bank.top_k > vocabulary:
         raise ValueError(f"bank.top_k={bank.top_k} exceeds the vocabulary ({vocabulary} tokens of {student}); use "
