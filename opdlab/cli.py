@@ -3,6 +3,7 @@
 
     opdlab fit --config configs/ta_opd.yaml        train (opdlab/fit_cli.py: LightningCLI)
     opdlab fit --config configs/ta_opd.yaml --print_config   show every option with its value
+    opdlab eval --config configs/eval/toy.yaml --model toy:add3/student   Avg@k / pass@k on benchmark sets
     opdlab toy --name add3                          rebuild the toy models and compare with the shipped ones
     opdlab plugins                                  list installed selectors, divergences and rollout engines
 """
@@ -99,8 +100,14 @@ def run_compare(argv: list[str]) -> None:
     run(argv)
 
 
-COMMANDS = {"toy": run_toy, "plugins": run_plugins, "diagnose": run_diagnose, "compare": run_compare}
-HELP = """usage: opdlab {fit,validate,test,toy,plugins,diagnose,compare} ...
+def run_eval(argv: list[str]) -> None:
+    from opdlab.eval_cli import run_eval as run
+
+    run(argv)
+
+
+COMMANDS = {"eval": run_eval, "toy": run_toy, "plugins": run_plugins, "diagnose": run_diagnose, "compare": run_compare}
+HELP = """usage: opdlab {fit,validate,test,eval,toy,plugins,diagnose,compare} ...
 
 On-policy distillation with token selection (TA-OPD and baselines).
 
@@ -108,6 +115,7 @@ commands:
   fit        train a student by OPD:       opdlab fit --config configs/ta_opd.yaml
   validate   greedy accuracy of a student: opdlab validate --config ... [--ckpt_path ...]
   test       same, on the test split
+  eval       sampled accuracy (Avg@k, pass@k, maj@k) on benchmark sets: opdlab eval --config configs/eval/toy.yaml --model ...
   toy        rebuild the toy teacher/student (the default ones ship with opdlab) and compare
   plugins    list installed selectors, divergences and rollout engines
   diagnose   fixed-context diagnostic: does θ0 teachability predict OPD gain? (docs/method.md §3)

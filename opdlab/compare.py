@@ -32,6 +32,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import yaml
@@ -76,6 +77,7 @@ class RunResult:
     fit_seconds: float = float("nan")
     process_seconds: float = float("nan")
     error: str = ""
+    eval_avg: float = float("nan")  # equal-weight mean Avg@k of the exported student (fit's --eval.*), if evaluated
 
     @property
     def before(self) -> float:
@@ -177,10 +179,12 @@ def run_one(spec: RunSpec, command: list[str], log_dir: Path, env: dict, rerun: 
     val = scalars.get("val/accuracy", [])
     steps = validation_steps(len(val), *schedule)
     kept = scalars.get("train/kept_tokens", [])
+    evaluated = log_dir / "eval" / "result.json"
     result = RunResult(
         spec, ok=True, val_steps=steps, val_accuracy=val, val_supervised_tokens=supervised_so_far(kept, steps),
         kept_tokens=sum(kept), valid_tokens=sum(scalars.get("train/valid_tokens", [])),
         fit_seconds=parse_fit_seconds(proc.stdout), process_seconds=round(seconds, 1),
+        eval_avg=json.loads(evaluated.read_text())["mean"]["avg"]["mean"] if evaluated.is_file() else float("nan"),
     )
     done.write_text(json.dumps({**asdict(result), "spec": asdict(spec), "command": settings(command)}, indent=2))
     return result
@@ -231,7 +235,7 @@ def summarize(results: list[RunResult]) -> list[dict]:
             ("before", [r.before for r in ok]), ("final", [r.final for r in ok]), ("best", [r.best for r in ok]),
             ("supervised_tokens", [r.kept_tokens for r in ok]),
             ("retained_ratio", [r.kept_tokens / r.valid_tokens if r.valid_tokens else float("nan") for r in ok]),
-            ("fit_seconds", [r.fit_seconds for r in ok]),
+            ("fit_seconds", [r.fit_seconds for r in ok]), ("eval_avg", [r.eval_avg for r in ok]),
         ):
             row[f"{key}_mean"], row[f"{key}_std"] = mean_std(values)
         rows.append(row)
@@ -243,17 +247,33 @@ def plus_minus(row: dict, key: str, fmt: str) -> str:
 
 
 def markdown_table(rows: list[dict]) -> str:
+    evaluated = any(np.isfinite(r.get("eval_avg_mean", float("nan"))) for r in rows)
     head = ("| method | seeds | before | final val/accuracy | best val/accuracy | supervised tokens "
-            "| retained ratio | fit wall time (s) |")
-    lines = [head, "|" + "---|" * 8]
+            "| retained ratio | fit wall time (s) |" + (" eval Avg@k |" if evaluated else ""))
+    lines = [head, "|" + "---|" * (9 if evaluated else 8)]
     for r in rows:
         failed = f" ({r['failed']} failed)" if r["failed"] else ""
         lines.append(
             f"| {r['method']} | {r['seeds']}{failed} | {r['before_mean']:.3f} | {plus_minus(r, 'final', '.3f')} "
             f"| {plus_minus(r, 'best', '.3f')} | {r['supervised_tokens_mean']:,.0f} | {r['retained_ratio_mean']:.3f} "
-            f"| {plus_minus(r, 'fit_seconds', '.1f')} |"
+            f"| {plus_minus(r, 'fit_seconds', '.1f')} |" + (f" {plus_minus(r, 'eval_avg', '.3f')} |" if evaluated else "")
         )
     return "\n".join(lines)
+
+
+RANK_KEYS = {"final": "final_mean", "best": "best_mean", "eval": "eval_avg_mean"}
+
+
+def ranked(rows: list[dict], rank_by: str | None) -> list[dict]:
+    """Rows best first by `rank_by` (final or best validation accuracy, or the evaluation's Avg@k); as given
+    when None."""
+    if rank_by is None:
+        return rows
+    key = RANK_KEYS[rank_by]
+    if rank_by == "eval" and rows and not any(np.isfinite(r[key]) for r in rows):
+        raise CompareError("rank_by=eval, but no run was evaluated: pass eval_config (e.g. configs/eval/toy.yaml), "
+                           "which runs `opdlab fit`'s evaluation of each exported student")
+    return sorted(rows, key=lambda r: -r[key] if np.isfinite(r[key]) else float("inf"))
 
 
 def mean_curves(results: list[RunResult], x: str = "step") -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
@@ -367,6 +387,8 @@ def compare(
     extra_args: list[str] = [],  # noqa: B006
     rerun: bool = False,
     top_k: int | None = None,
+    eval_config: str | None = None,
+    rank_by: Literal["final", "best", "eval"] | None = None,
 ) -> list[dict]:
     """Run `opdlab fit` for every selector x seed (and a budget sweep), then tabulate and plot.
 
@@ -391,6 +413,10 @@ def compare(
         rerun: rerun runs that already have a result.json.
         top_k: K of the top-K features of every selector whose overlay sets one (default: the overlay's,
             8); e.g. 4 on the long toy, whose vocabulary has 19 characters.
+        eval_config: an `opdlab eval` settings file (e.g. configs/eval/toy.yaml): every run evaluates its exported
+            student with it after training (Avg@k, pass@k: <run>/eval/), and the table gains an "eval Avg@k" column.
+        rank_by: order the table's rows best first by final or best validation accuracy, or by the evaluation's
+            Avg@k (`eval`, needs eval_config); default: the order of `selectors`.
     """
     out = Path(out_dir)
     overlays = Path(overlays_dir) if overlays_dir else Path(fit_config[0]).parent / "selectors"
@@ -400,6 +426,12 @@ def compare(
         raise CompareError(f"nothing to run: selectors {selectors} x seeds {seeds} (and no sweep) is empty; "
                            "pass at least one selector and one seed")
     check_before_running(specs, overlays, steps, val_check_interval, jobs)
+    if rank_by == "eval" and eval_config is None:
+        raise CompareError("rank_by=eval needs eval_config (e.g. configs/eval/toy.yaml): the runs are ranked by the "
+                           "evaluation of their exported students")
+    if eval_config is not None:
+        check_eval_config(eval_config)
+        extra_args = [*extra_args, "--eval", eval_config]
     writable_folder(out, "--out_dir")
     if not rerun:
         check_saved_results({out / "runs" / spec.name / f"seed{spec.seed}": fit_command(
@@ -417,8 +449,8 @@ def compare(
     started = time.perf_counter()
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
         results = dict(zip(specs, pool.map(launch, specs), strict=True))
-    table = summarize([results[s] for s in main])
-    sweep_table = summarize([results[s] for s in sweep])
+    table = ranked(summarize([results[s] for s in main]), rank_by)
+    sweep_table = ranked(summarize([results[s] for s in sweep]), rank_by)
     header = command_header(fit_config, started, sum(r.process_seconds for r in results.values() if r.ok))
     write_outputs(out, results, main, sweep, table, sweep_table, header=header,
                   label=", ".join(Path(c).name for c in fit_config))
@@ -427,6 +459,24 @@ def compare(
         raise CompareError(f"{len(failed)} of {len(results)} runs failed ({', '.join(failed[:5])}); their logs are "
                            f"under {out / 'runs'}; the table in {out / 'table.md'} covers the runs that finished")
     return table + sweep_table
+
+
+def check_eval_config(path: str) -> None:
+    """The evaluation settings every run will use: read and checked (its benchmark files too) before any run."""
+    from opdlab.eval_cli import Benchmark, EvalError, EvalOptions, load_benchmark
+
+    if not Path(path).is_file():
+        raise CompareError(f"eval_config {path} not found; e.g. configs/eval/toy.yaml")
+    data = yaml.safe_load(Path(path).read_text()) or {}
+    try:
+        options = EvalOptions(**{**data, "benchmarks": [Benchmark(**b) for b in data.get("benchmarks") or []]})
+        if not options.benchmarks:
+            raise EvalError("it lists no benchmarks")
+        options.check()
+        for bench in options.benchmarks:
+            load_benchmark(bench)
+    except (TypeError, EvalError) as err:
+        raise CompareError(f"eval_config {path}: {err}") from None
 
 
 class CompareError(RuntimeError):

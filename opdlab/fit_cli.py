@@ -20,6 +20,7 @@ from opdlab.callbacks import FitSummary, RolloutSamples, SelectionMetrics, Teach
 from opdlab.callbacks.interrupt import SaveOnInterrupt
 from opdlab.cli import TRACEBACK_ENV
 from opdlab.data import PromptDataModule
+from opdlab.eval_cli import Benchmark, EvalOptions, load_benchmark, response_limits
 from opdlab.module import OPDModule
 from opdlab.runs import RunError, lock_run, remove_runs_without_results, resolve_run, writable_folder
 
@@ -100,6 +101,8 @@ def closest_keys_hint(message: str, parser) -> str:
     hints = []
     for key in unknown:
         close = difflib.get_close_matches(key, known, n=3, cutoff=0.6)
+        same_group = [c for c in close if c.split(".")[0] == key.split(".")[0]]
+        close = same_group or close  # `model.max_new_token`: model.rollout.max_new_tokens, not eval.max_new_tokens
         if close:
             hints.append(f"'{key}': did you mean {' or '.join(repr(c) for c in close)}?")
     return ("\n" + "\n".join(hints)) if hints else ""
@@ -143,6 +146,8 @@ class OPDLabCLI(LightningCLI):
         parser.add_lightning_class_args(SelectionMetrics, "selection_metrics")
         parser.add_lightning_class_args(TeachabilityHistograms, "teachability_histograms")
         parser.add_lightning_class_args(RolloutSamples, "rollout_samples")
+        parser.add_class_arguments(EvalOptions, "eval", help="sampled evaluation of the exported student after "
+                                   "training (off while eval.benchmarks is empty; same options as `opdlab eval`)")
         parser.add_argument("--run_name", type=Optional[str], default=None,
                             help="name of this run's folder under the logger's save_dir/name (default: "
                                  "version_N, the next free number); printed when the run starts")
@@ -257,8 +262,24 @@ class OPDLabCLI(LightningCLI):
             count = len(list(recorded_path.parent.glob("config.resume-*.yaml"))) + 1
             self.save_config_kwargs["config_filename"] = f"config.resume-{count}.yaml"
 
+    def eval_options(self) -> EvalOptions | None:
+        """The `--eval.*` group when it names benchmarks (checked, files read), else None."""
+        options = self.config_init[self.config.subcommand].get("eval")
+        if options is None or not options.benchmarks:
+            return None
+        if isinstance(options, Namespace):  # older jsonargparse leaves a dataclass group as a Namespace
+            options = EvalOptions(**{**options.as_dict(), "benchmarks": [Benchmark(**dict(b)) if not isinstance(
+                b, Benchmark) else b for b in options.benchmarks]})
+        options.benchmarks = [b if isinstance(b, Benchmark) else Benchmark(**dict(b)) for b in options.benchmarks]
+        return options
+
     def before_fit(self) -> None:
         ckpt_path = self.config[self.config.subcommand].get("ckpt_path")
+        options = self.eval_options()
+        if options is not None:  # bad evaluation settings are refused before any model loads, not after training
+            options.check()
+            self.eval_benchmarks = [load_benchmark(b) for b in options.benchmarks]
+            response_limits(options, self.eval_benchmarks)
         if self.trainer.is_global_zero:
             run = Path(self.trainer.log_dir or self.trainer.default_root_dir)
             viewer = (f" (tensorboard --logdir {run.parent})"
@@ -288,6 +309,28 @@ class OPDLabCLI(LightningCLI):
         if trainer.is_global_zero:
             lines = [*summary.lines(trainer.global_step, summary.accuracy), f"student exported to {export}"]
             print("\n".join(["", "opdlab fit summary", *lines]))
+        self.evaluate_exported(export)
+
+    def evaluate_exported(self, export: Path) -> None:
+        """`--eval.*`: the same sampled evaluation as `opdlab eval --model <export>`, into <run>/eval."""
+        options = self.eval_options()
+        if options is None:
+            return
+        if self.trainer.world_size > 1:  # the engine and the student are sharded across the ranks here
+            if self.trainer.is_global_zero:
+                print(f"opdlab fit: --eval.* runs in single-process fits only; evaluate the export with: opdlab eval "
+                      f"--model {export} --config <the eval settings>", flush=True)
+            return
+        from opdlab.eval_cli import evaluate, load_model, markdown_table
+
+        net, tokenizer, label = load_model(str(export), self.model.memory_options.student_dtype)
+        net.to(self.model.device)
+        out = export.parent / "eval"
+        print(f"\nopdlab fit: evaluating the exported student ({len(options.benchmarks)} set(s), k={options.k}) into "
+              f"{out}", flush=True)
+        result = evaluate(net, tokenizer, self.model.rollout_engine, options, out, label, overwrite=True,
+                          command="opdlab fit " + " ".join(self.argv), loaded=getattr(self, "eval_benchmarks", None))
+        print(markdown_table(result, label), flush=True)
 
     def exit_interrupted(self, interrupt: SaveOnInterrupt) -> None:
         """After SIGINT/SIGTERM: where the checkpoint is, the command that continues, exit 128 + signal."""

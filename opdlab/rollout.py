@@ -199,9 +199,18 @@ def cache_keyword(model: torch.nn.Module) -> str:
 
 
 def derive_seed(*parts: int | str) -> int:
-    """A 63-bit seed from a tuple of integers (run seed, step, rank, stream index, ...): every seed in
-    opdlab that depends on more than one number is made here."""
-    return hash(tuple(parts)) % (2**63)
+    """A 63-bit seed from a tuple of integers and strings (run seed, step, rank, stream index, a benchmark's
+    name ...): every seed in opdlab that depends on more than one value is made here. The same in every process:
+    a tuple of ints hashes deterministically, and strings are first turned into integers with blake2b (Python's
+    own string hash is salted per process)."""
+    return hash(tuple(stable_int(p) if isinstance(p, str) else int(p) for p in parts)) % (2**63)
+
+
+def stable_int(text: str) -> int:
+    """A 64-bit integer of a string, the same in every process and on every machine."""
+    import hashlib
+
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little")
 
 
 def per_row_uniforms(seeds: list[int], num_samples: int, length: int, device: torch.device) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """Every file under configs/ parses with the command it is written for, as `--print_config` parses it: every
 option and class_path is checked against the real signatures, and nothing is built or trained. Where a file
 sits says how it is used: top-level files are fit configs, selectors/ and data/ hold overlays on
-configs/ta_opd.yaml, diagnose/ holds `opdlab diagnose` configs. A new config is covered without editing
+configs/ta_opd.yaml, diagnose/ holds `opdlab diagnose` configs, eval/ `opdlab eval` settings. A new config is covered without editing
 this file; one anywhere else fails until `opdlab_args` learns how to parse it."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from conftest import CONFIG_DIR, REPO_ROOT, run_opdlab
 
 BASE = CONFIG_DIR / "ta_opd.yaml"
 OVERLAY_DIRS = ("selectors", "data")  # their header comments: `opdlab fit --config configs/ta_opd.yaml --config ...`
-KINDS = (".", *OVERLAY_DIRS, "diagnose")
+KINDS = (".", *OVERLAY_DIRS, "diagnose", "eval")
 CONFIGS = sorted(p for p in CONFIG_DIR.rglob("*") if p.is_file())
 DATA_OVERLAYS = sorted((CONFIG_DIR / "data").glob("*.y*ml"))
 MISSING = object()
@@ -33,6 +33,8 @@ def opdlab_args(path) -> list[str] | None:
         return ["fit", "--config", str(BASE), "--config", str(path)]
     if kind == "diagnose":
         return ["diagnose", "--config", str(path)]
+    if kind == "eval":
+        return ["eval", "--config", str(path)]
     return None
 
 

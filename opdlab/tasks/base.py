@@ -44,5 +44,10 @@ class PromptSource(ABC):
     def verify(self, response: str, answer: str) -> bool:
         """True when a decoded response is a correct answer to the problem."""
 
+    def answer_key(self, response: str) -> str | None:
+        """The answer a response gives, normalised so that equal answers are equal strings (majority voting in
+        `opdlab eval`); None when it gives none. Default: the stripped response."""
+        return response.strip() or None
+
     # Prompt formatting: plain text by default; chat sources set this to True.
     use_chat_template: bool = False

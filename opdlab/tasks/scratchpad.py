@@ -80,6 +80,9 @@ class ScratchpadAdditionTask(AdditionTask):
         """True when the answer after the last `:` is the sum (the steps may be written any way)."""
         return final_answer(response) == answer.strip()
 
+    def answer_key(self, response: str) -> str | None:
+        return final_answer(response) or None
+
     def demonstration(self, index: int) -> tuple[str, str, str]:
         """(prompt, context, target) of pre-training example `index`: the scratchpad, some steps swapped."""
         problem = self.problem_at(index)

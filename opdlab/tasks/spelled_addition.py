@@ -97,6 +97,9 @@ class SpelledAdditionTask(PromptSource):
         """True for every spelling of the right sum (`640`, `gea`, `6e0`, ...)."""
         return canonical(response) == canonical(answer)
 
+    def answer_key(self, response: str) -> str | None:
+        return canonical(response) or None
+
     def demonstration(self, index: int) -> tuple[str, str, str]:
         """(prompt, context answer, target answer) of pre-training example `index`.
 
