@@ -382,8 +382,8 @@ def test_fit_refuses_bad_evaluation_settings_before_training(tmp_path, tiny_chec
     from opdlab.module import OPDModule
 
     monkeypatch.setattr(OPDModule, "configure_model", lambda self: pytest.fail("models were loaded"))
-    result = run_opdlab(["fit", "--config", FAST, "--model.student", tiny_checkpoints.student, "--trainer.logger",
-                         "false", "--eval.benchmarks", '[{name: a, path: "toy:add2"}]', "--eval.k", "2",
+    result = run_opdlab(["fit", "--config", FAST, "--model.student", tiny_checkpoints.student,
+                         "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"), "--eval.benchmarks", '[{name: a, path: "toy:add2"}]', "--eval.k", "2",
                          "--eval.pass_at", "[4]"])
     assert result.code != 0 and "pass_at [4] outside [1, k=2]" in str(result.code)
 
