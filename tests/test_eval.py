@@ -429,3 +429,11 @@ def test_compare_ranks_methods_by_the_evaluation(tmp_path, tiny_checkpoints):
     assert [r.split("|")[1].strip() for r in rows] == [{"full": "full", "random_r0.5": "random@0.5"}[m] for m in order]
     bad = run_opdlab([*args, "--eval_config", str(tmp_path / "missing.yaml")])
     assert bad.code != 0 and "eval_config" in str(bad.code) and "not found" in str(bad.code)
+
+
+def test_a_hub_dataset_with_the_hub_off_is_one_line(tmp_path, monkeypatch, no_model):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    bench = json.dumps([{"name": "m", "path": "HuggingFaceH4/MATH-500", "split": "test"}])
+    result = run_opdlab(["eval", "--model", "toy:add3/student", "--benchmarks", bench, "--max_new_tokens", "8",
+                         "--out_dir", str(tmp_path / "o")])
+    assert result.code != 0 and "is not a local file or folder and the hub is off" in str(result.code)
