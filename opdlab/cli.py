@@ -121,7 +121,7 @@ commands:
   diagnose   fixed-context diagnostic: does θ0 teachability predict OPD gain? (docs/method.md §3)
   compare    selectors side by side over seeds, plus a budget sweep: opdlab compare --help
 
-`opdlab <command> --help` explains every option of a command.
+`opdlab <command> --help` explains every option of a command; `opdlab --version` prints the version.
 """
 
 
@@ -130,6 +130,10 @@ def main(argv: list[str] | None = None) -> None:
     are printed as one `opdlab: error: ...` line; `OPDLAB_TRACEBACK=1` shows the traceback instead.
     Errors raised elsewhere (a bug, a library) keep their traceback, except Lightning's refusals of a Trainer
     option, which are the user's input too."""
+    import warnings
+
+    # A plugin importing a public name from its old path: say so (Python hides DeprecationWarnings outside __main__).
+    warnings.filterwarnings("default", message=r"opdlab\.\S+ moved to ", category=DeprecationWarning)
     try:
         run_and_report(argv)
     except Exception as err:
@@ -211,6 +215,11 @@ def run(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(HELP)
+        return
+    if argv[0] in ("-V", "--version"):
+        from opdlab import __version__
+
+        print(f"opdlab {__version__}")
         return
     if argv[0] in COMMANDS:
         COMMANDS[argv[0]](argv[1:])

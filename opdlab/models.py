@@ -179,3 +179,10 @@ def final_hidden_states(model: PreTrainedModel, input_ids: torch.Tensor, attenti
     finally:
         handle.remove()
     return captured[-1]
+
+# Moved in 0.2.0; the old paths warn and work until 0.3.0.
+from opdlab._deprecation import moved_names  # noqa: E402
+
+__getattr__ = moved_names(__name__, {"LogitHead": "opdlab.heads:LogitHead",
+                                     "takes_argument": "opdlab.rollout:takes_argument",
+                                     "cache_keyword": "opdlab.rollout:cache_keyword"})

@@ -18,7 +18,8 @@ from dataclasses import dataclass, fields, replace
 import torch
 
 from opdlab.heads import LogitHead
-from opdlab.maths import entropy_from_logp, masked_kl, union_kl
+from opdlab import maths
+from opdlab.maths import masked_kl
 
 # One name per per-position feature everywhere (TokenStats fields, `teachability/<name>/...` histograms,
 # token bank and diagnostic bank columns), with the paper's symbol and meaning (docs/method.md §2).
@@ -134,9 +135,9 @@ def chunk_stats(
         "student_token_logp": s_logits.gather(-1, tokens[:, None]).squeeze(-1) - s_lse,
         "teacher_token_logp": t_logits.gather(-1, tokens[:, None]).squeeze(-1) - t_lse,
         "compatibility": t_union[:, :k].exp().sum(-1).clamp(0.0, 1.0),  # teacher mass on the student's top-K
-        "disagreement": union_kl(s_union, t_union, s_ids, t_ids),
+        "disagreement": maths.union_kl(s_union, t_union, s_ids, t_ids),
         "topk_entropy": (
-            entropy_from_logp(torch.log_softmax(s_top_logp, -1)) / math.log(k) if k > 1 else torch.zeros_like(s_lse)
+            maths.entropy_from_logp(torch.log_softmax(s_top_logp, -1)) / math.log(k) if k > 1 else torch.zeros_like(s_lse)
         ),
         "student_topk_ids": s_ids,
         "student_topk_logp": s_top_logp,
@@ -221,3 +222,9 @@ def scatter_rows(
             dense[rows] = torch.cat([c[f.name] for c in chunks])
         values[f.name] = dense.view(n, length, *width)
     return TokenStats(valid=valid, **values)
+
+# Moved in 0.2.0; the old paths warn and work until 0.3.0.
+from opdlab._deprecation import moved_names  # noqa: E402
+
+__getattr__ = moved_names(__name__, {"entropy_from_logp": "opdlab.maths:entropy_from_logp",
+                                     "union_kl": "opdlab.maths:union_kl"})

@@ -51,3 +51,10 @@ def checked_loss_temperature(temperature: float) -> float:
         raise ValueError(f"temperature (the loss's softmax temperature, not the rollout's) must be a number > 0, "
                          f"got {temperature}")
     return temperature
+
+# Moved in 0.2.0 (the pure maths live in opdlab.maths); the old paths warn and work until 0.3.0.
+from opdlab._deprecation import moved_names  # noqa: E402
+
+__getattr__ = moved_names(__name__, {"log_softmax_fp32": "opdlab.maths:log_softmax_fp32",
+                                     "token_log_prob": "opdlab.maths:token_log_prob",
+                                     "masked_kl": "opdlab.maths:masked_kl"})

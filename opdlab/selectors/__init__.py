@@ -1,5 +1,9 @@
-"""Token-selection policies: one interface (`TokenSelector`), one small class per policy."""
+"""Token-selection policies: one interface (`TokenSelector`), one small class per policy.
 
+Public API (docs/api.md): the names in `__all__`, importable from `opdlab.selectors`.
+"""
+
+from opdlab.scoring import TokenStats
 from opdlab.selectors.base import FeatureSelector, TokenSelector, apply_budget, budget_size, normalize_scores
 from opdlab.selectors.divergence import DivergenceSelector
 from opdlab.selectors.entropy import EntropySelector
@@ -17,5 +21,5 @@ __all__ = [
     "CompatibilitySelector", "DivergenceSelector", "EntropySelector", "FeatureSelector", "FullSelector",
     "IncompatibleSelector",
     "RandomSelector", "TeachabilityEntropySelector", "TeachabilitySelector", "TipQ3Selector", "TipSelector",
-    "TokenSelector", "apply_budget", "budget_size", "normalize_scores",
+    "TokenSelector", "TokenStats", "apply_budget", "budget_size", "normalize_scores",
 ]

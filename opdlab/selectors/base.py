@@ -17,7 +17,7 @@ from typing import ClassVar, Literal
 
 import torch
 
-from opdlab.maths import linear_quantiles
+from opdlab import maths
 from opdlab.scoring import TokenStats
 
 Normalization = Literal["quantile", "minmax", "none"]
@@ -39,7 +39,7 @@ def normalize_scores(x: torch.Tensor, valid: torch.Tensor, method: Normalization
     values = x[valid]
     if method == "none" or values.numel() == 0:
         return torch.where(valid, x, torch.zeros_like(x))
-    lo, hi = linear_quantiles(values, (0.05, 0.95)) if method == "quantile" else (values.min(), values.max())
+    lo, hi = maths.linear_quantiles(values, (0.05, 0.95)) if method == "quantile" else (values.min(), values.max())
     spread = hi - lo
     if spread < 1e-12:
         return torch.zeros_like(x)
@@ -150,3 +150,8 @@ def check_top_k(top_k: int) -> int:
     if top_k < 1:
         raise ValueError(f"top_k must be >= 1, got {top_k}")
     return top_k
+
+# Moved in 0.2.0; the old path warns and works until 0.3.0.
+from opdlab._deprecation import moved_names  # noqa: E402
+
+__getattr__ = moved_names(__name__, {"linear_quantiles": "opdlab.maths:linear_quantiles"})

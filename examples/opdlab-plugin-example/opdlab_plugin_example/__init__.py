@@ -10,8 +10,7 @@ from typing import Literal
 
 import torch
 
-from opdlab.scoring import TokenStats
-from opdlab.selectors import TokenSelector, normalize_scores
+from opdlab.selectors import TokenSelector, TokenStats, normalize_scores
 
 __all__ = ["LowConfidenceSelector"]
 
