@@ -10,11 +10,11 @@
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
-TRACEBACK_ENV = "OPDLAB_TRACEBACK"
+from opdlab.console import TRACEBACK_ENV, OpdlabError, error_exit, traceback_wanted  # noqa: F401 (TRACEBACK_ENV: old import path)
+
 PACKAGE_DIR = Path(__file__).resolve().parent
 
 
@@ -137,30 +137,30 @@ def main(argv: list[str] | None = None) -> None:
     try:
         run_and_report(argv)
     except Exception as err:
-        if type(err).__name__ != "MisconfigurationException" or os.environ.get(TRACEBACK_ENV, "").strip() not in ("", "0"):
+        if type(err).__name__ != "MisconfigurationException" or traceback_wanted():
             raise
         # Lightning's word for a Trainer option it cannot use (devices, accelerator, max_steps ...): the user's input
-        sys.exit(f"opdlab: error: {' '.join(str(err).split())} (a --trainer.* option)\n(set {TRACEBACK_ENV}=1 to see "
-                 "where it was raised)")
+        error_exit(f"{err} (a --trainer.* option)")
 
 
 def run_and_report(argv: list[str] | None) -> None:
     """`run`, with opdlab's own errors (and those of classes the CLI builds) as one line."""
     try:
         run(argv)
-    except (ValueError, OSError, KeyError, RuntimeError, ImportError) as err:  # PluginError is a RuntimeError
-        cause = opdlab_cause(err)
-        if os.environ.get(TRACEBACK_ENV, "").strip() not in ("", "0"):
+    except (OpdlabError, ValueError, OSError, KeyError, RuntimeError, ImportError) as err:
+        if traceback_wanted():
             raise
+        if isinstance(err, OpdlabError):  # opdlab's own word on the user's input, wherever it was raised
+            error_exit(err)
+        cause = opdlab_cause(err)
         if cause is None:  # older jsonargparse keeps only the text of an error raised in a class it builds
             summary = union_error_summary(str(err))
             if summary is None:
                 raise
-            sys.exit(f"opdlab: error: {summary}\n(set {TRACEBACK_ENV}=1 to see where it was raised)")
+            error_exit(summary)
         message = cause.args[0] if isinstance(cause, KeyError) and cause.args else cause
         owner = raising_class(cause) if cause is not err else None  # raised inside a class the CLI built
-        sys.exit(f"opdlab: error: {owner + ': ' if owner else ''}{message}\n(set {TRACEBACK_ENV}=1 to see where it "
-                 "was raised)")
+        error_exit(f"{owner + ': ' if owner else ''}{message}")
 
 
 def union_error_summary(message: str) -> str | None:

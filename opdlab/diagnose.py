@@ -94,7 +94,7 @@ def train_student(module, source: PromptSource, opts: TrainOptions) -> dict:
     import lightning as L
 
     from opdlab.data import PromptDataModule
-    from opdlab.fit_cli import silence_lightning_noise
+    from opdlab.console import silence_lightning_noise
 
     silence_lightning_noise()
     module.student.train()

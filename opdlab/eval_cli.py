@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from opdlab.console import OpdlabError
 from opdlab.engines.base import RolloutEngine
 from opdlab.metrics import benchmark_metrics, mean_std
 from opdlab.tasks.base import Problem
@@ -26,7 +27,7 @@ from opdlab.tasks.base import Problem
 RESPONSES, SETTINGS, RESULT, TABLE = "responses.jsonl", "eval.json", "result.json", "results.md"
 
 
-class EvalError(ValueError):
+class EvalError(OpdlabError, ValueError):
     """A bad evaluation input (options, benchmark files, a previous evaluation in the output folder)."""
 
 
@@ -143,7 +144,7 @@ class Verifier:
                 return bool(self.task.verify(response, answer)), self.task.answer_key(response)
             if self.kind == "exact":
                 return response.strip() == answer.strip(), response.strip() or None
-            from math_verify import parse, verify
+            from math_verify import parse
 
             from opdlab.tasks.math_answers import verify_math_answer
 
@@ -523,7 +524,4 @@ def run_eval(argv: list[str]) -> None:
     from opdlab import plugins
 
     argv = plugins.expand_short_names(argv, {"--engine": "opdlab.rollout_engines"})
-    try:
-        CLI(eval_command, args=argv, prog="opdlab eval")
-    except EvalError as err:
-        sys.exit(f"opdlab eval: error: {err}")
+    CLI(eval_command, args=argv, prog="opdlab eval")  # an EvalError is one line from opdlab.cli.main

@@ -5,8 +5,6 @@ Imported only when one of these commands runs (`opdlab --help`, `plugins` and `t
 
 from __future__ import annotations
 
-import logging
-import os
 import sys
 import warnings
 from pathlib import Path
@@ -18,7 +16,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from opdlab import plugins
 from opdlab.callbacks import FitSummary, RolloutSamples, SelectionMetrics, TeachabilityHistograms
 from opdlab.callbacks.interrupt import SaveOnInterrupt
-from opdlab.cli import TRACEBACK_ENV
+from opdlab.console import drop_advertising, error_exit, silence_lightning_noise, traceback_wanted  # noqa: F401
 from opdlab.data import PromptDataModule
 from opdlab.eval_cli import Benchmark, EvalOptions, load_benchmark, response_limits
 from opdlab.module import OPDModule
@@ -60,13 +58,12 @@ class OPDLabArgumentParser(LightningArgumentParser):
 
     def error(self, message: str, ex: Exception | None = None):
         """One line with the closest known keys, instead of the whole usage (hundreds of options) first."""
-        if os.environ.get(TRACEBACK_ENV, "").strip() not in ("", "0"):
+        if traceback_wanted():
             return super().error(message + closest_keys_hint(message, self), ex)
-        first = error_summary(message)
         prog = self.prog.replace(" [options]", "")
-        sys.stderr.write(f"{prog}: error: {first}{closest_keys_hint(message, self)}\n"
-                         f"run '{prog} --help' for every option\n")
-        sys.exit(2)
+        hints = closest_keys_hint(message, self).strip()
+        error_exit(error_summary(message), prog, code=2,
+                   hint="\n".join(filter(None, [hints, f"run '{prog} --help' for every option"])))
 
 
 JSONARGPARSE_SCAFFOLDING = ("Does not validate against", "Subtypes:", "Errors:", "Given value", "- Expected a <class 'NoneType'>")
@@ -218,15 +215,16 @@ class OPDLabCLI(LightningCLI):
         try:
             import torch
 
-            saved = torch.load(ckpt_path, weights_only=True, map_location="cpu").get("hyper_parameters", {})
+            # memory-mapped: only the hyperparameters are read, not the weights and optimizer state (tens of GB)
+            saved = torch.load(ckpt_path, weights_only=True, map_location="cpu", mmap=True).get("hyper_parameters", {})
         except Exception:  # noqa: BLE001 - an unreadable file is reported clearly when the run loads it
             return
         given = self.config[subcommand]["model"]
         for key in ("student", "teacher"):
             if key in saved and saved[key] != given.get(key):
-                sys.exit(f"opdlab: error: --ckpt_path {ckpt_path} was trained with model.{key}={saved[key]!r}, "
-                         f"but this run names {given.get(key)!r}; resume with the same {key} (or start a new run "
-                         "without --ckpt_path)")
+                raise RunError(f"--ckpt_path {ckpt_path} was trained with model.{key}={saved[key]!r}, but this run "
+                               f"names {given.get(key)!r}; resume with the same {key} (or start a new run without "
+                               "--ckpt_path)")
         now = flat_options(given)
         warned = set()
         for key, value in flat_options(saved).items():
@@ -373,22 +371,6 @@ def flat_options(options, prefix: str = "") -> dict:
     return flat
 
 
-def drop_advertising(record: logging.LogRecord) -> bool:
-    """Lightning's tip to install a cloud logger, printed at every fit: not ours to pass on."""
-    return "litlogger" not in record.getMessage()
-
-
-def silence_lightning_noise() -> None:
-    """Lightning's messages that say nothing about an opdlab run (every command that trains calls this)."""
-    # The frozen teacher is in eval mode on purpose; Lightning warns about it at every fit.
-    warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
-    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
-    # Validation metrics are torchmetrics metrics, which sync across ranks when computed; Lightning asks for
-    # sync_dist as soon as a process group exists (the vllm engine makes one even in a single process).
-    warnings.filterwarnings("ignore", message=r"It is recommended to use `self.log\('val/")
-    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(drop_advertising)
-
-
 def run_fit(argv: list[str]) -> None:
     """LightningCLI with opdlab's defaults, after expanding plugin short names."""
     silence_lightning_noise()
@@ -402,10 +384,7 @@ def run_fit(argv: list[str]) -> None:
     warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
     for group in plugins.GROUPS:
         plugins.discover(group)  # import plugin classes so jsonargparse resolves their names
-    try:
-        argv = plugins.expand_short_names(argv, SHORT_NAME_ARGS)
-    except ValueError as err:
-        sys.exit(f"opdlab: error: {err}")
+    argv = plugins.expand_short_names(argv, SHORT_NAME_ARGS)  # an unknown name: one line from opdlab.cli.main
     OPDLabCLI.argv = ["fit", *argv] if argv[:1] != ["fit"] else list(argv)
     OPDLabCLI.run_base, OPDLabCLI.current_trainer = None, None
     try:

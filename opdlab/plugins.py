@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from functools import cache
 from importlib import metadata
 
+from opdlab.console import OpdlabError
 from opdlab.divergences.base import Divergence
 from opdlab.engines.base import RolloutEngine
 from opdlab.selectors.base import TokenSelector
@@ -38,7 +39,7 @@ DISABLE_ENV = "OPDLAB_DISABLE_PLUGINS"
 NAME_PATTERN = re.compile(r"[a-z][a-z0-9_\-]*")
 
 
-class PluginError(RuntimeError):
+class PluginError(OpdlabError, RuntimeError):
     """A plugin could not be registered (broken import, wrong type, duplicate or malformed name)."""
 
 

@@ -12,8 +12,10 @@ import os
 import shutil
 from pathlib import Path
 
+from opdlab.console import OpdlabError
 
-class RunError(ValueError):
+
+class RunError(OpdlabError, ValueError):
     """A run folder that cannot be used as asked (nothing to resume, or a name already taken)."""
 
 
