@@ -58,3 +58,10 @@ def test_ci_sets_up_vllm_as_the_readme_says():
     setup = re.search(r"```sh\n(python3 -m venv \.venv-vllm[^\n]*)\n", README).group(1)
     assert setup in (REPO_ROOT / ".ci/run").read_text().splitlines()
     assert ".venv-vllm/bin/pytest -m vllm" in (REPO_ROOT / ".ci/run").read_text()
+
+
+def test_readme_stays_a_five_minute_read_and_its_links_exist():
+    """About 1,200 words (results and their history live in docs/results.md), and every file it links is there."""
+    assert len(README.split()) <= 1250, f"README.md has {len(README.split())} words; move details to docs/"
+    for link in re.findall(r"\]\(([^)#]+)\)", README):
+        assert (REPO_ROOT / link).exists(), link
