@@ -59,6 +59,7 @@ class Scoring:
     top_k: int
     full_kl: bool = False
     full_entropy: bool = False
+    topk_lists: bool = False
 
 
 @dataclass
@@ -164,7 +165,7 @@ def chunk_loss_and_logit_grad(rows: Rows, chunk: slice, head: LogitHead, hidden:
         stat = None
         if scoring is not None:
             stat = chunk_stats(logits.detach().float(), teacher_logits, rows.tokens[chunk], scoring.top_k,
-                               scoring.full_kl, work, scoring.full_entropy)
+                               scoring.full_kl, work, scoring.full_entropy, scoring.topk_lists)
         losses = divergence.token_loss(loss_inputs(rows, chunk, logits, teacher_logits, divergence, stat))
         total = losses.sum() * scale
         d_pre = torch.autograd.grad(total, pre)[0] if total.requires_grad else torch.zeros_like(pre)
@@ -236,7 +237,7 @@ def autograd_head_loss(rows: Rows, head: Head, teacher_head: Head, divergence: D
             teacher_logits = teacher_head(rows.teacher).float()
     if scoring is not None:
         stats.append(chunk_stats(logits.detach().float(), teacher_logits, rows.tokens, scoring.top_k, scoring.full_kl,
-                                 Workspace(rows.index.numel()), scoring.full_entropy))
+                                 Workspace(rows.index.numel()), scoring.full_entropy, scoring.topk_lists))
     losses = divergence.token_loss(loss_inputs(rows, slice(None), logits, teacher_logits, divergence,
                                                stats[0] if stats else None))
     return HeadLoss(losses.sum() * scale, losses.detach(), stats)

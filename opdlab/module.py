@@ -188,17 +188,28 @@ class OPDModule(L.LightningModule):
         plan = self.plan(rollout.response_mask.shape[0])
         with timer("forward"):
             hidden = self.hidden_states(rollout, plan)
-        with timer("score"):  # with a shared projection, the loss of every valid row comes with the scores
-            stats, shared_loss = self.score(hidden, rollout, plan)
+        # Two paths, chosen by the plan: a selector that keeps every valid position (ratio 1, a local head) gets
+        # the loss of all rows from the scoring pass itself and is not asked to select; any other selects first
+        # and computes the loss on the kept rows only.
+        shared_loss = None
+        with timer("score"):
+            if plan.shared_projection:
+                stats, shared_loss = self.score_with_loss(hidden, rollout, plan)
+            else:
+                stats = self.score(hidden, rollout, plan)
         with timer("select"):
-            keep = stats.valid.clone() if plan.shared_projection else self.select(stats)
+            keep = stats.valid.clone() if shared_loss is not None else self.select(stats)
         record = StepRecord(rollout, stats, keep, timer.seconds, plan)
         self.warn_if_nothing_kept(keep)
         bad = stats.non_finite_models()
-        if self.skip_non_finite(bad is None, f"{bad} log-probs ({self.checkpoints_of(bad)})"):
+        if self.skip_non_finite(not bad, f"{' and '.join(bad)} log-probs ({self.checkpoints_of(bad)})"):
             return {"record": record}
         with timer("loss"):
-            loss = self.backward_loss(hidden, keep, rollout, stats, plan, shared_loss)
+            if shared_loss is not None:
+                self.manual_backward(shared_loss.loss)
+                loss = global_loss(shared_loss.loss)
+            else:
+                loss = self.backward_loss(hidden, keep, rollout, stats, plan)
         with timer("optimizer"):
             stepped = self.optimizer_step()
         self.log_step(loss, timer.seconds, rows=rollout.response_mask.shape[0])
@@ -223,6 +234,7 @@ class OPDModule(L.LightningModule):
             keeps_every_valid_position=self.selector.keeps_every_valid_position,
             full_kl=self.selector.needs_full_kl, full_entropy=self.scores_full_entropy,
             normalization=self.training_options.loss_normalization, shared_projection=self.head_is_local,
+            topk_lists=getattr(self.selector, "needs_topk_lists", False),
         )
 
     @property
@@ -244,7 +256,7 @@ class OPDModule(L.LightningModule):
         (no grad; for analyses such as benchmarks/disagreement_census.py)."""
         rows = rollout.response_mask.shape[0]
         plan = replace(self.plan(rows), micro_batches=(slice(0, rows),), shared_projection=False)
-        return self.score([self.response_hidden_states(rollout, student_grad=False)], rollout, plan)[0]
+        return self.score([self.response_hidden_states(rollout, student_grad=False)], rollout, plan)
 
     def encode(self, batch: dict) -> PromptBatch:
         opts = self.rollout_options
@@ -341,21 +353,25 @@ class OPDModule(L.LightningModule):
         with torch.no_grad():
             return student, final_hidden_states(self.teacher, rollout.input_ids, rollout.attention_mask)[:, cut]
 
-    def score(self, hidden: Hidden, rollout: Rollout, plan: StepPlan) -> tuple[TokenStats, HeadLoss | None]:
-        """The statistics of every valid position; with a shared projection also the loss of them all."""
-        if plan.shared_projection:
-            (student_hidden, teacher_hidden), valid = hidden[0], rollout.response_mask.bool()
-            rows = kept_rows(valid, student_hidden, teacher_hidden, rollout)
-            scoring = Scoring(self.selector.top_k, plan.full_kl, plan.full_entropy)
-            loss = head_loss(rows, self.student_head, self.teacher_head, self.divergence,
-                             loss_scale(plan.normalization, valid, valid), plan.score_chunk_rows, scoring=scoring)
-            return scatter_rows(loss.stats, rows.index, valid, scoring.top_k, plan.full_kl, plan.full_entropy), loss
+    def score_with_loss(self, hidden: Hidden, rollout: Rollout, plan: StepPlan) -> tuple[TokenStats, HeadLoss]:
+        """The statistics and the loss of every valid position from one projection of each chunk (the plan's
+        shared path: every valid position is kept, one micro-batch, a local head)."""
+        (student_hidden, teacher_hidden), valid = hidden[0], rollout.response_mask.bool()
+        rows = kept_rows(valid, student_hidden, teacher_hidden, rollout)
+        scoring = Scoring(self.selector.top_k, plan.full_kl, plan.full_entropy, plan.topk_lists)
+        loss = head_loss(rows, self.student_head, self.teacher_head, self.divergence,
+                         loss_scale(plan.normalization, valid, valid), plan.score_chunk_rows, scoring=scoring)
+        return scatter_rows(loss.stats, rows.index, valid, scoring.top_k, plan.full_kl, plan.full_entropy,
+                            plan.topk_lists), loss
+
+    def score(self, hidden: Hidden, rollout: Rollout, plan: StepPlan) -> TokenStats:
+        """The statistics of every valid position, without grad, micro-batch by micro-batch."""
         return TokenStats.cat([
             compute_token_stats(s.detach(), t, part.response_ids, part.response_mask, self.student_head,
                                 self.teacher_head, self.selector.top_k, plan.score_chunk_rows, plan.full_kl,
-                                plan.full_entropy)
+                                plan.full_entropy, plan.topk_lists)
             for (s, t), part in zip(hidden, (rollout.rows(r) for r in plan.micro_batches), strict=True)
-        ]), None
+        ])
 
     def request_full_entropy(self) -> None:
         """Ask the scoring pass for the full-vocabulary entropies (`TokenStats.student_entropy`,
@@ -382,16 +398,13 @@ class OPDModule(L.LightningModule):
             raise RuntimeError(f"selector {type(self.selector).__name__} kept positions outside the response mask")
         return keep
 
-    def backward_loss(self, hidden: Hidden, keep: torch.Tensor, rollout: Rollout, stats: TokenStats, plan: StepPlan,
-                      shared_loss: HeadLoss | None) -> torch.Tensor:
-        """Backpropagate the step's loss, micro-batch by micro-batch; returns its global value (for logging).
+    def backward_loss(self, hidden: Hidden, keep: torch.Tensor, rollout: Rollout, stats: TokenStats,
+                      plan: StepPlan) -> torch.Tensor:
+        """Backpropagate the loss of the kept rows, micro-batch by micro-batch; returns its global value.
 
         Every micro-batch's head loss carries the same `loss_scale` (the global count and the world-size
         factor), so the update equals the single-process update on the whole batch.
         """
-        if shared_loss is not None:
-            self.manual_backward(shared_loss.loss)
-            return global_loss(shared_loss.loss)
         scale = loss_scale(plan.normalization, keep, stats.valid)
         total = torch.zeros((), device=self.device)
         for (student_hidden, teacher_hidden), rows in zip(hidden, plan.micro_batches, strict=True):
@@ -405,10 +418,10 @@ class OPDModule(L.LightningModule):
             total += loss.detach()
         return global_loss(total)
 
-    def checkpoints_of(self, models: str | None) -> str:
-        """The checkpoints behind 'student', 'teacher' or 'student and teacher' (for error messages)."""
+    def checkpoints_of(self, models: list[str]) -> str:
+        """The checkpoints behind the named models ('student', 'teacher'), for error messages."""
         paths = {"student": self.student_path, "teacher": self.teacher_path}
-        return ", ".join(f"{m} {paths[m]}" for m in (models or "").split(" and ") if m in paths)
+        return ", ".join(f"{m} {paths[m]}" for m in models)
 
     def optimizer_step(self) -> bool:
         """Clip, check the gradient norm, step. A non-finite norm skips the update (see skip_non_finite)."""

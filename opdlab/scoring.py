@@ -43,18 +43,21 @@ class TokenStats:
     compatibility: torch.Tensor  # C
     disagreement: torch.Tensor  # D
     topk_entropy: torch.Tensor  # H
-    student_topk_ids: torch.Tensor  # (N, L, K)
-    student_topk_logp: torch.Tensor  # (N, L, K)
-    teacher_topk_ids: torch.Tensor  # (N, L, K)
-    teacher_topk_logp: torch.Tensor  # (N, L, K)
+    # The top-K lists behind C, D, H: (N, L, K), only when a selector asks (`needs_topk_lists`); otherwise None,
+    # so a step does not scatter and all-gather four (N, L, K) tensors nobody reads.
+    student_topk_ids: torch.Tensor | None = None
+    student_topk_logp: torch.Tensor | None = None
+    teacher_topk_ids: torch.Tensor | None = None
+    teacher_topk_logp: torch.Tensor | None = None
     student_entropy: torch.Tensor | None = None  # full-vocabulary entropy of p_S, when requested
     teacher_entropy: torch.Tensor | None = None  # full-vocabulary entropy of p_T, when requested
     forward_kl: torch.Tensor | None = None  # full-vocabulary KL(p_T || p_S), when requested
     reverse_kl: torch.Tensor | None = None  # full-vocabulary KL(p_S || p_T), when requested
 
     @property
-    def top_k(self) -> int:
-        return self.student_topk_ids.shape[-1]
+    def top_k(self) -> int | None:
+        """K of the top-K lists, when they were computed."""
+        return None if self.student_topk_ids is None else self.student_topk_ids.shape[-1]
 
     @staticmethod
     def cat(parts: list[TokenStats]) -> TokenStats:
@@ -64,11 +67,10 @@ class TokenStats:
         return replace(parts[0], **{f.name: torch.cat([getattr(p, f.name) for p in parts])
                                     for f in fields(parts[0]) if getattr(parts[0], f.name) is not None})
 
-    def non_finite_models(self) -> str | None:
-        """Which models gave non-finite log-probs at valid positions ('student', 'teacher', both), or None."""
-        bad = [name for name, logp in (("student", self.student_token_logp), ("teacher", self.teacher_token_logp))
-               if not bool(torch.isfinite(logp[self.valid]).all())]
-        return " and ".join(bad) or None
+    def non_finite_models(self) -> list[str]:
+        """The models ('student', 'teacher') that gave non-finite log-probs at valid positions; empty if none."""
+        return [name for name, logp in (("student", self.student_token_logp), ("teacher", self.teacher_token_logp))
+                if not bool(torch.isfinite(logp[self.valid]).all())]
 
 
 class Workspace:
@@ -116,6 +118,7 @@ def chunk_stats(
     full_kl: bool,
     work: Workspace,
     full_entropy: bool = True,
+    topk_lists: bool = False,
 ) -> dict:
     """All statistics of R rows from their fp32 logits (R, V) -> dict of (R,) / (R, K); inputs unchanged.
 
@@ -139,11 +142,10 @@ def chunk_stats(
         "topk_entropy": (
             maths.entropy_from_logp(torch.log_softmax(s_top_logp, -1)) / math.log(k) if k > 1 else torch.zeros_like(s_lse)
         ),
-        "student_topk_ids": s_ids,
-        "student_topk_logp": s_top_logp,
-        "teacher_topk_ids": t_ids,
-        "teacher_topk_logp": t_top - t_lse[:, None],
     }
+    if topk_lists:
+        out.update(student_topk_ids=s_ids, student_topk_logp=s_top_logp, teacher_topk_ids=t_ids,
+                   teacher_topk_logp=t_top - t_lse[:, None])
     if full_entropy:
         out["student_entropy"], out["teacher_entropy"] = s_entropy, t_entropy
     if full_kl:  # optional: two more (R, V) temporaries per chunk
@@ -172,6 +174,7 @@ def compute_token_stats(
     chunk_size: int = 1024,
     full_kl: bool = False,
     full_entropy: bool = True,
+    topk_lists: bool = False,
 ) -> TokenStats:
     """Statistics at every valid response position.
 
@@ -183,6 +186,7 @@ def compute_token_stats(
         full_kl, full_entropy: also compute the full-vocabulary KLs / entropies (None in the result
             otherwise). No built-in selector reads the entropies; the training step skips them unless
             a selector (`needs_full_entropy`) or a callback (`OPDModule.request_full_entropy`) asks.
+        topk_lists: also return both models' top-K ids and log-probs, (N, L, K) each (None otherwise).
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
@@ -197,20 +201,22 @@ def compute_token_stats(
         idx = rows[start : start + chunk_size]
         s_logits = head_logits(student_head, s_flat[idx], work, "student")  # (R, V) fp32
         t_logits = head_logits(teacher_head, t_flat[idx], work, "teacher")
-        chunks.append(chunk_stats(s_logits, t_logits, tok_flat[idx], top_k, full_kl, work, full_entropy))
-    return scatter_rows(chunks, rows, valid, top_k, full_kl, full_entropy)
+        chunks.append(chunk_stats(s_logits, t_logits, tok_flat[idx], top_k, full_kl, work, full_entropy, topk_lists))
+    return scatter_rows(chunks, rows, valid, top_k, full_kl, full_entropy, topk_lists)
 
 
 OPTIONAL = {"forward_kl": "full_kl", "reverse_kl": "full_kl", "student_entropy": "full_entropy",
-            "teacher_entropy": "full_entropy"}
+            "teacher_entropy": "full_entropy", "student_topk_ids": "topk_lists", "student_topk_logp": "topk_lists",
+            "teacher_topk_ids": "topk_lists", "teacher_topk_logp": "topk_lists"}
 
 
 def scatter_rows(
-    chunks: list[dict], rows: torch.Tensor, valid: torch.Tensor, k: int, full_kl: bool, full_entropy: bool = True
+    chunks: list[dict], rows: torch.Tensor, valid: torch.Tensor, k: int, full_kl: bool, full_entropy: bool = True,
+    topk_lists: bool = False,
 ) -> TokenStats:
     """Place per-row statistics back at their (N, L) positions, zeros elsewhere."""
     n, length = valid.shape
-    wanted = {"full_kl": full_kl, "full_entropy": full_entropy}
+    wanted = {"full_kl": full_kl, "full_entropy": full_entropy, "topk_lists": topk_lists}
     values = {}
     for f in fields(TokenStats):
         if f.name == "valid" or (f.name in OPTIONAL and not wanted[OPTIONAL[f.name]]):

@@ -29,6 +29,7 @@ class StepPlan:
     full_kl: bool  # full-vocabulary KLs in the statistics (a selector asks)
     full_entropy: bool  # full-vocabulary entropies (a selector or a callback asks)
     normalization: LossNormalization
+    topk_lists: bool = False  # both models' (N, L, K) top-K ids and log-probs (a selector asks)
 
     @property
     def reuse_student_graph(self) -> bool:
@@ -50,7 +51,8 @@ class StepPlan:
             f"loss = sum over kept tokens / {self.normalization} tokens of the whole batch on every rank",
         ]
         extras = [name for name, on in (("full-vocabulary KLs", self.full_kl),
-                                        ("full-vocabulary entropies", self.full_entropy)) if on]
+                                        ("full-vocabulary entropies", self.full_entropy),
+                                        ("top-K lists", self.topk_lists)) if on]
         if extras:
             parts.append("statistics also include " + " and ".join(extras))
         return "step plan: " + "; ".join(parts)
@@ -73,6 +75,7 @@ def plan_step(
     full_entropy: bool,
     normalization: LossNormalization,
     shared_projection: bool = True,
+    topk_lists: bool = False,
 ) -> StepPlan:
     """The plan of a step over `rows` rollout rows (prompts x samples).
 
@@ -94,6 +97,7 @@ def plan_step(
         full_kl=full_kl,
         full_entropy=full_entropy,
         normalization=normalization,
+        topk_lists=topk_lists,
     )
 
 

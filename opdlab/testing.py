@@ -15,7 +15,8 @@ plugin live here:
 
 The statistics a selector sees here are built exactly as a training step builds them for that selector:
 K = its `top_k`, the full-vocabulary KLs only with `needs_full_kl`, the full entropies only with
-`needs_full_entropy` (otherwise `stats.student_entropy` / `teacher_entropy` are None, as in `fit`).
+`needs_full_entropy` (otherwise `stats.student_entropy` / `teacher_entropy` are None, as in `fit`), the top-K
+lists only with `needs_topk_lists`.
 Each check raises AssertionError with what went wrong.
 """
 
@@ -59,7 +60,8 @@ def synthetic_stats(selector: TokenSelector, valid: torch.Tensor, seed: int = 0,
     identity = lambda x: x
     return compute_token_stats(student, teacher, tokens, valid, identity, identity, top_k=selector.top_k,
                                chunk_size=16, full_kl=selector.needs_full_kl,
-                               full_entropy=getattr(selector, "needs_full_entropy", False))
+                               full_entropy=getattr(selector, "needs_full_entropy", False),
+                               topk_lists=getattr(selector, "needs_topk_lists", False))
 
 
 def check_budget(selector: TokenSelector, stats: TokenStats, seed: int = 3) -> torch.Tensor:

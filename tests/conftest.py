@@ -172,17 +172,18 @@ def kept_head_loss(student_hidden, teacher_hidden, keep, rollout, stats, student
 
 
 def shared_head_loss(student_hidden, teacher_hidden, rollout, student_head, teacher_head, divergence, top_k: int,
-                     chunk_size: int, full_kl: bool = False, full_entropy: bool = True) -> tuple[TokenStats, HeadLoss]:
+                     chunk_size: int, full_kl: bool = False, full_entropy: bool = True,
+                     topk_lists: bool = True) -> tuple[TokenStats, HeadLoss]:
     """The training step's ratio-1 path: statistics and the mean loss of every valid row from one projection."""
     valid = rollout.response_mask.bool()
     rows = kept_rows(valid, student_hidden, teacher_hidden, rollout)
     loss = head_loss(rows, student_head, teacher_head, divergence, 1.0 / max(float(valid.sum()), 1.0), chunk_size,
-                     scoring=Scoring(top_k, full_kl, full_entropy))
-    return scatter_rows(loss.stats, rows.index, valid, top_k, full_kl, full_entropy), loss
+                     scoring=Scoring(top_k, full_kl, full_entropy, topk_lists))
+    return scatter_rows(loss.stats, rows.index, valid, top_k, full_kl, full_entropy, topk_lists), loss
 
 
 def score(module, student_hidden, teacher_hidden, rollout) -> TokenStats:
     """The statistics of every valid position as the training step's scoring pass computes them."""
     rows = rollout.response_mask.shape[0]
     plan = replace(module.plan(rows), micro_batches=(slice(0, rows),), shared_projection=False)
-    return module.score([(student_hidden, teacher_hidden)], rollout, plan)[0]
+    return module.score([(student_hidden, teacher_hidden)], rollout, plan)

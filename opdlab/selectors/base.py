@@ -85,7 +85,9 @@ class TokenSelector(ABC):
 
     Subclasses implement `score`; `select` applies the shared budget rule. Class attributes tell the
     scoring pass what to compute: `top_k` (K of the top-K features), `needs_full_kl` and
-    `needs_full_entropy` (the full-vocabulary KLs / entropies: extra passes over every chunk's logits).
+    `needs_full_entropy` (the full-vocabulary KLs / entropies: extra passes over every chunk's logits),
+    `needs_topk_lists` (both models' top-K ids and log-probs per position, (N, L, K) each: gathered across ranks
+    every step, so None unless asked).
 
     Args:
         ratio: fraction of valid response tokens to keep, in (0, 1].
@@ -98,6 +100,7 @@ class TokenSelector(ABC):
     top_k: int = 16
     needs_full_kl: ClassVar[bool] = False
     needs_full_entropy: ClassVar[bool] = False
+    needs_topk_lists: ClassVar[bool] = False
 
     def __init__(self, ratio: float = 1.0, per_response_floor: bool = True) -> None:
         if not 0.0 < ratio <= 1.0:
