@@ -30,8 +30,9 @@ def run_toy(argv: list[str]) -> None:
         builds are printed side by side.
 
         Args:
-            name: which toy: add3 (reversed 3-digit addition, the default), add2 (fast, for tests) or
-                spell2 (2-digit addition with digit or letter spellings: teacher and student disagree).
+            name: which toy: add3 (reversed 3-digit addition, the default), add2 (fast, for tests),
+                spell2 (2-digit addition with digit or letter spellings: teacher and student disagree) or
+                scratch4 (4-digit addition answered through a 47-token column-by-column scratchpad).
             seed: training seed of both models.
             cache_dir: where to cache them (default: $OPDLAB_CACHE/toy, i.e. ~/.cache/opdlab/toy).
             force: rebuild even if a cached build exists.

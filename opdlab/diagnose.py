@@ -50,7 +50,7 @@ from opdlab.tasks import AdditionTask, PromptSource
 
 
 @dataclass
-class TrainOptions:
+class DiagnosticTraining:
     """The short OPD run that turns θ0 into θ1 (skipped when --student_after is given).
 
     Args:
@@ -89,7 +89,7 @@ class TrainOptions:
 
 
 # --------------------------------------------------------------------------------------------- θ1
-def train_student(module, source: PromptSource, opts: TrainOptions) -> dict:
+def train_student(module, source: PromptSource, opts: DiagnosticTraining) -> dict:
     """Train the module's student in place for `opts.steps` OPD steps; returns what was run."""
     import lightning as L
 
@@ -134,7 +134,7 @@ def diagnose(
     student_after: str | None = None,
     out_dir: str = "runs/diagnose/add3",
     bank: BankOptions = BankOptions(),
-    train: TrainOptions = TrainOptions(),
+    train: DiagnosticTraining = DiagnosticTraining(),
     stats: StatsOptions = StatsOptions(),
     evaluate: bool = True,
     save_student: bool = True,
@@ -225,7 +225,7 @@ def diagnose(
     return summary
 
 
-def train_summary(train: TrainOptions) -> dict:
+def train_summary(train: DiagnosticTraining) -> dict:
     out = {k: v for k, v in asdict(train).items() if k not in ("selector", "divergence")}
     out["selector"] = type(train.selector).__name__ if train.selector else "FullSelector"
     out["divergence"] = type(train.divergence).__name__ if train.divergence else "ReverseKL"

@@ -8,7 +8,7 @@ The loss memory is one chunk of logits, not M x V.
 
 With `scoring` set (ratio-1 selection, where the keep mask is the response mask before any score
 exists) the same projection also yields the selection statistics of every row, so nothing is
-projected twice. That is what "fused" means in opdlab: statistics and loss from one projection.
+projected twice: the step plan calls this the shared projection (`StepPlan.shared_projection`).
 
 The caller (`opdlab.module.OPDModule`) picks the rows and the scale; see `StepPlan`.
 """
@@ -30,7 +30,7 @@ Head = Callable[[torch.Tensor], torch.Tensor]
 
 
 @dataclass
-class Rows:
+class KeptRows:
     """The response positions one loss covers, gathered once in flat (sequence-major) order."""
 
     index: torch.Tensor  # (M,) flat positions in the (N, L) grid
@@ -42,10 +42,10 @@ class Rows:
 
 
 def kept_rows(mask: torch.Tensor, student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, rollout: Rollout,
-              teacher_token_logp: torch.Tensor | None = None) -> Rows:
+              teacher_token_logp: torch.Tensor | None = None) -> KeptRows:
     """The rows of (N, L) `mask` from (N, L, H) hidden states and the rollout's (N, L) tensors."""
     index = mask.flatten().nonzero().squeeze(-1)
-    return Rows(
+    return KeptRows(
         index=index, student=student_hidden.flatten(0, 1)[index], teacher=teacher_hidden.flatten(0, 1)[index],
         tokens=rollout.response_ids.flatten()[index], sampling_logp=rollout.sampling_logp.flatten()[index],
         teacher_token_logp=None if teacher_token_logp is None else teacher_token_logp.flatten()[index],
@@ -70,7 +70,7 @@ class HeadLoss:
 
 
 def head_loss(
-    rows: Rows,
+    rows: KeptRows,
     student_head: Head,
     teacher_head: Head,
     divergence: Divergence,
@@ -101,7 +101,7 @@ def head_loss(
         rows, student_head, teacher_head, divergence, scale, chunk_rows, store_rows, scoring)
 
 
-def loss_inputs(rows: Rows, chunk: slice, student_logits: torch.Tensor, teacher_logits: torch.Tensor | None,
+def loss_inputs(rows: KeptRows, chunk: slice, student_logits: torch.Tensor, teacher_logits: torch.Tensor | None,
                 divergence: Divergence, stats: dict | None) -> LossInputs:
     return LossInputs(
         student_logits=student_logits,
@@ -112,7 +112,7 @@ def loss_inputs(rows: Rows, chunk: slice, student_logits: torch.Tensor, teacher_
     )
 
 
-def chunked_head_loss(rows: Rows, head: LogitHead, teacher_head: Head, divergence: Divergence, scale,
+def chunked_head_loss(rows: KeptRows, head: LogitHead, teacher_head: Head, divergence: Divergence, scale,
                       chunk_rows: int, store_rows: int, scoring: Scoring | None) -> HeadLoss:
     """The hand-written path: per chunk pre = h Wᵀ + b, z = post-processing(pre), dpre by autograd on the
     chunk alone; dh = dpre W and dW = dpreᵀ h by hand (written into one buffer, not allocated per chunk)."""
@@ -150,7 +150,7 @@ def chunked_head_loss(rows: Rows, head: LogitHead, teacher_head: Head, divergenc
     return HeadLoss(loss, token_losses, stats)
 
 
-def chunk_loss_and_logit_grad(rows: Rows, chunk: slice, head: LogitHead, hidden: torch.Tensor,
+def chunk_loss_and_logit_grad(rows: KeptRows, chunk: slice, head: LogitHead, hidden: torch.Tensor,
                               teacher_logits: torch.Tensor | None, divergence: Divergence, scale,
                               scoring: Scoring | None, work: Workspace) -> tuple[torch.Tensor, torch.Tensor, dict | None]:
     """One chunk: its (R,) losses, d(scale · Σ losses)/dpre (R, V) where pre = h Wᵀ + b are the logits
@@ -227,7 +227,7 @@ class PrecomputedGradients(torch.autograd.Function):
         return None, None, *grads
 
 
-def autograd_head_loss(rows: Rows, head: Head, teacher_head: Head, divergence: Divergence, scale,
+def autograd_head_loss(rows: KeptRows, head: Head, teacher_head: Head, divergence: Divergence, scale,
                        chunk_rows: int, store_rows: int, scoring: Scoring | None) -> HeadLoss:
     """Plain autograd over all rows at once (sharded or custom heads, or no rows)."""
     logits = head(rows.student)

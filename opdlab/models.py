@@ -1,4 +1,5 @@
-"""Loading HF causal LMs and tokenizers, freezing the teacher, tokenizer checks, and the logit head.
+"""Loading HF causal LMs and tokenizers, freezing the teacher, and the tokenizer and vocabulary checks
+(the logit head is `opdlab.heads.LogitHead`).
 
 Every model path goes through `resolve_model_path`, so the embedded toy checkpoints (`toy:...`), local
 directories and hub ids all reach the same `from_pretrained` code the tests exercise.

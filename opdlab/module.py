@@ -233,7 +233,7 @@ class OPDModule(L.LightningModule):
             rows, micro_batch_size=self.memory_options.micro_batch_size, chunk_size=self.memory_options.chunk_size,
             keeps_every_valid_position=self.selector.keeps_every_valid_position,
             full_kl=self.selector.needs_full_kl, full_entropy=self.scores_full_entropy,
-            normalization=self.training_options.loss_normalization, shared_projection=self.head_is_local,
+            loss_denominator=self.training_options.loss_normalization, shared_projection=self.head_is_local,
             topk_lists=getattr(self.selector, "needs_topk_lists", False),
         )
 
@@ -360,7 +360,7 @@ class OPDModule(L.LightningModule):
         rows = kept_rows(valid, student_hidden, teacher_hidden, rollout)
         scoring = Scoring(self.selector.top_k, plan.full_kl, plan.full_entropy, plan.topk_lists)
         loss = head_loss(rows, self.student_head, self.teacher_head, self.divergence,
-                         loss_scale(plan.normalization, valid, valid), plan.score_chunk_rows, scoring=scoring)
+                         loss_scale(plan.loss_denominator, valid, valid), plan.score_chunk_rows, scoring=scoring)
         return scatter_rows(loss.stats, rows.index, valid, scoring.top_k, plan.full_kl, plan.full_entropy,
                             plan.topk_lists), loss
 
@@ -405,7 +405,7 @@ class OPDModule(L.LightningModule):
         Every micro-batch's head loss carries the same `loss_scale` (the global count and the world-size
         factor), so the update equals the single-process update on the whole batch.
         """
-        scale = loss_scale(plan.normalization, keep, stats.valid)
+        scale = loss_scale(plan.loss_denominator, keep, stats.valid)
         total = torch.zeros((), device=self.device)
         for (student_hidden, teacher_hidden), rows in zip(hidden, plan.micro_batches, strict=True):
             part = rollout.rows(rows)

@@ -28,7 +28,7 @@ class StepPlan:
     store_rows: int  # up to this many kept rows, logit gradients are stored (one head matmul, not per chunk)
     full_kl: bool  # full-vocabulary KLs in the statistics (a selector asks)
     full_entropy: bool  # full-vocabulary entropies (a selector or a callback asks)
-    normalization: LossNormalization
+    loss_denominator: LossNormalization  # the loss's denominator: kept or valid tokens of the whole batch
     topk_lists: bool = False  # both models' (N, L, K) top-K ids and log-probs (a selector asks)
 
     @property
@@ -48,7 +48,7 @@ class StepPlan:
             else "score all rows, select, then the loss on the kept rows",
             (f"chunks: scoring {self.score_chunk_rows} rows, loss {self.loss_chunk_rows} rows; logit gradients "
              f"stored up to {self.store_rows} kept rows"),
-            f"loss = sum over kept tokens / {self.normalization} tokens of the whole batch on every rank",
+            f"loss = sum over kept tokens / {self.loss_denominator} tokens of the whole batch on every rank",
         ]
         extras = [name for name, on in (("full-vocabulary KLs", self.full_kl),
                                         ("full-vocabulary entropies", self.full_entropy),
@@ -73,7 +73,7 @@ def plan_step(
     keeps_every_valid_position: bool,
     full_kl: bool,
     full_entropy: bool,
-    normalization: LossNormalization,
+    loss_denominator: LossNormalization,
     shared_projection: bool = True,
     topk_lists: bool = False,
 ) -> StepPlan:
@@ -96,12 +96,12 @@ def plan_step(
         store_rows=2 * chunk_size,  # up to two scoring chunks: the head weight read 2 + chunks times, not 3·chunks
         full_kl=full_kl,
         full_entropy=full_entropy,
-        normalization=normalization,
+        loss_denominator=loss_denominator,
         topk_lists=topk_lists,
     )
 
 
-def loss_scale(normalization: LossNormalization, keep: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+def loss_scale(denominator: LossNormalization, keep: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """The factor on this rank's sum of kept-token losses: world size / global count.
 
     The count is kept tokens (`kept`: each step's loss is a mean over supervised tokens and its scale
@@ -110,7 +110,7 @@ def loss_scale(normalization: LossNormalization, keep: torch.Tensor, valid: torc
     micro-batches. Data-parallel gradient reduction averages over ranks, hence the world size: the update
     equals the single-process update on the whole batch. An empty count counts as 1.
     """
-    count = (keep if normalization == "kept" else valid).sum().float()
+    count = (keep if denominator == "kept" else valid).sum().float()
     return world_size() / all_reduce_sum(count).clamp_min(1.0)
 
 

@@ -18,7 +18,7 @@ from opdlab.tasks import AdditionTask
 def plan(rows=64, micro_batch_size=None, chunk_size=256, keeps_all=False, **kwargs):
     return plan_step(rows, micro_batch_size=micro_batch_size, chunk_size=chunk_size,
                      keeps_every_valid_position=keeps_all, full_kl=kwargs.get("full_kl", False),
-                     full_entropy=kwargs.get("full_entropy", False), normalization=kwargs.get("normalization", "kept"),
+                     full_entropy=kwargs.get("full_entropy", False), loss_denominator=kwargs.get("loss_denominator", "kept"),
                      shared_projection=kwargs.get("shared_projection", True))
 
 
@@ -49,7 +49,7 @@ def test_chunk_sizes_follow_the_one_knob():
 
 def test_plan_is_pure_and_described_in_one_line():
     assert plan(full_entropy=True) == plan(full_entropy=True)
-    text = plan(rows=64, micro_batch_size=16, full_kl=True, normalization="valid").describe()
+    text = plan(rows=64, micro_batch_size=16, full_kl=True, loss_denominator="valid").describe()
     assert text.startswith("step plan: 64 rollout rows in 4 micro-batches") and "\n" not in text
     assert "/ valid tokens" in text and "full-vocabulary KLs" in text
     assert "share one projection" in plan(keeps_all=True).describe()
@@ -61,7 +61,7 @@ def test_module_plan_reads_selector_and_options(tiny_checkpoints):
                        training={"loss_normalization": "valid"})
     p = module.plan(8)
     assert p.micro_batches == (slice(0, 4), slice(4, 8)) and not p.shared_projection
-    assert (p.score_chunk_rows, p.normalization) == (32, "valid")
+    assert (p.score_chunk_rows, p.loss_denominator) == (32, "valid")
     module.selector = FullSelector()
     module.memory_options.micro_batch_size = None
     assert module.plan(8).shared_projection

@@ -9,7 +9,7 @@ from opdlab.rollout import PromptBatch, Rollout, sample_rollouts
 
 
 class ReferenceEngine(RolloutEngine):
-    """Today's loop, unchanged: a dynamic cache that grows by one position per step, run eagerly on the
+    """The plain generation loop: a dynamic cache that grows by one position per step, run eagerly on the
     student itself (so its weights are always the current ones and `load_weights` has nothing to do).
     Simple and exact; Python- and launch-bound on a GPU. The other engines are tested against it."""
 

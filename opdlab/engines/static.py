@@ -84,7 +84,7 @@ class StaticKVCache:
 
 
 @dataclass
-class Workspace:
+class DecodeBuffers:
     """Every buffer of one rollout shape: rows N, prompt width P (padded), max_new_tokens T."""
 
     rows: int
@@ -102,7 +102,7 @@ class Workspace:
     valid: torch.Tensor  # (N, T) bool
 
     @classmethod
-    def allocate(cls, rows: int, prompt_width: int, max_new_tokens: int, device: torch.device) -> Workspace:
+    def allocate(cls, rows: int, prompt_width: int, max_new_tokens: int, device: torch.device) -> DecodeBuffers:
         length = prompt_width + max_new_tokens
         zeros = lambda *shape, dtype: torch.zeros(*shape, dtype=dtype, device=device)  # noqa: E731
         ws = cls(
@@ -155,7 +155,7 @@ def sample_next(logits: torch.Tensor, uniforms: torch.Tensor, c: StepConstants) 
     return token, logp.squeeze(-1)
 
 
-def record(ws: Workspace, token: torch.Tensor, logp: torch.Tensor, c: StepConstants) -> None:
+def record(ws: DecodeBuffers, token: torch.Tensor, logp: torch.Tensor, c: StepConstants) -> None:
     """Write response token `ws.step` of every row (pad after EOS) and advance the step counter."""
     at = ws.step.view(1)
     token = torch.where(ws.alive, token, torch.full_like(token, c.pad_token_id))
@@ -189,7 +189,7 @@ def cache_arguments(cache: StaticKVCache, slots: torch.Tensor, c: StepConstants)
     return {c.cache_keyword: cache, **({"cache_position": slots} if c.cache_position else {})}
 
 
-def decode_step(model: nn.Module, ws: Workspace, c: StepConstants, visible: int | None = None) -> None:
+def decode_step(model: nn.Module, ws: DecodeBuffers, c: StepConstants, visible: int | None = None) -> None:
     """Feed response token step-1 of every row, sample token `step`; no host sync.
 
     Compiled, every shape is fixed (`visible` None: attention spans all S cache slots, masked). Eager
@@ -249,7 +249,7 @@ class StaticCacheEngine(RolloutEngine):
         self.compile_options = dict(DEFAULT_COMPILE_OPTIONS if compile_options is None else compile_options)
         self.min_prompt_bucket, self.max_workspaces = min_prompt_bucket, max_workspaces
         self.copy: nn.Module | None = None
-        self.workspaces: dict[tuple, Workspace] = {}
+        self.workspaces: dict[tuple, DecodeBuffers] = {}
         self.step_fn = None
 
     # ------------------------------------------------------------------------- weights
@@ -330,7 +330,7 @@ class StaticCacheEngine(RolloutEngine):
             answers=[a for a in prompts.answers for _ in range(params.num_samples)],
         )
 
-    def prefill(self, model, ws: Workspace, ids, mask, uniforms, c: StepConstants) -> None:
+    def prefill(self, model, ws: DecodeBuffers, ids, mask, uniforms, c: StepConstants) -> None:
         """Run the (left-padded) prompts eagerly, fill the cache, sample response token 0."""
         rows, width = ids.shape
         pad = ws.prompt_width - width
@@ -375,9 +375,9 @@ class StaticCacheEngine(RolloutEngine):
         """The padded prompt width: the next power of two >= max(width, min_prompt_bucket)."""
         return 1 << (max(width, self.min_prompt_bucket) - 1).bit_length()
 
-    def workspace(self, rows: int, prompt_width: int, max_new_tokens: int, device: torch.device) -> Workspace:
+    def workspace(self, rows: int, prompt_width: int, max_new_tokens: int, device: torch.device) -> DecodeBuffers:
         key = (rows, prompt_width, max_new_tokens, str(device))
-        ws = self.workspaces.pop(key, None) or Workspace.allocate(rows, prompt_width, max_new_tokens, device)
+        ws = self.workspaces.pop(key, None) or DecodeBuffers.allocate(rows, prompt_width, max_new_tokens, device)
         self.workspaces[key] = ws  # most recently used last
         while len(self.workspaces) > self.max_workspaces:
             self.workspaces.pop(next(iter(self.workspaces)))
