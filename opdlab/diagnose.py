@@ -98,25 +98,16 @@ def train_student(module, source: PromptSource, opts: DiagnosticTraining) -> dic
 
     silence_lightning_noise()
     module.student.train()
+    from opdlab.callbacks.progress import StepProgressBar
+
     trainer = L.Trainer(
         max_steps=opts.steps, accelerator=opts.accelerator, devices=1, logger=False, enable_checkpointing=False,
         enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, inference_mode=False,
+        callbacks=[StepProgressBar()],  # steps out of `steps` (Lightning's own bar shows "Epoch 0/-2")
     )
     started = time.perf_counter()
     trainer.fit(module, datamodule=PromptDataModule(source, batch_size=opts.batch_size))
     return {"steps": trainer.global_step, "seconds": round(time.perf_counter() - started, 1)}
-
-
-def load_student_after(module, path: str, dtype: str) -> None:
-    """Replace the module's student with the checkpoint at `path` (tokenizer checked against θ0's)."""
-    from opdlab.heads import LogitHead
-    from opdlab.models import check_tokenizers_compatible, check_vocab_sizes, load_causal_lm, load_tokenizer
-
-    check_tokenizers_compatible(module.tokenizer, load_tokenizer(path))
-    device = next(module.student.parameters()).device
-    module.student = load_causal_lm(path, dtype).to(device).eval()
-    module.student_head = LogitHead(module.student, check_vocab_sizes(module.student, module.teacher, module.tokenizer))
-    module.bind_rollout_engine()
 
 
 @torch.no_grad()
@@ -192,7 +183,7 @@ def diagnose(
     base = score_bank(module, parts, bank.top_k, device, "scoring θ0")
     accuracy = {"before": student_accuracy(module, source, train.max_new_tokens)} if evaluate else {}
     if student_after:
-        load_student_after(module, student_after, student_dtype)
+        module.replace_student(student_after)
         theta1 = {"student_after": student_after}
     else:
         theta1 = {"trained": train_student(module, source, train), "selector": type(module.selector).__name__,

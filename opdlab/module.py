@@ -251,12 +251,26 @@ class OPDModule(L.LightningModule):
             rank_zero_info(f"opdlab: {self.plan(batch_size * self.rollout_options.num_samples).describe()}")
 
     @torch.no_grad()
-    def token_stats(self, rollout: Rollout) -> TokenStats:
-        """The selection statistics of every valid position of `rollout`, as a training step scores them
-        (no grad; for analyses such as benchmarks/disagreement_census.py)."""
+    def token_stats(self, rollout: Rollout, top_k: int | None = None, full_kl: bool | None = None,
+                    full_entropy: bool | None = None) -> TokenStats:
+        """The selection statistics of every valid position of `rollout`, as a training step scores them (no
+        grad; for analyses: `opdlab diagnose`'s bank, benchmarks/disagreement_census.py). `top_k`, `full_kl` and
+        `full_entropy` override what the selector asks for."""
         rows = rollout.response_mask.shape[0]
         plan = replace(self.plan(rows), micro_batches=(slice(0, rows),), shared_projection=False)
-        return self.score([self.response_hidden_states(rollout, student_grad=False)], rollout, plan)
+        plan = replace(plan, **{k: v for k, v in (("full_kl", full_kl), ("full_entropy", full_entropy)) if v is not None})
+        return self.score([self.response_hidden_states(rollout, student_grad=False)], rollout, plan, top_k)
+
+    def replace_student(self, path: str) -> None:
+        """Swap in another checkpoint of the student (e.g. one trained elsewhere) on the current student's device,
+        in the module's student dtype: tokenizer and vocabulary checked against the loaded models, head and
+        rollout engine rebuilt for it."""
+        check_tokenizers_compatible(self.tokenizer, load_tokenizer(path))
+        device = next(self.student.parameters()).device
+        self.student = load_causal_lm(path, self.memory_options.student_dtype).to(device).eval()
+        self.student_path = path
+        self.student_head = LogitHead(self.student, check_vocab_sizes(self.student, self.teacher, self.tokenizer))
+        self.bind_rollout_engine()
 
     def encode(self, batch: dict) -> PromptBatch:
         opts = self.rollout_options
@@ -364,11 +378,12 @@ class OPDModule(L.LightningModule):
         return scatter_rows(loss.stats, rows.index, valid, scoring.top_k, plan.full_kl, plan.full_entropy,
                             plan.topk_lists), loss
 
-    def score(self, hidden: Hidden, rollout: Rollout, plan: StepPlan) -> TokenStats:
-        """The statistics of every valid position, without grad, micro-batch by micro-batch."""
+    def score(self, hidden: Hidden, rollout: Rollout, plan: StepPlan, top_k: int | None = None) -> TokenStats:
+        """The statistics of every valid position, without grad, micro-batch by micro-batch (K: the selector's
+        `top_k` unless given)."""
         return TokenStats.cat([
             compute_token_stats(s.detach(), t, part.response_ids, part.response_mask, self.student_head,
-                                self.teacher_head, self.selector.top_k, plan.score_chunk_rows, plan.full_kl,
+                                self.teacher_head, top_k or self.selector.top_k, plan.score_chunk_rows, plan.full_kl,
                                 plan.full_entropy, plan.topk_lists)
             for (s, t), part in zip(hidden, (rollout.rows(r) for r in plan.micro_batches), strict=True)
         ])

@@ -17,7 +17,6 @@ from tqdm.auto import tqdm
 
 from opdlab.engines import SamplingParams
 from opdlab.rollout import Rollout, derive_seed, encode_prompts
-from opdlab.scoring import compute_token_stats
 from opdlab.selectors.base import Normalization, normalize_scores
 from opdlab.tasks import PromptSource
 
@@ -98,11 +97,7 @@ def score_bank(module, parts: list[Rollout], top_k: int, device: torch.device, d
     with tqdm(total=sum(p.response_mask.shape[0] for p in parts), desc=desc, unit="ctx") as bar:
         for part in parts:
             rollout = rollout_to(part, device)
-            s_hidden, t_hidden = module.response_hidden_states(rollout, student_grad=False)
-            st = compute_token_stats(
-                s_hidden, t_hidden, rollout.response_ids, rollout.response_mask, module.student_head,
-                module.teacher_head, top_k=top_k, chunk_size=module.memory_options.chunk_size, full_kl=True,
-            )
+            st = module.token_stats(rollout, top_k=top_k, full_kl=True, full_entropy=True)
             valid = st.valid
             n, length = valid.shape
             context = torch.arange(first_context, first_context + n, device=valid.device)[:, None].expand(n, length)
