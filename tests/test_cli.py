@@ -360,6 +360,18 @@ def test_rollouts_are_logged_as_text_with_the_kept_tokens(tmp_path, tiny_checkpo
     assert "**" in text and all(line.endswith(("| yes |", "| no |")) for line in lines[2:])
 
 
+def test_rollouts_are_logged_at_the_last_step_too(tmp_path, tiny_checkpoints):
+    """every_n_steps 3 over 4 steps logs steps 1 and 4 (the first, then 1 + 3), and a run of 5 steps logs its
+    last step as well (1, 4, 5): what the trained student writes is always in the log."""
+    for steps, logged in ((4, [1, 4]), (5, [1, 4, 5])):
+        root = tmp_path / str(steps)
+        result = run_fit(root, tiny_checkpoints, "--trainer.max_steps", str(steps), "--rollout_samples.every_n_steps", "3")
+        assert result.code == 0, result.err[-3000:]
+        acc = EventAccumulator(str(root / "runs" / "fast" / "version_0"), size_guidance={"tensors": 0})
+        acc.Reload()
+        assert [e.step for e in acc.Tensors("rollouts/samples/text_summary")] == logged
+
+
 def test_an_engine_failure_mid_run_names_the_step_and_keeps_the_checkpoints(tmp_path, tiny_checkpoints, monkeypatch):
     """An engine that breaks in training step 3 (a serving engine's crash, an out-of-memory): one line naming
     the engine and the step, the checkpoint of step 2 intact, and --resume continues from it."""

@@ -24,7 +24,8 @@ class RolloutSamples(L.Callback):
     answer, and whether the verifier accepts the response. The first thing to read when a run goes wrong.
 
     Args:
-        every_n_steps: log on the first optimizer step and then every n-th (1, n + 1, 2n + 1, ...).
+        every_n_steps: log on the first optimizer step, then every n-th (1, n + 1, 2n + 1, ...), and on the
+            last step of the run (what the trained student writes).
         num_rows: rollouts shown each time (the batch's first rows).
     """
 
@@ -37,7 +38,9 @@ class RolloutSamples(L.Callback):
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
         record, step = step_record(outputs), trainer.global_step
         writers = [lg.experiment for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
-        if record is None or not writers or not trainer.is_global_zero or not is_logging_step(step, self.every_n_steps):
+        last = trainer.max_steps is not None and step == trainer.max_steps
+        if record is None or not writers or not trainer.is_global_zero or not (
+                is_logging_step(step, self.every_n_steps) or last):
             return
         writer_text = self.table(pl_module.tokenizer, record, trainer.datamodule.verify)
         for writer in writers:
