@@ -11,13 +11,12 @@ DAPO-Math-17k (`prompt` messages, `reward_model.ground_truth`), MATH-500 (`probl
 from __future__ import annotations
 
 import os
-import random
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
 
-from opdlab.tasks.base import Problem, PromptSource
-from opdlab.tasks.jsonl import answer_text, warn_overlap
+from opdlab.tasks.base import Problem
+from opdlab.tasks.jsonl import FileSplits, answer_text, shuffled_passes, warn_overlap
 
 PROMPT_FIELDS = ("prompt", "problem", "question", "Problem", "Question")
 ANSWER_FIELDS = ("answer", "reward_model.ground_truth", "Answer", "ground_truth", "final_answer")
@@ -159,7 +158,7 @@ def read_problems(path: str, split: str = "train", prompt_field: str | None = No
     return problems
 
 
-class DatasetPrompts(PromptSource):
+class DatasetPrompts(FileSplits):
     """Prompts and answers read with `datasets` (local parquet/JSON/JSONL/CSV/arrow files or folders, a hub id
     where the network allows).
 
@@ -227,14 +226,7 @@ class DatasetPrompts(PromptSource):
         if self.streaming:
             yield from self._stream(start)
             return
-        n, index = len(self._train), start
-        while True:
-            epoch, offset = divmod(index, n)
-            order = list(range(n))
-            random.Random(f"{self.seed}-{epoch}").shuffle(order)
-            for i in order[offset:]:
-                yield self._train[i]
-                index += 1
+        yield from shuffled_passes(self._train, self.seed, start)
 
     def _stream(self, start: int) -> Iterator[Problem]:
         """The records in file order, cycled; the first `start` are skipped (read, not yielded)."""
@@ -250,16 +242,3 @@ class DatasetPrompts(PromptSource):
                 raise ValueError(f"{self.path} (split {self.split!r}) holds no records")
             if index < start:  # skip whole passes at once
                 index += (start - index) // seen * seen
-
-    def eval_problems(self) -> list[Problem]:
-        return list(self._eval)
-
-    def test_problems(self) -> list[Problem] | None:
-        return list(self._test) if self._test is not None else None
-
-    def verify(self, response: str, answer: str) -> bool:
-        if self.verifier == "exact":
-            return response.strip() == answer.strip()
-        from opdlab.tasks.math_answers import verify_math_answer
-
-        return verify_math_answer(response, answer)

@@ -86,7 +86,25 @@ def read_jsonl_problems(path: str | Path) -> list[Problem]:
     return problems
 
 
-class JsonlPrompts(PromptSource):
+class FileSplits(PromptSource):
+    """Held-out splits read from files (`_eval`, `_test`) and a named verifier (`verifier`): what JsonlPrompts
+    and DatasetPrompts share."""
+
+    _eval: list[Problem]
+    _test: list[Problem] | None
+    verifier: str
+
+    def eval_problems(self) -> list[Problem]:
+        return list(self._eval)
+
+    def test_problems(self) -> list[Problem] | None:
+        return list(self._test) if self._test is not None else None
+
+    def verify(self, response: str, answer: str) -> bool:
+        return check_answer(self.verifier, response, answer)
+
+
+class JsonlPrompts(FileSplits):
     """Prompts and answers from JSONL files.
 
     Args:
@@ -129,28 +147,29 @@ class JsonlPrompts(PromptSource):
             warn_overlap(self._train, self._test, "test")
 
     def train_problems(self, start: int = 0) -> Iterator[Problem]:
-        n = len(self._train)
-        index = start
-        while True:
-            epoch, offset = divmod(index, n)
-            order = list(range(n))
-            random.Random(f"{self.seed}-{epoch}").shuffle(order)
-            for i in order[offset:]:
-                yield self._train[i]
-                index += 1
+        return shuffled_passes(self._train, self.seed, start)
 
-    def eval_problems(self) -> list[Problem]:
-        return list(self._eval)
 
-    def test_problems(self) -> list[Problem] | None:
-        return list(self._test) if self._test is not None else None
+def shuffled_passes(problems: list[Problem], seed: int, start: int = 0) -> Iterator[Problem]:
+    """`problems` forever, each pass in its own seeded order, from stream position `start` (index-addressable:
+    a resumed run continues exactly where it stopped)."""
+    n, index = len(problems), start
+    while True:
+        epoch, offset = divmod(index, n)
+        order = list(range(n))
+        random.Random(f"{seed}-{epoch}").shuffle(order)
+        for i in order[offset:]:
+            yield problems[i]
+            index += 1
 
-    def verify(self, response: str, answer: str) -> bool:
-        if self.verifier == "exact":
-            return response.strip() == answer.strip()
-        from opdlab.tasks.math_answers import verify_math_answer
 
-        return verify_math_answer(response, answer)
+def check_answer(verifier: str, response: str, answer: str) -> bool:
+    """`exact`: stripped string equality; `math`: math-verify's equivalence of the last answer in the response."""
+    if verifier == "exact":
+        return response.strip() == answer.strip()
+    from opdlab.tasks.math_answers import verify_math_answer
+
+    return verify_math_answer(response, answer)
 
 
 def warn_overlap(train: list[Problem], held_out: list[Problem], name: str) -> None:
