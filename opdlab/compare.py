@@ -8,8 +8,10 @@
 Each run is an `opdlab fit` subprocess over the base config(s) plus the selector overlay
 `configs/selectors/<name>.yaml`, with `--model.selector.init_args.ratio`, `--seed_everything S
 --model.training.seed S`, a step count, frequent validation and per-step logging. Curves are read back from the
-run's TensorBoard events (`val/accuracy`, `train/kept_tokens` per step, `train/valid_tokens`); wall time is the
-fit's own (from its summary line). A finished run leaves `result.json` and is not rerun (unless
+run's `summary.json` (written by `opdlab fit`: every validation with its step and accuracy, the training wall
+time) and its TensorBoard events (`train/kept_tokens` per step, `train/valid_tokens`). While a run trains, its
+progress lines (`train 120/200 ...`, `val at step 120: ...`) are printed prefixed with the run's name; its
+whole output is in `<run>/fit.log`. A finished run leaves `result.json` and is not rerun (unless
 `--rerun true`), so an interrupted comparison resumes.
 
 Outputs in `out_dir`: results.csv (one row per run), table.csv and table.md (mean ± std over seeds per
@@ -21,13 +23,16 @@ and, with a sweep, sweep_vs_step.png and sweep_vs_tokens.png (a panel per swept 
 from __future__ import annotations
 
 import csv
+import inspect
 import json
 import os
 import platform
 import re
+import shlex
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -37,11 +42,21 @@ from typing import Literal
 import numpy as np
 import yaml
 
+from opdlab.console import OpdlabError
 from opdlab.diagnostics import plots
 from opdlab.runs import writable_folder
 
 NO_RATIO = {"full"}  # overlays whose selector takes no ratio (always every valid token)
-INVOCATION: list[str] | None = None  # the command line, recorded by run_compare for the table header
+PROGRESS_LINES = ("train ", "val at step ")  # the lines of a run's output shown while it trains (opdlab fit's
+# plain progress lines: its stdout is a pipe, not a terminal)
+OUTPUT_LOCK = threading.Lock()  # runs in parallel (--jobs) print whole lines, one at a time
+
+
+def say(line: str) -> None:
+    """One line on stdout, whole: lines of runs in parallel never interleave mid-line."""
+    with OUTPUT_LOCK:
+        sys.stdout.write(line + "\n")
+        sys.stdout.flush()
 
 
 @dataclass(frozen=True)
@@ -136,15 +151,6 @@ def read_scalars(log_dir: Path) -> dict[str, list[float]]:
     return {tag: [e.value for e in sorted(acc.Scalars(tag), key=lambda e: e.wall_time)] for tag in acc.Tags()["scalars"]}
 
 
-def validation_steps(count: int, steps: int, val_check_interval: int) -> list[int]:
-    """Training steps of a fit's `count` validations: before training, every interval, and at the end.
-
-    Lightning logs a validation inside fit at the step *before* the one that triggered it, and the one
-    `opdlab fit` runs before training also at step 0, so the logged steps are ambiguous; the schedule is not.
-    """
-    return [min(i * val_check_interval, steps) for i in range(count)]
-
-
 def supervised_so_far(kept_per_step: list[float], val_steps: list[int]) -> list[float]:
     """Tokens supervised before each validation: the sum of the first `step` logged `train/kept_tokens`.
 
@@ -154,36 +160,70 @@ def supervised_so_far(kept_per_step: list[float], val_steps: list[int]) -> list[
     return [float(total[min(s, len(kept_per_step))]) for s in val_steps]
 
 
-def parse_fit_seconds(text: str) -> float:
-    match = re.findall(r"wall time: ([0-9.]+) s", text)
-    return float(match[-1]) if match else float("nan")
+def read_fit_summary(log_dir: Path) -> dict:
+    """The `summary.json` `opdlab fit` writes in its run folder (steps, training seconds, every validation)."""
+    path = log_dir / "summary.json"
+    if not path.is_file():
+        raise CompareError(f"{path} not found: the fit finished but wrote no summary.json (an opdlab older than "
+                           "compare, or extra_args that move the run folder, e.g. another logger)")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise CompareError(f"{path} is not readable JSON ({err})") from None
 
 
-def run_one(spec: RunSpec, command: list[str], log_dir: Path, env: dict, rerun: bool, schedule: tuple[int, int]) -> RunResult:
-    """Run (or reload) one fit; parse its TensorBoard events into a RunResult."""
+def stream_fit(command: list[str], env: dict, log: Path, name: str) -> tuple[int, list[str]]:
+    """Run one `opdlab fit`: its output (stdout and stderr, in order) goes to `log` line by line, and its
+    progress lines are printed prefixed with `[name]` as they come. Returns the exit code and the output lines."""
+    lines: list[str] = []
+    with open(log, "w") as f:
+        f.write(" ".join(command) + "\n\n")
+        f.flush()
+        # Line-buffered child output, so progress arrives when printed; universal newlines also split the
+        # carriage-return updates of other tools' bars (weights loading) into lines.
+        with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+                              env={**env, "PYTHONUNBUFFERED": "1"}) as proc:
+            for line in proc.stdout:
+                line = line.rstrip("\n")
+                lines.append(line)
+                f.write(line + "\n")
+                if line.startswith(PROGRESS_LINES):
+                    say(f"[{name}] {line}")
+            code = proc.wait()
+    return code, lines
+
+
+def run_one(spec: RunSpec, command: list[str], log_dir: Path, env: dict, rerun: bool, position: str = "") -> RunResult:
+    """Run (or reload) one fit; read its summary.json and TensorBoard events into a RunResult."""
     done = log_dir / "result.json"
     if done.is_file() and not rerun:
         return result_from_json(json.loads(done.read_text()))
     if log_dir.exists():  # a rerun starts from an empty folder: old and new events must not mix
         shutil.rmtree(log_dir)
     log_dir.mkdir(parents=True, exist_ok=True)
+    name = f"{spec.method} seed {spec.seed}"
+    say(f"compare: starting {name}{position}: {log_dir}")
     started = time.perf_counter()
-    proc = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
+    code, output = stream_fit(command, env, log_dir / "fit.log", name)
     seconds = time.perf_counter() - started
-    (log_dir / "fit.log").write_text(" ".join(command) + "\n\n" + proc.stdout + "\n" + proc.stderr)
-    if proc.returncode != 0:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
-        print(f"compare: {spec.name} seed {spec.seed} failed (exit {proc.returncode}): {' | '.join(tail)}")
+    if code != 0:
+        tail = [line for line in output if line.strip()][-5:]
+        say(f"compare: {spec.name} seed {spec.seed} failed (exit {code}): {' | '.join(tail)}")
         return RunResult(spec, ok=False, process_seconds=seconds, error="\n".join(tail))
+    try:
+        summary = read_fit_summary(log_dir)
+    except CompareError as err:
+        say(f"compare: {spec.name} seed {spec.seed} failed: {err}")
+        return RunResult(spec, ok=False, process_seconds=seconds, error=str(err))
+    steps = [int(v["step"]) for v in summary["validations"]]
+    val = [float("nan") if v["accuracy"] is None else float(v["accuracy"]) for v in summary["validations"]]
     scalars = read_scalars(log_dir)
-    val = scalars.get("val/accuracy", [])
-    steps = validation_steps(len(val), *schedule)
     kept = scalars.get("train/kept_tokens", [])
     evaluated = log_dir / "eval" / "result.json"
     result = RunResult(
         spec, ok=True, val_steps=steps, val_accuracy=val, val_supervised_tokens=supervised_so_far(kept, steps),
         kept_tokens=sum(kept), valid_tokens=sum(scalars.get("train/valid_tokens", [])),
-        fit_seconds=parse_fit_seconds(proc.stdout), process_seconds=round(seconds, 1),
+        fit_seconds=float(summary["train_seconds"]), process_seconds=round(seconds, 1),
         eval_avg=json.loads(evaluated.read_text())["mean"]["avg"]["mean"] if evaluated.is_file() else float("nan"),
     )
     done.write_text(json.dumps({**asdict(result), "spec": asdict(spec), "command": settings(command)}, indent=2))
@@ -392,6 +432,8 @@ def compare(
 ) -> list[dict]:
     """Run `opdlab fit` for every selector x seed (and a budget sweep), then tabulate and plot.
 
+    Every run's progress lines are printed as it trains, prefixed with its method and seed.
+
     Args:
         fit_config: base `opdlab fit` config(s), applied in order before each selector overlay
             (`--config` is compare's own config file, as for every jsonargparse command).
@@ -418,6 +460,7 @@ def compare(
         rank_by: order the table's rows best first by final or best validation accuracy, or by the evaluation's
             Avg@k (`eval`, needs eval_config); default: the order of `selectors`.
     """
+    invocation = command_line(dict(locals()))  # the arguments as given (for the table header), before any is rebound
     out = Path(out_dir)
     overlays = Path(overlays_dir) if overlays_dir else Path(fit_config[0]).parent / "selectors"
     main, sweep = run_specs(selectors, ratio, seeds, sweep_selector, sweep_ratios)
@@ -441,9 +484,9 @@ def compare(
     def launch(spec: RunSpec) -> RunResult:
         log_dir = out / "runs" / spec.name / f"seed{spec.seed}"
         command = fit_command(spec, fit_config, overlays, out / "runs", steps, val_check_interval, extra_args, top_k)
-        result = run_one(spec, command, log_dir, env, rerun, (steps, val_check_interval))
-        print(f"compare: {spec.method} seed {spec.seed}: final {result.final:.3f} best {result.best:.3f} "
-              f"({result.fit_seconds:.0f} s)", flush=True)
+        result = run_one(spec, command, log_dir, env, rerun, f" (run {specs.index(spec) + 1} of {len(specs)})")
+        say(f"compare: {spec.method} seed {spec.seed}: final {result.final:.3f} best {result.best:.3f} "
+            f"({result.fit_seconds:.0f} s)")
         return result
 
     started = time.perf_counter()
@@ -451,7 +494,7 @@ def compare(
         results = dict(zip(specs, pool.map(launch, specs), strict=True))
     table = ranked(summarize([results[s] for s in main]), rank_by)
     sweep_table = ranked(summarize([results[s] for s in sweep]), rank_by)
-    header = command_header(fit_config, started, sum(r.process_seconds for r in results.values() if r.ok))
+    header = command_header(invocation, fit_config, started, sum(r.process_seconds for r in results.values() if r.ok))
     write_outputs(out, results, main, sweep, table, sweep_table, header=header,
                   label=", ".join(Path(c).name for c in fit_config))
     failed = [f"{r.spec.method} seed {r.spec.seed}" for r in results.values() if not r.ok]
@@ -479,12 +522,34 @@ def check_eval_config(path: str) -> None:
         raise CompareError(f"eval_config {path}: {err}") from None
 
 
-class CompareError(RuntimeError):
+class CompareError(OpdlabError, RuntimeError):
     """Some runs failed, or nothing was asked to run: `opdlab compare` exits non-zero."""
 
 
-def command_header(config: list[str], started: float, run_seconds: float) -> str:
-    command = "opdlab compare " + " ".join(INVOCATION) if INVOCATION is not None else "compare() from python"
+def command_line(arguments: dict) -> str:
+    """The `opdlab compare` command line of these `compare` arguments (those that differ from the defaults):
+    what the table header records, from the command line or from Python alike."""
+    defaults = {name: p.default for name, p in inspect.signature(compare).parameters.items()}
+    parts = ["opdlab compare"]
+    for name, value in arguments.items():
+        if name in defaults and value != defaults[name]:
+            parts += [f"--{name}", shlex.quote(cli_value(value))]
+    return " ".join(parts)
+
+
+def cli_value(value) -> str:
+    """A value as an option reads it: `[full,random]`, `0.05`, `true`, `null`; a list with an item YAML would
+    read as something else (e.g. `--trainer.callbacks=[]`) as JSON."""
+    if isinstance(value, (list, tuple)):
+        items = [cli_value(v) for v in value]
+        plain = all(re.fullmatch(r"[\w./@+-]+", i) and yaml.safe_load(i) == v for i, v in zip(items, value, strict=True))
+        return f"[{','.join(items)}]" if plain else json.dumps(list(value))
+    if isinstance(value, bool) or value is None:
+        return json.dumps(value)
+    return str(value)
+
+
+def command_header(command: str, config: list[str], started: float, run_seconds: float) -> str:
     return (f"command: `{command}`  \n"
             f"base config: {', '.join(config)}  \n"
             f"machine: {platform.node()} ({platform.machine()}, {os.cpu_count()} CPUs), python {platform.python_version()}  \n"
@@ -520,9 +585,4 @@ def run_compare(argv: list[str]) -> None:
     """`opdlab compare ...`: jsonargparse turns `compare`'s signature and docstring into --help."""
     from jsonargparse import CLI
 
-    global INVOCATION
-    INVOCATION = list(argv)
-    try:
-        CLI(compare, args=argv, prog="opdlab compare")
-    except CompareError as err:
-        sys.exit(f"opdlab compare: error: {err}")
+    CLI(compare, args=argv, prog="opdlab compare")  # a CompareError is one line from opdlab.cli.main

@@ -38,6 +38,15 @@ def error_exit(message: object, prog: str = "opdlab", code: int = 1, hint: str |
     raise SystemExit(code)
 
 
+def transformers_bars_only_on_a_terminal() -> None:
+    """transformers' "Loading weights" / "Writing model shards" bars: on a terminal as they are; in a log file
+    (CI, a scheduler's output) they would be lines of carriage returns, so they are turned off there."""
+    if not sys.stderr.isatty():
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+
+
 def drop_advertising(record: logging.LogRecord) -> bool:
     """Lightning's tip to install a cloud logger, printed at every fit: not ours to pass on."""
     return "litlogger" not in record.getMessage()

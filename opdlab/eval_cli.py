@@ -200,11 +200,8 @@ def load_model(model: str, dtype: str):
     student), a Lightning checkpoint of an opdlab run (.ckpt: the base student plus the checkpoint's weights),
     `toy:<name>/<role>`, or a hub id where the network allows."""
     import torch
-    from transformers.utils import logging as hf_logging
 
     from opdlab.models import load_causal_lm, load_tokenizer
-
-    hf_logging.disable_progress_bar()  # "Loading weights: 27/27" for every model
 
     path = Path(model).expanduser()
     if path.is_dir() and not (path / "config.json").is_file() and (path / "student" / "config.json").is_file():

@@ -96,6 +96,9 @@ def load_causal_lm(name: str, dtype: str = "float32") -> PreTrainedModel:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     from transformers import AutoModelForCausalLM
 
+    from opdlab.console import transformers_bars_only_on_a_terminal
+
+    transformers_bars_only_on_a_terminal()
     path = resolve_model_path(name)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype])

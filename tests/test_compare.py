@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import csv
 import json
+import re
+import shlex
+import sys
+import threading
 
 import pytest
 import yaml
@@ -12,13 +16,15 @@ from conftest import CONFIG_DIR, run_opdlab
 from opdlab.compare import (
     RunResult,
     RunSpec,
+    command_line,
+    compare,
     fit_command,
     markdown_table,
     mean_curves,
+    run_one,
     run_specs,
     summarize,
     supervised_so_far,
-    validation_steps,
 )
 
 OVERLAYS = CONFIG_DIR / "selectors"
@@ -128,12 +134,91 @@ def test_compare_reads_validation_curves_and_resumes(compared, monkeypatch):
         rows = [r for r in csv.DictReader(f) if r["method"] == "random@0.25"]
     assert [float(r["supervised_tokens"]) for r in rows] == pytest.approx(tokens)
     # A finished run is reloaded, not rerun.
-    import opdlab.compare as compare
+    from opdlab import compare
 
-    monkeypatch.setattr(compare.subprocess, "run", lambda *a, **k: pytest.fail("a finished run was rerun"))
+    monkeypatch.setattr(compare.subprocess, "Popen", lambda *a, **k: pytest.fail("a finished run was rerun"))
     results = compare.compare(fit_config=[str(out.parent / "base.yaml")], selectors=["random"], ratio=0.25, seeds=[0],
                               steps=3, val_check_interval=1, overlays_dir=str(OVERLAYS), out_dir=str(out))
     assert results[0]["final_mean"] == pytest.approx(run["val_accuracy"][-1])
+    # The header of a call from Python records the equivalent command line (its arguments, not a global).
+    table = (out / "table.md").read_text()
+    assert f"command: `opdlab compare --fit_config '[{out.parent / 'base.yaml'}]' --selectors '[random]' --ratio 0.25 " \
+           "--seeds '[0]' --steps 3 --val_check_interval 1" in table
+    assert not hasattr(compare, "INVOCATION")
+
+
+def test_compare_reads_the_fits_summary_json(compared):
+    """Validation steps, accuracies and wall time come from the summary.json `opdlab fit` writes, not from
+    its stdout or a schedule."""
+    out, _ = compared
+    log_dir = out / "runs" / "random_r0.25" / "seed0"
+    summary = json.loads((log_dir / "summary.json").read_text())
+    run = json.loads((log_dir / "result.json").read_text())
+    assert summary["steps"] == 3
+    assert run["val_steps"] == [v["step"] for v in summary["validations"]] == [0, 1, 2, 3]
+    assert run["val_accuracy"] == [v["accuracy"] for v in summary["validations"]]
+    assert run["fit_seconds"] == summary["train_seconds"] > 0
+    assert summary["accuracy_before"] == run["val_accuracy"][0] and summary["accuracy_after"] == run["val_accuracy"][-1]
+
+
+def test_compare_streams_each_runs_progress_prefixed_whole_lines(compared):
+    """Two runs at once (--jobs 2): each run's start and its fit's progress lines, prefixed with its name."""
+    out, result = compared
+    lines = result.out.splitlines()
+    for name in ("full seed 0", "random@0.25 seed 0"):
+        assert any(re.fullmatch(rf"compare: starting {re.escape(name)} \(run [12] of 2\): .*", line) for line in lines)
+        assert f"[{name}] train 1/3 " in result.out and f"[{name}] train 3/3 " in result.out
+        assert f"[{name}] val at step 2: val/accuracy=" in result.out
+    streamed = [line for line in lines if line.startswith("[")]
+    assert streamed and all(re.fullmatch(r"\[(full|random@0\.25) seed 0\] (train \d/3 .*\]|val at step \d: .*)", line)
+                            for line in streamed), streamed
+    assert "\r" not in result.out and "\x1b[" not in result.out
+    assert "train 3/3" in (out / "runs" / "full" / "seed0" / "fit.log").read_text()  # the whole output is kept
+
+
+def test_parallel_runs_never_interleave_mid_line(tmp_path, capsys):
+    """Runs print from their own threads; every printed line is one whole line of one run."""
+    child = ("import sys\nfor i in range(300):\n    print(f'train {i}/300 ' + sys.argv[1] * 200, flush=True)\n"
+             "print('noise not shown')\n")
+    specs = [RunSpec("full", 1.0, 0), RunSpec("random", 0.1, 0), RunSpec("random", 0.2, 0)]
+    results = {}
+
+    def go(spec, letter):
+        command = [sys.executable, "-c", child, letter]
+        results[letter] = run_one(spec, command, tmp_path / spec.name, {}, rerun=True)
+
+    threads = [threading.Thread(target=go, args=(spec, letter)) for spec, letter in zip(specs, "abc", strict=True)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    lines = capsys.readouterr().out.splitlines()
+    progress = [line for line in lines if line.startswith("[")]
+    assert len(progress) == 900
+    for line in progress:
+        match = re.fullmatch(r"\[(full|random@0\.1|random@0\.2) seed 0\] train \d+/300 ([abc])\2{199}", line)
+        assert match, line[:120]
+    assert "noise not shown" not in "\n".join(lines)
+    # a fit that exits 0 without a summary.json is a failed run that says why
+    for letter, result in results.items():
+        assert not result.ok and "summary.json not found" in result.error, (letter, result.error)
+    assert sum("failed: " in line and "summary.json not found" in line for line in lines) == 3
+
+
+def test_the_header_command_line_parses_back_to_the_same_arguments(tmp_path):
+    from jsonargparse import ArgumentParser
+
+    given = {"fit_config": ["configs/a b.yaml", "configs/b.yaml"], "selectors": ["full", "teachability"],
+             "ratio": [0.05, 1e-05], "seeds": [0, 1], "sweep_selector": None, "extra_args": ["--trainer.callbacks=[]",
+             "--model.rollout.max_new_tokens", "8"], "rerun": True, "top_k": 4, "rank_by": "best", "jobs": 1,
+             "out_dir": str(tmp_path / "o u t")}
+    command = command_line(given)
+    assert "--jobs" not in command and "--sweep_selector" not in command  # defaults are left out
+    parser = ArgumentParser()
+    parser.add_function_arguments(compare)
+    parsed = parser.parse_args(shlex.split(command)[2:])
+    for key, value in given.items():
+        assert parsed[key] == value, (key, parsed[key])
 
 
 def test_compare_help_documents_every_option():
@@ -142,11 +227,6 @@ def test_compare_help_documents_every_option():
     for option in ("--fit_config", "--selectors", "--ratio", "--seeds", "--steps", "--val_check_interval",
                    "--sweep_selector", "--sweep_ratios", "--overlays_dir", "--out_dir", "--jobs", "--extra_args"):
         assert option in result.out, option
-
-
-def test_validation_steps_follow_the_schedule():
-    assert validation_steps(4, 3, 1) == [0, 1, 2, 3]
-    assert validation_steps(4, 50, 20) == [0, 20, 40, 50]  # the extra validation at the end of fit
 
 
 def test_failed_run_makes_compare_exit_nonzero_after_writing_the_rest(compared, tmp_path):

@@ -1,8 +1,13 @@
-"""The numbers `opdlab fit` prints when it finishes, collected as the run goes."""
+"""The numbers `opdlab fit` prints when it finishes, collected as the run goes, and written to the run
+folder as `summary.json` (what `opdlab compare` reads)."""
 
 from __future__ import annotations
 
+import json
+import math
+import os
 import time
+from pathlib import Path
 
 import lightning as L
 
@@ -16,12 +21,22 @@ class FitSummary(L.Callback):
 
     The accuracies are those of the latest validation (`val/accuracy`, `val/teacher_accuracy`); the one
     before training comes from a validation at step 0 outside `fit` (what `opdlab fit` runs first).
+
+    At the end of training, rank 0 writes `<run log_dir>/summary.json` (see `as_dict`), and writes it again
+    after each later validation (`opdlab fit` validates once more when the last step was not validated), so
+    the file ends with the accuracy after training. Every validation is listed with the optimizer step it
+    followed (TensorBoard logs a validation inside fit at the step before).
     """
+
+    FILENAME = "summary.json"
 
     def __init__(self) -> None:
         self.before: float | None = None
         self.accuracy, self.accuracy_step, self.teacher = float("nan"), -1, None
         self.response_tokens, self.started, self.seconds = 0, None, 0.0
+        self.validations: list[tuple[int, float]] = []  # (global step, val/accuracy) of every validation
+        self.trained = False  # on_train_end was reached: summary.json is (re)written from then on
+        self.path: Path | None = None  # where summary.json was written
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking:
@@ -31,8 +46,11 @@ class FitSummary(L.Callback):
             self.accuracy, self.accuracy_step = float(metrics["val/accuracy"]), trainer.global_step
             if self.before is None and trainer.global_step == 0 and not trainer.training:
                 self.before = self.accuracy
+            self.validations.append((trainer.global_step, self.accuracy))
         if "val/teacher_accuracy" in metrics:
             self.teacher = float(metrics["val/teacher_accuracy"])
+        if self.trained:  # the validation `opdlab fit` runs after training: the accuracy after
+            self.write(trainer)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.started = time.perf_counter()
@@ -45,18 +63,59 @@ class FitSummary(L.Callback):
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.started is not None:
             self.seconds = time.perf_counter() - self.started
+        self.trained = True
+        self.write(trainer)
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.response_tokens / max(self.seconds, 1e-9)
+
+    def as_dict(self, steps: int) -> dict:
+        """What summary.json holds; accuracies are fractions (null when not measured)."""
+        return {
+            "steps": steps,
+            "train_seconds": round(self.seconds, 3),  # training only (this process's part of a resumed run)
+            "response_tokens": self.response_tokens,
+            "response_tokens_per_second": round(self.tokens_per_second, 3),
+            "accuracy_before": finite_or_none(self.before),
+            "accuracy_after": finite_or_none(self.accuracy),
+            "accuracy_after_step": self.accuracy_step if self.accuracy_step >= 0 else None,
+            "teacher_accuracy": finite_or_none(self.teacher),
+            "validations": [{"step": step, "accuracy": finite_or_none(acc)} for step, acc in self.validations],
+        }
+
+    def write(self, trainer: L.Trainer) -> Path | None:
+        """`summary.json` in the run folder (the folder the student is exported to), on rank 0; atomic, so a
+        reader never sees half a file. Every rank calls it (the run folder is agreed on collectively)."""
+        folder = Path(trainer.log_dir or trainer.default_root_dir)
+        if not trainer.is_global_zero:
+            return None
+        folder.mkdir(parents=True, exist_ok=True)
+        path, partial = folder / self.FILENAME, folder / f".{self.FILENAME}.partial"
+        partial.write_text(json.dumps(self.as_dict(trainer.global_step), indent=2) + "\n")
+        os.replace(partial, path)
+        self.path = path
+        return path
 
     def lines(self, steps: int, after: float) -> list[str]:
         before = f"{self.before:.1%}" if self.before is not None else "n/a"
         teacher = f"   (teacher {self.teacher:.1%})" if self.teacher is not None else ""
         return [
             (f"steps: {steps}   training wall time: {self.seconds:.1f} s   "
-             f"response tokens/s: {self.response_tokens / max(self.seconds, 1e-9):.0f}"),
+             f"response tokens/s: {self.tokens_per_second:.0f}"),
             f"student accuracy: before {before} -> after {after:.1%}{teacher}",
+            *([f"summary (JSON) in {self.path}"] if self.path is not None else []),
         ]
 
     def state_dict(self) -> dict:
-        return {"before": self.before}
+        return {"before": self.before, "validations": [list(v) for v in self.validations]}
 
     def load_state_dict(self, state_dict: dict) -> None:
+        """A resumed run keeps the accuracy before training and the validations of its first part."""
         self.before = state_dict.get("before", self.before)
+        self.validations = [(int(s), float(a)) for s, a in state_dict.get("validations", [])] or self.validations
+
+
+def finite_or_none(value: float | None) -> float | None:
+    """JSON has no NaN: an accuracy not measured (or NaN) is null."""
+    return float(value) if value is not None and math.isfinite(value) else None
