@@ -108,7 +108,8 @@ def plot_coefficients(models: dict[str, dict], path: Path, title: str) -> None:
         ax.axvline(0.0, color="grey", lw=0.5)
         ax.set_xlabel("standardised coefficient")
         ax.set_title(wrapped(model, 5.0, 9), fontsize=9)
-        ax.legend(fontsize=7)
+        # below the axes: inside, it sits on the error bars of whichever coefficients are in the middle
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=len(labels), frameon=False)
     save_figure(fig, path, title)
 
 
