@@ -2,6 +2,7 @@
 
     python benchmarks/disagreement_census.py                       # toy:scratch4, K = 4, 256 prompts
     python benchmarks/disagreement_census.py --toy spell2 --top-k 16
+    python benchmarks/disagreement_census.py --toy mix4           # the fair long toy (issue 22)
 
 Samples one response per held-out-style prompt with the student (temperature 1, the training engine),
 scores every response position with both models (the features of docs/method.md §2), and reports: the
@@ -18,6 +19,7 @@ import torch
 from opdlab.module import OPDModule
 from opdlab.rollout import decode_responses, encode_prompts
 from opdlab.selectors import TeachabilitySelector
+from opdlab.tasks import ScratchpadAdditionTask
 from opdlab.toy import TOYS, make_task
 
 
@@ -61,6 +63,44 @@ def main() -> None:
     print(" ".join(f"{x:.2f}" for x in by_position.tolist()))
     print("mean C by index:")
     print(" ".join(f"{x:.2f}" for x in (torch.where(valid, stats.compatibility, 0.0).sum(0) / valid.sum(0).clamp(min=1)).tolist()))
+    all_d = float(d.sum())
+    print(f"share of all D at teachable positions (C >= 0.5): {float(d[c >= 0.5].sum()) / all_d:.0%}; at incompatible "
+          f"ones (C < 0.5): {float(d[c < 0.5].sum()) / all_d:.0%}")
+    if isinstance(task, ScratchpadAdditionTask):
+        scratchpad_roles(task, module, rollout, stats)
+
+
+ROLES = {0: "first operand", 2: "second operand", 4: "carry in", 6: "sum digit", 7: "carry mark", 8: "carry out"}
+
+
+def scratchpad_roles(task, module, rollout, stats) -> None:
+    """Per role of a scratchpad step (`a+b+c=dcE|`: 10 characters a step): how much of the disagreement is there,
+    how teachable, and the teacher's probability of the token the student wrote. At the operand positions this
+    measures whether the teacher accepts the student's spelling (its operand order)."""
+    valid, ids = stats.valid, rollout.response_ids
+    index = torch.arange(valid.shape[1])[None, :].expand_as(valid)
+    in_steps = index < 10 * task.digits
+    role_of = torch.full_like(index, -1)
+    role_of[in_steps] = (index % 10)[in_steps]
+    first_digit = module.tokenizer.convert_tokens_to_ids("0")
+    is_digit = (ids >= first_digit) & (ids < first_digit + 10)
+    d_all = float(stats.disagreement[valid].sum())
+    p_teacher = stats.teacher_token_logp.exp()
+    is_digit = is_digit | ((role_of == 7) & valid)  # the carry mark ('c' or '=') is not a digit
+    print("by role in the scratchpad steps (positions where the student wrote a digit, and the carry mark):")
+    print("| role | positions | share of all D | mean D | C < 0.5 | teacher p(student's token): all | step 0 | step 1 "
+          "| steps 2+ |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for offset, name in ROLES.items():
+        where = valid & (role_of == offset) & is_digit
+        n = int(where.sum())
+        if not n:
+            continue
+        dd, cc = stats.disagreement[where], stats.compatibility[where]
+        by_step = [where & (index // 10 == 0), where & (index // 10 == 1), where & (index >= 20)]
+        steps = " | ".join(f"{float(p_teacher[w].mean()):.3f}" if w.any() else "-" for w in by_step)
+        print(f"| {name} | {n} | {float(dd.sum()) / d_all:.0%} | {float(dd.mean()):.3f} | "
+              f"{float((cc < 0.5).float().mean()):.0%} | {float(p_teacher[where].mean()):.3f} | {steps} |")
 
 
 if __name__ == "__main__":

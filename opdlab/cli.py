@@ -24,7 +24,7 @@ def run_toy(argv: list[str]) -> None:
     def toy(name: str = "add3", seed: int = 0, cache_dir: str | None = None, force: bool = False) -> None:
         """Build, gate and cache the embedded toy teacher and student, and compare with the shipped build.
 
-        The default toys (add3, spell2, scratch4; seed 0) ship with opdlab, so `toy:<name>/...` uses those files
+        The default toys (add3, spell2, scratch4, mix4; seed 0) ship with opdlab, so `toy:<name>/...` uses those files
         without building. This command rebuilds them into the cache (with one torch thread: faster
         for these tiny models), to check a machine or a changed recipe; the held-out accuracies of both
         builds are printed side by side.
@@ -32,7 +32,8 @@ def run_toy(argv: list[str]) -> None:
         Args:
             name: which toy: add3 (reversed 3-digit addition, the default), add2 (fast, for tests),
                 spell2 (2-digit addition with digit or letter spellings: teacher and student disagree) or
-                scratch4 (4-digit addition answered through a 47-token column-by-column scratchpad).
+                scratch4 (4-digit addition answered through a 47-token column-by-column scratchpad) or mix4
+                (scratch4's task with a teacher that knows the student's spelling: the fair long toy).
             seed: training seed of both models.
             cache_dir: where to cache them (default: $OPDLAB_CACHE/toy, i.e. ~/.cache/opdlab/toy).
             force: rebuild even if a cached build exists.

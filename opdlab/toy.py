@@ -108,6 +108,23 @@ TOYS: dict[str, ToySpec] = {
         teacher=ModelSpec(hidden=256, layers=4, ffn=512, max_steps=600, stop_at=0.97, gate=(0.95, 1.0)),
         student=ModelSpec(hidden=128, layers=2, ffn=512, max_steps=800, stop_at=0.25, gate=(0.20, 0.60)),
     ),
+    # The fair long-response toy (issue 22): scratch4's task with a style instead of a foreign spelling. Each
+    # response writes every step's carry after 'c' or after '=' (`4+8+0=2c1|` or `4+8+0=2=1|`), one style per
+    # response; the teacher was shown both (half each), the student only '=' (its own). So the teacher writes the
+    # student's spelling too, is unsure of the style only at the first step's mark, and follows the response's
+    # style after that; the student is weaker because it is smaller and trained less (a capacity gap). Earlier
+    # builds that varied the operand order instead left the teacher 50/50 at every step's first operand (it
+    # never learnt to follow a response's order): benchmarks/results/fair_toy.md.
+    "mix4": ToySpec(
+        task={"digits": 4},
+        task_class="opdlab.tasks.ScratchpadAdditionTask",
+        role_task={"teacher": {"carry_mark_prob": 0.5}, "student": {"carry_mark_prob": 1.0}},
+        batch_size=64,
+        # Trained past 97% accuracy (stop_at > 1: all max_steps): following a response's style lowers the loss,
+        # not the error rate, so a teacher stopped at 97% may not have learnt it yet.
+        teacher=ModelSpec(hidden=256, layers=4, ffn=512, max_steps=700, stop_at=1.01, gate=(0.95, 1.0)),
+        student=ModelSpec(hidden=128, layers=2, ffn=512, max_steps=800, stop_at=0.25, gate=(0.20, 0.60)),
+    ),
 }
 
 

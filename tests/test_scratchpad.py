@@ -49,6 +49,24 @@ def test_demonstrations_are_deterministic_and_swap_at_the_asked_rate():
         ScratchpadAdditionTask(swap_prob=1.5)
 
 
+def test_carry_mark_style_is_one_per_demonstration_and_verifies():
+    """mix4's teacher: each demonstration writes every carry after 'c' or every one after '=', about half each;
+    both verify (only the answer after ':' is read)."""
+    from opdlab.tasks.scratchpad import work
+
+    task = ScratchpadAdditionTask(digits=4, num_eval=8, carry_mark_prob=0.5)
+    kinds = []
+    for i in range(200):
+        prompt, _, target = task.demonstration(i)
+        assert target in (work(prompt), work(prompt, carry_mark="="))
+        assert task.verify(target, task.problem_at(i).answer)
+        kinds.append(target == work(prompt, carry_mark="="))
+    assert 0.35 < sum(kinds) / len(kinds) < 0.65
+    assert work("12+34=", carry_mark="=") == "1+3+0=4=0|2+4+0=6=0|:460"
+    with pytest.raises(ValueError, match="carry_mark_prob"):
+        ScratchpadAdditionTask(carry_mark_prob=2.0)
+
+
 def test_tiny_fit_on_the_scratchpad_task(tiny_checkpoints, tmp_path):
     """The long-response task through `opdlab fit` end to end (tiny random models: nothing is learned)."""
     from conftest import CONFIG_DIR, run_opdlab

@@ -165,7 +165,7 @@ toy.build_toy("tiny", cache_dir={str(tmp_path)!r}, seed=0)
 
 
 # --------------------------------------------------------------------------------------------- shipped builds
-@pytest.mark.parametrize("name", ["add3", "spell2", "scratch4"])
+@pytest.mark.parametrize("name", ["add3", "spell2", "scratch4", "mix4"])
 def test_default_toys_ship_with_the_package_and_pass_their_gates(name, monkeypatch):
     """`toy:add3/...` and `toy:spell2/...` resolve to files inside the package (the same on every machine),
     never to a build; the shipped models still reach their gates on the held-out set."""

@@ -29,15 +29,16 @@ from opdlab.tasks.addition import AdditionTask
 CHARSET = DIGIT_CHARSET + "c|:"
 
 
-def work(prompt: str, swapped: set[int] | frozenset[int] = frozenset()) -> str:
+def work(prompt: str, swapped: set[int] | frozenset[int] = frozenset(), carry_mark: str = "c") -> str:
     """The scratchpad response to a reversed-addition prompt (`4321+8765=`); steps in `swapped` write the
-    second operand's digit first."""
+    second operand's digit first; `carry_mark` is written between each step's sum digit and its carry ('c', or
+    '=' in the other style)."""
     a, b = prompt.rstrip("=").split("+")
     carry, steps, digits = 0, [], []
     for i, (x, y) in enumerate(zip(a, b, strict=True)):
         total = int(x) + int(y) + carry
         first, second = (y, x) if i in swapped else (x, y)
-        steps.append(f"{first}+{second}+{carry}={total % 10}c{total // 10}|")
+        steps.append(f"{first}+{second}+{carry}={total % 10}{carry_mark}{total // 10}|")
         digits.append(str(total % 10))
         carry = total // 10
     return "".join(steps) + ":" + "".join(digits) + str(carry)
@@ -61,19 +62,24 @@ class ScratchpadAdditionTask(AdditionTask):
         swap_prob: for pre-training demonstrations only: the probability of writing a step with its
             operands swapped, one for all steps or one per step (0: never, the teacher's spelling; the
             long toy's student always swaps step 0 and swaps step 1 half the time).
+        carry_mark_prob: for pre-training demonstrations only: the probability that a demonstration writes '='
+            instead of 'c' before every step's carry (`4+8+0=2=1|`): a style chosen once per response, which a
+            reader can follow once the first step has shown it.
     """
 
     charset = CHARSET  # the toy tokenizer's characters
     max_response_tokens: int
 
     def __init__(self, digits: int = 4, num_eval: int = 256, seed: int = 0, num_test: int | None = None,
-                 swap_prob: float | list[float] = 0.0) -> None:
+                 swap_prob: float | list[float] = 0.0, carry_mark_prob: float = 0.0) -> None:
         super().__init__(digits=digits, num_eval=num_eval, seed=seed, num_test=num_test)
         probs = [swap_prob] * digits if isinstance(swap_prob, (int, float)) else list(swap_prob)
         if len(probs) != digits or not all(0.0 <= p <= 1.0 for p in probs):
             raise ValueError(f"swap_prob must be one probability in [0, 1] or {digits} of them (one per step), "
                              f"got {swap_prob}")
-        self.swap_prob = probs
+        if not 0.0 <= carry_mark_prob <= 1.0:
+            raise ValueError(f"carry_mark_prob must be a probability in [0, 1], got {carry_mark_prob}")
+        self.swap_prob, self.carry_mark_prob = probs, carry_mark_prob
         self.max_response_tokens = 11 * digits + 3  # the response, EOS and a little slack
 
     def verify(self, response: str, answer: str) -> bool:
@@ -87,5 +93,7 @@ class ScratchpadAdditionTask(AdditionTask):
         """(prompt, context, target) of pre-training example `index`: the scratchpad, some steps swapped."""
         problem = self.problem_at(index)
         rng = random.Random(f"swap-{self.seed}-{index}")
-        target = work(problem.prompt, {i for i, p in enumerate(self.swap_prob) if rng.random() < p})
+        swapped = {i for i, p in enumerate(self.swap_prob) if rng.random() < p}
+        mark = "=" if self.carry_mark_prob and random.Random(f"mark-{self.seed}-{index}").random() < self.carry_mark_prob else "c"
+        target = work(problem.prompt, swapped, mark)
         return problem.prompt, target, target

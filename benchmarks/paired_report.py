@@ -1,0 +1,117 @@
+"""Per-method and paired (by seed) statistics of an `opdlab compare` folder: final and best accuracy, area under
+the accuracy curve, accuracy at matched numbers of supervised tokens, and the paired differences of one method
+minus each other one at the same budget, with percentile bootstrap intervals over seeds.
+
+    python benchmarks/paired_report.py benchmarks/results/fair_toy_compare --reference teachability
+
+Reads each run's `runs/<method>/seed<S>/result.json` (what `opdlab compare` writes: validation steps, accuracy,
+supervised tokens so far), so it works on a comparison that is still being continued (runs not finished yet are
+left out, and the table says how many seeds each cell has).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+METRICS = ("final", "best", "auc")
+
+
+def load_runs(folder: Path) -> list[dict]:
+    runs = []
+    for path in sorted(folder.glob("runs/*/seed*/result.json")):
+        data = json.loads(path.read_text())
+        if not data.get("ok") or not data.get("val_accuracy"):
+            continue
+        spec = data["spec"]
+        label = Path(spec["selector"]).stem
+        steps = np.array(data["val_steps"], dtype=float)
+        acc = np.array(data["val_accuracy"], dtype=float)
+        tokens = np.array(data.get("val_supervised_tokens") or [np.nan] * len(acc), dtype=float)
+        runs.append({"selector": label, "ratio": 1.0 if label == "full" else float(spec["ratio"]), "seed": spec["seed"],
+                     "steps": steps, "acc": acc, "tokens": tokens, **run_metrics(steps, acc)})
+    return runs
+
+
+def run_metrics(steps: np.ndarray, acc: np.ndarray) -> dict:
+    """final accuracy, best after step 0, and the area under the accuracy curve over training divided by its
+    length (the mean accuracy over the run, trapezoid rule)."""
+    after = acc[steps > 0]
+    span = steps[-1] - steps[0]
+    auc = float(np.trapezoid(acc, steps) / span) if span > 0 else float(acc[-1])
+    return {"final": float(acc[-1]), "best": float(after.max()) if after.size else float("nan"), "auc": auc}
+
+
+def accuracy_at_tokens(run: dict, tokens: float) -> float:
+    """The run's accuracy when it had supervised `tokens` tokens (linear between validations; nan beyond its end)."""
+    if not np.isfinite(run["tokens"]).all() or tokens > run["tokens"][-1]:
+        return float("nan")
+    return float(np.interp(tokens, run["tokens"], run["acc"]))
+
+
+def bootstrap(diffs: np.ndarray, resamples: int = 10_000, seed: int = 0) -> tuple[float, float]:
+    """95% percentile interval of the mean of `diffs` (resampling the seeds with replacement)."""
+    if diffs.size < 2:
+        return float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    means = diffs[rng.integers(0, diffs.size, size=(resamples, diffs.size))].mean(1)
+    return float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))
+
+
+def mean_std(values: list[float]) -> str:
+    x = np.array([v for v in values if np.isfinite(v)])
+    if x.size == 0:
+        return "–"
+    return f"{x.mean():.3f} ± {x.std(ddof=1):.3f}" if x.size > 1 else f"{x.mean():.3f}"
+
+
+def report(runs: list[dict], reference: str) -> str:
+    cells = defaultdict(dict)  # (selector, ratio) -> seed -> run
+    for r in runs:
+        cells[(r["selector"], r["ratio"])][r["seed"]] = r
+    full = cells.get(("full", 1.0), {})
+    lines = ["| method | budget | seeds | final | best | AUC | supervised tokens | full OPD's accuracy at those tokens |",
+             "|---|---|---|---|---|---|---|---|"]
+    for (selector, ratio), by_seed in sorted(cells.items(), key=lambda kv: (kv[0][1] != 1.0, kv[0][1], kv[0][0])):
+        rs = list(by_seed.values())
+        spent = [r["tokens"][-1] for r in rs]
+        matched = [accuracy_at_tokens(full[s], r["tokens"][-1]) for s, r in by_seed.items() if s in full]
+        lines.append(f"| {selector} | {ratio:g} | {len(rs)} | {mean_std([r['final'] for r in rs])} | "
+                     f"{mean_std([r['best'] for r in rs])} | {mean_std([r['auc'] for r in rs])} | "
+                     f"{np.mean(spent):,.0f} | {mean_std(matched)} |")
+    lines += ["", f"Paired differences, {reference} minus each method at the same budget (and minus full OPD), by seed: "
+              "mean [95% bootstrap interval over seeds]", "",
+              "| budget | versus | seeds | Δ final | Δ best | Δ AUC |", "|---|---|---|---|---|---|"]
+    for ratio in sorted({r for s, r in cells if s == reference}):
+        ours = cells[(reference, ratio)]
+        others = [(s, r) for s, r in cells if r == ratio and s != reference] + ([("full", 1.0)] if full else [])
+        for selector, other_ratio in others:
+            theirs = cells[(selector, other_ratio)]
+            seeds = sorted(set(ours) & set(theirs))
+            parts = []
+            for metric in METRICS:
+                d = np.array([ours[s][metric] - theirs[s][metric] for s in seeds])
+                lo, hi = bootstrap(d)
+                parts.append(f"{d.mean():+.3f} [{lo:+.3f}, {hi:+.3f}]" if d.size else "–")
+            lines.append(f"| {ratio:g} | {selector}{'' if other_ratio == ratio else ' (all tokens)'} | {len(seeds)} | "
+                         + " | ".join(parts) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("folder", type=Path, help="an `opdlab compare` --out_dir")
+    p.add_argument("--reference", default="teachability", help="the method whose paired differences are reported")
+    args = p.parse_args()
+    runs = load_runs(args.folder)
+    if not runs:
+        raise SystemExit(f"no finished runs under {args.folder}/runs/*/seed*/result.json")
+    print(report(runs, args.reference))
+
+
+if __name__ == "__main__":
+    main()
