@@ -506,13 +506,13 @@ def compare(
 
 def check_eval_config(path: str) -> None:
     """The evaluation settings every run will use: read and checked (its benchmark files too) before any run."""
-    from opdlab.eval_cli import Benchmark, EvalError, EvalOptions, load_benchmark
+    from opdlab.eval_cli import EvalError, EvalOptions, load_benchmark
 
     if not Path(path).is_file():
         raise CompareError(f"eval_config {path} not found; e.g. configs/eval/toy.yaml")
     data = yaml.safe_load(Path(path).read_text()) or {}
     try:
-        options = EvalOptions(**{**data, "benchmarks": [Benchmark(**b) for b in data.get("benchmarks") or []]})
+        options = EvalOptions.from_mapping(data)
         if not options.benchmarks:
             raise EvalError("it lists no benchmarks")
         options.check()

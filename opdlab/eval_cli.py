@@ -89,6 +89,14 @@ class EvalOptions:
     chat_template: bool = False
     batch_size: int = 32
 
+    @classmethod
+    def from_mapping(cls, data) -> EvalOptions:
+        """The options of a YAML mapping or a jsonargparse Namespace, benchmarks given as mappings or Benchmarks
+        (a TypeError names an unknown key)."""
+        data = dict(data.as_dict() if hasattr(data, "as_dict") else data)
+        data["benchmarks"] = [b if isinstance(b, Benchmark) else Benchmark(**dict(b)) for b in data.get("benchmarks") or []]
+        return cls(**data)
+
     def check(self) -> list[int]:
         """Refuse impossible settings; the pass@k' list to report."""
         if self.k < 1:

@@ -16,9 +16,9 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from opdlab import plugins
 from opdlab.callbacks import FitSummary, RolloutSamples, SelectionMetrics, TeachabilityHistograms
 from opdlab.callbacks.interrupt import SaveOnInterrupt
-from opdlab.console import drop_advertising, error_exit, silence_lightning_noise, traceback_wanted  # noqa: F401
+from opdlab.console import error_exit, silence_lightning_noise, traceback_wanted
 from opdlab.data import PromptDataModule
-from opdlab.eval_cli import Benchmark, EvalOptions, load_benchmark, response_limits
+from opdlab.eval_cli import EvalOptions, load_benchmark, response_limits
 from opdlab.module import OPDModule
 from opdlab.runs import RunError, lock_run, remove_runs_without_results, resolve_run, writable_folder
 
@@ -265,11 +265,8 @@ class OPDLabCLI(LightningCLI):
         options = self.config_init[self.config.subcommand].get("eval")
         if options is None or not options.benchmarks:
             return None
-        if isinstance(options, Namespace):  # older jsonargparse leaves a dataclass group as a Namespace
-            options = EvalOptions(**{**options.as_dict(), "benchmarks": [Benchmark(**dict(b)) if not isinstance(
-                b, Benchmark) else b for b in options.benchmarks]})
-        options.benchmarks = [b if isinstance(b, Benchmark) else Benchmark(**dict(b)) for b in options.benchmarks]
-        return options
+        # older jsonargparse leaves a dataclass group as a Namespace, and benchmarks may stay Namespaces
+        return EvalOptions.from_mapping(options if isinstance(options, Namespace) else vars(options))
 
     def before_fit(self) -> None:
         ckpt_path = self.config[self.config.subcommand].get("ckpt_path")

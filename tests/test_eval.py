@@ -391,7 +391,7 @@ def test_fit_refuses_bad_evaluation_settings_before_training(tmp_path, tiny_chec
 def test_eval_configs_parse_and_their_shipped_samples_load():
     for path in sorted((CONFIG_DIR / "eval").glob("*.yaml")):
         data = yaml.safe_load(path.read_text())
-        options = eval_cli.EvalOptions(**{**data, "benchmarks": [eval_cli.Benchmark(**b) for b in data["benchmarks"]]})
+        options = eval_cli.EvalOptions.from_mapping(data)
         options.check()
         for bench in options.benchmarks:
             sample = REPO_ROOT / "data" / "eval_sample" / Path(bench.path).name
