@@ -3,6 +3,11 @@ the accuracy curve, accuracy at matched numbers of supervised tokens, and the pa
 minus each other one at the same budget, with percentile bootstrap intervals over seeds.
 
     python benchmarks/paired_report.py benchmarks/results/fair_toy_compare --reference teachability
+    python benchmarks/paired_report.py benchmarks/results/fair_toy_compare --versus benchmarks/results/fair_toy_robust
+
+With --versus, a second folder holding some of the same cells rerun with a rounding-level change (another thread
+count, another commit): each paired difference is classified in both folders (better: the 95% interval is above
+zero; worse: below zero; not separated: it contains zero) and the verdict is said to hold when the classes agree.
 
 Reads each run's `runs/<method>/seed<S>/result.json` (what `opdlab compare` writes: validation steps, accuracy,
 supervised tokens so far), so it works on a comparison that is still being continued (runs not finished yet are
@@ -70,9 +75,7 @@ def mean_std(values: list[float]) -> str:
 
 
 def report(runs: list[dict], reference: str) -> str:
-    cells = defaultdict(dict)  # (selector, ratio) -> seed -> run
-    for r in runs:
-        cells[(r["selector"], r["ratio"])][r["seed"]] = r
+    cells = group(runs)
     full = cells.get(("full", 1.0), {})
     lines = ["| method | budget | seeds | final | best | AUC | supervised tokens | full OPD's accuracy at those tokens |",
              "|---|---|---|---|---|---|---|---|"]
@@ -86,19 +89,78 @@ def report(runs: list[dict], reference: str) -> str:
     lines += ["", f"Paired differences, {reference} minus each method at the same budget (and minus full OPD), by seed: "
               "mean [95% bootstrap interval over seeds]", "",
               "| budget | versus | seeds | Δ final | Δ best | Δ AUC |", "|---|---|---|---|---|---|"]
+    diffs = paired(cells, reference)
+    for ratio, label in dict.fromkeys((k[0], k[1]) for k in diffs):
+        parts = []
+        for metric in METRICS:
+            d, (lo, hi) = diffs[(ratio, label, metric)]
+            parts.append(f"{d.mean():+.3f} [{lo:+.3f}, {hi:+.3f}]" if d.size else "–")
+        lines.append(f"| {ratio:g} | {label} | {diffs[(ratio, label, METRICS[0])][0].size} | " + " | ".join(parts) + " |")
+    return "\n".join(lines)
+
+
+def matched_token_report(runs: list[dict]) -> str:
+    """Each method's final accuracy minus full OPD's accuracy when full OPD had supervised as many tokens (by seed)."""
+    cells = group(runs)
+    full = cells.get(("full", 1.0), {})
+    lines = ["Final accuracy minus full OPD's accuracy at the same number of supervised tokens, paired by seed: "
+             "mean [95% bootstrap interval over seeds]", "", "| method | budget | seeds | Δ at matched tokens |",
+             "|---|---|---|---|"]
+    for (selector, ratio), by_seed in sorted(cells.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        if selector == "full":
+            continue
+        d = np.array([r["final"] - accuracy_at_tokens(full[s], r["tokens"][-1]) for s, r in by_seed.items() if s in full])
+        d = d[np.isfinite(d)]
+        lo, hi = bootstrap(d)
+        lines.append(f"| {selector} | {ratio:g} | {d.size} | " + (f"{d.mean():+.3f} [{lo:+.3f}, {hi:+.3f}] |" if d.size else "– |"))
+    return "\n".join(lines)
+
+
+def group(runs: list[dict]) -> dict:
+    cells = defaultdict(dict)  # (selector, ratio) -> seed -> run
+    for r in runs:
+        cells[(r["selector"], r["ratio"])][r["seed"]] = r
+    return cells
+
+
+def paired(cells: dict, reference: str) -> dict:
+    """(ratio, versus label, metric) -> (differences by seed, interval), the reference minus each other method."""
+    out = {}
+    full = cells.get(("full", 1.0), {})
     for ratio in sorted({r for s, r in cells if s == reference}):
         ours = cells[(reference, ratio)]
         others = [(s, r) for s, r in cells if r == ratio and s != reference] + ([("full", 1.0)] if full else [])
         for selector, other_ratio in others:
             theirs = cells[(selector, other_ratio)]
             seeds = sorted(set(ours) & set(theirs))
-            parts = []
+            label = selector + ("" if other_ratio == ratio else " (all tokens)")
             for metric in METRICS:
                 d = np.array([ours[s][metric] - theirs[s][metric] for s in seeds])
-                lo, hi = bootstrap(d)
-                parts.append(f"{d.mean():+.3f} [{lo:+.3f}, {hi:+.3f}]" if d.size else "–")
-            lines.append(f"| {ratio:g} | {selector}{'' if other_ratio == ratio else ' (all tokens)'} | {len(seeds)} | "
-                         + " | ".join(parts) + " |")
+                out[(ratio, label, metric)] = (d, bootstrap(d))
+    return out
+
+
+def verdict(interval: tuple[float, float]) -> str:
+    lo, hi = interval
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+        return "too few seeds"
+    return "better" if lo > 0 else "worse" if hi < 0 else "not separated"
+
+
+def robustness_report(first: list[dict], second: list[dict], reference: str) -> str:
+    """The paired differences of both folders side by side, and whether each verdict holds."""
+    a, b = paired(group(first), reference), paired(group(second), reference)
+    lines = [f"{reference} minus each method, in the first folder and in the rerun (mean [95% interval], seeds); "
+             "verdict: better / worse / not separated (interval above, below or around zero)", "",
+             "| budget | versus | metric | first | rerun | verdict first | verdict rerun | holds |",
+             "|---|---|---|---|---|---|---|---|"]
+    for key in sorted(set(a) & set(b), key=lambda k: (k[0], k[1], METRICS.index(k[2]))):
+        cols = []
+        for d, (lo, hi) in (a[key], b[key]):
+            cols.append(f"{d.mean():+.3f} [{lo:+.3f}, {hi:+.3f}] ({d.size})" if d.size else "–")
+        va, vb = verdict(a[key][1]), verdict(b[key][1])
+        lines.append(f"| {key[0]:g} | {key[1]} | {key[2]} | {cols[0]} | {cols[1]} | {va} | {vb} | "
+                     f"{'yes' if va == vb else '**no**'} |")
     return "\n".join(lines)
 
 
@@ -106,11 +168,21 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("folder", type=Path, help="an `opdlab compare` --out_dir")
     p.add_argument("--reference", default="teachability", help="the method whose paired differences are reported")
+    p.add_argument("--versus", type=Path, default=None,
+                   help="a second `opdlab compare` folder (a rerun of some cells); report whether each verdict holds")
     args = p.parse_args()
     runs = load_runs(args.folder)
     if not runs:
         raise SystemExit(f"no finished runs under {args.folder}/runs/*/seed*/result.json")
+    if args.versus is not None:
+        rerun = load_runs(args.versus)
+        if not rerun:
+            raise SystemExit(f"no finished runs under {args.versus}/runs/*/seed*/result.json")
+        print(robustness_report(runs, rerun, args.reference))
+        return
     print(report(runs, args.reference))
+    print()
+    print(matched_token_report(runs))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,85 @@
+"""benchmarks/paired_report.py: the statistics behind the fair-toy verdicts (docs/results.md), on hand-made runs."""
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "paired_report.py"
+spec = importlib.util.spec_from_file_location("paired_report", SCRIPT)
+pr = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(pr)
+
+
+def write_run(folder: Path, selector: str, ratio: float, seed: int, acc: list[float], tokens_per_step: float) -> None:
+    steps = [0, 100, 200]
+    name = "full" if selector == "full" else f"{selector}_r{ratio}"
+    run = folder / "runs" / name / f"seed{seed}"
+    run.mkdir(parents=True)
+    (run / "result.json").write_text(json.dumps({
+        "ok": True, "spec": {"selector": f"configs/selectors/{selector}.yaml", "ratio": ratio, "seed": seed},
+        "val_steps": steps, "val_accuracy": acc, "val_supervised_tokens": [s * tokens_per_step for s in steps]}))
+
+
+@pytest.fixture
+def folder(tmp_path):
+    # full OPD: 0.2 -> 0.6 -> 1.0 with 100 tokens a step; teachability 5%: 0.2 -> 0.5 -> 0.8 (+0.01 * seed),
+    # random 5%: flat 0.2 except seed 2 (0.3 at the end); 5 tokens a step for both.
+    for seed in range(3):
+        write_run(tmp_path, "full", 1.0, seed, [0.2, 0.6, 1.0], 100)
+        write_run(tmp_path, "teachability", 0.05, seed, [0.2, 0.5, 0.8 + 0.01 * seed], 5)
+        write_run(tmp_path, "random", 0.05, seed, [0.2, 0.2, 0.3 if seed == 2 else 0.2], 5)
+    return tmp_path
+
+
+def test_run_metrics_are_the_trapezoid_mean_and_the_best_after_step_zero():
+    m = pr.run_metrics(np.array([0.0, 100, 200]), np.array([0.9, 0.5, 0.7]))
+    assert m == {"final": 0.7, "best": 0.7, "auc": pytest.approx((0.7 + 0.6) / 2)}
+
+
+def test_accuracy_at_matched_tokens_interpolates_and_is_nan_beyond_the_run(folder):
+    full = [r for r in pr.load_runs(folder) if r["selector"] == "full"][0]
+    assert pr.accuracy_at_tokens(full, 1000) == pytest.approx(0.2 + 0.4 * 1000 / 10_000)
+    assert np.isnan(pr.accuracy_at_tokens(full, 30_000))
+
+
+def test_paired_differences_are_by_seed_with_an_interval_that_contains_the_mean(folder):
+    diffs = pr.paired(pr.group(pr.load_runs(folder)), "teachability")
+    d, (lo, hi) = diffs[(0.05, "random", "final")]
+    np.testing.assert_allclose(d, [0.6, 0.61, 0.52])
+    assert lo <= d.mean() <= hi and lo >= 0.52 - 1e-12 and hi <= 0.61 + 1e-12
+    d_full, interval = diffs[(0.05, "full (all tokens)", "final")]
+    np.testing.assert_allclose(d_full, [-0.2, -0.19, -0.18])
+    assert pr.verdict(interval) == "worse" and pr.verdict(diffs[(0.05, "random", "final")][1]) == "better"
+
+
+def test_verdict_classes():
+    assert pr.verdict((0.1, 0.3)) == "better"
+    assert pr.verdict((-0.3, -0.1)) == "worse"
+    assert pr.verdict((-0.1, 0.2)) == "not separated"
+    assert pr.verdict((float("nan"), float("nan"))) == "too few seeds"
+
+
+def test_robustness_report_says_which_verdicts_flip(folder, tmp_path_factory):
+    rerun = tmp_path_factory.mktemp("rerun")
+    for seed in range(3):  # the rerun: random now ties teachability in every seed
+        write_run(rerun, "teachability", 0.05, seed, [0.2, 0.5, 0.8 + 0.01 * seed], 5)
+        write_run(rerun, "random", 0.05, seed, [0.2, 0.5, 0.8 + 0.01 * (2 - seed)], 5)
+    text = pr.robustness_report(pr.load_runs(folder), pr.load_runs(rerun), "teachability")
+    final = next(line for line in text.splitlines() if line.startswith("| 0.05 | random | final |"))
+    assert "| better | not separated | **no** |" in final
+    assert "full" not in text  # only comparisons present in both folders
+
+
+def test_command_line_prints_the_tables_and_refuses_an_empty_folder(folder, tmp_path_factory):
+    out = subprocess.run([sys.executable, str(SCRIPT), str(folder)], capture_output=True, text=True, check=True).stdout
+    assert "| teachability | 0.05 | 3 |" in out and "Δ at matched tokens" in out
+    # teachability's final (~0.81) minus full OPD's accuracy at 1,000 tokens (0.24)
+    assert "| teachability | 0.05 | 3 | +0.570" in out
+    empty = tmp_path_factory.mktemp("empty")
+    done = subprocess.run([sys.executable, str(SCRIPT), str(empty)], capture_output=True, text=True)
+    assert done.returncode != 0 and "no finished runs" in done.stderr
