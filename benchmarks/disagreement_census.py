@@ -3,11 +3,15 @@
     python benchmarks/disagreement_census.py                       # toy:scratch4, K = 4, 256 prompts
     python benchmarks/disagreement_census.py --toy spell2 --top-k 16
     python benchmarks/disagreement_census.py --toy mix4           # the fair long toy (issue 22)
+    python benchmarks/disagreement_census.py --toy mix4 --budget 0.05   # and where each selector's 5% goes
 
 Samples one response per held-out-style prompt with the student (temperature 1, the training engine),
 scores every response position with both models (the features of docs/method.md §2), and reports: the
 share of high-disagreement positions (top 10% of D) with C < 0.5 (incompatible) and with C > 0.9
 (teachable), how concentrated D is over response positions, and the student's greedy and sampled accuracy.
+On the scratchpad toys, also by role in the scratchpad; with --budget, where each built-in selector's budget
+falls at the start of training (one selection over all the rollouts, no per-response floor, as the long-toy
+configs select).
 """
 
 from __future__ import annotations
@@ -18,7 +22,8 @@ import torch
 
 from opdlab.module import OPDModule
 from opdlab.rollout import decode_responses, encode_prompts
-from opdlab.selectors import TeachabilitySelector
+from opdlab.selectors import (DivergenceSelector, EntropySelector, IncompatibleSelector, RandomSelector,
+                              TeachabilitySelector)
 from opdlab.tasks import ScratchpadAdditionTask
 from opdlab.toy import TOYS, make_task
 
@@ -29,6 +34,8 @@ def main() -> None:
     p.add_argument("--top-k", type=int, default=4)
     p.add_argument("--prompts", type=int, default=256)
     p.add_argument("--max-new-tokens", type=int, default=50)
+    p.add_argument("--budget", type=float, default=None,
+                   help="also report where each selector's kept positions fall at this budget (scratchpad toys)")
     args = p.parse_args()
     module = OPDModule(
         student=f"toy:{args.toy}/student",
@@ -68,6 +75,8 @@ def main() -> None:
           f"ones (C < 0.5): {float(d[c < 0.5].sum()) / all_d:.0%}")
     if isinstance(task, ScratchpadAdditionTask):
         scratchpad_roles(task, module, rollout, stats)
+        if args.budget is not None:
+            budget_by_role(task, module, rollout, stats, args.budget, args.top_k)
 
 
 ROLES = {0: "first operand", 2: "second operand", 4: "carry in", 6: "sum digit", 7: "carry mark", 8: "carry out"}
@@ -101,6 +110,54 @@ def scratchpad_roles(task, module, rollout, stats) -> None:
         steps = " | ".join(f"{float(p_teacher[w].mean()):.3f}" if w.any() else "-" for w in by_step)
         print(f"| {name} | {n} | {float(dd.sum()) / d_all:.0%} | {float(dd.mean()):.3f} | "
               f"{float((cc < 0.5).float().mean()):.0%} | {float(p_teacher[where].mean()):.3f} | {steps} |")
+
+
+def position_kinds(task, module, rollout, valid) -> dict[str, torch.Tensor]:
+    """Masks of the kinds of response position in a scratchpad response (`a+b+c=dcE|` steps, then `:` and the
+    answer): operand and carry copies, sum digits, carry marks, carry outs, separators, the answer, the end."""
+    index = torch.arange(valid.shape[1])[None, :].expand_as(valid)
+    steps = valid & (index < 10 * task.digits)
+    offset = index % 10
+    colon = module.tokenizer.convert_tokens_to_ids(":")
+    after = torch.cumsum((rollout.response_ids == colon).long(), 1) > 0  # the ':' and everything after it
+    eos = rollout.response_ids == module.tokenizer.eos_token_id
+    kinds = {
+        "copies (operands, carry in)": steps & ~after & ((offset == 0) | (offset == 2) | (offset == 4)),
+        "sum digit": steps & ~after & (offset == 6),
+        "carry mark": steps & ~after & (offset == 7),
+        "carry out": steps & ~after & (offset == 8),
+        "separators (+ = |)": steps & ~after & ((offset == 1) | (offset == 3) | (offset == 5) | (offset == 9)),
+        "':' and answer digits": valid & after & ~eos,
+        "end of response": valid & eos,
+    }
+    kinds["after the last step, before ':'"] = valid & ~torch.stack(list(kinds.values())).any(0)
+    return kinds
+
+
+def budget_by_role(task, module, rollout, stats, ratio: float, top_k: int) -> None:
+    """The share of each selector's kept positions on each kind of scratchpad position, beside the share of all
+    positions and of all D there."""
+    kinds = position_kinds(task, module, rollout, stats.valid)
+    selectors = {
+        "teachability": TeachabilitySelector(ratio, top_k, per_response_floor=False),
+        "divergence": DivergenceSelector(ratio, top_k, per_response_floor=False),
+        "entropy": EntropySelector(ratio, top_k, per_response_floor=False),
+        "incompatible": IncompatibleSelector(ratio, top_k, per_response_floor=False),
+        "random": RandomSelector(ratio, per_response_floor=False),
+    }
+    kept = {name: sel.select(stats, torch.Generator().manual_seed(0)) for name, sel in selectors.items()}
+    d = torch.where(stats.valid, stats.disagreement, 0.0)
+    print(f"where a {ratio:g} budget falls (one selection over the {stats.valid.shape[0]} rollouts above), share of "
+          "kept positions by kind:")
+    print("| kind | all positions | all D | " + " | ".join(kept) + " |")
+    print("|---|---|---|" + "---|" * len(kept))
+    for name, where in kinds.items():
+        if not where.any():
+            continue
+        cells = [f"{float((mask & where).sum()) / max(int(mask.sum()), 1):.0%}" for mask in kept.values()]
+        print(f"| {name} | {float(where.sum()) / float(stats.valid.sum()):.0%} | {float(d[where].sum()) / float(d.sum()):.0%} | "
+              + " | ".join(cells) + " |")
+    print("kept positions: " + ", ".join(f"{n} {int(m.sum())}" for n, m in kept.items()))
 
 
 if __name__ == "__main__":
