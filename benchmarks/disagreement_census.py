@@ -34,11 +34,13 @@ def main() -> None:
     p.add_argument("--top-k", type=int, default=4)
     p.add_argument("--prompts", type=int, default=256)
     p.add_argument("--max-new-tokens", type=int, default=50)
+    p.add_argument("--student", default=None,
+                   help="a student checkpoint to take the census of instead of the toy's (e.g. a run's student/)")
     p.add_argument("--budget", type=float, default=None,
                    help="also report where each selector's kept positions fall at this budget (scratchpad toys)")
     args = p.parse_args()
     module = OPDModule(
-        student=f"toy:{args.toy}/student",
+        student=args.student or f"toy:{args.toy}/student",
         teacher=f"toy:{args.toy}/teacher",
         selector=TeachabilitySelector(top_k=args.top_k),
         rollout=dict(max_new_tokens=args.max_new_tokens),
