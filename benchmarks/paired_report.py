@@ -6,7 +6,7 @@ minus each other one at the same budget, with percentile bootstrap intervals ove
     python benchmarks/paired_report.py benchmarks/results/fair_toy_compare --versus benchmarks/results/fair_toy_robust
 
 With --versus, a second folder holding some of the same cells rerun with a rounding-level change (another thread
-count, another commit): each paired difference is classified in both folders (better: the 95% interval is above
+count, another commit): on the runs both folders have, each paired difference is classified in both folders (better: the 95% interval is above
 zero; worse: below zero; not separated: it contains zero) and the verdict is said to hold when the classes agree.
 
 Reads each run's `runs/<method>/seed<S>/result.json` (what `opdlab compare` writes: validation steps, accuracy,
@@ -148,7 +148,10 @@ def verdict(interval: tuple[float, float]) -> str:
 
 
 def robustness_report(first: list[dict], second: list[dict], reference: str) -> str:
-    """The paired differences of both folders side by side, and whether each verdict holds."""
+    """The paired differences of both folders side by side, and whether each verdict holds. Only the runs both
+    folders have (same method, budget and seed) are compared, so the two columns differ by the rerun's change alone."""
+    rerun = {(r["selector"], r["ratio"], r["seed"]) for r in second}
+    first = [r for r in first if (r["selector"], r["ratio"], r["seed"]) in rerun]
     a, b = paired(group(first), reference), paired(group(second), reference)
     lines = [f"{reference} minus each method, in the first folder and in the rerun (mean [95% interval], seeds); "
              "verdict: better / worse / not separated (interval above, below or around zero)", "",

@@ -72,6 +72,17 @@ def test_robustness_report_says_which_verdicts_flip(folder, tmp_path_factory):
     text = pr.robustness_report(pr.load_runs(folder), pr.load_runs(rerun), "teachability")
     final = next(line for line in text.splitlines() if line.startswith("| 0.05 | random | final |"))
     assert "| better | not separated | **no** |" in final
+    assert final.count("(3)") == 2
+
+
+def test_robustness_report_compares_the_seeds_both_folders_have(folder, tmp_path_factory):
+    rerun = tmp_path_factory.mktemp("rerun")
+    for seed in range(2):  # seeds 0 and 1 only: the first folder's seed 2 (random 0.3 at the end) is left out
+        write_run(rerun, "teachability", 0.05, seed, [0.2, 0.5, 0.8 + 0.01 * seed], 5)
+        write_run(rerun, "random", 0.05, seed, [0.2, 0.2, 0.2], 5)
+    text = pr.robustness_report(pr.load_runs(folder), pr.load_runs(rerun), "teachability")
+    final = next(line for line in text.splitlines() if line.startswith("| 0.05 | random | final |"))
+    assert final.count("+0.605 [") == 2 and final.count("(2)") == 2 and final.endswith("| yes |")
     assert "full" not in text  # only comparisons present in both folders
 
 
