@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 METRICS = ("final", "best", "auc")
+trapezoid = getattr(np, "trapezoid", None) or np.trapz  # numpy < 2 has only trapz
 
 
 def load_runs(folder: Path) -> list[dict]:
@@ -47,7 +48,7 @@ def run_metrics(steps: np.ndarray, acc: np.ndarray) -> dict:
     length (the mean accuracy over the run, trapezoid rule)."""
     after = acc[steps > 0]
     span = steps[-1] - steps[0]
-    auc = float(np.trapezoid(acc, steps) / span) if span > 0 else float(acc[-1])
+    auc = float(trapezoid(acc, steps) / span) if span > 0 else float(acc[-1])
     return {"final": float(acc[-1]), "best": float(after.max()) if after.size else float("nan"), "auc": auc}
 
 
