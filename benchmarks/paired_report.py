@@ -4,6 +4,7 @@ minus each other one at the same budget, with percentile bootstrap intervals ove
 
     python benchmarks/paired_report.py benchmarks/results/fair_toy_compare --reference teachability
     python benchmarks/paired_report.py benchmarks/results/fair_toy_compare --versus benchmarks/results/fair_toy_robust
+    python benchmarks/paired_report.py benchmarks/results/fair_toy_compare --wide    # budgets as columns
 
 With --versus, a second folder holding some of the same cells rerun with a rounding-level change (another thread
 count, another commit): on the runs both folders have, each paired difference is classified in both folders (better: the 95% interval is above
@@ -168,12 +169,44 @@ def robustness_report(first: list[dict], second: list[dict], reference: str) -> 
     return "\n".join(lines)
 
 
+def wide_report(runs: list[dict], reference: str) -> str:
+    """Budgets as columns: each method's mean final accuracy and AUC, then the reference minus each method (Δ final
+    and Δ AUC with their intervals), the layout of docs/results.md."""
+    cells = group(runs)
+    ratios = sorted({r for s, r in cells if s != "full"})
+    head = "| method | " + " | ".join(f"{r:g}" for r in ratios) + " |"
+    rule = "|---|" + "---|" * len(ratios)
+    full = cells.get(("full", 1.0), {})
+    lines = [f"Mean final accuracy / AUC (seeds per cell in brackets); full OPD: "
+             + (f"{np.mean([r['final'] for r in full.values()]):.3f} / {np.mean([r['auc'] for r in full.values()]):.3f} "
+                f"({len(full)})" if full else "not run"), "", head, rule]
+    for selector in sorted({s for s, _ in cells if s != "full"}):
+        row = []
+        for ratio in ratios:
+            rs = list(cells.get((selector, ratio), {}).values())
+            row.append(f"{np.mean([r['final'] for r in rs]):.3f} / {np.mean([r['auc'] for r in rs]):.3f} ({len(rs)})"
+                       if rs else "–")
+        lines.append(f"| {selector} | " + " | ".join(row) + " |")
+    diffs = paired(cells, reference)
+    for metric, name in (("final", "final accuracy"), ("auc", "AUC")):
+        lines += ["", f"{reference} minus each method, Δ {name}: mean [95% bootstrap interval over seeds]", "", head, rule]
+        for label in dict.fromkeys(k[1] for k in diffs):
+            row = []
+            for ratio in ratios:
+                d, (lo, hi) = diffs.get((ratio, label, metric), (np.array([]), (np.nan, np.nan)))
+                row.append("–" if not d.size else f"{d.mean():+.3f} [{lo:+.3f}, {hi:+.3f}]" if np.isfinite(lo)
+                           else f"{d.mean():+.3f} ({d.size} seed)")
+            lines.append(f"| {label} | " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("folder", type=Path, help="an `opdlab compare` --out_dir")
     p.add_argument("--reference", default="teachability", help="the method whose paired differences are reported")
     p.add_argument("--versus", type=Path, default=None,
                    help="a second `opdlab compare` folder (a rerun of some cells); report whether each verdict holds")
+    p.add_argument("--wide", action="store_true", help="budgets as columns (the layout of docs/results.md)")
     args = p.parse_args()
     runs = load_runs(args.folder)
     if not runs:
@@ -183,6 +216,9 @@ def main() -> None:
         if not rerun:
             raise SystemExit(f"no finished runs under {args.versus}/runs/*/seed*/result.json")
         print(robustness_report(runs, rerun, args.reference))
+        return
+    if args.wide:
+        print(wide_report(runs, args.reference))
         return
     print(report(runs, args.reference))
     print()

@@ -94,3 +94,12 @@ def test_command_line_prints_the_tables_and_refuses_an_empty_folder(folder, tmp_
     empty = tmp_path_factory.mktemp("empty")
     done = subprocess.run([sys.executable, str(SCRIPT), str(empty)], capture_output=True, text=True)
     assert done.returncode != 0 and "no finished runs" in done.stderr
+
+
+def test_wide_report_puts_budgets_in_columns(folder):
+    text = pr.wide_report(pr.load_runs(folder), "teachability")
+    # full OPD: final 1.0; AUC ((0.2 + 0.6) / 2 + (0.6 + 1.0) / 2) / 2 = 0.6
+    assert "full OPD: 1.000 / 0.600 (3)" in text
+    assert "| teachability | 0.810 / 0.503 (3) |" in text  # AUC (0.35 + (0.5 + 0.8 + 0.01 seed) / 2) / 2, mean 0.5025
+    final_rows = text.split("Δ final accuracy")[1].split("Δ AUC")[0]
+    assert "| random | +0.577 [" in final_rows and "| full (all tokens) | -0.190 [" in final_rows
