@@ -39,19 +39,9 @@ def main() -> None:
     p.add_argument("--budget", type=float, default=None,
                    help="also report where each selector's kept positions fall at this budget (scratchpad toys)")
     args = p.parse_args()
-    module = OPDModule(
-        student=args.student or f"toy:{args.toy}/student",
-        teacher=f"toy:{args.toy}/teacher",
-        selector=TeachabilitySelector(top_k=args.top_k),
-        rollout=dict(max_new_tokens=args.max_new_tokens),
-    )
-    module.configure_model()
-    task = make_task(TOYS[args.toy], 0)
-    problems = [task.problem_at(10**6 + i) for i in range(args.prompts)]  # far from the training prompts used
-    prompts = encode_prompts(module.tokenizer, [q.prompt for q in problems], [q.answer for q in problems])
+    module, task, prompts, rollout, stats = sample_and_score(args.toy, args.student, args.top_k, args.prompts,
+                                                             args.max_new_tokens)
     with torch.no_grad():
-        rollout = module.rollout(prompts, seeds=list(range(args.prompts)))
-        stats = module.token_stats(rollout)
         greedy = module.rollout(prompts, greedy=True)
     valid = stats.valid
     d, c = stats.disagreement[valid], stats.compatibility[valid]
@@ -79,6 +69,21 @@ def main() -> None:
         scratchpad_roles(task, module, rollout, stats)
         if args.budget is not None:
             budget_by_role(task, module, rollout, stats, args.budget, args.top_k)
+
+
+def sample_and_score(toy: str, student: str | None, top_k: int, n_prompts: int, max_new_tokens: int = 50):
+    """One temperature-1 response per prompt (prompts far from the training ones) from the student (default: the
+    toy's), scored against the toy's teacher: (module, task, prompts, rollout, stats)."""
+    module = OPDModule(student=student or f"toy:{toy}/student", teacher=f"toy:{toy}/teacher",
+                       selector=TeachabilitySelector(top_k=top_k), rollout=dict(max_new_tokens=max_new_tokens))
+    module.configure_model()
+    task = make_task(TOYS[toy], 0)
+    problems = [task.problem_at(10**6 + i) for i in range(n_prompts)]
+    prompts = encode_prompts(module.tokenizer, [q.prompt for q in problems], [q.answer for q in problems])
+    with torch.no_grad():
+        rollout = module.rollout(prompts, seeds=list(range(n_prompts)))
+        stats = module.token_stats(rollout)
+    return module, task, prompts, rollout, stats
 
 
 ROLES = {0: "first operand", 2: "second operand", 4: "carry in", 6: "sum digit", 7: "carry mark", 8: "carry out"}

@@ -18,8 +18,7 @@ import argparse
 
 import torch
 
-from opdlab.module import OPDModule
-from opdlab.rollout import encode_prompts
+from disagreement_census import sample_and_score  # benchmarks/ runs as scripts, so this imports as a sibling
 from opdlab.selectors import DivergenceSelector, EntropySelector, RandomSelector, TeachabilitySelector
 from opdlab.tasks import ScratchpadAdditionTask
 from opdlab.toy import TOYS, make_task
@@ -37,13 +36,7 @@ def main() -> None:
     if not isinstance(task, ScratchpadAdditionTask):
         raise SystemExit(f"--toy {args.toy}: expected a scratchpad toy (scratch4, mix4)")
     student = args.student or f"toy:{args.toy}/student"
-    module = OPDModule(student=student, teacher=f"toy:{args.toy}/teacher",
-                       selector=TeachabilitySelector(top_k=args.top_k), rollout=dict(max_new_tokens=50))
-    module.configure_model()
-    problems = [task.problem_at(10**6 + i) for i in range(args.prompts)]
-    prompts = encode_prompts(module.tokenizer, [q.prompt for q in problems], [q.answer for q in problems])
-    with torch.no_grad():
-        stats = module.token_stats(module.rollout(prompts, seeds=list(range(args.prompts))))
+    _, _, _, _, stats = sample_and_score(args.toy, student, args.top_k, args.prompts)
     valid = stats.valid
     index = torch.arange(valid.shape[1])[None].expand_as(valid)
     sum_digit = valid & (index < 10 * task.digits) & (index % 10 == 6)
