@@ -32,7 +32,8 @@ TRAINER_DEFAULTS = {
 }
 LIGHTNING_CSV_LOGGERS = ("lightning.pytorch.loggers.CSVLogger", "lightning.pytorch.loggers.csv_logs.CSVLogger")
 SHORT_NAME_ARGS = {"--model.selector": "opdlab.selectors", "--model.divergence": "opdlab.divergences",
-                   "--model.rollout_engine": "opdlab.rollout_engines"}
+                   "--model.rollout_engine": "opdlab.rollout_engines",
+                   "--model.teacher_placement": "opdlab.teacher_placements"}
 SHORT_NAME_ARGS.update({f"{key}.help": group for key, group in SHORT_NAME_ARGS.items()})  # `--model.selector.help tip`
 
 

@@ -1,10 +1,13 @@
-"""`LogitHead`: hidden states -> logits as the model's own forward computes them, for any subset of rows.
+"""`LogitHead`: hidden states -> logits as the model's own forward computes them, for any subset of rows;
+`head_logits` applies a head to a chunk of rows into a reused `Workspace` buffer.
 
 Kept apart from `opdlab.models` (loading) so the scoring and loss modules that apply heads import only
 torch.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -104,3 +107,32 @@ class LogitHead:
             else:
                 logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits
+
+
+class Workspace:
+    """Reusable fp32 (rows, V) buffers for the no-grad scoring pass, allocated on first use.
+
+    Reusing them chunk after chunk keeps the memory at a few chunks and avoids paying first-touch page
+    faults for every fresh (R, V) tensor (on CPU that costs as much as several elementwise passes).
+    """
+
+    def __init__(self, rows: int) -> None:
+        self.rows = rows
+        self.buffers: dict[str, torch.Tensor] = {}
+
+    def get(self, name: str, rows: int, columns: int, device: torch.device) -> torch.Tensor:
+        """An uninitialised fp32 (rows, columns) view of the buffer `name`."""
+        buf = self.buffers.get(name)
+        if buf is None or buf.shape[0] < rows or buf.shape[1] != columns or buf.device != device:
+            buf = self.buffers[name] = torch.empty(max(self.rows, rows), columns, device=device, dtype=torch.float32)
+        return buf[:rows]
+
+    def like(self, name: str, z: torch.Tensor) -> torch.Tensor:
+        return self.get(name, z.shape[0], z.shape[1], z.device)
+
+
+def head_logits(head: Callable[..., torch.Tensor], hidden: torch.Tensor, work: Workspace, name: str) -> torch.Tensor:
+    """No-grad fp32 logits (R, V) of (R, H) rows; a `LogitHead` writes them into a reused buffer."""
+    if isinstance(head, LogitHead):
+        return head(hidden, out=work.get(name, hidden.shape[0], head.num_logits, hidden.device))
+    return head(hidden).float()

@@ -16,15 +16,16 @@ The caller (`opdlab.module.OPDModule`) picks the rows and the scale; see `StepPl
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
 
 from opdlab.divergences.base import Divergence, LossInputs
-from opdlab.heads import LogitHead
+from opdlab.heads import LogitHead, Workspace
 from opdlab.rollout import Rollout
-from opdlab.scoring import Workspace, chunk_stats, head_logits
+from opdlab.scoring import teacher_chunk_stats
+from opdlab.teachers.rows import TeacherRows, TopLogprobs, as_teacher_rows
 
 Head = Callable[[torch.Tensor], torch.Tensor]
 
@@ -35,18 +36,20 @@ class KeptRows:
 
     index: torch.Tensor  # (M,) flat positions in the (N, L) grid
     student: torch.Tensor  # (M, H) student hidden states (with grad for the loss)
-    teacher: torch.Tensor  # (M, H_T) teacher hidden states, no grad
+    teacher: torch.Tensor | TeacherRows  # (M, H_T) a local teacher's hidden states (no grad), or its M rows
     tokens: torch.Tensor  # (M,) sampled tokens
     sampling_logp: torch.Tensor  # (M,)
     teacher_token_logp: torch.Tensor | None  # (M,); None: taken from the teacher logits (with `scoring`)
 
 
-def kept_rows(mask: torch.Tensor, student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, rollout: Rollout,
-              teacher_token_logp: torch.Tensor | None = None) -> KeptRows:
-    """The rows of (N, L) `mask` from (N, L, H) hidden states and the rollout's (N, L) tensors."""
+def kept_rows(mask: torch.Tensor, student_hidden: torch.Tensor, teacher_hidden: torch.Tensor | TeacherRows,
+              rollout: Rollout, teacher_token_logp: torch.Tensor | None = None) -> KeptRows:
+    """The rows of (N, L) `mask` from (N, L, H) hidden states (the teacher's, or its `TeacherRows` over the
+    N · L positions) and the rollout's (N, L) tensors."""
     index = mask.flatten().nonzero().squeeze(-1)
+    teacher = teacher_hidden[index] if isinstance(teacher_hidden, TeacherRows) else teacher_hidden.flatten(0, 1)[index]
     return KeptRows(
-        index=index, student=student_hidden.flatten(0, 1)[index], teacher=teacher_hidden.flatten(0, 1)[index],
+        index=index, student=student_hidden.flatten(0, 1)[index], teacher=teacher,
         tokens=rollout.response_ids.flatten()[index], sampling_logp=rollout.sampling_logp.flatten()[index],
         teacher_token_logp=None if teacher_token_logp is None else teacher_token_logp.flatten()[index],
     )
@@ -97,22 +100,25 @@ def head_loss(
     backward hooks (gradient reduce-scatter) run in backward as usual.
     """
     plain = isinstance(student_head, LogitHead) and student_head.is_plain_linear and rows.index.numel() > 0
+    rows = replace(rows, teacher=as_teacher_rows(rows.teacher, teacher_head))
     return (chunked_head_loss if plain else autograd_head_loss)(
         rows, student_head, teacher_head, divergence, scale, chunk_rows, store_rows, scoring)
 
 
 def loss_inputs(rows: KeptRows, chunk: slice, student_logits: torch.Tensor, teacher_logits: torch.Tensor | None,
-                divergence: Divergence, stats: dict | None) -> LossInputs:
+                divergence: Divergence, stats: dict | None, teacher_top: TopLogprobs | None = None) -> LossInputs:
+    needs = divergence.needs_teacher_logits
     return LossInputs(
         student_logits=student_logits,
-        teacher_logits=teacher_logits if divergence.needs_teacher_logits else None,
+        teacher_logits=teacher_logits if needs else None,
         tokens=rows.tokens[chunk],
         sampling_logp=rows.sampling_logp[chunk],
         teacher_token_logp=stats["teacher_token_logp"] if stats is not None else rows.teacher_token_logp[chunk],
+        teacher_top_logprobs=teacher_top if needs else None,
     )
 
 
-def chunked_head_loss(rows: KeptRows, head: LogitHead, teacher_head: Head, divergence: Divergence, scale,
+def chunked_head_loss(rows: KeptRows, head: LogitHead, teacher_head: Head | None, divergence: Divergence, scale,
                       chunk_rows: int, store_rows: int, scoring: Scoring | None) -> HeadLoss:
     """The hand-written path: per chunk pre = h Wᵀ + b, z = post-processing(pre), dpre by autograd on the
     chunk alone; dh = dpre W and dW = dpreᵀ h by hand (written into one buffer, not allocated per chunk)."""
@@ -130,8 +136,8 @@ def chunked_head_loss(rows: KeptRows, head: LogitHead, teacher_head: Head, diver
         chunk = slice(start, start + chunk_rows)
         # The teacher logits live in a reused buffer: safe because this chunk's gradients are complete
         # (in chunk_loss_and_logit_grad) before the next chunk overwrites it.
-        teacher_logits = head_logits(teacher_head, rows.teacher[chunk], work, "teacher") if needs_teacher else None
-        losses, d_pre, chunk_stat = chunk_loss_and_logit_grad(rows, chunk, head, hidden[chunk], teacher_logits,
+        teacher = rows.teacher[chunk] if needs_teacher else None
+        losses, d_pre, chunk_stat = chunk_loss_and_logit_grad(rows, chunk, head, hidden[chunk], teacher,
                                                               divergence, scale, scoring, work)
         token_losses[chunk] = losses
         if chunk_stat is not None:
@@ -151,11 +157,13 @@ def chunked_head_loss(rows: KeptRows, head: LogitHead, teacher_head: Head, diver
 
 
 def chunk_loss_and_logit_grad(rows: KeptRows, chunk: slice, head: LogitHead, hidden: torch.Tensor,
-                              teacher_logits: torch.Tensor | None, divergence: Divergence, scale,
+                              teacher: TeacherRows | None, divergence: Divergence, scale,
                               scoring: Scoring | None, work: Workspace) -> tuple[torch.Tensor, torch.Tensor, dict | None]:
     """One chunk: its (R,) losses, d(scale · Σ losses)/dpre (R, V) where pre = h Wᵀ + b are the logits
     before the model's post-processing, and (with `scoring`) its statistics from the same logits. Its
     logits are freed on return."""
+    teacher_logits = teacher.logits(work) if teacher is not None else None
+    teacher_top = teacher.top_logprobs if teacher is not None else None
     weight, bias = head.linear_parts()
     with torch.no_grad():
         pre = F.linear(hidden, weight, bias)  # (R, V)
@@ -164,9 +172,9 @@ def chunk_loss_and_logit_grad(rows: KeptRows, chunk: slice, head: LogitHead, hid
         logits = head.postprocess(pre)
         stat = None
         if scoring is not None:
-            stat = chunk_stats(logits.detach().float(), teacher_logits, rows.tokens[chunk], scoring.top_k,
-                               scoring.full_kl, work, scoring.full_entropy, scoring.topk_lists)
-        losses = divergence.token_loss(loss_inputs(rows, chunk, logits, teacher_logits, divergence, stat))
+            stat = teacher_chunk_stats(logits.detach().float(), teacher, rows.tokens[chunk], scoring.top_k,
+                                       scoring.full_kl, work, scoring.full_entropy, scoring.topk_lists)
+        losses = divergence.token_loss(loss_inputs(rows, chunk, logits, teacher_logits, divergence, stat, teacher_top))
         total = losses.sum() * scale
         d_pre = torch.autograd.grad(total, pre)[0] if total.requires_grad else torch.zeros_like(pre)
     return losses.detach(), d_pre, stat
@@ -231,13 +239,14 @@ def autograd_head_loss(rows: KeptRows, head: Head, teacher_head: Head, divergenc
                        chunk_rows: int, store_rows: int, scoring: Scoring | None) -> HeadLoss:
     """Plain autograd over all rows at once (sharded or custom heads, or no rows)."""
     logits = head(rows.student)
-    teacher_logits, stats = None, []
+    teacher_logits, teacher_top, stats = None, None, []
     if divergence.needs_teacher_logits or scoring is not None:
         with torch.no_grad():
-            teacher_logits = teacher_head(rows.teacher).float()
+            teacher_logits, teacher_top = rows.teacher.logits(), rows.teacher.top_logprobs
     if scoring is not None:
-        stats.append(chunk_stats(logits.detach().float(), teacher_logits, rows.tokens, scoring.top_k, scoring.full_kl,
-                                 Workspace(rows.index.numel()), scoring.full_entropy, scoring.topk_lists))
+        stats.append(teacher_chunk_stats(logits.detach().float(), rows.teacher, rows.tokens, scoring.top_k,
+                                         scoring.full_kl, Workspace(rows.index.numel()), scoring.full_entropy,
+                                         scoring.topk_lists))
     losses = divergence.token_loss(loss_inputs(rows, slice(None), logits, teacher_logits, divergence,
-                                               stats[0] if stats else None))
+                                               stats[0] if stats else None, teacher_top))
     return HeadLoss(losses.sum() * scale, losses.detach(), stats)

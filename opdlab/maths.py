@@ -61,6 +61,31 @@ def union_kl(
     return (terms * member).sum(-1)
 
 
+def log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(x)) for x <= 0, accurate at both ends (expm1 near 0, log1p far from it)."""
+    x = x.clamp(max=-1e-12)
+    return torch.where(x > -math.log(2), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
+def tail_bucket_forward_kl(student_logp: torch.Tensor, ids: torch.Tensor, teacher_logp: torch.Tensor,
+                           known: torch.Tensor) -> torch.Tensor:
+    """Forward KL(p_T || p_S) over the teacher's known ids plus one "tail" outcome for every other token.
+
+    The standard top-k approximation (TRL's server distillation does the same): the known ids keep their
+    probabilities, the rest of each distribution is lumped into a tail bucket, so the result is a true KL
+    over J + 1 outcomes (>= 0, 0 when the student equals the teacher). student_logp: (M, V) log-probs, with
+    grad; ids, teacher_logp, known: (M, J) (`opdlab.teachers.TopLogprobs`). Returns (M,).
+    """
+    s_known = student_logp.gather(-1, ids)  # (M, J)
+    zero = torch.zeros_like(teacher_logp)
+    p_t = torch.where(known, teacher_logp.exp(), zero)
+    terms = (p_t * torch.where(known, teacher_logp - s_known, zero)).sum(-1)
+    t_tail = (1 - p_t.sum(-1)).clamp_min(0.0)
+    s_tail_logp = log1mexp(torch.logsumexp(s_known.masked_fill(~known, -torch.inf), -1))
+    tail = t_tail * (t_tail.clamp_min(EPS).log() - s_tail_logp)  # 0 where the teacher has no tail mass
+    return terms + tail
+
+
 def linear_quantiles(values: torch.Tensor, qs: tuple[float, ...]) -> list[torch.Tensor]:
     """Quantiles of a 1-D tensor with linear interpolation (numpy's default, `method="linear"`).
 

@@ -13,6 +13,7 @@ loss share a projection) is decided once per step by `opdlab.step.plan_step`.
 from __future__ import annotations
 
 import dataclasses
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
 import lightning as L
@@ -29,23 +30,18 @@ from opdlab.engines import RolloutEngine, SamplingParams, StaticCacheEngine
 from opdlab.evaluation import verified
 from opdlab.heads import LogitHead
 from opdlab.loss import HeadLoss, Scoring, head_loss, kept_rows
-from opdlab.models import (
-    check_tokenizers_compatible,
-    check_vocab_sizes,
-    final_hidden_states,
-    freeze,
-    load_causal_lm,
-    load_tokenizer,
-)
+from opdlab.models import check_tokenizers_compatible, final_hidden_states, load_causal_lm, load_tokenizer, resolve_model_path
 from opdlab.options import MemoryOptions, RolloutOptions, TrainingOptions
-from opdlab.rollout import PromptBatch, Rollout, derive_seed, encode_prompts, sample_rollouts
+from opdlab.rollout import PromptBatch, Rollout, derive_seed, encode_prompts, response_positions
 from opdlab.scoring import TokenStats, compute_token_stats, scatter_rows
 from opdlab.selectors import FullSelector, TokenSelector
 from opdlab.sharding import is_sharded, shard_model
 from opdlab.step import StepPlan, global_loss, loss_scale, plan_step
+from opdlab.teachers import PendingTeacher, TeacherLoadOptions, TeacherPlacement, TeacherRows, default_placement
+from opdlab.teachers.signal import check_teacher_needs
 from opdlab.timing import StageTimer
 
-Hidden = list[tuple[torch.Tensor, torch.Tensor]]  # per micro-batch: (student, teacher) (n, L, H) hidden states
+Hidden = list[tuple[torch.Tensor, TeacherRows]]  # per micro-batch: the student's (n, L, H) hidden states, the teacher's rows
 
 
 @dataclass
@@ -75,12 +71,17 @@ class OPDModule(L.LightningModule):
 
     Args:
         student: student checkpoint: local directory, hub id, or `toy:<name>/student`.
-        teacher: teacher checkpoint, same forms. Its tokenizer must equal the student's.
+        teacher: teacher checkpoint, same forms, or the URL of a server that serves it (`http://host:port/v1`).
+            Its tokenizer must equal the student's.
         selector: which response positions get the loss, and its budget rule (default: all of them,
             full-token OPD).
         divergence: the per-token loss at kept positions (default: the paper's sampled-token OPD).
         optimizer: optimizer factory, applied to the student's parameters only.
         scheduler: optional learning-rate scheduler factory (stepped every optimizer step).
+        teacher_placement: where the teacher runs: `local` (a model in this process, exact; the default for a
+            path, hub id or `toy:` name), `vllm_server` (a vLLM server; the default when `teacher` is an http(s)
+            URL, or several separated by commas), or a plugin's (entry-point group `opdlab.teacher_placements`).
+            Its options: `opdlab fit --model.teacher_placement.help vllm_server`. See docs/method.md §2.6.
         rollout_engine: what generates the student's responses (training rollouts, greedy validation, the
             diagnostic's bank): `static` (default: static KV cache, decode step compiled into a CUDA graph on
             GPUs), `vllm` (a colocated vLLM instance, weight-synced every step; `pip install -e ".[vllm]"`),
@@ -101,6 +102,7 @@ class OPDModule(L.LightningModule):
         divergence: Divergence | None = None,
         optimizer: OptimizerCallable = default_optimizer,
         scheduler: LRSchedulerCallable | None = None,
+        teacher_placement: TeacherPlacement | None = None,
         rollout_engine: RolloutEngine | None = None,
         rollout: RolloutOptions = RolloutOptions(),  # noqa: B008 (jsonargparse reads the default; copied below)
         memory: MemoryOptions = MemoryOptions(),  # noqa: B008
@@ -115,6 +117,9 @@ class OPDModule(L.LightningModule):
                                    "memory": vars(self.memory_options), "training": vars(self.training_options)})
         self.selector = selector if selector is not None else FullSelector()
         self.divergence = divergence if divergence is not None else SampledTokenOPD()
+        self.placement = teacher_placement if teacher_placement is not None else default_placement(teacher)
+        self.placement.check_spec(teacher)  # before anything loads: a placement that cannot give what is needed too
+        check_teacher_needs(self.placement.signal, self.placement.name, selector=self.selector, divergence=self.divergence)
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.rollout_engine = rollout_engine if rollout_engine is not None else StaticCacheEngine()
         self.engine_weights_stale = True  # the engine takes the student's weights before its next rollout
@@ -136,26 +141,39 @@ class OPDModule(L.LightningModule):
             return
         mem = self.memory_options
         self.tokenizer = load_tokenizer(self.student_path)
-        check_tokenizers_compatible(self.tokenizer, load_tokenizer(self.teacher_path))
+        self.placement.connect(self.teacher_path, self.tokenizer, self.max_sequence_len())
         if self.selector.top_k > len(self.tokenizer):  # checked before any weights load
             raise ValueError(f"selector top_k={self.selector.top_k} exceeds the vocabulary ({len(self.tokenizer)} "
                              f"tokens of {self.student_path}); use top_k <= {len(self.tokenizer)}")
         self.student = load_causal_lm(self.student_path, mem.student_dtype)
-        self.teacher = freeze(load_causal_lm(self.teacher_path, mem.teacher_dtype))
         self.student.train()  # from_pretrained returns eval mode: dropout and checkpointing need train
         if mem.gradient_checkpointing:
             self.student.gradient_checkpointing_enable()
         mesh = self.device_mesh if self._trainer is not None else None
+        dp_mesh = None
         if mesh is not None:  # ModelParallelStrategy: FSDP2 over its data-parallel mesh
             dp_mesh = mesh["data_parallel"] if mesh.mesh_dim_names and "data_parallel" in mesh.mesh_dim_names else mesh
-            shard_model(self.teacher, dp_mesh)
-            if mem.shard_student:
-                shard_model(self.student, dp_mesh)
+        # A local teacher comes back as a frozen (sharded) model, held here so it moves with the module; None for a server.
+        self.teacher = self.placement.load(self.student, self.tokenizer, TeacherLoadOptions(mem.teacher_dtype, dp_mesh))
+        if dp_mesh is not None and mem.shard_student:
+            shard_model(self.student, dp_mesh)
         self.check_positions()
-        columns = check_vocab_sizes(self.student, self.teacher, self.tokenizer)
-        self.student_head = LogitHead(self.student, columns)
-        self.teacher_head = LogitHead(self.teacher, columns)
+        self.student_head = LogitHead(self.student, self.placement.columns)
         self.bind_rollout_engine()
+
+    @property
+    def teacher_head(self) -> LogitHead | None:
+        """A local teacher's LM head (None for a served teacher)."""
+        return getattr(self.placement, "head", None)
+
+    def max_sequence_len(self) -> int:
+        """The longest prompt + response this run can send the teacher, read off the student's config (no weights)."""
+        from transformers import AutoConfig
+
+        opts = self.rollout_options
+        config = AutoConfig.from_pretrained(resolve_model_path(self.student_path))
+        limit = getattr(config.get_text_config(), "max_position_embeddings", None)
+        return min(opts.max_prompt_len + opts.max_new_tokens, limit or 2**31)
 
     def check_positions(self) -> None:
         """A response limit beyond the student's position limit is refused before any weights are used (prompts
@@ -226,6 +244,9 @@ class OPDModule(L.LightningModule):
     def log_step(self, loss: torch.Tensor, seconds: dict[str, float], rows: int) -> None:
         self.log("train/loss", loss, prog_bar=True, batch_size=rows)
         self.log_dict({f"time/{k}": v for k, v in seconds.items()}, batch_size=1)
+        metrics = self.placement.step_metrics()  # a served teacher's wire bytes, waits, retries
+        if metrics:
+            self.log_dict(metrics, batch_size=1)
 
     def plan(self, rows: int) -> StepPlan:
         """The plan of a step over `rows` rollout rows (`opdlab.step.plan_step`)."""
@@ -245,10 +266,16 @@ class OPDModule(L.LightningModule):
         return head is None or head.is_plain_linear
 
     def on_fit_start(self) -> None:
-        """Print the step plan of a full batch once, before training starts (and its progress bar)."""
+        """Print the step plan of a full batch and the teacher's placement once, before training starts."""
         batch_size = getattr(self.trainer.datamodule, "batch_size", None) if self.trainer.datamodule else None
         if batch_size:
             rank_zero_info(f"opdlab: {self.plan(batch_size * self.rollout_options.num_samples).describe()}")
+        rank_zero_info(f"opdlab: {self.placement.describe()}")
+        signal = self.placement.signal
+        if signal.top_logprobs is not None and self.selector.top_k > signal.top_logprobs:
+            rank_zero_warn(f"the selector's top_k={self.selector.top_k} is above the {signal.top_logprobs} log-probs the "
+                           f"teacher sends per position: D's union uses the teacher's top-{signal.top_logprobs} "
+                           "(docs/method.md §2.6)")
 
     @torch.no_grad()
     def token_stats(self, rollout: Rollout, top_k: int | None = None, full_kl: bool | None = None,
@@ -269,7 +296,7 @@ class OPDModule(L.LightningModule):
         device = next(self.student.parameters()).device
         self.student = load_causal_lm(path, self.memory_options.student_dtype).to(device).eval()
         self.student_path = path
-        self.student_head = LogitHead(self.student, check_vocab_sizes(self.student, self.teacher, self.tokenizer))
+        self.student_head = LogitHead(self.student, self.placement.vocab_columns(self.student, self.tokenizer))
         self.bind_rollout_engine()
 
     def encode(self, batch: dict) -> PromptBatch:
@@ -349,23 +376,41 @@ class OPDModule(L.LightningModule):
         return f"in {'validation' if self.trainer.validating else 'evaluation'} at step {step}"
 
     def hidden_states(self, rollout: Rollout, plan: StepPlan) -> Hidden:
-        """(student, teacher) hidden states of each micro-batch; the student's keep their graph when the
-        loss reuses this forward (one micro-batch)."""
-        return [self.response_hidden_states(rollout.rows(rows), student_grad=plan.reuse_student_graph)
+        """The student's hidden states and the teacher's rows of each micro-batch; the student's keep their graph
+        when the loss reuses this forward (one micro-batch). A served teacher's requests go out first and run
+        while the student's forward does."""
+        pending = self.request_teacher(rollout)
+        return [(self.student_hidden_states(rollout.rows(rows), plan.reuse_student_graph), self.teacher_rows(pending, rows))
                 for rows in plan.micro_batches]
 
-    def response_hidden_states(
-        self, rollout: Rollout, student_grad: bool = True, teacher: bool = True
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(N, L, H) hidden states that predict each response token, for the student and the teacher."""
-        p, length = rollout.prompt_len, rollout.response_mask.shape[1]
-        cut = slice(p - 1, p - 1 + length)  # position p - 1 + t predicts response token t
+    def request_teacher(self, rollout: Rollout) -> PendingTeacher:
+        with self.teacher_failures():
+            return self.placement.request(rollout)
+
+    def teacher_rows(self, pending: PendingTeacher, rows: slice) -> TeacherRows:
+        with self.teacher_failures():
+            return pending.rows(rows)
+
+    @contextmanager
+    def teacher_failures(self):
+        """A served teacher that fails (after its retries) ends the run with one line naming the step."""
+        from opdlab.teachers.vllm_server import TeacherServerError
+
+        try:
+            yield
+        except TeacherServerError as err:
+            raise TeacherServerError(f"{err} {self.stage_name()}") from None
+
+    def student_hidden_states(self, rollout: Rollout, student_grad: bool = True) -> torch.Tensor:
+        """(N, L, H) student hidden states that predict each response token."""
         with torch.set_grad_enabled(student_grad):
-            student = final_hidden_states(self.student, rollout.input_ids, rollout.attention_mask)[:, cut]
-        if not teacher:
-            return student, None
-        with torch.no_grad():
-            return student, final_hidden_states(self.teacher, rollout.input_ids, rollout.attention_mask)[:, cut]
+            hidden = final_hidden_states(self.student, rollout.input_ids, rollout.attention_mask)
+        return hidden[:, response_positions(rollout)]
+
+    def response_hidden_states(self, rollout: Rollout, student_grad: bool = True) -> tuple[torch.Tensor, TeacherRows]:
+        """The student's (N, L, H) hidden states that predict each response token, and the teacher's rows there."""
+        pending = self.request_teacher(rollout)
+        return self.student_hidden_states(rollout, student_grad), self.teacher_rows(pending, slice(0, rollout.response_mask.shape[0]))
 
     def score_with_loss(self, hidden: Hidden, rollout: Rollout, plan: StepPlan) -> tuple[TokenStats, HeadLoss]:
         """The statistics and the loss of every valid position from one projection of each chunk (the plan's
@@ -376,7 +421,7 @@ class OPDModule(L.LightningModule):
         loss = head_loss(rows, self.student_head, self.teacher_head, self.divergence,
                          loss_scale(plan.loss_denominator, valid, valid), plan.score_chunk_rows, scoring=scoring)
         return scatter_rows(loss.stats, rows.index, valid, scoring.top_k, plan.full_kl, plan.full_entropy,
-                            plan.topk_lists), loss
+                            plan.topk_lists, bounds=teacher_hidden.top_logprobs is not None), loss
 
     def score(self, hidden: Hidden, rollout: Rollout, plan: StepPlan, top_k: int | None = None) -> TokenStats:
         """The statistics of every valid position, without grad, micro-batch by micro-batch (K: the selector's
@@ -425,7 +470,7 @@ class OPDModule(L.LightningModule):
         for (student_hidden, teacher_hidden), rows in zip(hidden, plan.micro_batches, strict=True):
             part = rollout.rows(rows)
             if not plan.reuse_student_graph:
-                student_hidden, _ = self.response_hidden_states(part, student_grad=True, teacher=False)
+                student_hidden = self.student_hidden_states(part, student_grad=True)
             loss = head_loss(kept_rows(keep[rows], student_hidden, teacher_hidden, part, stats.teacher_token_logp[rows]),
                              self.student_head, self.teacher_head, self.divergence, scale, plan.loss_chunk_rows,
                              plan.store_rows).loss
@@ -481,9 +526,8 @@ class OPDModule(L.LightningModule):
         prompts = self.encode(batch)
         self.val_accuracy.update(self.correct(prompts, self.rollout(prompts, greedy=True)))
         if not self.teacher_evaluated:  # once per run, with the plain loop (the engine serves the student)
-            teacher = sample_rollouts(self.teacher, prompts, self.tokenizer.eos_token_id, self.tokenizer.pad_token_id,
-                                      max_new_tokens=self.rollout_options.max_new_tokens, temperature=0.0,
-                                      sync_ranks=world_size() > 1)
+            with self.teacher_failures():
+                teacher = self.placement.generate(prompts, self.rollout_options.max_new_tokens, world_size() > 1)
             self.teacher_accuracy.update(self.correct(prompts, teacher))
 
     def correct(self, prompts: PromptBatch, rollout: Rollout) -> torch.Tensor:

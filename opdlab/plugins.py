@@ -1,6 +1,6 @@
-"""Entry-point plugins: selectors, divergences and rollout engines from any installed package.
+"""Entry-point plugins: selectors, divergences, rollout engines and teacher placements from any installed package.
 
-Groups `opdlab.selectors`, `opdlab.divergences` and `opdlab.rollout_engines` map a short name to a class; opdlab registers its
+Groups `opdlab.selectors`, `opdlab.divergences`, `opdlab.rollout_engines` and `opdlab.teacher_placements` map a short name to a class; opdlab registers its
 own built-ins the same way (in its pyproject), so there is one mechanism. Discovery imports each entry
 point once (idempotent, cached), checks that it is a concrete subclass of the group's interface, refuses
 duplicate names, and records the package that supplied it. Every failure names the plugin and its
@@ -26,12 +26,14 @@ from opdlab.console import OpdlabError
 from opdlab.divergences.base import Divergence
 from opdlab.engines.base import RolloutEngine
 from opdlab.selectors.base import TokenSelector
+from opdlab.teachers.base import TeacherPlacement
 
 GROUPS: dict[str, type] = {
     "opdlab.selectors": TokenSelector, "opdlab.divergences": Divergence, "opdlab.rollout_engines": RolloutEngine,
+    "opdlab.teacher_placements": TeacherPlacement,
 }
 GROUP_ALIASES = {"selector": "opdlab.selectors", "divergence": "opdlab.divergences",
-                 "rollout_engine": "opdlab.rollout_engines"}
+                 "rollout_engine": "opdlab.rollout_engines", "teacher_placement": "opdlab.teacher_placements"}
 BUILTIN_PACKAGE = "opdlab"
 DISABLE_ENV = "OPDLAB_DISABLE_PLUGINS"
 # Short names are used bare on the command line (`--model.selector teachability`), where a dot means a

@@ -56,6 +56,12 @@ class Rollout:
                        answers=self.answers[rows])
 
 
+def response_positions(rollout: Rollout) -> slice:
+    """The positions of (N, P + L) model outputs that predict the response tokens: p - 1 + t predicts token t."""
+    p = rollout.prompt_len
+    return slice(p - 1, p - 1 + rollout.response_mask.shape[1])
+
+
 def encode_prompts(
     tokenizer: PreTrainedTokenizerBase,
     prompts: list[str],

@@ -7,6 +7,10 @@ tensor is ever held. Definitions follow docs/method.md §2 (the TA-OPD paper's r
 - C  = sum_{v in S} p_T(v): teacher mass on the student's top-K set S, clamped to [0, 1] (exact).
 - D  = KL(pbar_T || pbar_S) on the union U = S ∪ T of both top-K sets, each renormalised over U.
 - H  = entropy of the student's top-K distribution renormalised over S, divided by log K.
+
+The teacher arrives as `opdlab.teachers.TeacherRows`: exact logits (a local teacher, or a server's full
+distribution: `chunk_stats`) or only its top-k log-probs (a served teacher: `top_logprob_chunk_stats`, where
+C is a lower bound with its upper bound beside it and D uses the maximum-entropy completion, docs/method.md §2.6).
 """
 
 from __future__ import annotations
@@ -17,9 +21,10 @@ from dataclasses import dataclass, fields, replace
 
 import torch
 
-from opdlab.heads import LogitHead
 from opdlab import maths
+from opdlab.heads import Workspace, head_logits  # noqa: F401 (head_logits: imported from here too)
 from opdlab.maths import masked_kl
+from opdlab.teachers.rows import TeacherRows, TopLogprobs, as_teacher_rows
 
 # One name per per-position feature everywhere (TokenStats fields, `teachability/<name>/...` histograms,
 # token bank and diagnostic bank columns), with the paper's symbol and meaning (docs/method.md §2).
@@ -40,7 +45,7 @@ class TokenStats:
     valid: torch.Tensor  # (N, L) bool: the response mask
     student_token_logp: torch.Tensor  # log p_S(y_t)
     teacher_token_logp: torch.Tensor  # log p_T(y_t)
-    compatibility: torch.Tensor  # C
+    compatibility: torch.Tensor  # C (with a top-k teacher: its lower bound, docs/method.md §2.6)
     disagreement: torch.Tensor  # D
     topk_entropy: torch.Tensor  # H
     # The top-K lists behind C, D, H: (N, L, K), only when a selector asks (`needs_topk_lists`); otherwise None,
@@ -53,6 +58,7 @@ class TokenStats:
     teacher_entropy: torch.Tensor | None = None  # full-vocabulary entropy of p_T, when requested
     forward_kl: torch.Tensor | None = None  # full-vocabulary KL(p_T || p_S), when requested
     reverse_kl: torch.Tensor | None = None  # full-vocabulary KL(p_S || p_T), when requested
+    compatibility_upper: torch.Tensor | None = None  # with a top-k teacher: C's upper bound (C is exact otherwise)
 
     @property
     def top_k(self) -> int | None:
@@ -73,28 +79,6 @@ class TokenStats:
                 if not bool(torch.isfinite(logp[self.valid]).all())]
 
 
-class Workspace:
-    """Reusable fp32 (rows, V) buffers for the no-grad scoring pass, allocated on first use.
-
-    Reusing them chunk after chunk keeps the memory at a few chunks and avoids paying first-touch page
-    faults for every fresh (R, V) tensor (on CPU that costs as much as several elementwise passes).
-    """
-
-    def __init__(self, rows: int) -> None:
-        self.rows = rows
-        self.buffers: dict[str, torch.Tensor] = {}
-
-    def get(self, name: str, rows: int, columns: int, device: torch.device) -> torch.Tensor:
-        """An uninitialised fp32 (rows, columns) view of the buffer `name`."""
-        buf = self.buffers.get(name)
-        if buf is None or buf.shape[0] < rows or buf.shape[1] != columns or buf.device != device:
-            buf = self.buffers[name] = torch.empty(max(self.rows, rows), columns, device=device, dtype=torch.float32)
-        return buf[:rows]
-
-    def like(self, name: str, z: torch.Tensor) -> torch.Tensor:
-        return self.get(name, z.shape[0], z.shape[1], z.device)
-
-
 def logsumexp_entropy(
     z: torch.Tensor, top_value: torch.Tensor, top_id: torch.Tensor, work: Workspace, entropy: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -108,6 +92,21 @@ def logsumexp_entropy(
     p = torch.ops.aten._softmax.out(z, -1, False, out=work.like("probs", z))  # (R, V)
     lse = top_value - p.gather(-1, top_id[:, None]).squeeze(-1).log()
     return lse, (lse - torch.nansum(p.mul_(z), -1)) if entropy else None
+
+
+def student_features(s_logits: torch.Tensor, tokens: torch.Tensor, k: int, work: Workspace, full_entropy: bool):
+    """The student's half of a chunk's statistics: top-K (values, ids), log-sum-exp, full entropy (or None),
+    and the features that need no teacher (its token log-prob, H)."""
+    s_top, s_ids = s_logits.topk(k, -1)  # sorted: s_top[:, 0] is the row max
+    s_lse, s_entropy = logsumexp_entropy(s_logits, s_top[:, 0], s_ids[:, 0], work, full_entropy)
+    s_top_logp = s_top - s_lse[:, None]
+    out = {
+        "student_token_logp": s_logits.gather(-1, tokens[:, None]).squeeze(-1) - s_lse,
+        "topk_entropy": (
+            maths.entropy_from_logp(torch.log_softmax(s_top_logp, -1)) / math.log(k) if k > 1 else torch.zeros_like(s_lse)
+        ),
+    }
+    return s_top_logp, s_ids, s_lse, s_entropy, out
 
 
 def chunk_stats(
@@ -126,23 +125,17 @@ def chunk_stats(
     vocabulary is streamed a handful of times and no (R, V) log-prob tensor is built. The optional
     full-vocabulary entropies (`full_entropy`) and KLs (`full_kl`) cost extra passes over the logits.
     """
-    s_top, s_ids = s_logits.topk(k, -1)  # sorted: s_top[:, 0] is the row max
+    s_top_logp, s_ids, s_lse, s_entropy, out = student_features(s_logits, tokens, k, work, full_entropy)
     t_top, t_ids = t_logits.topk(k, -1)
     union = torch.cat([s_ids, t_ids], -1)  # (R, 2K)
-    s_lse, s_entropy = logsumexp_entropy(s_logits, s_top[:, 0], s_ids[:, 0], work, full_entropy)
     t_lse, t_entropy = logsumexp_entropy(t_logits, t_top[:, 0], t_ids[:, 0], work, full_entropy)
     s_union = s_logits.gather(-1, union) - s_lse[:, None]
     t_union = t_logits.gather(-1, union) - t_lse[:, None]
-    s_top_logp = s_top - s_lse[:, None]
-    out = {
-        "student_token_logp": s_logits.gather(-1, tokens[:, None]).squeeze(-1) - s_lse,
-        "teacher_token_logp": t_logits.gather(-1, tokens[:, None]).squeeze(-1) - t_lse,
-        "compatibility": t_union[:, :k].exp().sum(-1).clamp(0.0, 1.0),  # teacher mass on the student's top-K
-        "disagreement": maths.union_kl(s_union, t_union, s_ids, t_ids),
-        "topk_entropy": (
-            maths.entropy_from_logp(torch.log_softmax(s_top_logp, -1)) / math.log(k) if k > 1 else torch.zeros_like(s_lse)
-        ),
-    }
+    out.update(
+        teacher_token_logp=t_logits.gather(-1, tokens[:, None]).squeeze(-1) - t_lse,
+        compatibility=t_union[:, :k].exp().sum(-1).clamp(0.0, 1.0),  # teacher mass on the student's top-K
+        disagreement=maths.union_kl(s_union, t_union, s_ids, t_ids),
+    )
     if topk_lists:
         out.update(student_topk_ids=s_ids, student_topk_logp=s_top_logp, teacher_topk_ids=t_ids,
                    teacher_topk_logp=t_top - t_lse[:, None])
@@ -155,21 +148,68 @@ def chunk_stats(
     return out
 
 
-def head_logits(head: Callable[..., torch.Tensor], hidden: torch.Tensor, work: Workspace, name: str) -> torch.Tensor:
-    """No-grad fp32 logits (R, V) of (R, H) rows; a `LogitHead` writes them into a reused buffer."""
-    if isinstance(head, LogitHead):
-        return head(hidden, out=work.get(name, hidden.shape[0], head.num_logits, hidden.device))
-    return head(hidden).float()
+def top_logprob_chunk_stats(
+    s_logits: torch.Tensor,
+    teacher: TopLogprobs,
+    tokens: torch.Tensor,
+    k: int,
+    full_kl: bool,
+    work: Workspace,
+    full_entropy: bool = True,
+    topk_lists: bool = False,
+) -> dict:
+    """`chunk_stats` when the teacher sent only its top-k log-probs and the sampled token's (docs/method.md §2.6).
+
+    Exact: both token log-probs, H and the student's entropy. C (`compatibility`) is the lower bound Σ p_T over
+    the student's top-K tokens whose teacher probability is known; `compatibility_upper` adds what the unknown
+    ones can hold at most (each at most the k-th probability, together at most the tail mass). D uses the
+    union of the student's top-K and the teacher's top-min(K, k), with the maximum-entropy completion
+    (`TopLogprobs.unseen_logp`) for tokens the teacher did not send. The teacher's entropy is NaN (unknown).
+    """
+    if full_kl:
+        raise ValueError("full-vocabulary KLs need the teacher's whole distribution; a teacher that sends its top-"
+                         f"{teacher.top_k} log-probs cannot give them (docs/method.md §2.6)")
+    if topk_lists and teacher.top_k < k:
+        raise ValueError(f"the teacher's top-{k} lists need at least {k} log-probs per position, the teacher sends "
+                         f"{teacher.top_k}")
+    s_top_logp, s_ids, s_lse, s_entropy, out = student_features(s_logits, tokens, k, work, full_entropy)
+    t_ids = teacher.ids[:, : min(k, teacher.top_k)]
+    union = torch.cat([s_ids, t_ids], -1)  # (R, K + min(K, k))
+    t_union, known = teacher.lookup(union)
+    s_known = known[:, :k]
+    lower = (t_union[:, :k].exp() * s_known).sum(-1).clamp(0.0, 1.0)
+    unknown_room = torch.minimum(teacher.tail_mass(), (~s_known).sum(-1) * teacher.kth_probability())
+    out.update(
+        teacher_token_logp=teacher.lookup(tokens[:, None])[0][:, 0],
+        compatibility=lower,
+        compatibility_upper=(lower + unknown_room).clamp(0.0, 1.0),
+        disagreement=maths.union_kl(s_logits.gather(-1, union) - s_lse[:, None], t_union, s_ids, t_ids),
+    )
+    if topk_lists:
+        out.update(student_topk_ids=s_ids, student_topk_logp=s_top_logp, teacher_topk_ids=teacher.ids[:, :k],
+                   teacher_topk_logp=teacher.logp[:, :k])
+    if full_entropy:
+        out["student_entropy"], out["teacher_entropy"] = s_entropy, torch.full_like(s_entropy, torch.nan)
+    return out
+
+
+def teacher_chunk_stats(s_logits: torch.Tensor, teacher: TeacherRows, tokens: torch.Tensor, k: int, full_kl: bool,
+                        work: Workspace, full_entropy: bool = True, topk_lists: bool = False) -> dict:
+    """A chunk's statistics from whatever the teacher gives: exact logits, or its top log-probs."""
+    t_logits = teacher.logits(work)
+    if t_logits is not None:
+        return chunk_stats(s_logits, t_logits, tokens, k, full_kl, work, full_entropy, topk_lists)
+    return top_logprob_chunk_stats(s_logits, teacher.top_logprobs, tokens, k, full_kl, work, full_entropy, topk_lists)
 
 
 @torch.no_grad()
 def compute_token_stats(
     student_hidden: torch.Tensor,
-    teacher_hidden: torch.Tensor,
+    teacher_hidden: torch.Tensor | TeacherRows,
     tokens: torch.Tensor,
     response_mask: torch.Tensor,
     student_head: Callable[[torch.Tensor], torch.Tensor],
-    teacher_head: Callable[[torch.Tensor], torch.Tensor],
+    teacher_head: Callable[[torch.Tensor], torch.Tensor] | None,
     top_k: int = 16,
     chunk_size: int = 1024,
     full_kl: bool = False,
@@ -179,7 +219,8 @@ def compute_token_stats(
     """Statistics at every valid response position.
 
     Args:
-        student_hidden, teacher_hidden: (N, L, H) final hidden states that predict `tokens`.
+        student_hidden, teacher_hidden: (N, L, H) final hidden states that predict `tokens`. The teacher may
+            instead be `TeacherRows` over the N · L positions (a served teacher; `teacher_head` unused).
         tokens: (N, L) sampled response tokens; response_mask: (N, L) bool.
         chunk_size: rows whose logits are materialised at once. Peak extra memory is about
             3 · chunk_size · V fp32 (both models' logits and one softmax buffer), whatever N · L is.
@@ -193,30 +234,32 @@ def compute_token_stats(
     valid = response_mask.bool()
     rows = valid.flatten().nonzero().squeeze(-1)  # (R,)
     s_flat = student_hidden.flatten(0, 1)
-    t_flat = teacher_hidden.flatten(0, 1)
+    teacher = as_teacher_rows(teacher_hidden, teacher_head)
     tok_flat = tokens.flatten()
     chunks = []
     work = Workspace(min(chunk_size, rows.numel()))
     for start in range(0, rows.numel(), chunk_size):
         idx = rows[start : start + chunk_size]
         s_logits = head_logits(student_head, s_flat[idx], work, "student")  # (R, V) fp32
-        t_logits = head_logits(teacher_head, t_flat[idx], work, "teacher")
-        chunks.append(chunk_stats(s_logits, t_logits, tok_flat[idx], top_k, full_kl, work, full_entropy, topk_lists))
-    return scatter_rows(chunks, rows, valid, top_k, full_kl, full_entropy, topk_lists)
+        chunks.append(teacher_chunk_stats(s_logits, teacher[idx], tok_flat[idx], top_k, full_kl, work, full_entropy,
+                                          topk_lists))
+    return scatter_rows(chunks, rows, valid, top_k, full_kl, full_entropy, topk_lists,
+                        bounds=teacher.top_logprobs is not None)
 
 
 OPTIONAL = {"forward_kl": "full_kl", "reverse_kl": "full_kl", "student_entropy": "full_entropy",
             "teacher_entropy": "full_entropy", "student_topk_ids": "topk_lists", "student_topk_logp": "topk_lists",
-            "teacher_topk_ids": "topk_lists", "teacher_topk_logp": "topk_lists"}
+            "teacher_topk_ids": "topk_lists", "teacher_topk_logp": "topk_lists", "compatibility_upper": "bounds"}
 
 
 def scatter_rows(
     chunks: list[dict], rows: torch.Tensor, valid: torch.Tensor, k: int, full_kl: bool, full_entropy: bool = True,
-    topk_lists: bool = False,
+    topk_lists: bool = False, bounds: bool = False,
 ) -> TokenStats:
-    """Place per-row statistics back at their (N, L) positions, zeros elsewhere."""
+    """Place per-row statistics back at their (N, L) positions, zeros elsewhere (`bounds`: the chunks come from
+    a top-k teacher and carry `compatibility_upper`)."""
     n, length = valid.shape
-    wanted = {"full_kl": full_kl, "full_entropy": full_entropy, "topk_lists": topk_lists}
+    wanted = {"full_kl": full_kl, "full_entropy": full_entropy, "topk_lists": topk_lists, "bounds": bounds}
     values = {}
     for f in fields(TokenStats):
         if f.name == "valid" or (f.name in OPTIONAL and not wanted[OPTIONAL[f.name]]):

@@ -182,6 +182,17 @@ def shared_head_loss(student_hidden, teacher_hidden, rollout, student_head, teac
     return scatter_rows(loss.stats, rows.index, valid, top_k, full_kl, full_entropy, topk_lists), loss
 
 
+def response_hidden_states(module, rollout, student_grad: bool = True):
+    """The student's and a local teacher's (N, L, H) hidden states that predict the response tokens (the teacher's
+    as a plain tensor, for tests that compare with full logits; a step hands the teacher on as `TeacherRows`)."""
+    from opdlab.models import final_hidden_states
+    from opdlab.rollout import response_positions
+
+    with torch.no_grad():
+        teacher = final_hidden_states(module.teacher, rollout.input_ids, rollout.attention_mask)[:, response_positions(rollout)]
+    return module.student_hidden_states(rollout, student_grad), teacher
+
+
 def score(module, student_hidden, teacher_hidden, rollout) -> TokenStats:
     """The statistics of every valid position as the training step's scoring pass computes them."""
     rows = rollout.response_mask.shape[0]

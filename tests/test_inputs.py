@@ -19,7 +19,7 @@ from opdlab.selectors import RandomSelector, TeachabilitySelector
 from opdlab.tasks import AdditionTask, JsonlPrompts
 from opdlab.toy import build_char_tokenizer, make_qwen2
 
-from conftest import CONFIG_DIR, TINY_TEACHER, kept_head_loss, run_opdlab, score
+from conftest import CONFIG_DIR, TINY_TEACHER, kept_head_loss, response_hidden_states, run_opdlab, score
 
 FAST = str(CONFIG_DIR / "fast.yaml")
 
@@ -159,7 +159,7 @@ def test_padded_teacher_vocab_is_accepted(tiny_checkpoints, char_tokenizer, tmp_
     module.configure_model()
     assert check_vocab_sizes(module.student, module.teacher, module.tokenizer) == len(char_tokenizer)
     rollout = module.rollout(encode_prompts(module.tokenizer, ["12+34="], [""]))
-    s, t = module.response_hidden_states(rollout)
+    s, t = response_hidden_states(module, rollout)
     stats = score(module, s, t, rollout)
     keep = module.select(stats)
     loss = kept_head_loss(s, t, keep, rollout, stats, module.student_head, module.teacher_head, module.divergence)

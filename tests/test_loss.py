@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from opdlab.divergences import GeneralizedJSD, LossInputs, ReverseKL, SampledTokenOPD
-from conftest import kept_head_loss, score, shared_head_loss
+from conftest import kept_head_loss, response_hidden_states, score, shared_head_loss
 
 from opdlab.scoring import compute_token_stats
 from opdlab.step import loss_scale
@@ -23,7 +23,7 @@ def step_inputs(module, n_prompts: int = 6):
     prompts = encode_prompts(module.tokenizer, [p.prompt for p in problems], [p.answer for p in problems])
     module.rollout_options.num_samples = 2
     rollout = module.rollout(prompts)
-    student_hidden, teacher_hidden = module.response_hidden_states(rollout)
+    student_hidden, teacher_hidden = response_hidden_states(module, rollout)
     stats = score(module, student_hidden, teacher_hidden, rollout)
     return rollout, student_hidden, teacher_hidden, stats
 

@@ -6,7 +6,7 @@ import lightning as L
 import pytest
 import torch
 
-from conftest import score
+from conftest import response_hidden_states, score
 
 from opdlab.data import PromptDataModule
 from opdlab.module import OPDModule
@@ -226,7 +226,7 @@ def test_selector_keeping_outside_response_mask_is_refused(tiny_module):
     rollout = module.rollout(prompts)
     # Force a padded row so that "everywhere" really is outside the response mask.
     rollout.response_mask[0, 1:] = False
-    s, t = module.response_hidden_states(rollout)
+    s, t = response_hidden_states(module, rollout)
     stats = score(module, s, t, rollout)
     with pytest.raises(RuntimeError, match="outside the response mask"):
         module.select(stats)

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from conftest import kept_head_loss, score
+from conftest import kept_head_loss, response_hidden_states, score
 
 from opdlab.divergences import LossInputs
 from opdlab.models import final_hidden_states
@@ -163,7 +163,7 @@ def run_step_stages(module, texts):
     prompts = encode_prompts(module.tokenizer, texts, [""] * len(texts))
     module.request_full_entropy()  # the full-vocabulary entropies are checked too
     rollout = module.rollout(prompts)
-    student_hidden, teacher_hidden = module.response_hidden_states(rollout)
+    student_hidden, teacher_hidden = response_hidden_states(module, rollout)
     stats = score(module, student_hidden, teacher_hidden, rollout)
     keep = module.select(stats)
     loss = kept_head_loss(student_hidden, teacher_hidden, keep, rollout, stats, module.student_head,
@@ -229,7 +229,7 @@ def test_loss_inputs_from_eos_first_rollout_are_consistent(eos_first_module):
             captured.append(inputs)
             return super().token_loss(inputs)
 
-    student_hidden, teacher_hidden = module.response_hidden_states(rollout)
+    student_hidden, teacher_hidden = response_hidden_states(module, rollout)
     kept_head_loss(student_hidden, teacher_hidden, keep, rollout, stats, module.student_head,
                    module.teacher_head, Spy())
     tokens = torch.cat([c.tokens for c in captured])

@@ -3,6 +3,9 @@
 A divergence sees only the M kept rows: student logits with grad, teacher logits without, the sampled
 tokens, their sampling log-probs and the teacher's log-prob of each sampled token. It returns one loss
 per row; `opdlab.loss.head_loss` sums them into the step's scalar with the module's normalisation.
+
+`teacher_needs` declares what of the teacher the loss reads, so a teacher placement that cannot give it
+(a server sending its top-k log-probs) is refused before training (`opdlab.teachers.check_teacher_needs`).
 """
 
 from __future__ import annotations
@@ -14,6 +17,9 @@ from typing import ClassVar
 
 import torch
 
+from opdlab.teachers.rows import TopLogprobs
+from opdlab.teachers.signal import TeacherNeed
+
 
 @dataclass
 class LossInputs:
@@ -24,6 +30,9 @@ class LossInputs:
     tokens: torch.Tensor  # (M,) sampled tokens
     sampling_logp: torch.Tensor  # (M,) log-prob of each token under the sampling policy
     teacher_token_logp: torch.Tensor  # (M,) log p_T(token), no grad
+    # A top-k teacher (teacher_logits None): its top-k log-probs and the sampled token's, (M, k + 1); see
+    # `teacher_needs`. None with a teacher that gives logits.
+    teacher_top_logprobs: TopLogprobs | None = None
 
 
 class Divergence(ABC):
@@ -38,6 +47,14 @@ class Divergence(ABC):
 
     needs_teacher_logits: ClassVar[bool] = True
     nonnegative: ClassVar[bool] = True
+
+    @property
+    def teacher_needs(self) -> TeacherNeed:
+        """What of the teacher this loss reads: "token" (its log-prob of the sampled token), "topk" (its top-k
+        log-probs are enough: with a top-k teacher `teacher_logits` is None and `teacher_top_logprobs` is set) or
+        "full" (its whole distribution, `teacher_logits`). Default: "full" with `needs_teacher_logits`, else
+        "token". A class attribute of the same name overrides it."""
+        return "full" if self.needs_teacher_logits else "token"
 
     @abstractmethod
     def token_loss(self, inputs: LossInputs) -> torch.Tensor:

@@ -12,7 +12,7 @@ import torch
 
 from opdlab.divergences.base import Divergence, LossInputs, checked_loss_temperature
 from opdlab.divergences.hand_grad import hand_grad_loss  # KL / JSD with hand-written logit gradients
-from opdlab.maths import log_softmax_fp32, masked_kl
+from opdlab.maths import log_softmax_fp32, masked_kl, tail_bucket_forward_kl
 
 
 def _pair(inputs: LossInputs, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -21,12 +21,23 @@ def _pair(inputs: LossInputs, temperature: float) -> tuple[torch.Tensor, torch.T
 
 
 class ForwardKL(Divergence):
-    """KL(p_T || p_S): mass-covering (the supervised-KD direction)."""
+    """KL(p_T || p_S): mass-covering (the supervised-KD direction).
+
+    With a teacher that sends only its top-k log-probs (a served teacher), the KL over those tokens plus one
+    tail bucket for all others (`opdlab.maths.tail_bucket_forward_kl`); that needs loss temperature 1 (the
+    teacher's distribution cannot be re-tempered from its top-k)."""
 
     def __init__(self, temperature: float = 1.0) -> None:
         self.temperature = checked_loss_temperature(temperature)
 
+    @property
+    def teacher_needs(self) -> str:
+        return "topk" if self.temperature == 1.0 else "full"
+
     def token_loss(self, inputs: LossInputs) -> torch.Tensor:
+        top = inputs.teacher_top_logprobs
+        if inputs.teacher_logits is None and top is not None:
+            return tail_bucket_forward_kl(log_softmax_fp32(inputs.student_logits), top.ids, top.logp, top.known)
         return hand_grad_loss(inputs.student_logits, inputs.teacher_logits, "forward_kl",
                               temperature=self.temperature)
 

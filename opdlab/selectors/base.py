@@ -87,7 +87,8 @@ class TokenSelector(ABC):
     scoring pass what to compute: `top_k` (K of the top-K features), `needs_full_kl` and
     `needs_full_entropy` (the full-vocabulary KLs / entropies: extra passes over every chunk's logits),
     `needs_topk_lists` (both models' top-K ids and log-probs per position, (N, L, K) each: gathered across ranks
-    every step, so None unless asked).
+    every step, so None unless asked). `teacher_needs` says what of the teacher the scores read, so a teacher
+    placement that cannot give it is refused before training (`opdlab.teachers.signal`).
 
     Args:
         ratio: fraction of valid response tokens to keep, in (0, 1].
@@ -106,6 +107,14 @@ class TokenSelector(ABC):
         if not 0.0 < ratio <= 1.0:
             raise ValueError(f"ratio must be in (0, 1], got {ratio}; e.g. 0.05 keeps 5% of response tokens")
         self.ratio, self.per_response_floor = ratio, per_response_floor
+
+    @property
+    def teacher_needs(self) -> str:
+        """What of the teacher the scores read: "none", "token", "topk" (the top-K features C and D, which a
+        teacher sending its top-k log-probs approximates) or "full" (full-vocabulary statistics). Default:
+        "full" when the selector asks for full-vocabulary KLs or entropies, else "topk". A class attribute of
+        the same name overrides it."""
+        return "full" if self.needs_full_kl or self.needs_full_entropy else "topk"
 
     @property
     def keeps_every_valid_position(self) -> bool:

@@ -11,6 +11,8 @@ from opdlab.selectors.base import TokenSelector
 class FullSelector(TokenSelector):
     """Keep every valid position; `ratio` is fixed at 1."""
 
+    teacher_needs = "none"
+
     def __init__(self) -> None:
         super().__init__(ratio=1.0)
 

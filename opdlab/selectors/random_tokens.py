@@ -16,6 +16,8 @@ class RandomSelector(TokenSelector):
         per_response_floor: keep at least one position of every non-empty response (see `TokenSelector`).
     """
 
+    teacher_needs = "none"
+
     def __init__(self, ratio: float = 0.05, per_response_floor: bool = True) -> None:
         super().__init__(ratio, per_response_floor)
 
