@@ -369,6 +369,16 @@ def flat_options(options, prefix: str = "") -> dict:
     return flat
 
 
+def implied_placement(argv: list[str]) -> list[str]:
+    """`--model.teacher_placement.<option> ...` without `--model.teacher_placement <name>`: the served teacher's
+    options (the local placement has none), so name `vllm_server` before the first of them."""
+    key = "--model.teacher_placement"
+    options = [i for i, a in enumerate(argv) if a.startswith(key + ".") and not a.startswith(key + ".help")]
+    if not options or any(a == key or a.startswith(key + "=") for a in argv):
+        return argv
+    return [*argv[: options[0]], key, "vllm_server", *argv[options[0]:]]
+
+
 def run_fit(argv: list[str]) -> None:
     """LightningCLI with opdlab's defaults, after expanding plugin short names."""
     silence_lightning_noise()
@@ -382,7 +392,7 @@ def run_fit(argv: list[str]) -> None:
     warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
     for group in plugins.GROUPS:
         plugins.discover(group)  # import plugin classes so jsonargparse resolves their names
-    argv = plugins.expand_short_names(argv, SHORT_NAME_ARGS)  # an unknown name: one line from opdlab.cli.main
+    argv = plugins.expand_short_names(implied_placement(argv), SHORT_NAME_ARGS)  # an unknown name: one line (cli.main)
     OPDLabCLI.argv = ["fit", *argv] if argv[:1] != ["fit"] else list(argv)
     OPDLabCLI.run_base, OPDLabCLI.current_trainer = None, None
     try:

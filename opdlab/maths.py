@@ -49,10 +49,11 @@ def union_kl(
 
     Args:
         s_union_logp, t_union_logp: (R, 2K) log-probs at the ids cat([s_ids, t_ids]).
-        s_ids, t_ids: (R, K) top-K ids; a teacher id already in S counts once.
+        s_ids, t_ids: (R, K) top-K ids (a top-k teacher may give fewer: (R, k)); a teacher id already in S
+            counts once.
     """
     dup = (t_ids[:, :, None] == s_ids[:, None, :]).any(-1)  # teacher ids already in S
-    member = torch.cat([torch.ones_like(dup), ~dup], -1)  # (R, 2K)
+    member = torch.cat([torch.ones_like(s_ids, dtype=torch.bool), ~dup], -1)  # (R, K_S + K_T)
     p_t = t_union_logp.exp() * member
     p_s = s_union_logp.exp() * member
     p_t = p_t / p_t.sum(-1, keepdim=True).clamp_min(EPS)

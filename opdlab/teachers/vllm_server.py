@@ -108,6 +108,9 @@ class VLLMServerTeacher(TeacherPlacement):
                              f"(e.g. http://127.0.0.1:8000/v1): {err}") from None
 
     def connect(self, teacher: str, tokenizer, max_sequence_len: int) -> None:
+        if self.top_logprobs != "full" and self.top_logprobs >= len(tokenizer):
+            raise ValueError(f"--model.teacher_placement.top_logprobs={self.top_logprobs} covers the whole vocabulary "
+                             f"({len(tokenizer)} tokens): use top_logprobs full (exact), or fewer")
         self.clients = [JsonClient(url, self.timeout_s) for url in server_urls(teacher)]
         self.eos, self.pad = tokenizer.eos_token_id, tokenizer.pad_token_id
         self.served = [self.check_server(client, tokenizer, max_sequence_len) for client in self.clients]
