@@ -29,9 +29,24 @@ import torch
 from opdlab.divergences.base import Divergence, LossInputs
 from opdlab.scoring import TokenStats, compute_token_stats
 from opdlab.selectors.base import TokenSelector, budget_size
+from opdlab.teachers.rows import SparseRows, TopLogprobs
+from opdlab.teachers.signal import NEEDS, need_of
 
 VOCAB = 40
 LENGTHS = (7, 0, 12, 3, 20, 1)  # ragged responses, one of them empty
+
+
+def top_logprobs_of(logits: torch.Tensor, tokens: torch.Tensor, k: int) -> TopLogprobs:
+    """What a server sending its top-`k` log-probs (and the sampled token's) would send for these logits:
+    (R, V) logits and (R,) tokens -> `TopLogprobs` (the columns of a vLLM `prompt_logprobs` answer). For tests and
+    benchmarks that compare a top-k teacher with the exact one."""
+    logp = torch.log_softmax(logits.float(), -1)
+    top_logp, top_ids = logp.topk(k, -1)
+    outside = ~(top_ids == tokens[:, None]).any(-1)  # the sampled token is not among the top-k
+    ids = torch.cat([top_ids, torch.where(outside, tokens, 0)[:, None]], -1)
+    values = torch.cat([top_logp, logp.gather(-1, tokens[:, None])], -1)
+    known = torch.cat([torch.isfinite(top_logp), outside[:, None]], -1)
+    return TopLogprobs(ids, values.masked_fill(~known, -torch.inf), known, k, logits.shape[-1])
 
 
 def make_selector(cls: type[TokenSelector], ratio: float) -> TokenSelector:
@@ -46,10 +61,11 @@ def valid_mask(lengths=LENGTHS, length: int | None = None) -> torch.Tensor:
 
 
 def synthetic_stats(selector: TokenSelector, valid: torch.Tensor, seed: int = 0, same: bool = False,
-                    neg_inf: bool = False) -> TokenStats:
+                    neg_inf: bool = False, top_logprobs: int | None = None) -> TokenStats:
     """TokenStats from random logits (identity heads: the "hidden states" are the logits), computed with
     the options a training step uses for `selector`. `same`: student == teacher; `neg_inf`: some vocabulary
-    entries impossible under both models (e.g. masked padding columns)."""
+    entries impossible under both models (e.g. masked padding columns); `top_logprobs`: the teacher sends
+    only its top-k log-probs (a served teacher)."""
     gen = torch.Generator().manual_seed(seed)
     n, length = valid.shape
     student = torch.randn(n, length, VOCAB, generator=gen) * 3
@@ -58,6 +74,8 @@ def synthetic_stats(selector: TokenSelector, valid: torch.Tensor, seed: int = 0,
         student[..., -5:] = teacher[..., -5:] = float("-inf")
     tokens = torch.randint(0, VOCAB - 5, (n, length), generator=gen)
     identity = lambda x: x
+    if top_logprobs is not None:
+        teacher = SparseRows(top_logprobs_of(teacher.flatten(0, 1), tokens.flatten(), top_logprobs))
     return compute_token_stats(student, teacher, tokens, valid, identity, identity, top_k=selector.top_k,
                                chunk_size=16, full_kl=selector.needs_full_kl,
                                full_entropy=getattr(selector, "needs_full_entropy", False),
@@ -111,6 +129,10 @@ def check_selector(selector_cls: type[TokenSelector]) -> None:
     for case in ({}, {"same": True}, {"neg_inf": True}):
         selector = make_selector(selector_cls, 0.05)
         check_scores_finite(selector, synthetic_stats(selector, valid, **case))
+    selector = make_selector(selector_cls, 0.05)
+    if NEEDS.index(need_of(selector)) <= NEEDS.index("topk"):  # it declares that a top-k teacher serves it
+        for case in ({}, {"same": True}, {"neg_inf": True}):
+            check_scores_finite(selector, synthetic_stats(selector, valid, top_logprobs=selector.top_k, **case))
 
 
 # --------------------------------------------------------------------------------------------- divergences
@@ -149,6 +171,26 @@ def check_divergence(divergence_cls: type[Divergence], rows: int = 6) -> None:
     loss = divergence.token_loss(loss_inputs(student, masked_teacher))
     loss.sum().backward()
     assert torch.isfinite(loss).all() and torch.isfinite(student.grad).all(), "not finite with -inf logits"
+    if need_of(divergence) in ("token", "topk"):  # it declares that a top-k teacher serves it: check that path
+        check_top_logprob_loss(divergence, teacher, gen)
+
+
+def check_top_logprob_loss(divergence: Divergence, teacher: torch.Tensor, gen: torch.Generator, k: int = 8) -> None:
+    """With the teacher's top-k log-probs only (teacher_logits None): finite, zero where student == teacher,
+    gradient finite and to the student only."""
+    rows = teacher.shape[0]
+    for student_init in (torch.randn(rows, VOCAB, generator=gen) * 3, teacher.clone()):
+        student = student_init.clone().requires_grad_(True)
+        inputs = loss_inputs(student, teacher)
+        inputs.teacher_top_logprobs = top_logprobs_of(teacher, inputs.tokens, k)
+        inputs.teacher_logits = None
+        loss = divergence.token_loss(inputs)
+        assert loss.shape == (rows,) and torch.isfinite(loss).all(), "non-finite token losses with a top-k teacher"
+        if torch.equal(student_init, teacher) and divergence.nonnegative:
+            torch.testing.assert_close(loss.detach(), torch.zeros(rows), atol=1e-5, rtol=0,
+                                       msg="with a top-k teacher the loss is not zero where student == teacher")
+        loss.sum().backward()
+        assert torch.isfinite(student.grad).all(), "no finite gradient to the student with a top-k teacher"
 
 
 # --------------------------------------------------------------------------------------------- rollout engines

@@ -22,7 +22,7 @@ import torch
 class FakeVLLM:
     """One model served on 127.0.0.1 (a free port). `url` is its base URL (…/v1)."""
 
-    def __init__(self, model_dir: str, served_name: str | None = None, max_logprobs: int = 20, max_model_len: int = 64,
+    def __init__(self, model_dir: str, served_name: str | None = None, max_logprobs: int = -1, max_model_len: int = 64,
                  fail_after: int | None = None, prompt_logprobs: bool = True, delay_s: float = 0.0) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -32,7 +32,7 @@ class FakeVLLM:
         self.name = served_name or model_dir
         self.max_logprobs, self.max_model_len = max_logprobs, max_model_len
         self.fail_after, self.prompt_logprobs, self.delay_s = fail_after, prompt_logprobs, delay_s
-        self.completions = 0
+        self.answered = 0
         self.lock = threading.Lock()
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self.handler())
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
@@ -81,8 +81,8 @@ class FakeVLLM:
 
     def completions(self, body: dict) -> tuple[int, dict]:
         with self.lock:
-            self.completions += 1
-            count = self.completions
+            self.answered += 1
+            count = self.answered
         if self.fail_after is not None and count > self.fail_after:
             return 503, {"error": {"message": "the engine is dead", "type": "ServiceUnavailable", "code": 503}}
         k = body.get("prompt_logprobs")

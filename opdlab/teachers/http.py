@@ -56,6 +56,7 @@ class JsonClient:
         self.base = base.rstrip("/")
         self.scheme, self.host, self.port, self.prefix = split_url(base)
         self.timeout_s = timeout_s
+        self.origin = f"{self.scheme}://{self.host}:{self.port}"
         self.local = threading.local()
 
     def url(self, path: str) -> str:
@@ -90,16 +91,16 @@ class JsonClient:
         except (OSError, http.client.HTTPException, socket.timeout) as err:
             self.drop_connection()  # a half-read connection cannot be reused
             reason = "timed out" if isinstance(err, (socket.timeout, TimeoutError)) else f"{type(err).__name__}: {err}"
-            raise Unreachable(f"{self.base}{target}: {reason}") from None
+            raise Unreachable(f"{self.origin}{target}: {reason}") from None
         wire = len(raw)
         if response.getheader("Content-Encoding", "") == "gzip":
             raw = gzip.decompress(raw)
         if response.status >= 400:
-            raise ServerError(f"{self.base}{target}", response.status, error_message(raw))
+            raise ServerError(f"{self.origin}{target}", response.status, error_message(raw))
         try:
             return Reply(json.loads(raw), wire)
         except ValueError:
-            raise Unreachable(f"{self.base}{target} answered something that is not JSON: {raw[:80]!r}") from None
+            raise Unreachable(f"{self.origin}{target} answered something that is not JSON: {raw[:80]!r}") from None
 
 
 def error_message(raw: bytes) -> str:

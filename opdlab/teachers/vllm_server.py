@@ -108,9 +108,10 @@ class VLLMServerTeacher(TeacherPlacement):
                              f"(e.g. http://127.0.0.1:8000/v1): {err}") from None
 
     def connect(self, teacher: str, tokenizer, max_sequence_len: int) -> None:
-        if self.top_logprobs != "full" and self.top_logprobs >= len(tokenizer):
-            raise ValueError(f"--model.teacher_placement.top_logprobs={self.top_logprobs} covers the whole vocabulary "
-                             f"({len(tokenizer)} tokens): use top_logprobs full (exact), or fewer")
+        if self.top_logprobs != "full" and self.top_logprobs >= len(tokenizer):  # e.g. the default 20 on a toy
+            warnings.warn(f"top_logprobs={self.top_logprobs} covers the student's whole vocabulary ({len(tokenizer)} "
+                          "tokens): asking the server for all of it (exact, as top_logprobs full)", stacklevel=2)
+            self.top_logprobs = "full"
         self.clients = [JsonClient(url, self.timeout_s) for url in server_urls(teacher)]
         self.eos, self.pad = tokenizer.eos_token_id, tokenizer.pad_token_id
         self.served = [self.check_server(client, tokenizer, max_sequence_len) for client in self.clients]
@@ -244,11 +245,11 @@ class VLLMServerTeacher(TeacherPlacement):
         try:
             (choices, wire), retries = with_retries(lambda c: self.post_logprobs(c, name, [g[1] for g in group]),
                                                     self.clients, start, self.max_retries, self.retry_backoff_s, None)
-        except ServerError as err:
-            raise TeacherServerError(f"the teacher server refused a request ({err})") from None
-        except Unreachable as err:
-            raise TeacherServerError(f"the teacher server stopped answering: {err} (after {self.max_retries} retries, "
-                                     f"{len(self.clients)} server(s))") from None
+        except (ServerError, Unreachable) as err:
+            if isinstance(err, ServerError) and not err.retryable:
+                raise TeacherServerError(f"the teacher server refused a request ({err})") from None
+            raise TeacherServerError(f"the teacher server stopped answering: {err} (after {self.max_retries} retries "
+                                     f"on {len(self.clients)} server(s))") from None
         parsed = []
         for (row, seq, prompt_len), choice in zip(group, choices, strict=True):
             entries = choice.get("prompt_logprobs") or []
