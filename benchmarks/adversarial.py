@@ -108,6 +108,27 @@ def cases() -> list[Case]:
         c.append(Case(f"vllm engine {key}={value}", fit("--model.rollout_engine", "vllm",
                                                           f"--model.rollout_engine.init_args.{key}", value), "refuse"))
     c.append(Case("engine name typo", fit("--model.rollout_engine", "statc"), "refuse"))
+    # --- a teacher on a server (issue 27): URLs, placement options, needs (no server is started: the checks run first)
+    served = ["--model.divergence", "sampled_token"]
+    for label, url in [("nothing listening", "http://127.0.0.1:9/v1"), ("no host", "http://"),
+                       ("bad port", "http://127.0.0.1:99999/v1"), ("one of two bad", "http://127.0.0.1:9/v1,http://"),
+                       ("only commas", "http://127.0.0.1:9/v1,,"), ("https nothing listening", "https://127.0.0.1:9/v1"),
+                       ("ftp scheme", "ftp://127.0.0.1/v1")]:
+        c.append(Case(f"teacher URL {label}", fit("--model.teacher", url, *served), "refuse"))
+    for key, value in [("top_logprobs", "0"), ("top_logprobs", "-3"), ("top_logprobs", "all"), ("max_concurrency", "0"),
+                       ("timeout_s", "0"), ("timeout_s", "nan"), ("max_retries", "-1"), ("rows_per_request", "0"),
+                       ("retry_backoff_s", "-1")]:
+        c.append(Case(f"served teacher {key}={value}", fit("--model.teacher", "http://127.0.0.1:9/v1", *served,
+                                                           f"--model.teacher_placement.{key}", value), "refuse"))
+    c.append(Case("served teacher with reverse KL (needs the whole distribution)",
+                  fit("--model.teacher", "http://127.0.0.1:9/v1"), "refuse"))
+    c.append(Case("served teacher with full-vocabulary divergence selection",
+                  fit("--model.teacher", "http://127.0.0.1:9/v1", *served, "--model.selector", "divergence",
+                      "--model.selector.init_args.full_vocab", "true"), "refuse"))
+    c.append(Case("teacher placement local with a URL", fit("--model.teacher", "http://127.0.0.1:9/v1", *served,
+                                                    "--model.teacher_placement", "local"), "refuse"))
+    c.append(Case("teacher placement vllm_server with a path", fit("--model.teacher_placement", "vllm_server", *served), "refuse"))
+    c.append(Case("teacher placement name typo", fit("--model.teacher_placement", "vllm_sever"), "refuse"))
     # --- data: JSONL files
     c.append(Case("jsonl missing file", fit(*data("nope.jsonl")), "refuse"))
     c.append(Case("jsonl is a directory", fit(*data("adir")), "refuse", files={"adir/x.txt": ""}))

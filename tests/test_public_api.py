@@ -39,7 +39,12 @@ PUBLIC = {
         "PromptSource", "Problem", "AdditionTask", "SpelledAdditionTask", "ScratchpadAdditionTask", "JsonlPrompts",
         "DatasetPrompts",
     ],
-    "opdlab.testing": ["check_selector", "check_divergence", "check_rollout_engine"],
+    "opdlab.teachers": [
+        "TeacherPlacement", "PendingTeacher", "TeacherRows", "HeadRows", "DenseRows", "SparseRows", "TopLogprobs",
+        "TeacherSignal", "TeacherLoadOptions", "TeacherNeedError", "TeacherServerError", "check_teacher_needs",
+        "default_placement", "is_url", "LocalTeacher", "VLLMServerTeacher",
+    ],
+    "opdlab.testing": ["check_selector", "check_divergence", "check_rollout_engine", "top_logprobs_of"],
     "opdlab": ["__version__"],
     # Paths the docs have taught and that stay (modules of the public types)
     "opdlab.scoring": ["TokenStats"],

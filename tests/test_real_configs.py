@@ -10,6 +10,7 @@ import torch
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
 from conftest import CONFIG_DIR, REPO_ROOT, run_opdlab
+from fake_vllm import FakeVLLM
 from opdlab.engines.vllm_engine import vllm_available
 from opdlab.tasks import JsonlPrompts
 from opdlab.toy import build_char_tokenizer
@@ -54,10 +55,23 @@ ENGINES = {  # the configs' own engine (vLLM, here on its CPU build) and the sta
 @pytest.mark.parametrize("engine", [pytest.param("vllm", marks=NEEDS_VLLM), "static"])
 @pytest.mark.parametrize("config", REAL_CONFIGS, ids=lambda p: p.name)
 def test_real_config_runs_with_tiny_qwen3(config, engine, tiny_qwen3, tmp_path):
+    """Each GPU config with tiny local Qwen3 models; a config whose teacher is on a server gets a loopback server of
+    the tiny teacher (tests/fake_vllm.py), named as the config names its model."""
+    import yaml
+
+    placement = yaml.safe_load(config.read_text())["model"].get("teacher_placement")
+    if placement is None:
+        run_config(config, engine, tiny_qwen3, tmp_path, tiny_qwen3["teacher"])
+        return
+    with FakeVLLM(tiny_qwen3["teacher"], served_name=placement["init_args"]["model"], max_model_len=2048) as server:
+        run_config(config, engine, tiny_qwen3, tmp_path, server.url)
+
+
+def run_config(config, engine, tiny_qwen3, tmp_path, teacher: str) -> None:
     result = run_opdlab([
         "fit", "--config", str(config), *ENGINES[engine],
         # models and sizes
-        "--model.student", tiny_qwen3["student"], "--model.teacher", tiny_qwen3["teacher"],
+        "--model.student", tiny_qwen3["student"], "--model.teacher", teacher,
         "--model.rollout.max_new_tokens", "8", "--model.rollout.num_samples", "2", "--model.memory.micro_batch_size", "2",
         "--data.source.init_args.train_path", str(REPO_ROOT / "data/math_sample.jsonl"),
         "--data.source.init_args.num_eval", "4", "--data.batch_size", "2", "--data.val_batch_size", "4",
@@ -81,6 +95,9 @@ def test_real_configs_use_the_papers_hyperparameters():
         assert cfg["model"]["divergence"]["class_path"].endswith("SampledTokenOPD")
         assert cfg["model"]["rollout"]["temperature"] == 1.0 and cfg["trainer"]["precision"] == "bf16-mixed"
         assert cfg["model"]["memory"]["student_dtype"] == "float32" and cfg["model"]["memory"]["teacher_dtype"] == "bfloat16"
+        if "teacher_placement" in cfg["model"]:  # a served teacher: enough log-probs for the selector's top-K
+            k = cfg["model"]["teacher_placement"]["init_args"]["top_logprobs"]
+            assert k >= cfg["model"]["selector"]["init_args"]["top_k"], config
         assert cfg["data"]["source"]["init_args"]["verifier"] == "math"
         assert cfg["data"]["source"]["init_args"]["chat_template"] is True
         assert "ModelParallelStrategy" in cfg["trainer"]["strategy"]["class_path"]
