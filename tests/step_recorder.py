@@ -26,7 +26,8 @@ class StepRecorder(L.Callback):
             layer = model.get_decoder().layers[0]
             return isinstance(model, FSDPModule) and all(isinstance(p, DTensor) for p in layer.parameters())
 
-        teacher_params = list(pl_module.teacher.parameters())
+        teacher = pl_module.teacher  # None: the teacher is on a server
+        teacher_params = list(teacher.parameters()) if teacher is not None else []
         opt_ids = {id(p) for group in trainer.optimizers[0].param_groups for p in group["params"]}
         row = {
             "rank": trainer.global_rank,
@@ -34,7 +35,7 @@ class StepRecorder(L.Callback):
             "indices": list(batch["indices"]),
             "loss": float(outputs["loss"]) if isinstance(outputs, dict) and "loss" in outputs else (
                 float(outputs) if outputs is not None else None),
-            "teacher_sharded": sharded(pl_module.teacher),
+            "teacher_sharded": sharded(teacher) if teacher is not None else None,
             "teacher_has_grad": any(p.grad is not None for p in teacher_params),
             "teacher_in_optimizer": any(id(p) in opt_ids for p in teacher_params),
             "student_sharded": sharded(pl_module.student),

@@ -237,3 +237,29 @@ def test_a_server_that_dies_mid_run_ends_the_fit_with_one_line_and_keeps_the_che
     line = error_line(result)
     assert "stopped answering" in line and "HTTP 503" in line and "in training step 3 (2 steps completed" in line and "--resume" in line
     assert list((tmp_path / "runs").rglob("*step=2.ckpt")), "the checkpoint of step 2 is gone"
+
+
+def test_two_processes_against_two_servers_match_one_local_process(tiny_checkpoints, tmp_path):
+    """DDP over 2 CPU processes, each scoring its own rows on two servers round-robin, gives the losses of one
+    process with the local teacher (selection and normalisation stay global)."""
+    from step_recorder import read_records
+    from test_distributed import fit_subprocess
+
+    ddp = ["--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp"]
+    with FakeVLLM(tiny_checkpoints.teacher) as a, FakeVLLM(tiny_checkpoints.teacher) as b:
+        served = ["--model.teacher", f"{a.url},{b.url}", "--model.teacher_placement.top_logprobs", "full",
+                  "--model.teacher_placement.rows_per_request", "2"]
+        _, two = fit_subprocess(tiny_checkpoints, tmp_path, "two", [*ddp, *served], batch_size=4)
+        assert a.answered > 1 and b.answered > 1  # both servers took requests
+    _, one = fit_subprocess(tiny_checkpoints, tmp_path, "one", [], batch_size=8)
+    single, rank0 = read_records(one), read_records(two, 0)
+    assert [r["loss"] for r in rank0] == pytest.approx([r["loss"] for r in single], rel=1e-4, abs=1e-6)
+
+
+def test_micro_batches_with_a_served_teacher_do_not_change_the_loss(tiny_checkpoints):
+    with FakeVLLM(tiny_checkpoints.teacher) as server:
+        kwargs = {"selector": TeachabilitySelector(ratio=0.3, top_k=4), "divergence": ForwardKL()}
+        whole = first_step_loss(tiny_checkpoints.student, server.url, VLLMServerTeacher(top_logprobs=8), **kwargs)
+        parts = first_step_loss(tiny_checkpoints.student, server.url, VLLMServerTeacher(top_logprobs=8),
+                                memory={"micro_batch_size": 3}, **kwargs)
+    assert parts == pytest.approx(whole, rel=1e-5)
