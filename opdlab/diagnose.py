@@ -136,7 +136,8 @@ def diagnose(
     """The fixed-context diagnostic: does a token's θ0 teachability predict how much OPD improves it?
 
     Args:
-        teacher: teacher checkpoint: local directory, hub id, or `toy:<name>/teacher` (as in fit configs).
+        teacher: teacher checkpoint: local directory, hub id, or `toy:<name>/teacher` (as in fit configs), or the URL
+            of a vLLM server of it (asked for its whole vocabulary: start it with --max-logprobs -1).
         student: the initial student θ0, same forms.
         source: prompts of the bank and of the training run, e.g. `opdlab.tasks.AdditionTask` (default,
             3 digits) or `opdlab.tasks.SpelledAdditionTask`; any PromptSource.
@@ -165,8 +166,12 @@ def diagnose(
         raise ValueError(f"bank.top_k={bank.top_k} exceeds the vocabulary ({vocabulary} tokens of {student}); use "
                          f"--bank.top_k <= {vocabulary}")
     out = writable_folder(out_dir, "--out_dir")
+    from opdlab.teachers import VLLMServerTeacher, is_url
+
+    # the diagnostic's full-vocabulary KLs need a served teacher's whole distribution (server: --max-logprobs -1)
+    placement = VLLMServerTeacher(top_logprobs="full") if is_url(teacher) else None
     module = OPDModule(
-        student=student, teacher=teacher, selector=train.selector or FullSelector(),
+        student=student, teacher=teacher, teacher_placement=placement, selector=train.selector or FullSelector(),
         divergence=train.divergence or ReverseKL(),
         optimizer=functools.partial(torch.optim.AdamW, lr=train.lr, weight_decay=0.0, betas=(0.9, 0.98)),
         rollout=RolloutOptions(num_samples=train.num_samples, max_new_tokens=train.max_new_tokens,

@@ -55,15 +55,14 @@ def add3_server(tmp_path_factory):
         except OSError:
             time.sleep(2)
     else:
-        process.kill()
+        os.killpg(process.pid, 9)
         pytest.fail(f"the vLLM server did not come up in 900 s:\n{log.read_text()[-3000:]}")
     yield process, f"{url}/v1"
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(60)
-        except subprocess.TimeoutExpired:
-            process.kill()
+    try:  # the whole process group: vLLM's engine core and worker run as children of the API server
+        os.killpg(process.pid, 15)
+        process.wait(60)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        os.killpg(process.pid, 9) if process.poll() is None else None
 
 
 def test_full_vocabulary_vllm_teacher_gives_the_local_first_step_loss(add3_server):
