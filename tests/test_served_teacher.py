@@ -263,3 +263,10 @@ def test_micro_batches_with_a_served_teacher_do_not_change_the_loss(tiny_checkpo
         parts = first_step_loss(tiny_checkpoints.student, server.url, VLLMServerTeacher(top_logprobs=8),
                                 memory={"micro_batch_size": 3}, **kwargs)
     assert parts == pytest.approx(whole, rel=1e-5)
+
+
+def test_a_server_slower_than_the_timeout_is_one_line(tmp_path, add2_teacher):
+    with FakeVLLM(add2_teacher, delay_s=1.0) as server:
+        result = run_opdlab(fit_args(tmp_path, server.url, "--model.teacher_placement.timeout_s", "0.2"))
+    line = error_line(result)
+    assert "timed out" in line and server.url in line
