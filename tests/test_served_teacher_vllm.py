@@ -86,7 +86,7 @@ def test_fit_with_a_top_k_vllm_teacher(add3_server, tmp_path):
 def test_a_vllm_server_of_another_model_is_refused(add3_server, tmp_path):
     _, url = add3_server
     result = run_opdlab(["fit", "--config", TA_OPD, "--model.teacher", url, "--model.teacher_placement.model",
-                         "toy:add3/student", "--trainer.max_steps", "1", "--trainer.logger.init_args.save_dir", str(tmp_path)])
+                         "toy:add3/student", "--model.teacher_placement.top_logprobs", "full", "--trainer.max_steps", "1", "--trainer.logger.init_args.save_dir", str(tmp_path)])
     assert "not 'toy:add3/student'" in error_line(result)
 
 
