@@ -5,7 +5,7 @@ unpadded prompt + response ids (`prompt_logprobs`: the top-k and the actual toke
 vocabulary; `echo` with no token generated). Start the server with vLLM's own entry point, e.g.
 
     python -m vllm.entrypoints.openai.api_server --model <teacher> --max-logprobs 20 \
-        --middleware starlette.middleware.gzip.GZipMiddleware   # optional: gzip cuts the JSON ~3x
+        --middleware starlette.middleware.gzip.GZipMiddleware   # optional: ~5x less JSON
 
 Before training, `connect` checks each server: it answers, serves the model named (`model`), tokenizes like the
 student, takes the fit's longest sequences and sends as many log-probs as asked. During training, requests of
