@@ -1,6 +1,7 @@
 """A stand-in for vLLM's OpenAI-compatible server, on loopback, for the default test run (no vllm package).
 
-It answers the calls opdlab's `vllm_server` teacher makes, in vLLM's format: GET /v1/models, POST /tokenize,
+It answers the calls opdlab's `vllm_server` teacher makes, in vLLM's format: GET /v1/models, POST /tokenize and
+/detokenize,
 POST /v1/completions with `prompt_logprobs` (top-k plus the actual token, or -1 for every token; the first
 position null; echo with max_tokens 0) and greedy generation with `return_token_ids`. Log-probs come from a
 real local HF model in float32, so a fit against it can be compared with the same model as a local teacher.
@@ -131,6 +132,8 @@ class FakeVLLM:
                 if self.path == "/tokenize":
                     ids = fake.tokenizer(body["prompt"], add_special_tokens=body.get("add_special_tokens", True))["input_ids"]
                     self.reply(200, {"count": len(ids), "max_model_len": fake.max_model_len, "tokens": ids})
+                elif self.path == "/detokenize":
+                    self.reply(200, {"prompt": fake.tokenizer.decode(body["tokens"])})
                 elif self.path == "/v1/completions":
                     self.reply(*fake.completions(body))
                 else:

@@ -207,7 +207,8 @@ def test_a_server_of_another_tokenizer_is_refused(tmp_path):
 
     with FakeVLLM(resolve_model_path("toy:spell2/teacher")) as server:  # letters as well as digits: another vocabulary
         result = run_opdlab(fit_args(tmp_path, server.url))
-    assert "tokenizes differently from the student's tokenizer" in error_line(result)
+    line = error_line(result)  # spell2's first ids are add2's: the letters past them tell
+    assert "tokenizes differently from the student's tokenizer" in line or "has a larger vocabulary" in line, line
 
 
 @pytest.mark.parametrize(("teacher", "expected"), [

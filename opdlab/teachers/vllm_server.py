@@ -162,7 +162,8 @@ class VLLMServerTeacher(TeacherPlacement):
 
     def check_tokenizer(self, client: JsonClient, name: str, tokenizer) -> None:
         """The server tokenizes a probe text (a spread of the student's vocabulary and its special tokens) into the
-        ids the student's tokenizer gives."""
+        ids the student's tokenizer gives, and has no token past the student's last id (a larger vocabulary whose
+        first ids agree)."""
         size = len(tokenizer)
         ids = sorted({int(i) for i in torch.linspace(0, size - 1, min(size, 64)).round().tolist()})
         text = tokenizer.decode(ids) + "".join(t for t in (tokenizer.eos_token, tokenizer.bos_token) if t)
@@ -174,12 +175,25 @@ class VLLMServerTeacher(TeacherPlacement):
             warnings.warn(f"could not check the tokenizer of the teacher server {client.base} (POST /tokenize: {err}); "
                           "make sure it serves a model of the student's family", stacklevel=2)
             return
-        if got != expected:
-            at = next((i for i, (a, b) in enumerate(zip(expected, got)) if a != b), min(len(expected), len(got or [])))
+        if got == expected:
+            self.check_no_extra_tokens(client, name, size)
+            return
+        at = next((i for i, (a, b) in enumerate(zip(expected, got or [])) if a != b), min(len(expected), len(got or [])))
+        raise TeacherServerError(
+            f"the teacher server {client.base} ({name}) tokenizes differently from the student's tokenizer: a probe "
+            f"text gives {expected[at:at + 4]} for the student and {(got or [])[at:at + 4]} on the server at token "
+            f"{at}; token-level distillation needs one shared tokenizer: serve a teacher of the student's family")
+
+    def check_no_extra_tokens(self, client: JsonClient, name: str, size: int) -> None:
+        try:
+            extra = client.call("POST", "/detokenize", {"model": name, "tokens": [size]}, root=True).body.get("prompt")
+        except (ServerError, Unreachable, AttributeError):
+            return  # refused: the server's tokenizer has no such id either
+        if extra:
             raise TeacherServerError(
-                f"the teacher server {client.base} ({name}) tokenizes differently from the student's tokenizer: a probe "
-                f"text gives {expected[at:at + 4]} for the student and {(got or [])[at:at + 4]} on the server at token "
-                f"{at}; token-level distillation needs one shared tokenizer: serve a teacher of the student's family")
+                f"the teacher server {client.base} ({name}) has a larger vocabulary than the student's tokenizer "
+                f"({size} tokens): its token {size} is {extra!r}; token-level distillation needs one shared tokenizer: "
+                "serve a teacher of the student's family")
 
     def check_logprobs(self, client: JsonClient, name: str, tokenizer) -> None:
         """One request for the log-probs of a two-token sequence: refused or incomplete answers are said here."""
@@ -268,8 +282,8 @@ class VLLMServerTeacher(TeacherPlacement):
             for key, amount in amounts.items():
                 self.counts[key] += amount
 
-    def parse_top(self, positions: list[dict], tokens: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(ids, logp, known), each (n, k + 1): the top-k by log-prob, then the sampled token if not among them."""
+    def parse_top(self, positions: list[dict], tokens: list[int]) -> tuple[list, list, list]:
+        """(ids, logp, known), each n lists of k + 1: the top-k by log-prob, then the sampled token if not among them."""
         k = self.top_logprobs
         ids, logp, known = [], [], []  # Python lists, one tensor each at the end (per-element writes are slow)
         for entry, token in zip(positions, tokens, strict=True):
@@ -285,17 +299,11 @@ class VLLMServerTeacher(TeacherPlacement):
             ids.append([i for i, _ in top])
             logp.append([lp for _, lp in top])
             known.append([lp > -math.inf and i < self.columns for i, lp in top])
-        return torch.tensor(ids, dtype=torch.long), torch.tensor(logp), torch.tensor(known, dtype=torch.bool)
+        return ids, logp, known  # plain lists: tensors are made in the training thread (`ServedPending.lay_out`)
 
-    def parse_full(self, positions: list[dict], tokens: list[int]) -> torch.Tensor:
-        """(n, V) log-probs of the whole vocabulary (-inf for ids the server left out)."""
-        logp = torch.full((len(positions), self.columns), -math.inf)
-        for t, entry in enumerate(positions):
-            index = torch.tensor([int(key) for key in entry], dtype=torch.long)
-            values = torch.tensor([float(v["logprob"]) for v in entry.values()])
-            keep = index < self.columns
-            logp[t, index[keep]] = values[keep]
-        return logp
+    def parse_full(self, positions: list[dict], tokens: list[int]) -> list[tuple[list[int], list[float]]]:
+        """Per position (ids, log-probs) of the whole vocabulary, as lists (laid out in `ServedPending.lay_out`)."""
+        return [([int(key) for key in entry], [float(v["logprob"]) for v in entry.values()]) for entry in positions]
 
     def generate(self, prompts: PromptBatch, max_new_tokens: int, sync_ranks: bool = False) -> Rollout:
         """Greedy responses from the server (temperature 0, stopping at EOS), as a Rollout."""
@@ -349,20 +357,26 @@ class ServedPending(PendingTeacher):
         return self.grid[slice(rows.start * length, rows.stop * length)]
 
     def lay_out(self, parsed: list[tuple[int, object]]) -> TeacherRows:
+        """The answers as (N · L, ...) tensors, zero (unknown) at the positions no answer covers."""
         n, length = self.shape
         teacher = self.teacher
         if teacher.top_logprobs == "full":
             logp = torch.zeros(n * length, teacher.columns)
-            for row, values in parsed:
-                logp[row * length : row * length + values.shape[0]] = values
+            for row, positions in parsed:
+                block = logp[row * length : row * length + len(positions)].fill_(-math.inf)
+                for t, (ids, values) in enumerate(positions):
+                    index, value = torch.tensor(ids, dtype=torch.long), torch.tensor(values)
+                    keep = index < teacher.columns
+                    block[t, index[keep]] = value[keep]
             return DenseRows(logp)
         width = teacher.top_logprobs + 1
         ids = torch.zeros(n * length, width, dtype=torch.long)
         logp = torch.full((n * length, width), -math.inf)
         known = torch.zeros(n * length, width, dtype=torch.bool)
         for row, (i, lp, kn) in parsed:
-            span = slice(row * length, row * length + i.shape[0])
-            ids[span], logp[span], known[span] = i, lp, kn
+            span = slice(row * length, row * length + len(i))
+            ids[span], logp[span] = torch.tensor(i, dtype=torch.long), torch.tensor(lp)
+            known[span] = torch.tensor(kn, dtype=torch.bool)
         return SparseRows(TopLogprobs(ids, logp, known, teacher.top_logprobs, teacher.columns))
 
 
