@@ -117,7 +117,7 @@ def error_message(raw: bytes) -> str:
     return str(body)[:300]
 
 
-def with_retries(call, clients: list[JsonClient], start: int, retries: int, backoff_s: float, deadline_s: float | None):
+def with_retries(call, clients: list[JsonClient], start: int, retries: int, backoff_s: float):
     """`call(client)` on clients[start], then, after a retryable failure, on the next client round-robin, at most
     `retries` more times with exponential back-off. Returns (result, retries used); raises the last error."""
     attempt = 0
@@ -128,8 +128,7 @@ def with_retries(call, clients: list[JsonClient], start: int, retries: int, back
         except (Unreachable, ServerError) as err:
             if isinstance(err, ServerError) and not err.retryable:
                 raise
-            late = deadline_s is not None and time.monotonic() > deadline_s
-            if attempt >= retries or late:
+            if attempt >= retries:
                 raise
         time.sleep(backoff_s * 2**attempt)
         attempt += 1

@@ -258,7 +258,7 @@ class VLLMServerTeacher(TeacherPlacement):
         name = self.served[0]
         try:
             (choices, wire), retries = with_retries(lambda c: self.post_logprobs(c, name, [g[1] for g in group]),
-                                                    self.clients, start, self.max_retries, self.retry_backoff_s, None)
+                                                    self.clients, start, self.max_retries, self.retry_backoff_s)
         except (ServerError, Unreachable) as err:
             if isinstance(err, ServerError) and not err.retryable:
                 raise TeacherServerError(f"the teacher server refused a request ({err})") from None
@@ -316,7 +316,7 @@ class VLLMServerTeacher(TeacherPlacement):
             part = sequences[s : s + self.rows_per_request]
             try:
                 reply, _ = with_retries(lambda c, part=part: c.call("POST", "/completions", {**body, "prompt": part}),
-                                        self.clients, rank(), self.max_retries, self.retry_backoff_s, None)
+                                        self.clients, rank(), self.max_retries, self.retry_backoff_s)
             except (ServerError, Unreachable) as err:
                 raise TeacherServerError(f"the teacher server failed to generate: {err}") from None
             outputs += [c.get("token_ids") or [] for c in sorted(reply.body["choices"], key=lambda c: c.get("index", 0))]
@@ -353,7 +353,7 @@ class ServedPending(PendingTeacher):
             parsed = [item for future in self.futures for item in future.result()]
             self.teacher.count(wait_s=time.perf_counter() - started)
             self.grid = self.lay_out(parsed)
-        n, length = self.shape
+        length = self.shape[1]
         return self.grid[slice(rows.start * length, rows.stop * length)]
 
     def lay_out(self, parsed: list[tuple[int, object]]) -> TeacherRows:
