@@ -24,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+from opdlab.metrics import format_mean_std  # mean ± std of the finite values; one value: `mean (n=1)`
+
 METRICS = ("final", "best", "auc")
 trapezoid = getattr(np, "trapezoid", None) or np.trapz  # numpy < 2 has only trapz
 
@@ -69,13 +71,6 @@ def bootstrap(diffs: np.ndarray, resamples: int = 10_000, seed: int = 0) -> tupl
     return float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))
 
 
-def mean_std(values: list[float]) -> str:
-    x = np.array([v for v in values if np.isfinite(v)])
-    if x.size == 0:
-        return "–"
-    return f"{x.mean():.3f} ± {x.std(ddof=1):.3f}" if x.size > 1 else f"{x.mean():.3f}"
-
-
 def report(runs: list[dict], reference: str) -> str:
     cells = group(runs)
     full = cells.get(("full", 1.0), {})
@@ -85,9 +80,9 @@ def report(runs: list[dict], reference: str) -> str:
         rs = list(by_seed.values())
         spent = [r["tokens"][-1] for r in rs]
         matched = [accuracy_at_tokens(full[s], r["tokens"][-1]) for s, r in by_seed.items() if s in full]
-        lines.append(f"| {selector} | {ratio:g} | {len(rs)} | {mean_std([r['final'] for r in rs])} | "
-                     f"{mean_std([r['best'] for r in rs])} | {mean_std([r['auc'] for r in rs])} | "
-                     f"{np.mean(spent):,.0f} | {mean_std(matched)} |")
+        lines.append(f"| {selector} | {ratio:g} | {len(rs)} | {format_mean_std([r['final'] for r in rs])} | "
+                     f"{format_mean_std([r['best'] for r in rs])} | {format_mean_std([r['auc'] for r in rs])} | "
+                     f"{np.mean(spent):,.0f} | {format_mean_std(matched)} |")
     lines += ["", f"Paired differences, {reference} minus each method at the same budget (and minus full OPD), by seed: "
               "mean [95% bootstrap interval over seeds]", "",
               "| budget | versus | seeds | Δ final | Δ best | Δ AUC |", "|---|---|---|---|---|---|"]

@@ -15,8 +15,9 @@ whole output is in `<run>/fit.log`. A finished run leaves `result.json` and is n
 `--rerun true`), so an interrupted comparison resumes.
 
 Outputs in `out_dir`: results.csv (one row per run), table.csv and table.md (mean ± std over seeds per
-method, then the budget sweep), curves.csv (mean accuracy and supervised tokens so far at each
-validation), accuracy_vs_step.png and accuracy_vs_tokens.png (a panel per budget, full-token OPD in each)
+method, then the budget sweep; a method with one seed shows its mean alone, marked "(n=1)", and its std is
+nan in the CSVs: the spread of one value is unknown, not zero), curves.csv (mean ± std accuracy and supervised
+tokens so far at each validation), accuracy_vs_step.png and accuracy_vs_tokens.png (a panel per budget, full-token OPD in each)
 and, with a sweep, sweep_vs_step.png and sweep_vs_tokens.png (a panel per swept selector).
 """
 
@@ -42,8 +43,10 @@ from typing import Literal
 import numpy as np
 import yaml
 
+from opdlab import metrics
 from opdlab.console import OpdlabError
 from opdlab.diagnostics import plots
+from opdlab.metrics import mean_std
 from opdlab.runs import writable_folder
 
 NO_RATIO = {"full"}  # overlays whose selector takes no ratio (always every valid token)
@@ -256,13 +259,6 @@ def check_saved_results(commands: dict[Path, list[str]], out: Path) -> None:
                                "choose another --out_dir")
 
 
-def mean_std(values: list[float]) -> tuple[float, float]:
-    x = np.array([v for v in values if np.isfinite(v)], dtype=float)
-    if x.size == 0:
-        return float("nan"), float("nan")
-    return float(x.mean()), float(x.std(ddof=1)) if x.size > 1 else 0.0
-
-
 def summarize(results: list[RunResult]) -> list[dict]:
     """One row per method (selector, ratio): mean ± std over seeds."""
     rows = []
@@ -283,7 +279,8 @@ def summarize(results: list[RunResult]) -> list[dict]:
 
 
 def plus_minus(row: dict, key: str, fmt: str) -> str:
-    return f"{row[key + '_mean']:{fmt}} ± {row[key + '_std']:{fmt}}"
+    """`mean ± std` of a summarized column; `mean (n=1)` from one seed (a spread of one value is unknown)."""
+    return metrics.plus_minus(row[key + "_mean"], row[key + "_std"], fmt, missing="nan")
 
 
 def markdown_table(rows: list[dict]) -> str:
@@ -335,7 +332,8 @@ def mean_curves(results: list[RunResult], x: str = "step") -> dict[str, tuple[np
         else:
             xs = np.array([[dict(zip(r.val_steps, r.val_supervised_tokens, strict=True))[s] for s in steps]
                            for r in runs]).mean(0)
-        curves[method] = (xs, acc.mean(0), acc.std(0))
+        mean, std = np.array([mean_std(column) for column in acc.T], dtype=float).reshape(-1, 2).T
+        curves[method] = (xs, mean, std)  # std: nan from one seed (no band drawn)
     return curves
 
 
@@ -574,8 +572,10 @@ def write_outputs(out: Path, results: dict, main: list[RunSpec], sweep: list[Run
         for x, xlabel in (("step", "step"), ("tokens", "supervised tokens (cumulative, symlog)")):
             panels = {t: c for t, c in curve_panels(runs, by, x).items() if c}
             if panels:
-                plots.plot_curves(panels, out / f"{name}_vs_{x}.png", f"{label}: {what}, val/accuracy (mean ± std over "
-                                  "seeds)", xlabel=xlabel, xlog=x == "tokens")
+                seeds = len({r.spec.seed for r in runs})
+                spread = "mean ± std over seeds" if seeds > 1 else "one seed: no spread"
+                plots.plot_curves(panels, out / f"{name}_vs_{x}.png", f"{label}: {what}, val/accuracy ({spread})",
+                                  xlabel=xlabel, xlog=x == "tokens")
                 text += [f"![{what}: accuracy vs {x}]({name}_vs_{x}.png)", ""]
     (out / "table.md").write_text("\n".join(text))
     print("\n".join(text))

@@ -62,8 +62,26 @@ def mean(values) -> float:
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (0 for a single value)."""
-    m = mean(values)
-    if len(values) < 2:
-        return m, 0.0
-    return m, math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1))
+    """Mean and sample standard deviation (n - 1 in the denominator) of the finite values; non-finite ones
+    (nan: a run without that number) are left out. The spread of a single value is unknown, not zero: its std
+    is nan, as are both of no value at all. The one mean ± std of opdlab (eval, compare, the paired report)."""
+    x = [float(v) for v in values if math.isfinite(v)]
+    if not x:
+        return float("nan"), float("nan")
+    m = mean(x)
+    if len(x) < 2:
+        return m, float("nan")
+    return m, math.sqrt(sum((v - m) ** 2 for v in x) / (len(x) - 1))
+
+
+def format_mean_std(values: Sequence[float], fmt: str = ".3f", missing: str = "–") -> str:
+    """`mean ± std` of the finite values; one value: `mean (n=1)` (its spread is unknown); none: `missing`."""
+    m, s = mean_std(values)
+    return plus_minus(m, s, fmt, missing)
+
+
+def plus_minus(m: float, s: float, fmt: str = ".3f", missing: str = "–") -> str:
+    """A mean and std from `mean_std` as text: `m ± s`, `m (n=1)` when the std is unknown, `missing` without a mean."""
+    if not math.isfinite(m):
+        return missing
+    return f"{m:{fmt}} ± {s:{fmt}}" if math.isfinite(s) else f"{m:{fmt}} (n=1)"

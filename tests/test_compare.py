@@ -9,6 +9,7 @@ import shlex
 import sys
 import threading
 
+import numpy as np
 import pytest
 import yaml
 from conftest import CONFIG_DIR, run_opdlab
@@ -89,6 +90,41 @@ def test_summarize_means_and_stds_over_seeds():
     assert tokens.tolist() == [0.0, 7.5, 15.0] and mean_t.tolist() == mean.tolist()
 
 
+def test_one_mean_std_for_eval_compare_and_the_paired_report():
+    """One arithmetic (opdlab.metrics.mean_std): sample std over the finite values; a single value has an
+    unknown spread (nan), not a zero one."""
+    import math
+
+    from opdlab import compare as compare_module
+    from opdlab import eval_cli, metrics
+
+    m, s = metrics.mean_std([0.2, 0.4, float("nan"), 0.6])
+    assert m == pytest.approx(0.4) and s == pytest.approx(0.2)
+    m, s = metrics.mean_std([0.7, float("nan")])
+    assert m == pytest.approx(0.7) and math.isnan(s)
+    assert all(math.isnan(v) for v in metrics.mean_std([]))
+    assert compare_module.mean_std is metrics.mean_std and eval_cli.mean_std is metrics.mean_std
+    assert metrics.format_mean_std([0.5, 0.7]) == "0.600 ± 0.141"
+    assert metrics.format_mean_std([0.5]) == "0.500 (n=1)"
+    assert metrics.format_mean_std([float("nan")]) == "–"
+
+
+def test_one_seed_shows_the_mean_alone_not_a_zero_spread(tmp_path):
+    results = [fake("random", 0.1, 0, [0.2, 0.6, 0.4]), fake("full", 1.0, 0, [0.2, 0.5, 0.7]),
+               fake("full", 1.0, 1, [0.2, 0.5, 0.7])]
+    rows = summarize(results)
+    one, two = rows
+    assert one["seeds"] == 1 and one["final_mean"] == pytest.approx(0.4) and np.isnan(one["final_std"])
+    assert two["final_std"] == 0.0  # two seeds that agree: a measured zero
+    table = markdown_table(rows)
+    assert "| random@0.1 | 1 | 0.200 | 0.400 (n=1) | 0.600 (n=1) |" in table, table
+    assert "| full | 2 | 0.200 | 0.700 ± 0.000 |" in table, table
+    _steps, _mean, std = mean_curves(results)["random@0.1"]
+    assert np.isnan(std).all()  # curves.csv and the plot band: unknown, not 0
+    _steps, _mean, std = mean_curves(results)["full"]
+    assert std.tolist() == [0.0, 0.0, 0.0]
+
+
 @pytest.fixture(scope="module")
 def compared(tiny_checkpoints, tmp_path_factory):
     root = tmp_path_factory.mktemp("compare")
@@ -114,9 +150,13 @@ def test_compare_writes_table_curves_and_plot(compared):
     table = (out / "table.md").read_text()
     assert "command: `opdlab compare --fit_config" in table and "machine:" in table and "date:" in table
     assert "| full | 1 |" in table and "| random@0.25 | 1 |" in table
+    assert "(n=1)" in table and "± 0.000" not in table  # one seed: no spread claimed
     with open(out / "table.csv") as f:
         rows = {r["method"]: r for r in csv.DictReader(f)}
     assert set(rows) == {"full", "random@0.25"}
+    assert rows["full"]["final_std"] == "nan" and float(rows["full"]["final_mean"]) >= 0
+    with open(out / "curves.csv") as f:
+        assert {r["std"] for r in csv.DictReader(f)} == {"nan"}
     assert float(rows["full"]["retained_ratio_mean"]) == pytest.approx(1.0)
     assert 0.25 <= float(rows["random@0.25"]["retained_ratio_mean"]) < 0.6  # ceil + one per response
     assert float(rows["full"]["supervised_tokens_mean"]) > float(rows["random@0.25"]["supervised_tokens_mean"]) > 0

@@ -106,3 +106,15 @@ def test_wide_report_puts_budgets_in_columns(folder):
     assert auc == pytest.approx(0.5025, abs=6e-4)  # (0.35 + (0.5 + 0.8 + 0.01 seed) / 2) / 2, over seeds 0-2
     final_rows = text.split("Δ final accuracy")[1].split("Δ AUC")[0]
     assert "| random | +0.577 [" in final_rows and "| full (all tokens) | -0.190 [" in final_rows
+
+
+def test_the_report_uses_opdlabs_mean_std_and_marks_a_single_seed(tmp_path):
+    from opdlab import metrics
+
+    assert not hasattr(pr, "mean_std") and pr.format_mean_std is metrics.format_mean_std  # one arithmetic
+    write_run(tmp_path, "full", 1.0, 0, [0.2, 0.6, 1.0], 100)
+    for seed in range(2):
+        write_run(tmp_path, "teachability", 0.05, seed, [0.2, 0.5, 0.8 + 0.1 * seed], 5)
+    text = pr.report(pr.load_runs(tmp_path), "teachability")
+    assert "| full | 1 | 1 | 1.000 (n=1) |" in text, text  # one seed: the mean alone, not ± 0.000
+    assert "| teachability | 0.05 | 2 | 0.850 ± 0.071 |" in text, text
