@@ -11,6 +11,13 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from opdlab.console import OpdlabError
+
+
+class DataError(OpdlabError, ValueError):
+    """A prompt file, folder or option that cannot give problems (printed as one `opdlab: error:` line naming the
+    file, option or value and what to do). A ValueError too, so callers that catch those keep working."""
+
 
 @dataclass(frozen=True)
 class Problem:
