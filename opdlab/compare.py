@@ -36,7 +36,7 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Literal
 
@@ -196,8 +196,10 @@ def stream_fit(command: list[str], env: dict, log: Path, name: str) -> tuple[int
     return code, lines
 
 
-def run_one(spec: RunSpec, command: list[str], log_dir: Path, env: dict, rerun: bool, position: str = "") -> RunResult:
-    """Run (or reload) one fit; read its summary.json and TensorBoard events into a RunResult."""
+def run_one(spec: RunSpec, command: list[str], log_dir: Path, env: dict, rerun: bool, position: str = "",
+            eval_settings: dict | None = None) -> RunResult:
+    """Run (or reload) one fit; read its summary.json and TensorBoard events into a RunResult. `eval_settings`
+    (the `eval_fingerprint` of the run's --eval file) is recorded in its result.json beside its evaluation."""
     done = log_dir / "result.json"
     if done.is_file() and not rerun:
         return result_from_json(json.loads(done.read_text()))
@@ -229,7 +231,10 @@ def run_one(spec: RunSpec, command: list[str], log_dir: Path, env: dict, rerun: 
         fit_seconds=float(summary["train_seconds"]), process_seconds=round(seconds, 1),
         eval_avg=json.loads(evaluated.read_text())["mean"]["avg"]["mean"] if evaluated.is_file() else float("nan"),
     )
-    done.write_text(json.dumps({**asdict(result), "spec": asdict(spec), "command": settings(command)}, indent=2))
+    record = {**asdict(result), "spec": asdict(spec), "command": settings(command)}
+    if eval_settings is not None:
+        record["eval_settings"] = eval_settings
+    done.write_text(json.dumps(record, indent=2))
     return result
 
 
@@ -239,24 +244,48 @@ def settings(command: list[str]) -> list[str]:
 
 
 def result_from_json(data: dict) -> RunResult:
-    data = {k: v for k, v in data.items() if k != "command"}
+    names = {f.name for f in fields(RunResult)}  # not the record's command and eval settings
+    data = {k: v for k, v in data.items() if k in names}
     return RunResult(**{**data, "spec": RunSpec(**data["spec"])})
 
 
-def check_saved_results(commands: dict[Path, list[str]], out: Path) -> None:
+def check_saved_results(commands: dict[Path, list[str]], out: Path, eval_settings: dict | None = None) -> None:
     """Results already in `out` are reused only if they were made with the same settings; otherwise refuse
-    (they would be tabulated as if made with these)."""
+    (they would be tabulated as if made with these). With an evaluation, the same settings include what the
+    eval settings file holds (its `eval_fingerprint`), not only its name: a file edited since is refused."""
     for log_dir, command in commands.items():
         done = log_dir / "result.json"
         if not done.is_file():
             continue
-        saved = json.loads(done.read_text()).get("command")
+        try:
+            record = json.loads(done.read_text())
+        except json.JSONDecodeError:
+            raise CompareError(f"{done} is not readable JSON (a run killed while writing it?); delete it to run "
+                               "that run again, or pass --rerun") from None
+        saved = record.get("command")
         if saved is not None and saved != settings(command):
             first = next((f"{a} vs {b}" for a, b in zip(saved, settings(command), strict=False) if a != b),
                          f"{len(saved)} vs {len(settings(command))} arguments")
             raise CompareError(f"{out} already holds a result of {log_dir.relative_to(out)} made with other settings "
                                f"(first difference, saved vs now: {first}); pass --rerun to run such runs again, or "
                                "choose another --out_dir")
+        if eval_settings is not None and record.get("eval_settings", {}).get("sha256") != eval_settings["sha256"]:
+            before = record.get("eval_settings")
+            what = (f"first difference, saved vs now: {first_difference(before, eval_settings)}" if before else
+                    "it records no eval settings: made by an older opdlab compare")
+            raise CompareError(f"{out} already holds a result of {log_dir.relative_to(out)} evaluated with other eval "
+                               f"settings than {eval_settings['file']} holds now ({what}); pass --rerun to run such "
+                               "runs again, or choose another --out_dir")
+
+
+def first_difference(saved: dict, now: dict) -> str:
+    """The first differing entry of two `eval_fingerprint`s, e.g. `k: 8 vs 4` or `benchmark file add3: ... vs ...`."""
+    for part, prefix in (("options", ""), ("benchmark_files", "benchmark file ")):
+        a, b = saved.get(part, {}), now.get(part, {})
+        for key in sorted(set(a) | set(b)):
+            if a.get(key) != b.get(key):
+                return f"{prefix}{key}: {json.dumps(a.get(key))} vs {json.dumps(b.get(key))}"
+    return f"fingerprint {saved.get('sha256')} vs {now.get('sha256')}"
 
 
 def summarize(results: list[RunResult]) -> list[dict]:
@@ -470,19 +499,28 @@ def compare(
     if rank_by == "eval" and eval_config is None:
         raise CompareError("rank_by=eval needs eval_config (e.g. configs/eval/toy.yaml): the runs are ranked by the "
                            "evaluation of their exported students")
+    eval_settings = None
     if eval_config is not None:
-        check_eval_config(eval_config)
+        eval_settings = check_eval_config(eval_config)
         extra_args = [*extra_args, "--eval", eval_config]
     writable_folder(out, "--out_dir")
     if not rerun:
         check_saved_results({out / "runs" / spec.name / f"seed{spec.seed}": fit_command(
-            spec, fit_config, overlays, out / "runs", steps, val_check_interval, extra_args, top_k) for spec in specs}, out)
+            spec, fit_config, overlays, out / "runs", steps, val_check_interval, extra_args, top_k) for spec in specs},
+            out, eval_settings)
     env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
 
     def launch(spec: RunSpec) -> RunResult:
         log_dir = out / "runs" / spec.name / f"seed{spec.seed}"
         command = fit_command(spec, fit_config, overlays, out / "runs", steps, val_check_interval, extra_args, top_k)
-        result = run_one(spec, command, log_dir, env, rerun, f" (run {specs.index(spec) + 1} of {len(specs)})")
+        if eval_settings is not None and (rerun or not (log_dir / "result.json").is_file()):
+            now = eval_fingerprint(eval_config)  # the fit reads the file when it starts, maybe hours after compare did
+            if now["sha256"] != eval_settings["sha256"]:
+                raise CompareError(f"eval_config {eval_config} changed while the comparison ran (saved vs now: "
+                                   f"{first_difference(eval_settings, now)}); the runs finished before are kept: run "
+                                   "the same compare again with --rerun, or restore the file")
+        result = run_one(spec, command, log_dir, env, rerun, f" (run {specs.index(spec) + 1} of {len(specs)})",
+                         eval_settings)
         say(f"compare: {spec.method} seed {spec.seed}: final {result.final:.3f} best {result.best:.3f} "
             f"({result.fit_seconds:.0f} s)")
         return result
@@ -492,7 +530,8 @@ def compare(
         results = dict(zip(specs, pool.map(launch, specs), strict=True))
     table = ranked(summarize([results[s] for s in main]), rank_by)
     sweep_table = ranked(summarize([results[s] for s in sweep]), rank_by)
-    header = command_header(invocation, fit_config, started, sum(r.process_seconds for r in results.values() if r.ok))
+    header = command_header(invocation, fit_config, started, sum(r.process_seconds for r in results.values() if r.ok),
+                            eval_settings)
     write_outputs(out, results, main, sweep, table, sweep_table, header=header,
                   label=", ".join(Path(c).name for c in fit_config))
     failed = [f"{r.spec.method} seed {r.spec.seed}" for r in results.values() if not r.ok]
@@ -502,22 +541,74 @@ def compare(
     return table + sweep_table
 
 
-def check_eval_config(path: str) -> None:
-    """The evaluation settings every run will use: read and checked (its benchmark files too) before any run."""
-    from opdlab.eval_cli import EvalError, EvalOptions, load_benchmark
+def check_eval_config(path: str) -> dict:
+    """The evaluation settings every run will use: read and checked (its benchmark files too) before any run.
+    Returns their `eval_fingerprint`."""
+    from opdlab.eval_cli import EvalError, load_benchmark
 
-    if not Path(path).is_file():
-        raise CompareError(f"eval_config {path} not found; e.g. configs/eval/toy.yaml")
-    data = yaml.safe_load(Path(path).read_text()) or {}
+    options = read_eval_options(path)
     try:
-        options = EvalOptions.from_mapping(data)
         if not options.benchmarks:
             raise EvalError("it lists no benchmarks")
         options.check()
         for bench in options.benchmarks:
             load_benchmark(bench)
-    except (TypeError, EvalError) as err:
+    except (TypeError, ValueError, OSError, EvalError) as err:
         raise CompareError(f"eval_config {path}: {err}") from None
+    return eval_fingerprint(path)
+
+
+def read_eval_options(path: str):
+    """The `EvalOptions` of an `opdlab eval` settings file, or one line saying what is wrong with it."""
+    from opdlab.eval_cli import EvalOptions
+
+    file = Path(path)
+    if not file.is_file():
+        what = "is a folder, not a file" if file.is_dir() else "not found"
+        raise CompareError(f"eval_config {path} {what}; pass an `opdlab eval` settings file, e.g. configs/eval/toy.yaml")
+    try:
+        data = yaml.safe_load(file.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise CompareError(f"eval_config {path} is not readable YAML ({str(err).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise CompareError(f"eval_config {path} holds a {type(data).__name__}, not a mapping of eval settings "
+                           "(benchmarks, k, temperature, ...); e.g. configs/eval/toy.yaml")
+    try:
+        return EvalOptions.from_mapping(data)
+    except (TypeError, ValueError) as err:
+        raise CompareError(f"eval_config {path}: {err}") from None
+
+
+def eval_fingerprint(path: str) -> dict:
+    """What an evaluation depends on besides the student: every option of the settings file as loaded
+    (defaults filled in; comments and layout do not count) and the content of each benchmark's local file or
+    folder (sha256; `toy:` sets are made by code and hub ids are not hashed: their names stand for them).
+    `sha256` digests both; compare stores the fingerprint in each run's result.json and reuses a run's
+    evaluation only under the same one."""
+    import hashlib
+
+    options = read_eval_options(path)
+    settings = json.loads(json.dumps(asdict(options), default=str))
+    files = {b.name: content_digest(b.path) for b in options.benchmarks}
+    digest = hashlib.sha256(json.dumps({"options": settings, "benchmark_files": files}, sort_keys=True).encode())
+    return {"file": str(path), "sha256": digest.hexdigest()[:16], "options": settings, "benchmark_files": files}
+
+
+def content_digest(path: str) -> str:
+    """sha256 of a benchmark's local file, or of a local folder's files (names and contents, in name order);
+    for a `toy:` set or a hub id, the name itself."""
+    import hashlib
+
+    local = Path(path)
+    if path.startswith("toy:") or not local.exists():
+        return f"name {path}"
+    digest = hashlib.sha256()
+    for file in sorted(p for p in ([local] if local.is_file() else local.rglob("*")) if p.is_file()):
+        digest.update(str(file.relative_to(local)).encode() + b"\0")
+        with open(file, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()[:16]
 
 
 class CompareError(OpdlabError, RuntimeError):
@@ -547,9 +638,16 @@ def cli_value(value) -> str:
     return str(value)
 
 
-def command_header(command: str, config: list[str], started: float, run_seconds: float) -> str:
+def command_header(command: str, config: list[str], started: float, run_seconds: float,
+                   eval_settings: dict | None = None) -> str:
+    evaluation = ""
+    if eval_settings is not None:  # what the file held, not only its name (it may be edited later)
+        o = eval_settings["options"]
+        sets = ", ".join(f"{b['name']}" + (f" (first {b['limit']})" if b.get("limit") else "") for b in o["benchmarks"])
+        evaluation = (f"eval settings: {eval_settings['file']} as it was: k={o['k']}, temperature={o['temperature']}, "
+                      f"top_p={o['top_p']}, seeds {o['seeds']}, sets {sets}; fingerprint {eval_settings['sha256']}  \n")
     return (f"command: `{command}`  \n"
-            f"base config: {', '.join(config)}  \n"
+            f"base config: {', '.join(config)}  \n{evaluation}"
             f"machine: {platform.node()} ({platform.machine()}, {os.cpu_count()} CPUs), python {platform.python_version()}  \n"
             f"date: {time.strftime('%Y-%m-%d %H:%M')}; runs took {run_seconds:.0f} s in all (process time, summed over "
             f"runs that may have run in parallel); this invocation {time.perf_counter() - started:.0f} s (finished runs "

@@ -15,6 +15,7 @@ import yaml
 from conftest import CONFIG_DIR, run_opdlab
 
 from opdlab.compare import (
+    CompareError,
     RunResult,
     RunSpec,
     command_line,
@@ -321,3 +322,102 @@ def test_compare_checks_names_and_values_before_any_run(tmp_path, args, says):
     result = run_opdlab(["compare", "--overlays_dir", str(OVERLAYS), "--seeds", "[0]", "--out_dir", str(out), *args])
     assert result.code != 0 and says in str(result.code), result.code
     assert not out.exists()  # nothing ran, nothing written
+
+
+@pytest.fixture
+def fake_fits(monkeypatch):
+    """`opdlab fit` replaced by a stand-in that writes what a fit with --eval writes (summary.json and
+    eval/result.json, its Avg@k the --eval file's k / 10): compare's bookkeeping without training. Returns the
+    list of runs it was asked for."""
+    from opdlab import compare as compare_module
+
+    calls = []
+
+    def stream_fit(command, env, log, name):
+        run = log.parent
+        calls.append(name)
+        (run / "summary.json").write_text(json.dumps({"validations": [{"step": 0, "accuracy": 0.1},
+                                                                      {"step": 2, "accuracy": 0.3}], "train_seconds": 1.0}))
+        if "--eval" in command:
+            k = yaml.safe_load(open(command[command.index("--eval") + 1]))["k"]
+            (run / "eval").mkdir()
+            (run / "eval" / "result.json").write_text(json.dumps({"mean": {"avg": {"mean": k / 10, "std": 0.0}}}))
+        return 0, []
+
+    monkeypatch.setattr(compare_module, "stream_fit", stream_fit)
+    monkeypatch.setattr(compare_module, "read_scalars", lambda log_dir: {"train/kept_tokens": [1.0, 1.0]})
+    return calls
+
+
+def test_an_edited_eval_config_is_not_reused_under_its_old_results(tmp_path, fake_fits):
+    """compare --eval_config F --rank_by eval, F edited, the same compare: the saved evaluations were made with the
+    old F; they are refused in one line naming the difference, not tabulated under F's name."""
+    (tmp_path / "base.yaml").write_text("{}\n")
+    bench = tmp_path / "bench.jsonl"
+    bench.write_text('{"prompt": "1+1=", "answer": "2"}\n')
+    settings = tmp_path / "eval.yaml"
+    settings.write_text(f"benchmarks:\n  - {{name: b, path: {bench}}}\nk: 2\n")
+    args = dict(fit_config=[str(tmp_path / "base.yaml")], selectors=["full"], seeds=[0], steps=2, val_check_interval=1,
+                overlays_dir=str(OVERLAYS), out_dir=str(tmp_path / "out"), eval_config=str(settings), rank_by="eval")
+    (row,) = compare(**args)
+    assert row["eval_avg_mean"] == pytest.approx(0.2) and fake_fits == ["full seed 0"]
+    record = json.loads((tmp_path / "out" / "runs" / "full" / "seed0" / "result.json").read_text())
+    assert record["eval_settings"]["options"]["k"] == 2 and len(record["eval_settings"]["sha256"]) == 16
+    table = (tmp_path / "out" / "table.md").read_text()
+    assert f"eval settings: {settings} as it was: k=2" in table and record["eval_settings"]["sha256"] in table
+    # Same content (a comment added): reused, not rerun.
+    settings.write_text(f"# a note\nbenchmarks:\n  - {{name: b, path: {bench}}}\nk: 2\n")
+    compare(**args)
+    assert fake_fits == ["full seed 0"]
+    # k edited: refused, naming the difference; nothing rerun, the old table not rewritten under the new file.
+    settings.write_text(f"benchmarks:\n  - {{name: b, path: {bench}}}\nk: 4\n")
+    with pytest.raises(CompareError, match=r"evaluated with other eval settings than .*eval.yaml holds now "
+                                           r"\(first difference, saved vs now: k: 2 vs 4\); pass --rerun"):
+        compare(**args)
+    assert fake_fits == ["full seed 0"]
+    # the benchmark file's content edited (same name, same options): refused too
+    settings.write_text(f"benchmarks:\n  - {{name: b, path: {bench}}}\nk: 2\n")
+    bench.write_text('{"prompt": "1+2=", "answer": "3"}\n')
+    with pytest.raises(CompareError, match="first difference, saved vs now: benchmark file b: "):
+        compare(**args)
+    # --rerun: evaluated again under the new settings
+    settings.write_text(f"benchmarks:\n  - {{name: b, path: {bench}}}\nk: 4\n")
+    (row,) = compare(**{**args, "rerun": True})
+    assert row["eval_avg_mean"] == pytest.approx(0.4) and fake_fits == ["full seed 0", "full seed 0"]
+
+
+def test_a_result_without_recorded_eval_settings_is_not_reused_for_an_evaluation(tmp_path, fake_fits):
+    (tmp_path / "base.yaml").write_text("{}\n")
+    settings = tmp_path / "eval.yaml"
+    settings.write_text("benchmarks:\n  - {name: add3, path: 'toy:add3'}\nk: 2\n")
+    args = dict(fit_config=[str(tmp_path / "base.yaml")], selectors=["full"], seeds=[0], steps=2, val_check_interval=1,
+                overlays_dir=str(OVERLAYS), out_dir=str(tmp_path / "out"), eval_config=str(settings))
+    compare(**args)
+    done = tmp_path / "out" / "runs" / "full" / "seed0" / "result.json"
+    record = json.loads(done.read_text())
+    assert record["eval_settings"]["benchmark_files"] == {"add3": "name toy:add3"}
+    del record["eval_settings"]  # as an older compare wrote it
+    done.write_text(json.dumps(record))
+    with pytest.raises(CompareError, match="it records no eval settings: made by an older opdlab compare"):
+        compare(**args)
+
+
+def test_an_eval_config_edited_while_the_comparison_runs_stops_it(tmp_path, fake_fits, monkeypatch):
+    from opdlab import compare as compare_module
+
+    (tmp_path / "base.yaml").write_text("{}\n")
+    settings = tmp_path / "eval.yaml"
+    settings.write_text("benchmarks:\n  - {name: add3, path: 'toy:add3'}\nk: 2\n")
+    real = compare_module.stream_fit
+
+    def then_edit(*a, **k):  # the first run's fit finishes, then someone edits the file
+        out = real(*a, **k)
+        settings.write_text("benchmarks:\n  - {name: add3, path: 'toy:add3'}\nk: 8\n")
+        return out
+
+    monkeypatch.setattr(compare_module, "stream_fit", then_edit)
+    with pytest.raises(CompareError, match=r"changed while the comparison ran \(saved vs now: k: 2 vs 8\)"):
+        compare(fit_config=[str(tmp_path / "base.yaml")], selectors=["full"], seeds=[0, 1], steps=2,
+                val_check_interval=1, overlays_dir=str(OVERLAYS), out_dir=str(tmp_path / "out"),
+                eval_config=str(settings))
+    assert fake_fits == ["full seed 0"]
