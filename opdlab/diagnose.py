@@ -40,7 +40,14 @@ from opdlab.diagnostics.bank import (
     score_bank,
     write_bank,
 )
-from opdlab.diagnostics.report import StatsOptions, format_report, gain_statistics, to_jsonable, write_plots
+from opdlab.diagnostics.report import (
+    StatsOptions,
+    format_report,
+    gain_statistics,
+    sign_disagreements,
+    to_jsonable,
+    write_plots,
+)
 from opdlab.divergences import Divergence, ReverseKL
 from opdlab.engines import SamplingParams
 from opdlab.evaluation import greedy_accuracy
@@ -211,6 +218,9 @@ def diagnose(
         "stats": asdict(stats), "counts": counts, "seconds": round(time.perf_counter() - started, 1),
         "machine": f"{platform.node()} {platform.machine()} {torch.get_num_threads()} threads, torch {torch.__version__}",
         "date": time.strftime("%Y-%m-%d %H:%M:%S"), "files": ["bank.pt", *written, "summary.json"],
+        "headline": "terciles and tercile_differences (plain mean G, docs/method.md §3); their *_winsorized twins "
+                    "are robustness checks",
+        "sign_disagreements": to_jsonable(sign_disagreements(result)),
         **to_jsonable(result),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))

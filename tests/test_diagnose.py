@@ -186,6 +186,9 @@ def test_diagnose_writes_bank_summary_and_plots(diagnosed):
     assert list(raw["winsor_0.01"]["coefficients"]) == ["topk_entropy", "disagreement", "topk_entropy_x_disagreement", "compatibility", "position", "teacher_entropy"]
     assert list(teach["winsor_0.01"]["coefficients"]) == ["topk_entropy", "teachability", "incompatibility", "position", "teacher_entropy"]
     assert summary["theta1"]["trained"]["steps"] == 3
+    assert summary["headline"].startswith("terciles and tercile_differences (plain mean G")
+    assert isinstance(summary["sign_disagreements"], list)
+    assert "headline: the plain tercile gaps" in result.out
     assert "scoring θ0" in result.err and "scoring θ1" in result.err  # tqdm progress bars
 
 
@@ -277,3 +280,58 @@ def test_a_bank_top_k_beyond_the_vocabulary_is_one_line_before_loading(tmp_path)
     message = str(result.code)
     assert message.startswith("opdlab: error: bank.top_k=100 exceeds the vocabulary (16 tokens"), message
     assert not (tmp_path / "d").exists()
+
+
+# ------------------------------------------------------------------------------ the report
+def synthetic_table(seed: int = 0, n: int = 3000) -> dict[str, np.ndarray]:
+    """A bank where most positions gain more with higher teachability, but a few top-teachability positions
+    lose a lot (G = -400: their KL grew 400-fold): the plain tercile gap is negative, the winsorised one positive."""
+    rng = np.random.default_rng(seed)
+    columns = {c: rng.random(n) for c in ("disagreement", "topk_entropy", "compatibility", "incompatibility",
+                                          "position", "teacher_entropy")}
+    columns["teachability"] = rng.random(n)
+    columns["topk_entropy_x_disagreement"] = columns["topk_entropy"] * columns["disagreement"]
+    gain = 0.5 * columns["teachability"] + 0.05 * rng.standard_normal(n)
+    top = np.flatnonzero(columns["teachability"] > 0.9)[:10]
+    gain[top] = -400.0
+    return {**columns, "forward_gain": gain, "reverse_gain": gain.copy(), "included": np.ones(n, dtype=bool),
+            "context": np.arange(n) // 10}
+
+
+def report_of(table: dict) -> tuple[dict, str]:
+    from opdlab.diagnostics.report import StatsOptions, format_report, gain_statistics
+
+    result = gain_statistics(table, StatsOptions(bootstrap=50))
+    counts = {"positions": len(table["context"]), "contexts": int(table["context"].max()) + 1,
+              "included": int(table["included"].sum()), "mean_forward_gain": float(table["forward_gain"].mean())}
+    return result, format_report(result, counts)
+
+
+def test_the_report_names_its_headline_and_explains_a_sign_disagreement():
+    from opdlab.diagnostics.report import sign_disagreements
+
+    result, text = report_of(synthetic_table())
+    plain = result["terciles"]["forward"]["teachability"]["estimate"]
+    clipped = result["terciles_winsorized"]["forward"]["teachability"]["estimate"]
+    assert plain < 0 < clipped  # the setting of the complaint: the two columns disagree in sign
+    assert "headline: the plain tercile gaps (left; docs/method.md §3" in text
+    assert "G winsorised at 0.01 (robustness check):" in text
+    lines = text.splitlines()
+    first = lines.index(next(line for line in lines if line.startswith("tercile gap of G_f")))
+    block = lines[first:first + 7]
+    notes = [line for line in block if line.strip().startswith("note:")]
+    assert len(notes) == 1, block  # one line under the block, naming the predictor
+    named = notes[0].removeprefix("  note: ").split(":")[0].split(", ")
+    assert "teachability" in named and "opposite signs" in notes[0]
+    assert "set by a few positions with extreme G" in notes[0]
+    flipped = sign_disagreements(result)
+    assert {"statistic": "terciles", "gain": "forward", "predictor": "teachability", "plain": plain,
+            "winsorized": clipped} in flipped
+    assert all(f["plain"] * f["winsorized"] < 0 for f in flipped)
+
+
+def test_no_note_when_plain_and_winsorised_agree():
+    table = synthetic_table()
+    table["forward_gain"] = table["reverse_gain"] = 0.5 * table["teachability"] + 0.01 * table["position"]
+    result, text = report_of(table)
+    assert "headline:" in text and "note:" not in text

@@ -91,21 +91,51 @@ def write_plots(result: dict, out: Path, label: str) -> list[str]:
     return ["deciles.png", "terciles.png", "coefficients.png"]
 
 
+HEADLINE = ("headline: the plain tercile gaps (left; docs/method.md §3: mean G of the top third minus the bottom "
+            "third); right, the same with G winsorised, a robustness check against the few extreme G values")
+
+
+def sign_disagreements(result: dict) -> list[dict]:
+    """The tercile gaps (and differences of gaps) whose plain and winsorised estimates have opposite signs:
+    where the headline's sign comes from a few outlying positions, not from most of them."""
+    out = []
+    for key in ("terciles", "tercile_differences"):
+        for kind in GAINS:
+            for name, r in result[key][kind].items():
+                w = result[f"{key}_winsorized"][kind][name]
+                if r["estimate"] * w["estimate"] < 0:
+                    out.append({"statistic": key, "gain": kind, "predictor": name, "plain": r["estimate"],
+                                "winsorized": w["estimate"]})
+    return out
+
+
+def sign_note(names: list[str], level: float) -> str:
+    """One line: what opposite signs of a plain and a winsorised gap mean."""
+    return (f"  note: {', '.join(names)}: plain and winsorised (at {level:g}) estimates have opposite signs: the plain "
+            "(headline) sign is set by a few positions with extreme G (G is unbounded below), the winsorised one by the "
+            "bulk of positions; this bank does not establish the sign")
+
+
 def format_report(result: dict, counts: dict) -> str:
-    """A short text report of the headline numbers (printed at the end of the command)."""
+    """A short text report of the headline numbers (printed at the end of the command): which column is the
+    headline, and a note under each block where the plain and the winsorised estimates disagree in sign."""
     head = (f"positions: {counts['positions']} in {counts['contexts']} contexts, "
             f"{counts['included']} with KL_f^base >= min_base_kl; mean G_f {counts['mean_forward_gain']:.3f}")
-    lines = [head]
+    lines = [head, HEADLINE]
     level = result["terciles_winsorized"]["level"]
+    flipped = sign_disagreements(result)
     for key, title in (("terciles", "tercile gap of G_{} (top - bottom, 95% CI)"),
                        ("tercile_differences", "difference of tercile gaps of G_{} (paired bootstrap, 95% CI)")):
         for kind in GAINS:
             width = max(map(len, result[key][kind]))
-            lines.append(f"{title.format(kind[0])}   | G winsorised at {level:g}:")
+            lines.append(f"{title.format(kind[0])}   | G winsorised at {level:g} (robustness check):")
             for name, r in result[key][kind].items():
                 w = result[f"{key}_winsorized"][kind][name]
                 lines.append(f"  {name:{width}s} {r['estimate']:+.3f}  [{r['low']:+.3f}, {r['high']:+.3f}]   "
                              f"| {w['estimate']:+.3f}  [{w['low']:+.3f}, {w['high']:+.3f}]")
+            names = [f["predictor"] for f in flipped if f["statistic"] == key and f["gain"] == kind]
+            if names:
+                lines.append(sign_note(names, level))
     for model, fits in result["ols"]["forward"].items():
         lines.append(f"OLS {model} (G_f; coef ± cluster SE):")
         for label, fit in fits.items():
