@@ -10,27 +10,21 @@ write a line of carriage returns and escape codes per refresh; there the bar pri
     val at step 40: val/accuracy=0.350
 
 a `train` line at the first step, every ~10% of `max_steps`, at least every `plain_interval` seconds and at
-the last step; a `val` line after each validation inside fit; no per-batch validation lines.
+the last step (`opdlab.progress.line_due`, which `opdlab eval`'s progress shares); a `val` line after each
+validation inside fit; no per-batch validation lines.
 """
 
 from __future__ import annotations
 
-import math
 import sys
 import time
 
 from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 
+from opdlab.progress import is_interactive, line_due
 
-def is_interactive(stream) -> bool:
-    """A stream a bar can redraw in place: a terminal, or a Jupyter cell's output (which reads `\\r`)."""
-    try:
-        if stream.isatty():
-            return True
-    except (AttributeError, ValueError):  # no isatty, or a closed stream
-        return False
-    return type(stream).__module__.startswith("ipykernel")
+__all__ = ["StepProgressBar", "format_metrics", "is_interactive"]
 
 
 class StepProgressBar(TQDMProgressBar):
@@ -102,13 +96,8 @@ class StepProgressBar(TQDMProgressBar):
     def plain_line_due(self, step: int, max_steps: int) -> bool:
         """A plain line at this step: the first and the last, every `plain_fraction` of the run, or after
         `plain_interval` seconds without one (never twice for a step: a skipped step does not advance)."""
-        if step == self.plain_last_step:
-            return False
-        total = max_steps if max_steps > 0 else None
-        every = max(1, math.ceil(total * self.plain_fraction)) if total and self.plain_fraction > 0 else None
-        return (step == self.plain_first_step + 1 or (total is not None and step >= total)
-                or (every is not None and step % every == 0)
-                or time.monotonic() - self.plain_last_time >= self.plain_interval)
+        return line_due(step, max_steps, first=self.plain_first_step, last=self.plain_last_step,
+                        last_time=self.plain_last_time, interval=self.plain_interval, fraction=self.plain_fraction)
 
     def print_plain_train_line(self, trainer, pl_module) -> None:
         step, now = trainer.global_step, time.monotonic()
