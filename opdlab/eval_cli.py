@@ -11,6 +11,7 @@ Definitions: opdlab/metrics.py and docs/evaluation.md.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sys
@@ -22,6 +23,7 @@ from typing import Literal
 from opdlab.console import OpdlabError
 from opdlab.engines.base import RolloutEngine
 from opdlab.metrics import benchmark_metrics, mean_std
+from opdlab.progress import Progress
 from opdlab.tasks.base import Problem
 
 RESPONSES, SETTINGS, RESULT, TABLE = "responses.jsonl", "eval.json", "result.json", "results.md"
@@ -93,8 +95,19 @@ class EvalOptions:
     def from_mapping(cls, data) -> EvalOptions:
         """The options of a YAML mapping or a jsonargparse Namespace, benchmarks given as mappings or Benchmarks
         (a TypeError names an unknown key)."""
-        data = dict(data.as_dict() if hasattr(data, "as_dict") else data)
-        data["benchmarks"] = [b if isinstance(b, Benchmark) else Benchmark(**dict(b)) for b in data.get("benchmarks") or []]
+        data = data.as_dict() if hasattr(data, "as_dict") else data
+        if not isinstance(data, dict):
+            kind = "a list" if isinstance(data, list) else f"a single value ({data!r})"
+            raise EvalError(f"evaluation settings must be a mapping of options (k: 8, benchmarks: [...], ...), got {kind}")
+        data = dict(data)
+        benchmarks = data.get("benchmarks") or []
+        if not isinstance(benchmarks, list):
+            raise EvalError(f"benchmarks must be a list of {{name, path, ...}} entries, got a {type(benchmarks).__name__}")
+        bad = [b for b in benchmarks if not isinstance(b, (dict, Benchmark)) and not hasattr(b, "as_dict")]
+        if bad:
+            raise EvalError(f"each benchmark must be a mapping {{name: ..., path: ...}}, got {bad[0]!r}")
+        data["benchmarks"] = [b if isinstance(b, Benchmark) else Benchmark(**dict(b.as_dict() if hasattr(b, "as_dict") else b))
+                              for b in benchmarks]
         return cls(**data)
 
     def check(self) -> list[int]:
@@ -203,35 +216,154 @@ def load_benchmark(spec: Benchmark) -> LoadedBenchmark:
 
 
 # ----------------------------------------------------------------------------- models
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".gguf", ".ckpt")
+RUN_MARKERS = ("hparams.yaml", "config.yaml", "summary.json", "metrics.csv")  # files `opdlab fit` writes in a run
+
+
+@dataclass
+class ModelSource:
+    """What `--model` names, resolved and checked before any weights load.
+
+    kind: `dir` (a model directory: a local one, an exported student, a toy's), `ckpt` (a Lightning checkpoint of
+    an opdlab run: `base` plus its weights) or `hub` (a hub id). `path` is the directory or file (the hub id for
+    `hub`); `tokenizer` what the tokenizer loads from; `label` the name in tables and eval.json.
+    """
+
+    kind: str
+    path: str
+    tokenizer: str
+    label: str
+    base: str | None = None
+    checkpoint: dict | None = field(default=None, repr=False)
+
+
+def is_run_folder(path: Path) -> bool:
+    return path.is_dir() and (any((path / name).is_file() for name in RUN_MARKERS) or (path / "checkpoints").is_dir())
+
+
+def newest_checkpoints(folder: Path) -> list[Path]:
+    """The .ckpt files of a folder, last.ckpt first, then the newest."""
+    found = sorted(folder.glob("*.ckpt"), key=lambda p: (p.name != "last.ckpt", -p.stat().st_mtime))
+    return found
+
+
+def has_weights(folder: Path) -> bool:
+    return any(p.suffix in WEIGHT_SUFFIXES and p.is_file() for p in folder.iterdir())
+
+
+def resolve_model(model: str) -> ModelSource:
+    """`--model` resolved: a run folder to its student/, a checkpoint opened (not its weights loaded), and every
+    path that cannot be a model refused in one line that says what to pass instead."""
+    from opdlab.models import resolve_model_path
+
+    if not model or not model.strip():
+        raise EvalError("--model is empty; pass a model directory, an opdlab run folder or checkpoint, "
+                        "toy:<name>/student, or a hub id")
+    if model.startswith("toy:"):
+        path = resolve_model_path(model)
+        return ModelSource("dir", path, path, model)
+    path = Path(model).expanduser()
+    if not path.exists():
+        resolved = resolve_model_path(model)  # a missing local path is refused there; a hub id is checked
+        return ModelSource("hub", resolved, resolved, model)
+    if path.is_dir():
+        if (path / "config.json").is_file():
+            if not has_weights(path):
+                raise EvalError(f"--model {model} has a config.json but no weight files (*.safetensors, *.bin); "
+                                "copy the weights next to it, or pass the folder that holds them")
+            return ModelSource("dir", str(path), str(path), model)
+        if (path / "student" / "config.json").is_file():
+            student = path / "student"
+            return ModelSource("dir", str(student), str(student), str(student))  # a run folder: its exported student
+        checkpoints = newest_checkpoints(path) or (newest_checkpoints(path / "checkpoints")
+                                                   if (path / "checkpoints").is_dir() else [])
+        if is_run_folder(path):
+            hint = (f"evaluate one of its checkpoints instead, e.g. --model {checkpoints[0]}" if checkpoints else
+                    "it has no checkpoints either (the run may have stopped before its first save); evaluate "
+                    "another run, or finish this one with `opdlab fit ... --resume`")
+            raise EvalError(f"--model {model} is an opdlab run folder without an exported student (student/ is "
+                            f"written when `opdlab fit` finishes); {hint}")
+        if checkpoints:
+            run = path.parent
+            export = f"the run's exported student (--model {run / 'student'}) or " if (run / "student").is_dir() else ""
+            raise EvalError(f"--model {model} is a folder of checkpoints, not a model; pass {export}one checkpoint, "
+                            f"e.g. --model {checkpoints[0]}")
+        raise EvalError(f"--model {model} is a folder but not a model (no config.json), not an opdlab run folder "
+                        "(no student/) and holds no checkpoints; pass a model directory, a run folder, a run's "
+                        ".ckpt, toy:<name>/student or a hub id")
+    if path.suffix == ".ckpt":
+        checkpoint = read_checkpoint(path, model)
+        base = (checkpoint.get("hyper_parameters") or {}).get("student")
+        if not isinstance(base, str) or not isinstance(checkpoint.get("state_dict"), dict):
+            raise EvalError(f"{model} is not a checkpoint of an opdlab run (no hyper_parameters.student); pass an "
+                            "opdlab run's checkpoints/*.ckpt, its exported student folder, or a model directory")
+        resolve_model_path(base)  # the base student must still be there (its config and tokenizer are used)
+        return ModelSource("ckpt", str(path), base, f"{model} (weights on {base})", base=base, checkpoint=checkpoint)
+    if path.suffix in WEIGHT_SUFFIXES or path.name == "config.json":
+        raise EvalError(f"--model {model} is one file of a model; pass the folder that holds it (--model "
+                        f"{path.parent})")
+    raise EvalError(f"{model} is a file but not a Lightning checkpoint (.ckpt); pass a model directory, a run "
+                    "folder, an opdlab run's .ckpt, toy:<name>/student or a hub id")
+
+
+def read_checkpoint(path: Path, model: str) -> dict:
+    """A Lightning checkpoint, memory-mapped (its tensors are read when used); a damaged one in one line."""
+    import torch
+
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except Exception as err:  # noqa: BLE001 - a cut or damaged file fails in many ways (zip, pickle, EOF)
+        reason = " ".join(str(err).split())[:160] or type(err).__name__
+        run = path.parent.parent if path.parent.name == "checkpoints" else path.parent
+        others = [p for p in newest_checkpoints(path.parent) if p != path]
+        alternatives = [f"the run's exported student (--model {run / 'student'})"] if (run / "student").is_dir() else []
+        alternatives += [f"another checkpoint (--model {others[0]})"] if others else []
+        instead = f"; evaluate {' or '.join(alternatives)}" if alternatives else ""
+        raise EvalError(f"--model {model} cannot be read as a checkpoint ({path.stat().st_size} bytes; {reason}): "
+                        f"it is damaged or was cut short (a copy or save that did not finish){instead}") from None
+    if not isinstance(checkpoint, dict):
+        raise EvalError(f"{model} is not a checkpoint of an opdlab run (it holds a {type(checkpoint).__name__}); pass "
+                        "an opdlab run's checkpoints/*.ckpt, its exported student folder, or a model directory")
+    return checkpoint
+
+
+def check_chat_template(tokenizer, label: str, prompt: str) -> None:
+    """`--chat_template true` needs a tokenizer with a chat template that works: checked on the first prompt,
+    before any weights load (a base model's tokenizer has none)."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise EvalError(f"--chat_template true, but the tokenizer of {label} has no chat template (none in its "
+                        "tokenizer_config.json or chat_template.jinja): it is a base model's; drop --chat_template "
+                        "(or set chat_template: false in the eval config), or evaluate a chat model")
+    try:
+        tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+    except Exception as err:  # noqa: BLE001 - a template is a program (Jinja): it fails in many ways
+        raise EvalError(f"the chat template of {label} fails on the first prompt ({type(err).__name__}: "
+                        f"{' '.join(str(err).split())[:160]}); fix the template, or drop --chat_template") from None
+
+
+def load_source(source: ModelSource, dtype: str):
+    """(model, tokenizer) of a resolved source: the weights load here."""
+    from opdlab.models import load_causal_lm, load_tokenizer
+
+    if source.kind != "ckpt":
+        return load_causal_lm(source.path, dtype), load_tokenizer(source.tokenizer)
+    net = load_causal_lm(source.base, dtype)
+    state = {k.removeprefix("student."): v for k, v in source.checkpoint["state_dict"].items() if k.startswith("student.")}
+    missing, _ = net.load_state_dict(state, strict=False)
+    tied = {name for name in missing if name.endswith("lm_head.weight") and net.config.get_text_config().tie_word_embeddings}
+    if set(missing) - tied:
+        raise EvalError(f"{source.path} lacks {len(set(missing) - tied)} of the student's weights (e.g. "
+                        f"{sorted(set(missing) - tied)[:2]}); is it a checkpoint of a run of {source.base}?")
+    return net, load_tokenizer(source.base)
+
+
 def load_model(model: str, dtype: str):
     """(model, tokenizer, what was loaded): a local HF directory or exported student, a run folder (its exported
     student), a Lightning checkpoint of an opdlab run (.ckpt: the base student plus the checkpoint's weights),
     `toy:<name>/<role>`, or a hub id where the network allows."""
-    import torch
-
-    from opdlab.models import load_causal_lm, load_tokenizer
-
-    path = Path(model).expanduser()
-    if path.is_dir() and not (path / "config.json").is_file() and (path / "student" / "config.json").is_file():
-        path, model = path / "student", str(path / "student")  # a run folder: its exported student
-    if path.is_file() and path.suffix == ".ckpt":
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-        base = (checkpoint.get("hyper_parameters") or {}).get("student")
-        if base is None or "state_dict" not in checkpoint:
-            raise EvalError(f"{model} is not a checkpoint of an opdlab run (no hyper_parameters.student); pass an "
-                            "opdlab run's checkpoints/*.ckpt, its exported student folder, or a model directory")
-        net = load_causal_lm(base, dtype)
-        state = {k.removeprefix("student."): v for k, v in checkpoint["state_dict"].items() if k.startswith("student.")}
-        missing, _ = net.load_state_dict(state, strict=False)
-        tied = {name for name in missing if name.endswith("lm_head.weight") and net.config.get_text_config().tie_word_embeddings}
-        if set(missing) - tied:
-            raise EvalError(f"{model} lacks {len(set(missing) - tied)} of the student's weights (e.g. "
-                            f"{sorted(set(missing) - tied)[:2]}); is it a checkpoint of a run of {base}?")
-        return net, load_tokenizer(base), f"{model} (weights on {base})"
-    if path.is_file():
-        raise EvalError(f"{model} is a file but not a Lightning checkpoint (.ckpt); pass a model directory, a run "
-                        "folder, an opdlab run's .ckpt, toy:<name>/student or a hub id")
-    return load_causal_lm(model, dtype), load_tokenizer(model), model
+    source = resolve_model(model)
+    net, tokenizer = load_source(source, dtype)
+    return net, tokenizer, source.label
 
 
 def pick_device(device: str):
@@ -241,84 +373,336 @@ def pick_device(device: str):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise EvalError(f"device {device!r} asked for, but torch sees no CUDA device here; use --device cpu or auto")
-    return torch.device(device)
+    try:
+        return torch.device(device)
+    except RuntimeError:
+        raise EvalError(f"device {device!r} is not a device torch knows; use auto, cpu, cuda or cuda:<index>") from None
+
+
+# ----------------------------------------------------------------------------- which model: by content
+OWN_FILES = ("responses.jsonl", "eval.json", "result.json", "results.md")
+NOT_MODEL_SUFFIXES = (".md", ".png", ".jpg", ".jpeg", ".gif", ".partial", ".tmp")
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file's bytes, streamed in 1 MiB blocks (about a second per GB)."""
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def folder_sha256(folder: Path, weights: bool = True) -> str:
+    """sha256 over the names and contents of a model folder's files (weights, config, tokenizer, chat
+    template, code): not its subfolders, documentation, hidden files or an evaluation written into it.
+    `weights=False` leaves the weight files out (a checkpoint's base: its weights are replaced)."""
+    digest = hashlib.sha256()
+    for path in sorted(folder.iterdir()):
+        if (not path.is_file() or path.name.startswith(".") or path.name in OWN_FILES
+                or path.suffix.lower() in NOT_MODEL_SUFFIXES or path.name.upper().startswith("LICENSE")
+                or (not weights and path.suffix in WEIGHT_SUFFIXES)):
+            continue
+        digest.update(f"{path.name}\0{file_sha256(path)}\n".encode())
+    return digest.hexdigest()
+
+
+def hub_revision(name: str) -> str | None:
+    """The commit of a hub model in the local hub cache (what from_pretrained loads), or None if not there."""
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(name, "config.json")
+    return Path(found).parent.name if isinstance(found, str) else None
+
+
+def base_fingerprint(base: str) -> str | None:
+    """A checkpoint's base student: its config and tokenizer files (its weights are the checkpoint's)."""
+    from opdlab.models import resolve_model_path
+
+    path = Path(resolve_model_path(base))
+    if path.is_dir():
+        return folder_sha256(path, weights=False)
+    revision = hub_revision(base)
+    return f"{base}@{revision}" if revision else None
+
+
+def model_fingerprint(source: ModelSource) -> str | None:
+    """`sha256:<hex>` of what the model is made of, not where it lies: a re-exported student or a folder replaced
+    in place gets another. A directory: its files; a checkpoint: the student's tensors in it and its base's
+    config and tokenizer files; a hub id: the cached commit (None while it is not in the cache)."""
+    digest = hashlib.sha256()
+    if source.kind == "dir":
+        digest.update(b"dir\0" + folder_sha256(Path(source.path)).encode())
+    elif source.kind == "ckpt":
+        base = base_fingerprint(source.base)
+        if base is None:
+            return None
+        digest.update(b"ckpt\0" + tensors_sha256(source.checkpoint["state_dict"], "student.").encode()
+                      + b"\0" + base.encode())
+    else:
+        revision = hub_revision(source.path)
+        if revision is None:
+            return None
+        digest.update(f"hub\0{source.path}@{revision}".encode())
+    return "sha256:" + digest.hexdigest()
+
+
+def tensors_sha256(state: dict, prefix: str = "") -> str:
+    """sha256 over the names, dtypes, shapes and bytes of the tensors whose names start with `prefix`."""
+    import torch
+
+    digest = hashlib.sha256()
+    for name in sorted(k for k in state if k.startswith(prefix)):
+        tensor = state[name]
+        if not isinstance(tensor, torch.Tensor):
+            continue
+        flat = tensor.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"{name}\0{flat.dtype}\0{tuple(tensor.shape)}\n".encode())
+        digest.update(flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b"")
+    return digest.hexdigest()
+
+
+def weights_fingerprint(model) -> str:
+    """The fingerprint of a model in memory (its tensors), where its files are not known."""
+    return "sha256:" + hashlib.sha256(b"weights\0" + tensors_sha256(model.state_dict()).encode()).hexdigest()
+
+
+def benchmark_fingerprint(bench: LoadedBenchmark) -> str:
+    """sha256 of the problems as evaluated (after limit and prompt template): an edited benchmark file (or a
+    changed toy task) is another benchmark, even under the same path."""
+    rows = json.dumps([[p.prompt, p.answer] for p in bench.problems], ensure_ascii=False)
+    return "sha256:" + hashlib.sha256(rows.encode()).hexdigest()
+
+
+def default_out_dir(model: str, source: ModelSource) -> Path:
+    """Where an evaluation goes without --out_dir: `<run>/eval` for a run folder or its exported student (where
+    `opdlab fit --eval.*` writes), `<run>/eval-<name>` for a run's checkpoint, `evals/toy_<name>_<role>` for a toy,
+    `evals/<owner>_<name>` for a hub id, and `evals/<name>-<hash of the absolute path>` for any other path,
+    so two models never share a folder."""
+    if source.kind == "hub" or model.startswith("toy:"):
+        return Path("evals") / model.replace(":", "_").replace("/", "_")
+    path = Path(source.path).resolve()
+    if source.kind == "dir" and path.name == "student" and is_run_folder(path.parent):
+        return path.parent / "eval"
+    if source.kind == "ckpt" and path.parent.name == "checkpoints" and is_run_folder(path.parent.parent):
+        return path.parent.parent / f"eval-{path.stem}"
+    return Path("evals") / f"{path.stem or 'model'}-{hashlib.sha256(str(path).encode()).hexdigest()[:8]}"
 
 
 # ----------------------------------------------------------------------------- the output folder
-def open_output(out_dir: Path, settings: dict, overwrite: bool) -> dict[tuple, list[dict]]:
-    """Prepare `out_dir`; the complete problems a previous run of the same settings already scored, by
-    (seed, benchmark, index). Different settings there are refused (or cleared with `overwrite`)."""
+PARTIAL = RESPONSES + ".partial"  # a fresh evaluation's first responses, before they replace the folder's
+RECORD_FIELDS = {"seed": int, "benchmark": str, "index": int, "sample": int, "prompt": str, "answer": str,
+                 "response": str, "correct": bool, "key": (str, type(None)), "length": int, "truncated": bool}
+SETTINGS_FORMAT = 2  # eval.json: 2 records the model's and the benchmarks' content fingerprints
+NOT_COMPARED = ("model",)  # the label: the same model under another path is the same model
+
+
+@dataclass
+class OutputPlan:
+    """What an evaluation does with `out_dir`: continue the responses there (`done`), or start fresh
+    (`fresh`: new responses go to responses.jsonl.partial and replace the folder's files once the first batch
+    is written; until then an earlier evaluation there stays as it was)."""
+
+    out_dir: Path
+    settings: dict
+    done: dict[tuple, list[dict]]
+    fresh: bool
+
+
+def first_difference(before, now, where: str = "") -> tuple[str, object, object] | None:
+    """(key path, value there, value now) of the first difference of two JSON values, or None."""
+    if isinstance(before, dict) and isinstance(now, dict):
+        for key in [*before, *(k for k in now if k not in before)]:
+            if key in NOT_COMPARED and not where:
+                continue
+            found = first_difference(before.get(key), now.get(key), f"{where}.{key}" if where else key)
+            if found:
+                return found
+        return None
+    if isinstance(before, list) and isinstance(now, list) and len(before) == len(now):
+        for i, (a, b) in enumerate(zip(before, now, strict=True)):
+            found = first_difference(a, b, f"{where}[{i}]")
+            if found:
+                return found
+        return None
+    return None if before == now else (where, before, now)
+
+
+def short(value: object) -> str:
+    text = repr(value.removeprefix("sha256:")[:12]) if isinstance(value, str) and value.startswith("sha256:") else repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def plan_output(out_dir: str | Path, settings: dict, overwrite: bool,
+                problems: dict[str, list[Problem]] | None = None) -> OutputPlan:
+    """Check `out_dir` against these settings without changing what it holds (it is created if missing):
+    continue an evaluation made with the same settings by the same model, start fresh where there is none, and
+    refuse, in one line naming the difference, responses made otherwise or by an unknown model (`overwrite`:
+    start fresh anyway). `problems` (benchmark name -> problems) checks each stored response against them."""
     from opdlab.runs import writable_folder
 
-    writable_folder(out_dir, "--out_dir")
-    stored = out_dir / SETTINGS
+    out_dir = writable_folder(out_dir, "--out_dir")
+    responses, stored = out_dir / RESPONSES, out_dir / SETTINGS
+    again = "pass --overwrite true to replace it (it is kept until the new evaluation has its first responses), or another --out_dir"
     if overwrite:
-        for name in (RESPONSES, SETTINGS, RESULT, TABLE):
-            (out_dir / name).unlink(missing_ok=True)
-    elif stored.is_file():
-        before = json.loads(stored.read_text())
-        changed = [key for key in sorted(set(before) | set(settings)) if before.get(key) != settings.get(key)]
-        if changed:
-            key = changed[0]
-            raise EvalError(f"{out_dir} holds an evaluation with other settings ({key}: {before.get(key)!r} there, "
-                            f"{settings.get(key)!r} now); pass another --out_dir, or --overwrite to replace it")
-    stored.write_text(json.dumps(settings, indent=2))
-    return read_responses(out_dir / RESPONSES, settings["k"])
+        return OutputPlan(out_dir, settings, {}, fresh=True)
+    before = None
+    if stored.is_file():
+        try:
+            before = json.loads(stored.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise EvalError(f"{stored} is damaged ({err}), so what made the responses next to it is unknown; "
+                            f"{again}") from None
+        if not isinstance(before, dict):
+            raise EvalError(f"{stored} holds a JSON {type(before).__name__}, not the settings of an evaluation; {again}")
+    has_results = responses.is_file() and responses.stat().st_size > 0 or (out_dir / RESULT).is_file()
+    if not has_results:
+        return OutputPlan(out_dir, settings, {}, fresh=True)
+    if before is None:
+        what = RESPONSES if responses.is_file() and responses.stat().st_size > 0 else RESULT
+        raise EvalError(f"{out_dir} holds {what} but no {SETTINGS} (the record of the model and settings that made "
+                        f"them), so they cannot be told apart from this model's; {again}")
+    if "model_fingerprint" not in before:
+        raise EvalError(f"{out_dir} holds an evaluation made by an earlier opdlab that did not record which model "
+                        f"made it (no model_fingerprint in {SETTINGS}); {again}")
+    difference = first_difference(before, settings)
+    if difference is not None:
+        key, was, now = difference
+        if key == "model_fingerprint":
+            raise EvalError(f"{out_dir} holds the responses of another model (fingerprint {short(was)} there, "
+                            f"{short(now)} now: {settings.get('model')} is not the model that made them, even if "
+                            f"it lies at the same path); {again}")
+        raise EvalError(f"{out_dir} holds an evaluation with other settings ({key}: {short(was)} there, {short(now)} "
+                        f"now); {again}")
+    done = read_responses(responses, settings["k"], problems)
+    return OutputPlan(out_dir, settings, done, fresh=not responses.is_file())
 
 
-def read_responses(path: Path, k: int) -> dict[tuple, list[dict]]:
-    """The problems with all k responses in `path`; the file is rewritten without partial ones (a crash
-    between a batch's lines and the next)."""
+def read_responses(path: Path, k: int, problems: dict[str, list[Problem]] | None = None) -> dict[tuple, list[dict]]:
+    """The problems with all k responses in `path`, by (seed, benchmark, index); a torn last line (a run killed
+    while writing it) is left out, any other damage refused naming the file and line."""
     if not path.is_file():
         return {}
-    groups: dict[tuple, list[dict]] = {}
-    for line in path.read_text().splitlines():
+    again = "pass --overwrite true to start the evaluation again, or another --out_dir"
+    try:
+        text = path.read_text()
+    except UnicodeDecodeError as err:
+        raise EvalError(f"{path} is not text ({err}); {again}") from None
+    lines = text.split("\n")
+    torn = lines[-1] != ""  # no line break after the last line: a write that was cut
+    groups: dict[tuple, dict[int, dict]] = {}
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        where = f"{path} line {number}"
         try:
             record = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # the half-written last line of a killed run
-        groups.setdefault((record["seed"], record["benchmark"], record["index"]), []).append(record)
-    complete = {key: sorted(recs, key=lambda r: r["sample"])[:k] for key, recs in groups.items()
-                if len({r["sample"] for r in recs}) >= k}
-    tmp = path.with_suffix(".tmp")
+        except json.JSONDecodeError as err:
+            if number == len(lines) and torn:
+                continue  # the half-written last line of a killed run
+            raise EvalError(f"{where} is not JSON ({err.msg}); {again}") from None
+        if not isinstance(record, dict):
+            raise EvalError(f"{where} holds a JSON {type(record).__name__}, not a response record; {again}")
+        for name, kind in RECORD_FIELDS.items():
+            if name not in record:
+                raise EvalError(f"{where} has no {name!r} field (a response record has {', '.join(RECORD_FIELDS)}); "
+                                f"{again}")
+            value = record[name]
+            if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+                expected = "text or null" if name == "key" else {int: "an integer", str: "text", bool: "true or false"}[kind]
+                raise EvalError(f"{where}: {name!r} is {short(value)}, not {expected}; {again}")
+        name, index, sample = record["benchmark"], record["index"], record["sample"]
+        if problems is not None:
+            if name not in problems:
+                raise EvalError(f"{where} is a response to benchmark {name!r}, which this evaluation does not have "
+                                f"({', '.join(problems)}); {again}")
+            if not 0 <= index < len(problems[name]):
+                raise EvalError(f"{where}: index {index} is outside benchmark {name!r}'s {len(problems[name])} "
+                                f"problems; {again}")
+            problem = problems[name][index]
+            if (record["prompt"], record["answer"]) != (problem.prompt, problem.answer):
+                raise EvalError(f"{where} answers another problem than {name!r} problem {index} "
+                                f"({short(record['prompt'])} there, {short(problem.prompt)} in the benchmark); {again}")
+        if not 0 <= sample < k:
+            raise EvalError(f"{where}: sample {sample} is outside 0..{k - 1} (k={k}); {again}")
+        if record["length"] < 0:
+            raise EvalError(f"{where}: length {record['length']} is negative; {again}")
+        group = groups.setdefault((record["seed"], name, index), {})
+        if sample in group:
+            raise EvalError(f"{where} repeats sample {sample} of {name!r} problem {index} (seed {record['seed']}); "
+                            f"{again}")
+        group[sample] = record
+    return {key: [group[j] for j in range(k)] for key, group in groups.items() if len(group) == k}
+
+
+def replace_file(path: Path, text: str) -> None:
+    """Write `text` to `path` through a temporary file: a reader sees the old content or the new, never half."""
+    tmp = path.with_name(path.name + ".tmp")
     with tmp.open("w") as f:
-        for recs in complete.values():
-            f.writelines(json.dumps(r) + "\n" for r in recs)
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
     tmp.replace(path)
-    return complete
 
 
-class Progress:
-    """tqdm on a terminal; elsewhere (a log file, CI) a plain line at most every `every` seconds."""
+class ResponseSink:
+    """Appends scored responses (each batch written and synced before the next). Continuing: to responses.jsonl,
+    first rewritten without incomplete problems. Fresh: to responses.jsonl.partial, which replaces the folder's
+    responses.jsonl, eval.json and results (`swap_in`) once the first batch is on disk, so a run that fails before
+    its first responses leaves an earlier evaluation as it was."""
 
-    def __init__(self, total: int, initial: int, desc: str, every: float = 30.0) -> None:
-        self.total, self.n, self.desc, self.every, self.last = total, initial, desc, every, 0.0
-        self.bar = None
-        if sys.stderr.isatty():
-            from tqdm.auto import tqdm
+    def __init__(self, plan: OutputPlan) -> None:
+        self.plan, out = plan, plan.out_dir
+        if plan.fresh:
+            self.file = (out / PARTIAL).open("w")
+        else:
+            replace_file(out / RESPONSES, "".join(json.dumps(r) + "\n" for recs in plan.done.values() for r in recs))
+            self.file = (out / RESPONSES).open("a")
+        self.swapped = not plan.fresh
 
-            self.bar = tqdm(total=total, initial=initial, desc=desc, unit="problem", dynamic_ncols=True)
+    def write(self, records: list[dict]) -> None:
+        self.file.writelines(json.dumps(r) + "\n" for r in records)
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        if not self.swapped:
+            self.swap_in()
 
-    def update(self, n: int, note: str = "") -> None:
-        self.n += n
-        if self.bar is not None:
-            self.bar.set_postfix_str(note, refresh=False)
-            self.bar.update(n)
-        elif time.monotonic() - self.last >= self.every or self.n == self.total:
-            self.last = time.monotonic()
-            print(f"{self.desc}: {self.n}/{self.total} problems ({self.n / max(self.total, 1):.0%}){' ' + note if note else ''}",
-                  file=sys.stderr, flush=True)
+    def swap_in(self) -> None:
+        """The new responses become the folder's: stale results and settings go first (a crash in between leaves
+        responses without eval.json, which the next run refuses rather than misreads), then the rename."""
+        out = self.plan.out_dir
+        for name in (RESULT, TABLE, SETTINGS):
+            (out / name).unlink(missing_ok=True)
+        (out / PARTIAL).replace(out / RESPONSES)  # the open file follows its new name
+        replace_file(out / SETTINGS, json.dumps(self.plan.settings, indent=2))
+        self.swapped = True
 
     def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
+        self.file.close()
+        if not self.swapped:  # failed before its first responses: the folder keeps what it held
+            (self.plan.out_dir / PARTIAL).unlink(missing_ok=True)
 
 
 # ----------------------------------------------------------------------------- evaluation
+def eval_settings(label: str, fingerprint: str, engine: RolloutEngine, options: EvalOptions,
+                  loaded: list[LoadedBenchmark], max_new: dict[str, int], dtype: str) -> dict:
+    """What made the responses: the model (its content fingerprint), the engine and dtype, every setting that
+    changes a response, and the benchmarks' content. Responses are reused only where all of it is the same."""
+    return {"format": SETTINGS_FORMAT, "model": label, "model_fingerprint": fingerprint, "dtype": dtype,
+            "engine": type(engine).__name__, "benchmarks": [asdict(b.spec) for b in loaded],
+            "benchmark_fingerprints": {b.spec.name: benchmark_fingerprint(b) for b in loaded},
+            "k": options.k, "temperature": options.temperature, "top_p": options.top_p, "max_new_tokens": max_new,
+            "max_prompt_len": options.max_prompt_len, "chat_template": options.chat_template}
+
+
 def evaluate(model, tokenizer, engine: RolloutEngine, options: EvalOptions, out_dir: str | Path, label: str,
-             overwrite: bool = False, command: str | None = None, loaded: list[LoadedBenchmark] | None = None) -> dict:
+             overwrite: bool = False, command: str | None = None, loaded: list[LoadedBenchmark] | None = None,
+             plan: OutputPlan | None = None, fingerprint: str | None = None) -> dict:
     """Sample, score and tabulate `model` (already on its device) on `options.benchmarks`; writes responses.jsonl,
-    result.json and results.md into `out_dir` and returns the result. Resumes what `out_dir` already holds."""
+    result.json and results.md into `out_dir` and returns the result. Resumes what `out_dir` already holds when
+    it was made by the same model (by content) with the same settings. `plan`: `plan_output`'s, when the caller
+    checked the folder before loading the model; `fingerprint`: the model's (default: of the folder `label`
+    names, else of the weights in memory)."""
     import torch
 
     from opdlab.engines.base import SamplingParams
@@ -327,11 +711,17 @@ def evaluate(model, tokenizer, engine: RolloutEngine, options: EvalOptions, out_
     pass_ks = options.check()
     loaded = loaded if loaded is not None else [load_benchmark(b) for b in options.benchmarks]
     max_new = response_limits(options, loaded)
-    out_dir = Path(out_dir)
-    settings = {"model": label, "engine": type(engine).__name__, "benchmarks": [asdict(b) for b in options.benchmarks],
-                "k": options.k, "temperature": options.temperature, "top_p": options.top_p, "max_new_tokens": max_new,
-                "max_prompt_len": options.max_prompt_len, "chat_template": options.chat_template}
-    done = open_output(out_dir, settings, overwrite)
+    if options.chat_template:
+        check_chat_template(tokenizer, label, loaded[0].problems[0].prompt)
+    if plan is None:
+        if fingerprint is None:
+            folder = Path(label)
+            fingerprint = (model_fingerprint(ModelSource("dir", str(folder), str(folder), label))
+                           if folder.is_dir() and (folder / "config.json").is_file() else weights_fingerprint(model))
+        dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+        settings = eval_settings(label, fingerprint, engine, options, loaded, max_new, dtype)
+        plan = plan_output(out_dir, settings, overwrite, {b.spec.name: b.problems for b in loaded})
+    out_dir, settings, done = plan.out_dir, plan.settings, plan.done
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     model.eval()
     engine.bind(model, eos, pad)
@@ -339,7 +729,8 @@ def evaluate(model, tokenizer, engine: RolloutEngine, options: EvalOptions, out_
     total = len(options.seeds) * sum(len(b.problems) for b in loaded)
     progress = Progress(total, sum(1 for key in done if key[0] in options.seeds), "opdlab eval")
     generated, seconds = 0, 0.0
-    with (out_dir / RESPONSES).open("a") as sink:
+    sink = ResponseSink(plan)
+    try:
         for seed in options.seeds:
             for bench in loaded:
                 name = bench.spec.name
@@ -360,26 +751,26 @@ def evaluate(model, tokenizer, engine: RolloutEngine, options: EvalOptions, out_
                     texts = decode_responses(tokenizer, rollout)
                     mask = rollout.response_mask.cpu()
                     ended = ((rollout.response_ids.cpu() == eos) & mask).any(dim=1)
-                    lines = []
+                    records = []
                     for row, text in enumerate(texts):
                         p, j = divmod(row, options.k)
                         correct, key = bench.verifier.check(text, chunk[p].answer)
-                        record = {"seed": seed, "benchmark": name, "index": indices[p], "sample": j,
-                                  "prompt": chunk[p].prompt, "answer": chunk[p].answer, "response": text,
-                                  "correct": correct, "key": key, "length": int(mask[row].sum()),
-                                  "truncated": not bool(ended[row])}
-                        done.setdefault((seed, name, indices[p]), []).append(record)
-                        lines.append(json.dumps(record) + "\n")
-                    sink.writelines(lines)
-                    sink.flush()
-                    os.fsync(sink.fileno())
+                        records.append({"seed": seed, "benchmark": name, "index": indices[p], "sample": j,
+                                        "prompt": chunk[p].prompt, "answer": chunk[p].answer, "response": text,
+                                        "correct": correct, "key": key, "length": int(mask[row].sum()),
+                                        "truncated": not bool(ended[row])})
+                    sink.write(records)
+                    for record in records:
+                        done.setdefault((seed, name, record["index"]), []).append(record)
                     progress.update(len(indices), f"{name} seed {seed}")
-    progress.close()
+    finally:
+        progress.close()
+        sink.close()
     result = tabulate(done, loaded, options, pass_ks)
     result.update(settings=settings, command=command, generated_now=generated,
                   seconds_per_response=(seconds / generated) if generated else None)
-    (out_dir / RESULT).write_text(json.dumps(result, indent=2))
-    (out_dir / TABLE).write_text(markdown_table(result, label) + "\n")
+    replace_file(out_dir / RESULT, json.dumps(result, indent=2))
+    replace_file(out_dir / TABLE, markdown_table(result, label) + "\n")
     return result
 
 
@@ -442,10 +833,23 @@ def markdown_table(result: dict, label: str) -> str:
     if len(rows) > 1:
         rows.append(["mean (equal weight)", "", *(cell(result["mean"][m], m) for m in metrics)])
     seeds = ", ".join(map(str, result["seeds"]))
-    lines = [f"{label}: k={k} responses per problem, seeds {seeds}" + (" (mean ± std over seeds)" if several else ""),
+    settings = result.get("settings") or {}
+    sampled = (f" sampled at temperature {settings['temperature']:g}, top_p {settings['top_p']:g}"
+               if "temperature" in settings else "")
+    lines = [f"{label}: k={k} responses per problem{sampled}, seeds {seeds}" + (" (mean ± std over seeds)" if several else ""),
              "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(lines)
+
+
+def sampling_note(result: dict) -> str | None:
+    """One line under the table: what Avg@k is, and why it is below greedy accuracy when sampling is hot."""
+    k, temperature = result["k"], (result.get("settings") or {}).get("temperature")
+    if not temperature:
+        return None  # greedy: Avg@1 is the greedy accuracy
+    return (f"Avg@{k} is the accuracy of one response sampled at temperature {temperature:g}, averaged over the {k} "
+            f"samples per problem; it is expected to be below the greedy accuracy (what `opdlab fit` prints as "
+            f"'student accuracy'; here: --temperature 0 --k 1), more so the higher the temperature.")
 
 
 # ----------------------------------------------------------------------------- the command
@@ -488,10 +892,13 @@ def eval_command(
         engine: the rollout engine: static (default), reference, vllm (pip install -e ".[vllm]"), or a plugin's.
         dtype: weights' dtype (bfloat16 on GPUs for real models).
         device: auto (cuda when there is one), cpu, cuda, cuda:1 ...
-        out_dir: where responses.jsonl, result.json and results.md go (default: evals/<model folder name>).
-        overwrite: discard what out_dir holds instead of continuing it.
+        out_dir: where responses.jsonl, result.json and results.md go (default: <run>/eval for a run folder or
+            its student/, <run>/eval-<name> for a run's checkpoint, else evals/<name>-<hash of its path>).
+        overwrite: replace what out_dir holds instead of continuing it (the old files stay until the new
+            evaluation has its first responses).
     """
     from opdlab.engines.static import StaticCacheEngine
+    from opdlab.models import load_tokenizer
 
     if not model:
         raise EvalError("--model is required: a model directory, an opdlab run folder or checkpoint, "
@@ -502,24 +909,101 @@ def eval_command(
     if not options.benchmarks:
         raise EvalError("no benchmarks given; e.g. --config configs/eval/toy.yaml, or --benchmarks "
                         "'[{name: add3, path: \"toy:add3\"}]'")
+    # Everything that can be checked is, before any weights load and before the output folder changes.
     loaded = [load_benchmark(b) for b in options.benchmarks]  # every file is read and checked before the model
-    response_limits(options, loaded)
-    if out_dir is None:
-        name = model.replace(":", "_").replace("/", "_") if model.startswith("toy:") else Path(model.rstrip("/")).name
-        out_dir = str(Path("evals") / (name or "model"))
+    max_new = response_limits(options, loaded)
+    source = resolve_model(model)
+    tokenizer = load_tokenizer(source.tokenizer)
+    if options.chat_template:
+        check_chat_template(tokenizer, source.label, loaded[0].problems[0].prompt)
     device_ = pick_device(device)
-    net, tokenizer, label = load_model(model, dtype)
-    net.to(device_)
-    print(f"opdlab eval: {label} on {', '.join(b.spec.name for b in loaded)} "
+    engine = engine or StaticCacheEngine()
+    chosen = out_dir is not None
+    out = Path(out_dir) if chosen else default_out_dir(model, source)
+    fingerprint = model_fingerprint(source)  # None for a hub model not yet in the cache: after it loads
+    problems = {b.spec.name: b.problems for b in loaded}
+    plan = None
+    if fingerprint is not None:
+        plan = plan_output(out, eval_settings(source.label, fingerprint, engine, options, loaded, max_new, dtype),
+                           overwrite, problems)
+    print(f"opdlab eval: {source.label} on {', '.join(b.spec.name for b in loaded)} "
           f"({sum(len(b.problems) for b in loaded)} problems x {options.k} samples x {len(options.seeds)} seed(s)) "
-          f"-> {out_dir}", file=sys.stderr, flush=True)
-    result = evaluate(net, tokenizer, engine or StaticCacheEngine(), options, out_dir, label, overwrite,
-                      command="opdlab eval " + " ".join(sys.argv[2:]), loaded=loaded)
-    print(markdown_table(result, label))
+          f"-> {out}" + ("" if chosen else " (the default for this model; --out_dir to choose)"),
+          file=sys.stderr, flush=True)
+    net, _ = load_source(source, dtype)
+    if plan is None:
+        fingerprint = model_fingerprint(source) or weights_fingerprint(net)
+        plan = plan_output(out, eval_settings(source.label, fingerprint, engine, options, loaded, max_new, dtype),
+                           overwrite, problems)
+    net.to(device_)
+    result = evaluate(net, tokenizer, engine, options, out, source.label, overwrite,
+                      command="opdlab eval " + " ".join(sys.argv[2:]), loaded=loaded, plan=plan)
+    print(markdown_table(result, source.label))
+    note = sampling_note(result)
     per = result["seconds_per_response"]
-    print(f"\nresponses: {Path(out_dir) / RESPONSES}; table: {Path(out_dir) / TABLE}"
+    print(("\n" + note if note else "") + f"\nresponses: {out / RESPONSES}; table: {out / TABLE}"
           + (f"; {per * 1000:.1f} ms per sampled response" if per else ""))
     return result
+
+
+def check_config_files(argv: list[str]) -> None:
+    """Each `--config` file exists and holds a YAML mapping of options, or is refused in one line naming it
+    (jsonargparse would print its usage and the file's content)."""
+    import yaml
+
+    for i, arg in enumerate(argv):
+        if arg == "--config" and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif arg.startswith("--config="):
+            value = arg.partition("=")[2]
+        else:
+            continue
+        path = Path(value).expanduser()
+        if not path.exists():
+            if value.lstrip().startswith("{"):
+                continue  # settings given inline: jsonargparse reads them
+            raise EvalError(f"--config {value} not found; pass an evaluation settings file, e.g. --config "
+                            "configs/eval/toy.yaml")
+        if not path.is_file():
+            raise EvalError(f"--config {value} is a folder; pass an evaluation settings file, e.g. --config "
+                            "configs/eval/toy.yaml")
+        try:
+            data = yaml.safe_load(path.read_text())
+        except (yaml.YAMLError, UnicodeDecodeError) as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" (line {mark.line + 1})" if mark is not None else ""
+            reason = getattr(err, "problem", None) or " ".join(str(err).split())[:120]
+            raise EvalError(f"--config {value} is not valid YAML{where}: {reason}") from None
+        if data is not None and not isinstance(data, dict):
+            kind = "a list" if isinstance(data, list) else f"a single value ({short(data)})"
+            raise EvalError(f"--config {value}: the top level must be a mapping of options (k: 8, benchmarks: "
+                            f"[...], ...), but it is {kind}; see configs/eval/toy.yaml")
+
+
+def parser_error_line(message: str) -> str:
+    """jsonargparse's error on one line: its first line, with the reason when that line only names the key."""
+    lines = [line.strip() for line in str(message).splitlines() if line.strip()]
+    if not lines:
+        return str(message)
+    reasons = [line.lstrip("- ") for line in lines[1:]]
+    reasons = [r for r in reasons if not r.startswith(("Does not validate", "Subtypes:", "Errors:", "Given value"))]
+    return " ".join([lines[0], *reasons[:2]]) if lines[0].endswith(":") else lines[0]
+
+
+def eval_parser_class():
+    from jsonargparse import ArgumentParser
+
+    from opdlab.console import error_exit, traceback_wanted
+
+    class EvalArgumentParser(ArgumentParser):
+        """An option or config value jsonargparse refuses: one line, not the usage of every option first."""
+
+        def error(self, message: str, ex: Exception | None = None):
+            if traceback_wanted():
+                return super().error(message, ex)
+            error_exit(parser_error_line(message), "opdlab eval", code=2, hint="run 'opdlab eval --help' for every option")
+
+    return EvalArgumentParser
 
 
 def run_eval(argv: list[str]) -> None:
@@ -529,4 +1013,5 @@ def run_eval(argv: list[str]) -> None:
     from opdlab import plugins
 
     argv = plugins.expand_short_names(argv, {"--engine": "opdlab.rollout_engines"})
-    CLI(eval_command, args=argv, prog="opdlab eval")  # an EvalError is one line from opdlab.cli.main
+    check_config_files(argv)
+    CLI(eval_command, args=argv, prog="opdlab eval", parser_class=eval_parser_class())  # an EvalError: one line
