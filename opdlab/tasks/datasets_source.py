@@ -74,7 +74,8 @@ def check_file(path: Path) -> str:
         raise DataError(f"{path} is not a parquet file (parquet files start with PAR1; this one starts with "
                         f"{head[:4]!r}{', an arrow file' if found == 'arrow' else ''}); rename it to the format it is "
                         "(.jsonl, .csv, .arrow) or write it again as parquet")
-    if kind == "arrow" and found not in ("arrow", None) or kind == "arrow" and head[:1] in (b"{", b"["):
+    text = all(32 <= b < 127 or b in (9, 10, 13) for b in head)  # printable ASCII: JSON, CSV, a note
+    if kind == "arrow" and (found not in ("arrow", None) or text):
         raise DataError(f"{path} is not an arrow file ({found or 'it starts with text ' + repr(head[:4])}); rename it to "
                         "the format it is")
     if kind in ("json", "csv") and found in ("parquet", "arrow"):
@@ -145,6 +146,8 @@ def load_files(path: str, files: list[Path], split: str, streaming: bool):
         return datasets.load_dataset(kind, data_files=[str(f) for f in files], split="train", streaming=streaming,
                                      **builder_options(kind, files))
     except Exception as err:  # noqa: BLE001 - pyarrow's and datasets' many parse errors: one line with the file
+        if "corresponds to no data" in str(err):  # datasets' word for a file of column names and no records
+            raise DataError(f"{path}: no rows (the file holds column names and no records)") from None
         raise DataError(f"{path}: could not be read as {kind} ({one_line(err)})") from None
 
 
@@ -216,6 +219,8 @@ def load_records(path: str, split: str = "train", streaming: bool = False):
                             f"{kind} file(s); move the data files into a folder of their own, or pass a glob "
                             f"(e.g. {path.rstrip('/')}/*{files[0].suffix})")
         return loaded
+    if local.suffix.lower() in FORMATS:  # a file name, not a hub id (owner/name): say so without asking the hub
+        raise FileNotFoundError(f"prompt file not found: {path} (relative paths start from {os.getcwd()})")
     if path.count("/") != 1 or path.startswith((".", "/", "~")):
         raise FileNotFoundError(f"dataset not found: {path} is neither a file, a folder nor a hub id (owner/name)")
     datasets = import_datasets()
