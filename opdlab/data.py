@@ -27,6 +27,21 @@ def collate_problems(items: list[Problem] | list[tuple[int, Problem]]) -> dict[s
     }
 
 
+def lost_characters(tokenizer, texts: list[str], sample: int = 64) -> tuple[str, str] | None:
+    """(the characters, a text holding them) of the first `sample` texts that `tokenizer` cannot represent: gone
+    after encoding and decoding (mapped to its unknown token, or dropped, e.g. words on the character-level toy);
+    None when every character survives. Whitespace is ignored (tokenizers normalise it). Every command that feeds
+    prompts to a model can say so once: the models cannot read such characters, and accuracy would read 0% with
+    no hint why. A prompt_template's own characters count: they are in every prompt."""
+    for text in texts[:sample]:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        back = tokenizer.decode(ids, skip_special_tokens=True)
+        lost = sorted(set(text) - set(back) - set(" \t\n\r"))
+        if lost:
+            return "".join(lost), text
+    return None
+
+
 class PromptStream(IterableDataset):
     """An endless stream of (index, problem); rank r of w reads indices start + r, start + r + w, ...
 
