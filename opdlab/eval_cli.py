@@ -572,6 +572,10 @@ def plan_output(out_dir: str | Path, settings: dict, overwrite: bool,
             raise EvalError(f"{out_dir} holds the responses of another model (fingerprint {short(was)} there, "
                             f"{short(now)} now: {settings.get('model')} is not the model that made them, even if "
                             f"it lies at the same path); {again}")
+        if key.startswith("benchmark_fingerprints."):
+            name = key.partition(".")[2]
+            raise EvalError(f"{out_dir} holds responses to another version of benchmark {name!r} (its problems, "
+                            f"answers or prompts changed since; content {short(was)} there, {short(now)} now); {again}")
         raise EvalError(f"{out_dir} holds an evaluation with other settings ({key}: {short(was)} there, {short(now)} "
                         f"now); {again}")
     done = read_responses(responses, settings["k"], problems)

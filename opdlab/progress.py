@@ -60,7 +60,7 @@ class Progress:
         self.stream = stream if stream is not None else sys.stderr
         self.total, self.n, self.first, self.last = total, initial, initial, initial
         self.desc, self.unit, self.interval, self.fraction = desc, unit, interval, fraction
-        self.last_time = 0.0  # no line yet: the first update prints one
+        self.last_time = float("-inf")  # no line yet: the first update prints one
         self.bar = None
         if is_interactive(self.stream):
             from tqdm.auto import tqdm
