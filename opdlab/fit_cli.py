@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import sys
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 from typing import ClassVar, Optional
 
@@ -160,8 +161,21 @@ class OPDLabCLI(LightningCLI):
         if subcommand in ("validate", "test"):
             config.trainer.logger = False  # an evaluation is printed; it does not clutter the training runs
             self.save_config_callback = None  # nor the working directory (no log folder to save config.yaml in)
+            eval_group = config.get("eval")
+            if eval_group is not None and eval_group.get("benchmarks"):
+                raise RunError(f"--eval.* evaluates the student exported at the end of `opdlab fit`; `opdlab "
+                               f"{subcommand}` does not run it. Evaluate a model with: opdlab eval --model <run "
+                               "folder or model> --config <the eval settings>")
         elif subcommand == "fit":
-            self.resolve_run_folder(config)
+            check_fit_options(config)
+            if config.trainer.get("fast_dev_run"):  # a dry run writes nothing: no run folder, checkpoint or export
+                if config.get("resume") or config.get("ckpt_path"):
+                    raise RunError("--trainer.fast_dev_run is a dry run of a new fit; it does not resume "
+                                   "(drop --resume / --ckpt_path)")
+                config.trainer.logger = False
+                self.save_config_callback = None
+            else:
+                self.resolve_run_folder(config)
         interval = config.trainer.get("val_check_interval")
         if isinstance(interval, (int, float)) and not isinstance(interval, bool) and interval <= 0:
             raise RunError(f"trainer.val_check_interval must be > 0 (steps between validations, or a fraction of "
@@ -188,6 +202,8 @@ class OPDLabCLI(LightningCLI):
         writable_folder(init.save_dir, "--trainer.logger.init_args.save_dir")
         base = Path(init.save_dir) / (init.get("name") or "")
         version, checkpoint = resolve_run(base, config.get("run_name"), bool(config.get("resume")))
+        if checkpoint is not None:  # before anything reads it: a damaged one names the intact checkpoint beside it
+            check_something_to_train(checkpoint, config.trainer.get("max_steps"), base / version)
         OPDLabCLI.run_base = base  # a new run folder that ends up empty is removed (run_fit)
         OPDLabCLI.runs_before = {p for p in base.glob("*") if p.is_dir()} if base.is_dir() else set()
         if version is not None:
@@ -195,7 +211,8 @@ class OPDLabCLI(LightningCLI):
             lock_run(base / version)  # a named or resumed run: one fit at a time
         if checkpoint is not None and logger.class_path.endswith("TensorBoardLogger"):
             # Steps after the checkpoint are trained again: TensorBoard drops their earlier points (purge_step).
-            init.purge_step = checkpoint_step(checkpoint)
+            # Points sit at the number of steps done (OPDModule.log_step): step N's are kept, N + 1's on are dropped.
+            init.purge_step = checkpoint_step(checkpoint) + 1
         self.trainer_log_dir_hint = str(base / version) if version is not None and checkpoint is not None else None
         if checkpoint is not None:
             config.ckpt_path = str(checkpoint)
@@ -290,7 +307,8 @@ class OPDLabCLI(LightningCLI):
             if ckpt_path:
                 print(f"opdlab fit: resuming from {ckpt_path}", flush=True)
         if not ckpt_path:  # the accuracy before training (FitSummary); a resumed run's is in its checkpoint
-            self.trainer.validate(self.model, datamodule=self.datamodule, verbose=False)  # builds the models first
+            with loggers_kept_open(self.trainer):  # one event file per run, not one for this validation and one for fit
+                self.trainer.validate(self.model, datamodule=self.datamodule, verbose=False)  # builds the models first
 
     def after_fit(self) -> None:
         trainer = self.trainer
@@ -298,14 +316,39 @@ class OPDLabCLI(LightningCLI):
         if interrupt is not None and interrupt.stopped_by is not None:
             self.exit_interrupted(interrupt)
         summary = next(c for c in trainer.callbacks if isinstance(c, FitSummary))
-        if summary.accuracy_step != trainer.global_step:  # no validation after the last step yet
-            trainer.validate(self.model, datamodule=self.datamodule, verbose=False)
+        if trainer.fast_dev_run:
+            if trainer.is_global_zero:
+                print(f"\nopdlab fit: --trainer.fast_dev_run: a dry run of {trainer.global_step} step(s) ran; nothing "
+                      f"was saved (no run folder, checkpoint, summary or exported student). Student accuracy after it: "
+                      f"{summary.accuracy:.1%} (one validation batch; not a result)", flush=True)
+            return
         export = Path(trainer.log_dir or trainer.default_root_dir) / "student"  # log_dir and export are collectives
-        self.model.export_student(str(export))
+        with interruptible(trainer, lambda signum: self.stopped_before_export(signum)):
+            if summary.accuracy_step != trainer.global_step:  # no validation after the last step yet
+                trainer.validate(self.model, datamodule=self.datamodule, verbose=False)
+            self.model.export_student(str(export))
         if trainer.is_global_zero:
             lines = [*summary.lines(trainer.global_step, summary.accuracy), f"student exported to {export}"]
             print("\n".join(["", "opdlab fit summary", *lines]))
         self.evaluate_exported(export)
+
+    def stopped_before_export(self, signum: int) -> None:
+        """SIGINT/SIGTERM in the validation or export after the last step: keep the trained weights (a checkpoint,
+        unless one of this step is there) and say how to finish (a --resume at max_steps validates and exports)."""
+        import shlex
+        import signal
+
+        trainer = self.trainer
+        path = SaveOnInterrupt.checkpoint_path(trainer)
+        saved = path.is_file() and safe_checkpoint_step(path) == trainer.global_step
+        if not saved:
+            trainer.save_checkpoint(str(path))
+        args = [a for a in self.argv if a not in ("--resume", "--resume=true")]
+        run_name = [] if "--run_name" in args else ["--run_name", Path(trainer.log_dir or "").name]
+        print(f"\nopdlab fit: stopped by {signal.Signals(signum).name} in the validation and export after step "
+              f"{trainer.global_step} (training had finished); the trained weights are in {path}"
+              f"{'' if saved else ' (saved now)'}\nfinish (validate and export) with: opdlab "
+              f"{shlex.join([*args, *run_name])} --resume", flush=True)
 
     def evaluate_exported(self, export: Path) -> None:
         """`--eval.*`: the same sampled evaluation as `opdlab eval --model <export>`, into <run>/eval."""
@@ -319,14 +362,32 @@ class OPDLabCLI(LightningCLI):
             return
         from opdlab.eval_cli import evaluate, load_model, markdown_table
 
-        net, tokenizer, label = load_model(str(export), self.model.memory_options.student_dtype)
-        net.to(self.model.device)
         out = export.parent / "eval"
-        print(f"\nopdlab fit: evaluating the exported student ({len(options.benchmarks)} set(s), k={options.k}) into "
-              f"{out}", flush=True)
-        result = evaluate(net, tokenizer, self.model.rollout_engine, options, out, label, overwrite=True,
-                          command="opdlab fit " + " ".join(self.argv), loaded=getattr(self, "eval_benchmarks", None))
+        with interruptible(self.trainer, lambda signum: self.stopped_in_eval(signum, export, out, options)):
+            net, tokenizer, label = load_model(str(export), self.model.memory_options.student_dtype)
+            net.to(self.model.device)
+            print(f"\nopdlab fit: evaluating the exported student ({len(options.benchmarks)} set(s), k={options.k}) "
+                  f"into {out}", flush=True)
+            result = evaluate(net, tokenizer, self.model.rollout_engine, options, out, label, overwrite=True,
+                              command="opdlab fit " + " ".join(self.argv), loaded=getattr(self, "eval_benchmarks", None))
         print(markdown_table(result, label), flush=True)
+
+    @staticmethod
+    def stopped_in_eval(signum: int, export: Path, out: Path, options: EvalOptions) -> None:
+        """SIGINT/SIGTERM in the evaluation after training: the student is exported and the responses written so
+        far are kept; the evaluation's settings go to a config file `opdlab eval` continues from."""
+        import dataclasses
+        import shlex
+        import signal
+
+        import yaml
+
+        settings = export.parent / "eval_config.yaml"
+        settings.write_text(yaml.safe_dump(json_ready(dataclasses.asdict(options)), sort_keys=False))
+        print(f"\nopdlab fit: stopped by {signal.Signals(signum).name} in the evaluation after training; the trained "
+              f"student is exported to {export}, the responses generated so far are kept in {out}\ncontinue the "
+              f"evaluation with: opdlab eval --model {shlex.quote(str(export))} --config {shlex.quote(str(settings))} "
+              f"--out_dir {shlex.quote(str(out))}", flush=True)
 
     def exit_interrupted(self, interrupt: SaveOnInterrupt) -> None:
         """After SIGINT/SIGTERM: where the checkpoint is, the command that continues, exit 128 + signal."""
@@ -339,6 +400,100 @@ class OPDLabCLI(LightningCLI):
                   f"{self.trainer.global_step}; checkpoint saved to {interrupt.saved}\ncontinue with: opdlab "
                   f"{shlex.join(args)} --resume", flush=True)
         sys.exit(128 + int(interrupt.stopped_by))
+
+
+@contextmanager
+def interruptible(trainer, on_stop):
+    """SIGINT/SIGTERM stop the block (Lightning's own handlers are gone once training ended, and the validation it
+    runs turns a KeyboardInterrupt into exit 1): `on_stop(signal number)` says what was kept, then the process exits
+    with 128 + the signal. Single-process runs only (several ranks would have to agree); elsewhere a no-op."""
+    import signal
+    import threading
+
+    if trainer.world_size > 1 or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+
+    def handle(signum, frame):
+        if received:  # a second Ctrl-C while on_stop runs: stop at once
+            raise KeyboardInterrupt
+        received.append(signum)
+        raise KeyboardInterrupt
+
+    previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    except (KeyboardInterrupt, SystemExit):
+        if not received:
+            raise
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        on_stop(received[0])
+        sys.exit(128 + received[0])
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+@contextmanager
+def loggers_kept_open(trainer):
+    """Lightning finalizes (closes) the loggers at the end of every trainer call; the TensorBoard writer then
+    reopens in a new event file. Around the validation before fit, finalizing only saves."""
+    patched = []
+    for logger in trainer.loggers:
+        if "finalize" not in vars(logger):
+            logger.finalize = lambda status, logger=logger: logger.save()
+            patched.append(logger)
+    try:
+        yield
+    finally:
+        for logger in patched:
+            del logger.finalize
+
+
+def json_ready(value):
+    """Tuples as lists (for YAML), recursively."""
+    if isinstance(value, (list, tuple)):
+        return [json_ready(v) for v in value]
+    if isinstance(value, dict):
+        return {k: json_ready(v) for k, v in value.items()}
+    return value
+
+
+def check_fit_options(config) -> None:
+    """Options a fit refuses before any model loads."""
+    memory = config.model.get("memory")
+    dtype = memory.get("student_dtype") if memory is not None else None
+    if dtype == "float16":
+        raise RunError("--model.memory.student_dtype float16 trains the student's weights in float16 without loss "
+                       "scaling: its updates overflow (NaN weights after one step on the toy). Train in bfloat16 "
+                       "(--model.memory.student_dtype bfloat16) or keep float32 weights (the default), optionally with "
+                       "--trainer.precision bf16-mixed; float16 is fine for a frozen teacher (--model.memory.teacher_dtype)")
+
+
+def check_something_to_train(checkpoint: Path, max_steps, folder: Path) -> None:
+    """A resume of a run that already trained its max_steps and exported its student has nothing to do."""
+    step = safe_checkpoint_step(checkpoint)
+    if step is None:
+        intact = sorted((p for p in checkpoint.parent.glob("*.ckpt") if p != checkpoint and safe_checkpoint_step(p) is not None),
+                        key=lambda p: safe_checkpoint_step(p) or 0)
+        hint = (f"; the newest intact checkpoint beside it is {intact[-1]} (step {safe_checkpoint_step(intact[-1])}): "
+                f"resume from it with --ckpt_path {intact[-1]} (without --resume)") if intact else \
+            "; no intact checkpoint is beside it: start a new run"
+        raise RunError(f"cannot resume: {checkpoint} is damaged or incomplete (not a readable checkpoint){hint}")
+    if isinstance(max_steps, int) and 0 <= max_steps <= step and (folder / "student").is_dir():
+        raise RunError(f"run {folder} is finished: its checkpoint is at step {step} (trainer.max_steps {max_steps}) and "
+                       f"its student is exported to {folder / 'student'}; raise --trainer.max_steps to train further, or "
+                       f"evaluate it: opdlab eval --model {folder}")
+
+
+def safe_checkpoint_step(path: Path) -> int | None:
+    """checkpoint_step, or None for a file that is not a readable checkpoint (truncated, garbage)."""
+    try:
+        return checkpoint_step(path)
+    except Exception:  # noqa: BLE001 - any unreadable file is "not a checkpoint" here
+        return None
 
 
 def checkpoint_step(path: Path) -> int:

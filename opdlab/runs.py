@@ -56,8 +56,33 @@ def remove_runs_without_results(base: Path, before: set[Path]) -> list[Path]:
     return removed
 
 
+def check_run_name(name: str) -> str:
+    """`--run_name` names one folder under `<save_dir>/<name>`: a path (`a/b`, `../x`, `/abs`), `.`/`..`, an empty
+    name or one with control characters would write elsewhere, or into the experiment's own folder."""
+    problem = ("is empty" if not name.strip() else
+               "is '.' or '..'" if name.strip() in (".", "..") else
+               "contains a path separator" if "/" in name or "\\" in name or (os.sep in name) else
+               "has control characters" if any(ord(ch) < 32 for ch in name) else
+               "starts with '-'" if name.startswith("-") else None)
+    if problem:
+        raise RunError(f"--run_name {name!r} {problem}: it names one folder under <save_dir>/<name> (e.g. --run_name "
+                       "lr3e-4); to write elsewhere set --trainer.logger.init_args.save_dir")
+    return name
+
+
+def results_in(folder: Path) -> list[str]:
+    """What a run folder already holds (files and folders other than the fit lock), for refusing to overwrite it."""
+    if not folder.is_dir():
+        return []
+    first = {"student/": 0, "summary.json": 1, "checkpoints/": 2, "eval/": 3}  # what a user would miss most, first
+    names = [p.name + ("/" if p.is_dir() else "") for p in folder.iterdir() if p.name != ".opdlab.lock"]
+    return sorted(names, key=lambda name: (first.get(name, len(first)), name))
+
+
 def resolve_run(base: Path, run_name: str | None, resume: bool) -> tuple[str | None, Path | None]:
     """(the logger version to use, the checkpoint to resume from) for a fit logging under `base`."""
+    if run_name is not None:
+        check_run_name(run_name)
     if resume:
         folder = base / run_name if run_name else latest_resumable_run(base)
         checkpoint = folder / "checkpoints" / "last.ckpt"
@@ -67,6 +92,11 @@ def resolve_run(base: Path, run_name: str | None, resume: bool) -> tuple[str | N
     if run_name and (base / run_name / "checkpoints").exists():
         raise RunError(f"run {base / run_name} already has checkpoints; pass --resume to continue it, or another "
                        "--run_name")
+    held = results_in(base / run_name) if run_name else []
+    if held:  # a finished run without checkpoints (e.g. configs/fast.yaml), or files put there by hand
+        shown = ", ".join(held[:4]) + (f" and {len(held) - 4} more" if len(held) > 4 else "")
+        raise RunError(f"run {base / run_name} already holds {shown}; a run folder is never overwritten: choose "
+                       "another --run_name (or move that folder away to reuse the name)")
     return run_name, None
 
 
@@ -103,8 +133,13 @@ def lock_run(folder: Path) -> None:
             except (OSError, ValueError):
                 pid = 0
             if pid and pid != os.getpid() and process_alive(pid):
-                raise RunError(f"run {folder} is in use by another opdlab fit (process {pid}); wait for it, or "
-                               "choose another --run_name") from None
+                command = process_command(pid)
+                if command is not None and "opdlab" not in command:  # the fit that wrote it is gone; its id was reused
+                    raise RunError(f"run {folder} has a lock file naming process {pid}, which is now {command[:60]!r}, "
+                                   f"not an opdlab fit: the lock is probably stale (left by a fit that was killed). If "
+                                   f"no opdlab fit uses this run, delete {lock} and start again") from None
+                raise RunError(f"run {folder} is in use by another opdlab fit (process {pid}); wait for it, or choose "
+                               f"another --run_name (if that process is not using this run, delete {lock})") from None
             lock.unlink(missing_ok=True)  # stale: its process is gone
             continue
         with os.fdopen(fd, "w") as f:
@@ -122,3 +157,12 @@ def process_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def process_command(pid: int) -> str | None:
+    """The command line of a running process (Linux /proc), or None where it cannot be read."""
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return None
+    return raw.replace(b"\0", b" ").decode(errors="replace").strip() or None

@@ -84,7 +84,9 @@ def test_fit_logs_namespaced_tensorboard_tags(uninterrupted):
     tags = scalars(root / "runs" / "fast" / "full")
     for tag in ("train/loss", "train/retained_ratio", "rollout/len_mean", "val/accuracy", "val/teacher_accuracy"):
         assert tag in tags, f"{tag} missing from {sorted(tags)}"
-    assert [step for step, _ in tags["train/loss"]] == list(range(MAX_STEPS))
+    # every point sits at the number of steps done: step N's loss and the validation after it at N
+    assert [step for step, _ in tags["train/loss"]] == list(range(1, MAX_STEPS + 1))
+    assert [step for step, _ in tags["val/accuracy"]] == [0, 2, 4]  # before training, then every 2 steps
     assert all(math.isfinite(v) for _, v in tags["train/loss"])
     # fast.yaml keeps 20% of response tokens (at least one per response, so a bit more on short rollouts).
     assert all(0.2 <= v <= 1.0 for _, v in tags["train/retained_ratio"])
@@ -145,8 +147,8 @@ def test_resume_continues_the_same_run(uninterrupted, tiny_checkpoints):
 
     full = dict(scalars(root / "runs" / "fast" / "full")["train/loss"])
     resumed = dict(scalars(root / "runs" / "fast" / "resumed")["train/loss"])
-    assert sorted(resumed) == list(range(k, MAX_STEPS))
-    assert resumed == {step: full[step] for step in range(k, MAX_STEPS)}
+    assert sorted(resumed) == list(range(k + 1, MAX_STEPS + 1))
+    assert resumed == {step: full[step] for step in range(k + 1, MAX_STEPS + 1)}
 
     a = load_ckpt(root / "ckpt_full" / f"step={MAX_STEPS}.ckpt")
     b = load_ckpt(root / "ckpt_resumed" / f"step={MAX_STEPS}.ckpt")
@@ -324,7 +326,7 @@ def test_resume_continues_the_latest_run_in_its_own_folder(tmp_path, tiny_checkp
         assert f"steps: {steps}" in again.out and f"before {before} ->" in again.out  # not re-validated
     assert sorted(p.name for p in (tmp_path / "runs" / "fast").iterdir()) == ["version_0"]
     losses = dict(scalars(run)["train/loss"])
-    assert sorted(losses) == [0, 1, 2, 3]  # one curve across the three processes
+    assert sorted(losses) == [1, 2, 3, 4]  # one curve across the three processes
     assert "hp_metric" not in scalars(run)
 
 
@@ -417,7 +419,7 @@ def test_resume_with_the_csv_logger_keeps_the_earlier_rows(tmp_path, tiny_checkp
         assert again.code == 0, again.err[-3000:]
     with open(run / "metrics.csv", newline="") as file:
         losses = [int(row["step"]) for row in csv.DictReader(file) if row.get("train/loss")]
-    assert losses == [0, 1, 2, 3, 4, 5], losses  # one row per step, across three processes
+    assert losses == [1, 2, 3, 4, 5, 6], losses  # one row per step, across three processes
 
 
 def test_resume_refuses_when_the_latest_run_has_no_checkpoint(tmp_path, tiny_checkpoints):
@@ -561,14 +563,21 @@ def test_two_fits_with_the_same_run_name_cannot_share_its_folder(tmp_path, tiny_
 
     run = tmp_path / "runs" / "fast" / "mine"
     run.mkdir(parents=True)
-    holder = subprocess.Popen(["sleep", "30"])  # a live process holding the run's lock
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)", "opdlab"])  # a live fit's lock
+    unrelated = subprocess.Popen(["sleep", "30"])  # a process that reused the id of a killed fit
     try:
         (run / ".opdlab.lock").write_text(str(holder.pid))
         message = str(run_fit(tmp_path, tiny_checkpoints, "--trainer.max_steps", "1", "--run_name", "mine").code)
         assert f"run {run} is in use by another opdlab fit (process {holder.pid})" in message, message
+        (run / ".opdlab.lock").write_text(str(unrelated.pid))
+        message = str(run_fit(tmp_path, tiny_checkpoints, "--trainer.max_steps", "1", "--run_name", "mine").code)
+        assert f"naming process {unrelated.pid}, which is now 'sleep 30', not an opdlab fit: the lock is probably " \
+               f"stale" in message and f"delete {run / '.opdlab.lock'}" in message, message
     finally:
-        holder.kill()
-        holder.wait()
+        for process in (holder, unrelated):
+            process.kill()
+            process.wait()
+    (run / ".opdlab.lock").unlink()
     result = run_fit(tmp_path, tiny_checkpoints, "--trainer.max_steps", "1", "--run_name", "mine")  # a stale lock
     assert result.code == 0, result.err[-2000:]
 
@@ -608,7 +617,7 @@ def test_resume_after_an_interruption_past_the_checkpoint_keeps_one_tensorboard_
     again = run_fit(tmp_path, tiny_checkpoints, "--trainer.max_steps", "4", "--resume")
     assert again.code == 0, again.err[-3000:]
     steps = [step for step, _ in scalars(run)["train/loss"]]
-    assert steps == [0, 1, 2, 3], steps
+    assert steps == [1, 2, 3, 4], steps
 
 
 def test_evaluation_prompts_that_are_also_training_prompts_are_warned_about(tmp_path):

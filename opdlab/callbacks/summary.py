@@ -34,6 +34,10 @@ class FitSummary(L.Callback):
         self.before: float | None = None
         self.accuracy, self.accuracy_step, self.teacher = float("nan"), -1, None
         self.response_tokens, self.started, self.seconds = 0, None, 0.0
+        self.kept_tokens = 0  # of response_tokens, those the selector kept (the loss's positions)
+        self.steps_here = 0  # optimizer steps trained by this process (0 for a resume of a finished run)
+        self.budget: float | None = None  # the selector's ratio, and whether it keeps one token per response
+        self.floor = False
         self.validations: list[tuple[int, float]] = []  # (global step, val/accuracy) of every validation
         self.trained = False  # on_train_end was reached: summary.json is (re)written from then on
         self.path: Path | None = None  # where summary.json was written
@@ -54,11 +58,17 @@ class FitSummary(L.Callback):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.started = time.perf_counter()
+        selector = getattr(pl_module, "selector", None)
+        ratio = getattr(selector, "ratio", None)
+        self.budget = float(ratio) if isinstance(ratio, (int, float)) else None
+        self.floor = bool(getattr(selector, "per_response_floor", False))
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
         record = step_record(outputs)
+        self.steps_here += 1
         if record is not None:  # valid response tokens sampled in training, this process
             self.response_tokens += int(record.rollout.response_mask.sum())
+            self.kept_tokens += int((record.keep.bool() & record.rollout.response_mask.bool()).sum())
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.started is not None:
@@ -70,6 +80,11 @@ class FitSummary(L.Callback):
     def tokens_per_second(self) -> float:
         return self.response_tokens / max(self.seconds, 1e-9)
 
+    @property
+    def kept_share(self) -> float | None:
+        """The share of sampled response tokens that got the loss (this process's steps)."""
+        return self.kept_tokens / self.response_tokens if self.response_tokens else None
+
     def as_dict(self, steps: int) -> dict:
         """What summary.json holds; accuracies are fractions (null when not measured)."""
         return {
@@ -77,6 +92,8 @@ class FitSummary(L.Callback):
             "train_seconds": round(self.seconds, 3),  # training only (this process's part of a resumed run)
             "response_tokens": self.response_tokens,
             "response_tokens_per_second": round(self.tokens_per_second, 3),
+            "kept_tokens": self.kept_tokens,  # response tokens the selector kept (the loss's positions)
+            "kept_token_share": finite_or_none(self.kept_share),
             "accuracy_before": finite_or_none(self.before),
             "accuracy_after": finite_or_none(self.accuracy),
             "accuracy_after_step": self.accuracy_step if self.accuracy_step >= 0 else None,
@@ -88,7 +105,7 @@ class FitSummary(L.Callback):
         """`summary.json` in the run folder (the folder the student is exported to), on rank 0; atomic, so a
         reader never sees half a file. Every rank calls it (the run folder is agreed on collectively)."""
         folder = Path(trainer.log_dir or trainer.default_root_dir)
-        if not trainer.is_global_zero:
+        if not trainer.is_global_zero or trainer.fast_dev_run:  # a dry run writes nothing
             return None
         folder.mkdir(parents=True, exist_ok=True)
         path, partial = folder / self.FILENAME, folder / f".{self.FILENAME}.partial"
@@ -100,12 +117,31 @@ class FitSummary(L.Callback):
     def lines(self, steps: int, after: float) -> list[str]:
         before = f"{self.before:.1%}" if self.before is not None else "n/a"
         teacher = f"   (teacher {self.teacher:.1%})" if self.teacher is not None else ""
+        if self.steps_here:
+            timing = (f"steps: {steps}   training wall time: {self.seconds:.1f} s   "
+                      f"response tokens/s: {self.tokens_per_second:.0f}")
+        else:
+            timing = f"steps: {steps} (all trained before this resume: this process trained none)"
         return [
-            (f"steps: {steps}   training wall time: {self.seconds:.1f} s   "
-             f"response tokens/s: {self.tokens_per_second:.0f}"),
+            timing,
+            *([self.kept_line()] if self.kept_share is not None else []),
             f"student accuracy: before {before} -> after {after:.1%}{teacher}",
+            ("  (greedy decoding on the held-out prompts; `opdlab eval` reports Avg@k over sampled responses, "
+             "lower at temperature 1)"),
             *([f"summary (JSON) in {self.path}"] if self.path is not None else []),
         ]
+
+    def kept_line(self) -> str:
+        """The share of response tokens trained on, and why it exceeds the budget when the floor raised it."""
+        share = self.kept_share or 0.0
+        line = f"trained on {share:.1%} of {self.response_tokens} sampled response tokens"
+        if self.budget is not None and self.budget < 1:
+            line += f" (selector budget {self.budget:.0%}"
+            if self.floor and share > self.budget * 1.05:
+                line += ("; the floor of one kept token per response raises it on short responses, and "
+                         "per_response_floor: false keeps the budget exactly: docs/method.md §2.4")
+            line += ")"
+        return line
 
     def state_dict(self) -> dict:
         return {"before": self.before, "validations": [list(v) for v in self.validations]}
