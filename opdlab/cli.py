@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -80,6 +81,9 @@ def run_plugins(argv: list[str]) -> None:
         found, errors = plugins.scan(group)
         rows += [(p.group.split(".")[-1], p.name, p.package, p.class_path) for p in found.values()]
         broken += errors
+    if plugins.plugins_disabled():
+        print(f"third-party plugins are off ({plugins.DISABLE_ENV}={os.environ[plugins.DISABLE_ENV]}): only opdlab's "
+              f"built-ins are listed and loaded; unset {plugins.DISABLE_ENV} to load every installed plugin\n")
     widths = [max(len(r[i]) for r in [("group", "name", "package", "class"), *rows]) for i in range(4)]
     for row in [("group", "name", "package", "class"), *rows]:
         print("  ".join(col.ljust(w) for col, w in zip(row, widths, strict=True)))

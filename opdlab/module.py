@@ -24,6 +24,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from torchmetrics import MeanMetric
 
 from opdlab.checkpointing import capture_rng_state, restore_rng_state
+from opdlab.console import OpdlabError
 from opdlab.distributed import all_reduce_sum, gather_stats, world_size
 from opdlab.divergences import Divergence, SampledTokenOPD
 from opdlab.engines import RolloutEngine, SamplingParams, StaticCacheEngine
@@ -54,6 +55,38 @@ class StepRecord:
     keep: torch.Tensor  # (N, L) bool
     seconds: dict[str, float]
     plan: StepPlan
+
+
+@dataclasses.dataclass
+class LossPath:
+    """How a training step gets from hidden states to the loss, chosen once by the step plan:
+
+    - `shared` (a selector that keeps every valid position, one micro-batch, a local head): one projection per
+      chunk gives the statistics and the loss of every row; nothing is selected;
+    - otherwise: the statistics without grad, the selector's keep mask, then the loss on the kept rows only.
+    """
+
+    module: "OPDModule"
+    hidden: list
+    rollout: Rollout
+    plan: StepPlan
+    shared_loss: HeadLoss | None = None
+
+    def score(self) -> TokenStats:
+        if self.plan.shared_projection:
+            stats, self.shared_loss = self.module.score_with_loss(self.hidden, self.rollout, self.plan)
+            return stats
+        return self.module.score(self.hidden, self.rollout, self.plan)
+
+    def select(self, stats: TokenStats) -> torch.Tensor:
+        return stats.valid.clone() if self.plan.shared_projection else self.module.select(stats)
+
+    def backward(self, keep: torch.Tensor, stats: TokenStats) -> torch.Tensor:
+        """Backpropagate the step's loss; returns its global value."""
+        if self.shared_loss is not None:
+            self.module.manual_backward(self.shared_loss.loss)
+            return global_loss(self.shared_loss.loss)
+        return self.module.backward_loss(self.hidden, keep, self.rollout, stats, self.plan)
 
 
 def as_options(cls, value):
@@ -160,6 +193,7 @@ class OPDModule(L.LightningModule):
         self.check_positions()
         self.student_head = LogitHead(self.student, self.placement.columns)
         self.bind_rollout_engine()
+        choose_cpu_threads([self.student, self.teacher], self.device)
 
     @property
     def teacher_head(self) -> LogitHead | None:
@@ -206,30 +240,22 @@ class OPDModule(L.LightningModule):
         plan = self.plan(rollout.response_mask.shape[0])
         with timer("forward"):
             hidden = self.hidden_states(rollout, plan)
-        # Two paths, chosen by the plan: a selector that keeps every valid position (ratio 1, a local head) gets
-        # the loss of all rows from the scoring pass itself and is not asked to select; any other selects first
-        # and computes the loss on the kept rows only.
-        shared_loss = None
+        path = LossPath(self, hidden, rollout, plan)  # one projection, or score -> select -> loss
         with timer("score"):
-            if plan.shared_projection:
-                stats, shared_loss = self.score_with_loss(hidden, rollout, plan)
-            else:
-                stats = self.score(hidden, rollout, plan)
+            stats = path.score()
         with timer("select"):
-            keep = stats.valid.clone() if shared_loss is not None else self.select(stats)
+            keep = path.select(stats)
         record = StepRecord(rollout, stats, keep, timer.seconds, plan)
         self.warn_if_nothing_kept(keep)
         bad = stats.non_finite_models()
         if self.skip_non_finite(not bad, f"{' and '.join(bad)} log-probs ({self.checkpoints_of(bad)})"):
+            self.log_step_number(stepped=False)
             return {"record": record}
         with timer("loss"):
-            if shared_loss is not None:
-                self.manual_backward(shared_loss.loss)
-                loss = global_loss(shared_loss.loss)
-            else:
-                loss = self.backward_loss(hidden, keep, rollout, stats, plan)
+            loss = path.backward(keep, stats)
         with timer("optimizer"):
             stepped = self.optimizer_step()
+        self.log_step_number(stepped)
         self.log_step(loss, timer.seconds, rows=rollout.response_mask.shape[0])
         return {"loss": loss, "record": record} if stepped else {"record": record}
 
@@ -240,6 +266,13 @@ class OPDModule(L.LightningModule):
             rank_zero_warn(f"the selector {type(self.selector).__name__} kept no response token in step "
                            f"{self.global_step + 1}: that step trains on nothing (every response empty, or a plugin "
                            "selector that keeps none); check the selector's budget and the responses")
+
+    def log_step_number(self, stepped: bool) -> None:
+        """The x-axis of this step's logged points: its number, counted from 1 (Lightning's own counter is one
+        behind during training), so step 50's loss and the validation after it both sit at 50, as the console
+        says. A skipped update does not advance global_step, hence + 1 then."""
+        self.log("step", float(self.global_step + (0 if stepped else 1)), batch_size=1)
+        self.log("train/skipped_steps", float(self.skipped_steps), batch_size=1)
 
     def log_step(self, loss: torch.Tensor, seconds: dict[str, float], rows: int) -> None:
         self.log("train/loss", loss, prog_bar=True, batch_size=rows)
@@ -510,7 +543,6 @@ class OPDModule(L.LightningModule):
             return False
         self.skipped_steps += 1
         self.bad_steps_in_a_row += 1
-        self.log("train/skipped_steps", float(self.skipped_steps), batch_size=1)
         limit = self.training_options.max_bad_steps
         if self.bad_steps_in_a_row > limit:
             raise FloatingPointError(
@@ -536,6 +568,7 @@ class OPDModule(L.LightningModule):
                             dtype=torch.float32)
 
     def on_validation_epoch_end(self) -> None:
+        self.log("step", float(self.global_step))  # the validation after step N is logged at N (see log_step)
         self.log("val/accuracy", self.val_accuracy.compute(), prog_bar=True)
         self.val_accuracy.reset()
         if not self.teacher_evaluated and not self.trainer.sanity_checking:
@@ -597,10 +630,45 @@ class OPDModule(L.LightningModule):
         state_dict = None
         if is_sharded(self.student):  # gather the full weights (a collective: every rank takes part)
             state_dict = get_model_state_dict(self.student, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        bad = non_finite_parameters(self.student)  # this rank's weights (its shards under FSDP)
+        if int(all_reduce_sum(torch.tensor(float(len(bad)), device=self.device))):  # every rank refuses together
+            raise OpdlabError(f"the trained student's weights hold NaN or inf{f' in {len(bad)} tensor(s) (e.g. {bad[0]})' if bad else ''}; "
+                              f"it was not exported to {path}. Check the loss curve and train/grad_norm; the "
+                              "checkpoints saved during training are kept (resume from an earlier one with --ckpt_path)")
         if self.global_rank == 0:
             self.student.save_pretrained(path, state_dict=state_dict)
             self.tokenizer.save_pretrained(path)
             readable_by_default(path)
+
+
+SMALL_MODEL_PARAMETERS = 50_000_000  # below this (student + teacher), one CPU thread is faster: benchmarks/cpu_threads.py
+
+
+def choose_cpu_threads(models: list, device: torch.device) -> int:
+    """On a CPU, for small models and when OMP_NUM_THREADS is not set: one torch thread. The toys' matrices are
+    too small for threads to pay (each op's fork/join costs more than it saves), and on a machine whose cores are
+    busy, extra threads wait for each other: benchmarks/results/cpu_threads.md measures both. Set OMP_NUM_THREADS
+    to choose yourself (it is then left alone). Returns the torch thread count in use."""
+    import os
+
+    if device.type != "cpu" or os.environ.get("OMP_NUM_THREADS"):
+        return torch.get_num_threads()
+    total = sum(p.numel() for m in models if m is not None for p in m.parameters())
+    if total < SMALL_MODEL_PARAMETERS and torch.get_num_threads() != 1:
+        rank_zero_info(f"opdlab: CPU with small models ({total / 1e6:.1f}M parameters): 1 torch thread, which is faster "
+                       f"for them than {torch.get_num_threads()} (set OMP_NUM_THREADS to choose)")
+        torch.set_num_threads(1)
+    return torch.get_num_threads()
+
+
+def non_finite_parameters(model: torch.nn.Module) -> list[str]:
+    """The names of floating-point parameters holding NaN or inf (local shards of sharded ones)."""
+    bad = []
+    for name, weight in model.named_parameters():
+        local = weight.to_local() if hasattr(weight, "to_local") else weight
+        if local.is_floating_point() and local.numel() and not bool(torch.isfinite(local.detach()).all()):
+            bad.append(name)
+    return bad
 
 
 def readable_by_default(folder: str) -> None:

@@ -58,8 +58,18 @@ class Plugin:
         return f"{self.cls.__module__}.{self.cls.__qualname__}"
 
 
+DISABLE_VALUES = {"1": True, "true": True, "yes": True, "on": True, "": False, "0": False, "false": False, "no": False,
+                  "off": False}
+
+
 def plugins_disabled() -> bool:
-    return os.environ.get(DISABLE_ENV, "").strip().lower() not in ("", "0", "false", "no")
+    """OPDLAB_DISABLE_PLUGINS: 1/true/yes/on turn third-party plugins off; unset, empty, 0/false/no/off leave them
+    on. Any other value is refused (a typo must not silently flip the switch either way)."""
+    value = os.environ.get(DISABLE_ENV, "").strip().lower()
+    if value not in DISABLE_VALUES:
+        raise PluginError(f"{DISABLE_ENV}={os.environ[DISABLE_ENV]!r} is not a yes/no value: set it to 1 to load only "
+                          "opdlab's built-in plugins, or 0 (or unset it) to load every installed plugin")
+    return DISABLE_VALUES[value]
 
 
 def _package(ep: metadata.EntryPoint) -> str:

@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_warn
 
 from opdlab.callbacks.histograms import step_record
+
+
+DEGENERATE_SHARE = 0.9  # a score that is exactly 0 at this share of valid positions or more selects by position
 
 
 class SelectionMetrics(L.Callback):
@@ -13,8 +18,17 @@ class SelectionMetrics(L.Callback):
     - `train/retained_ratio`: kept / valid response tokens;
     - `train/kept_tokens`, `train/valid_tokens`: the counts behind it;
     - `train/responses_with_kept`: fraction of non-empty responses with at least one kept token;
-    - `rollout/len_mean`, `rollout/len_max`: response lengths in tokens (EOS included).
+    - `rollout/len_mean`, `rollout/len_max`: response lengths in tokens (EOS included);
+    - `select/score_zero_share`: share of valid positions whose selector score is exactly 0 (a normalised feature
+      with no spread over the batch: the budget then falls to ties, broken by position);
+    - `select/compatibility_q05`, `select/compatibility_q95`: the batch quantiles of C behind its normalisation.
+
+    Warns once when `select/score_zero_share` reaches 90%: the selector's normalised feature is degenerate on this
+    data (e.g. C close to 1 nearly everywhere, so q05 ≈ q95), and what it keeps is then close to position order.
     """
+
+    def __init__(self) -> None:
+        self.warned_degenerate = False
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
         record = step_record(outputs)
@@ -36,3 +50,36 @@ class SelectionMetrics(L.Callback):
             },
             batch_size=valid.shape[0],
         )
+        self.log_score_spread(trainer, pl_module, record)
+
+    def log_score_spread(self, trainer: L.Trainer, pl_module: L.LightningModule, record) -> None:
+        """The selector's score and C over this rank's valid positions (see the class docstring)."""
+        from opdlab.maths import linear_quantiles
+        from opdlab.selectors import TokenSelector
+
+        selector, stats = getattr(pl_module, "selector", None), record.stats
+        valid = stats.valid.bool()
+        if not valid.any():
+            return
+        metrics = {}
+        if stats.compatibility is not None:
+            q05, q95 = linear_quantiles(stats.compatibility[valid].float(), (0.05, 0.95))
+            metrics.update({"select/compatibility_q05": q05, "select/compatibility_q95": q95})
+        # Scored selectors under the shared budget rule only (a plugin that overrides `select` may not score at all);
+        # ratio 1 keeps everything whatever the scores.
+        if isinstance(selector, TokenSelector) and type(selector).select is TokenSelector.select and selector.ratio < 1:
+            with torch.no_grad():
+                scores = selector.score(stats, torch.Generator().manual_seed(0))  # never the global RNG
+            zero = float((scores[valid] == 0).float().mean())
+            metrics["select/score_zero_share"] = torch.tensor(zero)
+            if zero >= DEGENERATE_SHARE and not self.warned_degenerate:
+                self.warned_degenerate = True
+                spread = (f"; C's q05/q95 over the batch are {float(metrics['select/compatibility_q05']):.4f}/"
+                          f"{float(metrics['select/compatibility_q95']):.4f}" if "select/compatibility_q05" in metrics else "")
+                rank_zero_warn(f"{type(selector).__name__}: the score is exactly 0 at {zero:.0%} of valid response "
+                               f"positions in step {trainer.global_step}{spread}: a normalised feature has (almost) no "
+                               "spread over the batch, so the budget is filled by position order among ties, not by "
+                               "the score. Try normalization: minmax, another selector, or check the features in "
+                               "TensorBoard (select/score_zero_share, teachability/ histograms)")
+        if metrics:
+            pl_module.log_dict(metrics, batch_size=int(valid.shape[0]))
