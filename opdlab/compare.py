@@ -402,11 +402,22 @@ def curve_rows(results: list[RunResult]) -> list[dict]:
             for m, (steps, mean, std) in by_step.items() for i, (s, a, d) in enumerate(zip(steps, mean, std, strict=True))]
 
 
-def check_before_running(specs: list[RunSpec], overlays: Path, steps: int, val_check_interval: int, jobs: int) -> None:
+def check_before_running(specs: list[RunSpec], overlays: Path, steps: int, val_check_interval: int, jobs: int,
+                         seeds: list[int] = (), threads: int | None = None, top_k: int | None = None) -> None:
     """Every selector name, budget and count, checked before the first run starts (a typo or a bad budget
     found after minutes of runs wastes them)."""
     import difflib
 
+    repeated = sorted({s for s in seeds if list(seeds).count(s) > 1})
+    if repeated:  # one run per (method, seed): [0,0] would be tabulated as one seed, not the two asked for
+        raise CompareError(f"seeds repeat: {list(seeds)} (seed {', '.join(map(str, repeated))}); a seed's run is the "
+                           "same run, so give distinct seeds, e.g. [0,1,2]")
+    for name, value in (("threads", threads), ("top_k", top_k)):
+        if value is not None and value < 1:
+            raise CompareError(f"{name} must be >= 1 (or null: the default), got {value}")
+    if not overlays.is_dir() and any(not s.selector.endswith((".yaml", ".yml")) for s in specs):
+        raise CompareError(f"overlays_dir {overlays} is not a folder: selector names are looked up there as "
+                           "<name>.yaml (e.g. configs/selectors); pass --overlays_dir, or overlay files as selectors")
     known = sorted(p.stem for p in overlays.glob("*.yaml"))
     for spec in specs:
         if not spec.selector.endswith((".yaml", ".yml")) and spec.selector not in known:
@@ -489,13 +500,20 @@ def compare(
     """
     invocation = command_line(dict(locals()))  # the arguments as given (for the table header), before any is rebound
     out = Path(out_dir)
+    if not fit_config:
+        raise CompareError("fit_config is empty: give the base `opdlab fit` config(s), e.g. [configs/ta_opd.yaml]")
+    for config in fit_config:
+        if not Path(config).is_file():
+            what = "is a folder, not a file" if Path(config).is_dir() else "not found"
+            raise CompareError(f"fit_config {config} {what}; give the base `opdlab fit` config(s), e.g. "
+                               "[configs/ta_opd.yaml]")
     overlays = Path(overlays_dir) if overlays_dir else Path(fit_config[0]).parent / "selectors"
     main, sweep = run_specs(selectors, ratio, seeds, sweep_selector, sweep_ratios)
     specs = list(dict.fromkeys(main + sweep))
     if not specs:
         raise CompareError(f"nothing to run: selectors {selectors} x seeds {seeds} (and no sweep) is empty; "
                            "pass at least one selector and one seed")
-    check_before_running(specs, overlays, steps, val_check_interval, jobs)
+    check_before_running(specs, overlays, steps, val_check_interval, jobs, seeds, threads, top_k)
     if rank_by == "eval" and eval_config is None:
         raise CompareError("rank_by=eval needs eval_config (e.g. configs/eval/toy.yaml): the runs are ranked by the "
                            "evaluation of their exported students")

@@ -168,6 +168,7 @@ def diagnose(
     if bank.path and not Path(bank.path).is_file():
         raise FileNotFoundError(f"bank.path {bank.path} does not exist; pass the bank.pt an earlier diagnose wrote "
                                 "(in its --out_dir), or leave bank.path unset to sample a new bank")
+    loaded = load_bank(bank.path) if bank.path else None  # read before any model loads: a wrong file is refused first
     vocabulary = len(load_tokenizer(student))  # checked before any weights load
     if bank.top_k > vocabulary:
         raise ValueError(f"bank.top_k={bank.top_k} exceeds the vocabulary ({vocabulary} tokens of {student}); use "
@@ -190,7 +191,7 @@ def diagnose(
     device = pick_device(train.accelerator)
     module.to(device)
     started = time.perf_counter()
-    parts = load_bank(bank.path) if bank.path else sample_bank(module, source, bank, device)
+    parts = loaded if loaded is not None else sample_bank(module, source, bank, device)
     save_bank(parts, out / "bank.pt")
     base = score_bank(module, parts, bank.top_k, device, "scoring θ0")
     accuracy = {"before": student_accuracy(module, source, train.max_new_tokens)} if evaluate else {}

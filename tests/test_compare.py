@@ -421,3 +421,44 @@ def test_an_eval_config_edited_while_the_comparison_runs_stops_it(tmp_path, fake
                 val_check_interval=1, overlays_dir=str(OVERLAYS), out_dir=str(tmp_path / "out"),
                 eval_config=str(settings))
     assert fake_fits == ["full seed 0"]
+
+
+@pytest.mark.parametrize("args,says", [
+    ({"seeds": [0, 1, 0]}, "seeds repeat: [0, 1, 0] (seed 0)"),
+    ({"threads": 0}, "threads must be >= 1"),
+    ({"top_k": 0}, "top_k must be >= 1"),
+    ({"overlays_dir": "nowhere"}, "overlays_dir nowhere is not a folder"),
+    ({"fit_config": ["none.yaml"]}, "fit_config none.yaml not found"),
+    ({"fit_config": []}, "fit_config is empty"),
+    ({"rank_by": "eval"}, "rank_by=eval needs eval_config"),
+    ({"eval_config": "."}, "eval_config . is a folder, not a file"),
+    ({"eval_config": "missing.yaml"}, "eval_config missing.yaml not found"),
+    ({"eval_config": "bad.yaml"}, "eval_config bad.yaml is not readable YAML"),
+    ({"eval_config": "list.yaml"}, "eval_config list.yaml holds a list, not a mapping"),
+    ({"eval_config": "typo.yaml"}, "unexpected keyword argument 'kk'"),
+    ({"eval_config": "nobench.yaml"}, "it lists no benchmarks"),
+])
+def test_bad_compare_inputs_are_one_line_before_any_run(tmp_path, monkeypatch, args, says):
+    from opdlab import compare as compare_module
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "base.yaml").write_text("{}\n")
+    (tmp_path / "bad.yaml").write_text("benchmarks: [\n  k: :\n")
+    (tmp_path / "list.yaml").write_text("- a\n- b\n")
+    (tmp_path / "typo.yaml").write_text("benchmarks: [{name: add3, path: 'toy:add3'}]\nkk: 2\n")
+    (tmp_path / "nobench.yaml").write_text("k: 2\n")
+    monkeypatch.setattr(compare_module, "stream_fit", lambda *a, **k: pytest.fail("a run started"))
+    given = dict(fit_config=["base.yaml"], selectors=["full"], seeds=[0], overlays_dir=str(OVERLAYS), out_dir="out")
+    with pytest.raises(CompareError, match=re.escape(says)):
+        compare(**{**given, **args})
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_unreadable_saved_result_is_one_line(tmp_path):
+    (tmp_path / "base.yaml").write_text("{}\n")
+    done = tmp_path / "out" / "runs" / "full" / "seed0" / "result.json"
+    done.parent.mkdir(parents=True)
+    done.write_text('{"ok": tr')
+    with pytest.raises(CompareError, match="result.json is not readable JSON .*delete it to run that run again"):
+        compare(fit_config=[str(tmp_path / "base.yaml")], selectors=["full"], seeds=[0], overlays_dir=str(OVERLAYS),
+                out_dir=str(tmp_path / "out"))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -335,3 +336,33 @@ def test_no_note_when_plain_and_winsorised_agree():
     table["forward_gain"] = table["reverse_gain"] = 0.5 * table["teachability"] + 0.01 * table["position"]
     result, text = report_of(table)
     assert "headline:" in text and "note:" not in text
+
+
+@pytest.mark.parametrize("options,says", [
+    ({"winsorize": [0.6]}, "stats.winsorize levels must be in [0, 0.5)"),
+    ({"winsorize": []}, "stats.winsorize is empty"),
+    ({"min_base_kl": -1.0}, "stats.min_base_kl must be a finite number > 0"),
+    ({"min_base_kl": 0.0}, "stats.min_base_kl must be a finite number > 0"),
+    ({"bootstrap": 0}, "stats.bootstrap must be >= 1"),
+])
+def test_bad_statistics_options_are_refused_when_built(options, says):
+    """Before the bank is sampled and θ1 trained (they failed after both, or ran with G = 0/0)."""
+    from opdlab.diagnostics.report import StatsOptions
+
+    with pytest.raises(ValueError, match=re.escape(says)):
+        StatsOptions(**options)
+
+
+@pytest.mark.parametrize("content", [b"hello\n", None, {"a": 1}])
+def test_a_bank_path_that_is_not_a_bank_is_one_line(tmp_path, content):
+    import torch
+
+    from opdlab.diagnostics.bank import load_bank
+
+    path = tmp_path / "bank.pt"
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        torch.save([] if content is None else content, path)
+    with pytest.raises(ValueError, match=r"bank.path .* is not a bank that opdlab diagnose wrote"):
+        load_bank(path)

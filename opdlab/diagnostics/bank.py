@@ -82,7 +82,15 @@ def save_bank(parts: list[Rollout], path: Path) -> None:
 
 
 def load_bank(path: str | Path) -> list[Rollout]:
-    return [Rollout(**p) for p in torch.load(path, weights_only=True)]
+    """The frozen contexts `save_bank` wrote (a diagnose's bank.pt); anything else is refused in one line."""
+    try:
+        parts = [Rollout(**p) for p in torch.load(path, weights_only=True)]
+        if not parts:
+            raise ValueError("it holds no contexts")
+        return parts
+    except Exception as err:  # not a torch file, a torch file of something else, a truncated one
+        raise ValueError(f"bank.path {path} is not a bank that opdlab diagnose wrote (bank.pt in its --out_dir): "
+                         f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from None
 
 
 @torch.no_grad()

@@ -43,6 +43,20 @@ class StatsOptions:
     normalization: Normalization = "quantile"
     seed: int = 0
 
+    def __post_init__(self) -> None:  # refused before the bank is sampled and θ1 trained, not after
+        if not (self.min_base_kl > 0 and np.isfinite(self.min_base_kl)):
+            raise ValueError(f"stats.min_base_kl must be a finite number > 0 (G divides by KL_f^base), got "
+                             f"{self.min_base_kl}")
+        if not self.winsorize:
+            raise ValueError("stats.winsorize is empty; give at least one winsorising level of the OLS, e.g. "
+                             "[0.01,0.05]")
+        bad = [w for w in self.winsorize if not 0 <= w < 0.5]
+        if bad:
+            raise ValueError(f"stats.winsorize levels must be in [0, 0.5) (the share clipped at each end), got {bad}")
+        if self.bootstrap < 1:
+            raise ValueError(f"stats.bootstrap must be >= 1 (the draws of the tercile gaps' intervals), got "
+                             f"{self.bootstrap}")
+
 
 def gain_statistics(table: dict[str, np.ndarray], opts: StatsOptions) -> dict:
     """Tercile gaps (with bootstrap intervals), standardised OLS fits and decile means, per gain kind."""
