@@ -4,7 +4,10 @@ k responses per problem at a temperature / top-p, through a rollout engine (stat
 GPU); per benchmark Avg@k, pass@k' (Chen et al.'s unbiased estimator), maj@k, mean response length, the
 fraction cut at max_new_tokens and the fraction with no answer the verifier could read; the equal-weight mean
 over benchmarks; mean ± std over evaluation seeds. Every response is appended to `responses.jsonl` as soon as
-its batch is scored, so rerunning the same command after a crash continues where it stopped.
+its batch is scored, so rerunning the same command after a crash continues where it stopped. Stored responses
+are reused only for the same model, known by the content of its files (not its path), with the same settings and
+benchmark content (eval.json records them); anything else is refused, or replaced with --overwrite, whose old
+files stay until the new evaluation has written its first responses.
 
 Definitions: opdlab/metrics.py and docs/evaluation.md.
 """
@@ -98,16 +101,18 @@ class EvalOptions:
         data = data.as_dict() if hasattr(data, "as_dict") else data
         if not isinstance(data, dict):
             kind = "a list" if isinstance(data, list) else f"a single value ({data!r})"
-            raise EvalError(f"evaluation settings must be a mapping of options (k: 8, benchmarks: [...], ...), got {kind}")
+            raise EvalError(f"evaluation settings must be a mapping of options (k: 8, benchmarks: [...], ...), "
+                            f"got {kind}")
         data = dict(data)
         benchmarks = data.get("benchmarks") or []
         if not isinstance(benchmarks, list):
-            raise EvalError(f"benchmarks must be a list of {{name, path, ...}} entries, got a {type(benchmarks).__name__}")
+            raise EvalError(f"benchmarks must be a list of {{name, path, ...}} entries, got a "
+                            f"{type(benchmarks).__name__}")
         bad = [b for b in benchmarks if not isinstance(b, (dict, Benchmark)) and not hasattr(b, "as_dict")]
         if bad:
             raise EvalError(f"each benchmark must be a mapping {{name: ..., path: ...}}, got {bad[0]!r}")
-        data["benchmarks"] = [b if isinstance(b, Benchmark) else Benchmark(**dict(b.as_dict() if hasattr(b, "as_dict") else b))
-                              for b in benchmarks]
+        data["benchmarks"] = [b if isinstance(b, Benchmark) else
+                              Benchmark(**dict(b.as_dict() if hasattr(b, "as_dict") else b)) for b in benchmarks]
         return cls(**data)
 
     def check(self) -> list[int]:
@@ -133,6 +138,13 @@ class EvalOptions:
         if len(set(names)) != len(names):
             raise EvalError(f"benchmark names repeat: {names}; give each set its own name")
         for b in self.benchmarks:
+            if not isinstance(b.name, str) or not b.name.strip():
+                raise EvalError(f"a benchmark has an empty name ({b.path}); give each set a name, e.g. math500")
+            if not isinstance(b.path, str) or not b.path.strip():
+                raise EvalError(f"benchmark {b.name!r}: path is empty; give a file, a folder, toy:<name> or a hub id")
+            if b.path.startswith("toy:") and b.split != "train":
+                raise EvalError(f"benchmark {b.name!r}: a toy set takes its split in the path ({b.path}:validation, "
+                                f"or {b.path} for the test split), not split={b.split!r}; drop split")
             if b.limit is not None and b.limit < 1:
                 raise EvalError(f"benchmark {b.name!r}: limit must be >= 1 or null, got {b.limit}")
             if "{prompt}" not in b.prompt_template:
@@ -529,7 +541,9 @@ def first_difference(before, now, where: str = "") -> tuple[str, object, object]
 
 
 def short(value: object) -> str:
-    text = repr(value.removeprefix("sha256:")[:12]) if isinstance(value, str) and value.startswith("sha256:") else repr(value)
+    if isinstance(value, str) and value.startswith("sha256:"):
+        return repr(value.removeprefix("sha256:")[:12])
+    text = repr(value)
     return text if len(text) <= 80 else text[:77] + "..."
 
 
@@ -543,7 +557,8 @@ def plan_output(out_dir: str | Path, settings: dict, overwrite: bool,
 
     out_dir = writable_folder(out_dir, "--out_dir")
     responses, stored = out_dir / RESPONSES, out_dir / SETTINGS
-    again = "pass --overwrite true to replace it (it is kept until the new evaluation has its first responses), or another --out_dir"
+    again = ("pass --overwrite true to replace it (it is kept until the new evaluation has its first responses), or "
+             "another --out_dir")
     if overwrite:
         return OutputPlan(out_dir, settings, {}, fresh=True)
     before = None
@@ -554,7 +569,8 @@ def plan_output(out_dir: str | Path, settings: dict, overwrite: bool,
             raise EvalError(f"{stored} is damaged ({err}), so what made the responses next to it is unknown; "
                             f"{again}") from None
         if not isinstance(before, dict):
-            raise EvalError(f"{stored} holds a JSON {type(before).__name__}, not the settings of an evaluation; {again}")
+            raise EvalError(f"{stored} holds a JSON {type(before).__name__}, not the settings of an evaluation; "
+                            f"{again}")
     has_results = responses.is_file() and responses.stat().st_size > 0 or (out_dir / RESULT).is_file()
     if not has_results:
         return OutputPlan(out_dir, settings, {}, fresh=True)
@@ -613,7 +629,8 @@ def read_responses(path: Path, k: int, problems: dict[str, list[Problem]] | None
                                 f"{again}")
             value = record[name]
             if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-                expected = "text or null" if name == "key" else {int: "an integer", str: "text", bool: "true or false"}[kind]
+                expected = ("text or null" if name == "key" else
+                            {int: "an integer", str: "text", bool: "true or false"}[kind])
                 raise EvalError(f"{where}: {name!r} is {short(value)}, not {expected}; {again}")
         name, index, sample = record["benchmark"], record["index"], record["sample"]
         if problems is not None:
@@ -840,7 +857,8 @@ def markdown_table(result: dict, label: str) -> str:
     settings = result.get("settings") or {}
     sampled = (f" sampled at temperature {settings['temperature']:g}, top_p {settings['top_p']:g}"
                if "temperature" in settings else "")
-    lines = [f"{label}: k={k} responses per problem{sampled}, seeds {seeds}" + (" (mean ± std over seeds)" if several else ""),
+    title = f"{label}: k={k} responses per problem{sampled}, seeds {seeds}"
+    lines = [title + (" (mean ± std over seeds)" if several else ""),
              "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(lines)
@@ -851,9 +869,10 @@ def sampling_note(result: dict) -> str | None:
     k, temperature = result["k"], (result.get("settings") or {}).get("temperature")
     if not temperature:
         return None  # greedy: Avg@1 is the greedy accuracy
-    return (f"Avg@{k} is the accuracy of one response sampled at temperature {temperature:g}, averaged over the {k} "
-            f"samples per problem; it is expected to be below the greedy accuracy (what `opdlab fit` prints as "
-            f"'student accuracy'; here: --temperature 0 --k 1), more so the higher the temperature.")
+    what = "one response" if k == 1 else f"{k} responses"
+    return (f"Avg@{k} is the mean accuracy of {what} per problem sampled at temperature {temperature:g}; it is "
+            f"expected to be below the greedy accuracy (what `opdlab fit` prints as 'student accuracy'; here: "
+            f"--temperature 0 --k 1), more so the higher the temperature.")
 
 
 # ----------------------------------------------------------------------------- the command
@@ -877,7 +896,8 @@ def eval_command(
 ) -> dict:
     """Sampled accuracy of a checkpoint on benchmark sets: Avg@k, pass@k, maj@k, length, cut and unparsed
     responses, per benchmark and as the equal-weight mean (mean ± std over seeds). Rerunning the same command
-    continues an interrupted evaluation.
+    continues an interrupted evaluation (only of the same model, by the content of its files, with the same
+    settings and benchmark content).
 
     Args:
         model: what to evaluate: a model directory or exported student, an opdlab run folder (its exported
@@ -1005,7 +1025,8 @@ def eval_parser_class():
         def error(self, message: str, ex: Exception | None = None):
             if traceback_wanted():
                 return super().error(message, ex)
-            error_exit(parser_error_line(message), "opdlab eval", code=2, hint="run 'opdlab eval --help' for every option")
+            error_exit(parser_error_line(message), "opdlab eval", code=2,
+                       hint="run 'opdlab eval --help' for every option")
 
     return EvalArgumentParser
 

@@ -325,7 +325,8 @@ def test_model_paths_that_are_not_models_are_one_line_with_what_to_pass(tmp_path
     (run / "hparams.yaml").write_text("student: x\n")
     one_line_refusal(run_eval(str(run), tmp_path / "o"), "run folder without an exported student", "no checkpoints")
     good = tmp_path / "good.ckpt"
-    torch.save({"state_dict": {"student.w": torch.zeros(4096)}, "hyper_parameters": {"student": "toy:add3/student"}}, good)
+    checkpoint = {"state_dict": {"student.w": torch.zeros(4096)}, "hyper_parameters": {"student": "toy:add3/student"}}
+    torch.save(checkpoint, good)
     blob = good.read_bytes()
     (run / "checkpoints" / "last.ckpt").write_bytes(blob[: len(blob) // 2])
     one_line_refusal(run_eval(str(run), tmp_path / "o"), "without an exported student",
@@ -360,7 +361,8 @@ def test_chat_template_is_checked_before_any_weights(tmp_path, no_weights):
 
 
 @pytest.mark.parametrize("content, says", [
-    ("- k: 2\n- temperature: 1\n", "the top level must be a mapping of options (k: 8, benchmarks: [...], ...), but it is a list"),
+    ("- k: 2\n- temperature: 1\n",
+     "the top level must be a mapping of options (k: 8, benchmarks: [...], ...), but it is a list"),
     ("7\n", "the top level must be a mapping of options (k: 8, benchmarks: [...], ...), but it is a single value (7)"),
     ("k: [1\n", "is not valid YAML (line"),
 ])
@@ -374,10 +376,20 @@ def test_an_eval_config_that_is_not_a_mapping_is_one_line(tmp_path, content, say
 
 
 def test_settings_that_are_not_a_mapping_are_refused_by_every_reader():
-    for data, says in [(["k"], "got a list"), (3, "got a single value"), ({"benchmarks": {"name": "a"}}, "must be a list"),
+    for data, says in [(["k"], "got a list"), (3, "got a single value"),
+                       ({"benchmarks": {"name": "a"}}, "must be a list"),
                        ({"benchmarks": ["toy:add3"]}, "must be a mapping")]:
         with pytest.raises(eval_cli.EvalError, match=says):
             eval_cli.EvalOptions.from_mapping(data)
+
+
+@pytest.mark.parametrize("bench, says", [
+    ('[{name: "", path: "toy:add3"}]', "a benchmark has an empty name"),
+    ('[{name: a, path: ""}]', "benchmark 'a': path is empty"),
+    ('[{name: a, path: "toy:add3", split: test}]', "a toy set takes its split in the path"),
+])
+def test_benchmark_entries_that_cannot_be_meant_are_one_line(tmp_path, bench, says, no_weights):
+    one_line_refusal(run_eval("toy:add3/student", tmp_path / "o", "--benchmarks", bench), says)
 
 
 def test_option_errors_are_one_line_not_the_usage(tmp_path, no_weights):
@@ -391,7 +403,7 @@ def test_the_table_says_what_avg_at_k_samples_and_why_it_is_below_greedy(finishe
     table = (finished / "results.md").read_text()
     assert table.startswith("toy:add3/student: k=2 responses per problem sampled at temperature 1, top_p 1")
     result = run_eval("toy:add3/student", finished)
-    assert "Avg@2 is the accuracy of one response sampled at temperature 1" in result.out
+    assert "Avg@2 is the mean accuracy of 2 responses per problem sampled at temperature 1" in result.out
     assert "below the greedy accuracy" in result.out and "'student accuracy'" in result.out
     greedy = run_opdlab(["eval", "--config", TOY, "--model", "toy:add3/student", "--k", "1", "--temperature", "0",
                          "--benchmarks.limit", "2", "--out_dir", str(tmp_path / "greedy")])
