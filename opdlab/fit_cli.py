@@ -174,6 +174,9 @@ class OPDLabCLI(LightningCLI):
                                    "(drop --resume / --ckpt_path)")
                 config.trainer.logger = False
                 self.save_config_callback = None
+                config.trainer.enable_checkpointing = False  # a ModelCheckpoint would still create its folder
+                config.trainer.callbacks = [c for c in (config.trainer.get("callbacks") or [])
+                                            if not str(getattr(c, "class_path", "")).endswith("ModelCheckpoint")]
             else:
                 self.resolve_run_folder(config)
         interval = config.trainer.get("val_check_interval")
@@ -293,7 +296,10 @@ class OPDLabCLI(LightningCLI):
             options.check()
             self.eval_benchmarks = [load_benchmark(b) for b in options.benchmarks]
             response_limits(options, self.eval_benchmarks)
-        if self.trainer.is_global_zero:
+        if self.trainer.is_global_zero and self.trainer.fast_dev_run:
+            print(f"opdlab fit: --trainer.fast_dev_run: a dry run of {int(self.trainer.fast_dev_run)} step(s); nothing "
+                  "will be saved", flush=True)
+        elif self.trainer.is_global_zero:
             run = Path(self.trainer.log_dir or self.trainer.default_root_dir)
             viewer = (f" (tensorboard --logdir {run.parent})"
                       if any(type(lg).__name__ == "TensorBoardLogger" for lg in self.trainer.loggers) else "")
