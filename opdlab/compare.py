@@ -495,6 +495,8 @@ def compare(
             8); e.g. 4 on the long toy, whose vocabulary has 19 characters.
         eval_config: an `opdlab eval` settings file (e.g. configs/eval/toy.yaml): every run evaluates its exported
             student with it after training (Avg@k, pass@k: <run>/eval/), and the table gains an "eval Avg@k" column.
+            What the file holds (its options and the content of its benchmark files) is recorded in each run's
+            result.json and the table header: a finished run evaluated under other settings is refused, not reused.
         rank_by: order the table's rows best first by final or best validation accuracy, or by the evaluation's
             Avg@k (`eval`, needs eval_config); default: the order of `selectors`.
     """
