@@ -325,7 +325,7 @@ def read_checkpoint(path: Path, model: str) -> dict:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
     except Exception as err:  # noqa: BLE001 - a cut or damaged file fails in many ways (zip, pickle, EOF)
-        reason = " ".join(str(err).split())[:160] or type(err).__name__
+        reason = " ".join(str(err).split()).partition(". ")[0][:160] or type(err).__name__  # its first sentence
         run = path.parent.parent if path.parent.name == "checkpoints" else path.parent
         others = [p for p in newest_checkpoints(path.parent) if p != path]
         alternatives = [f"the run's exported student (--model {run / 'student'})"] if (run / "student").is_dir() else []
