@@ -530,6 +530,48 @@ def flat_options(options, prefix: str = "") -> dict:
     return flat
 
 
+# Option groups: in a config file each is a mapping of its options (or null), never a single value.
+OPTION_GROUPS = ("model", "data", "trainer", "eval", "model.rollout", "model.memory", "model.training",
+                 "selection_metrics", "teachability_histograms", "rollout_samples")
+
+
+def check_config_files(argv: list[str]) -> None:
+    """Each `--config` file: a YAML mapping whose option groups are mappings. A group given one value
+    (`model: {rollout: 5}`, `trainer: 3`) is refused in one line; jsonargparse would crash on the first and
+    silently drop the whole group (every trainer option of the earlier configs) on the second."""
+    import yaml
+
+    files = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--config"]
+    files += [a.partition("=")[2] for a in argv if a.startswith("--config=")]
+    for name in files:
+        try:
+            loaded = yaml.safe_load(Path(name).read_text())
+        except (OSError, UnicodeDecodeError, yaml.YAMLError):
+            continue  # missing or unreadable files: jsonargparse's own one-line error
+        if loaded is None:
+            continue
+        if not isinstance(loaded, dict):
+            raise RunError(f"config {name}: the top level must be a mapping of option groups (model:, data:, trainer: "
+                           f"...), got a {type(loaded).__name__}; see configs/ta_opd.yaml")
+        for group in OPTION_GROUPS:
+            parent, _, key = group.rpartition(".")
+            holder = loaded.get(parent) if parent else loaded
+            if not isinstance(holder, dict) or key not in holder:
+                continue
+            value = holder[key]
+            if value is not None and not isinstance(value, dict):
+                raise RunError(f"config {name}: {group} is a group of options and must be a mapping (e.g. "
+                               f"{example_of(group)}), got {value!r}; run 'opdlab fit --help' for its options")
+
+
+def example_of(group: str) -> str:
+    examples = {"model.rollout": "rollout: {num_samples: 4}", "model.memory": "memory: {chunk_size: 256}",
+                "model.training": "training: {seed: 0}", "trainer": "trainer: {max_steps: 200}",
+                "data": "data: {batch_size: 64}", "model": "model: {student: toy:add3/student}",
+                "eval": "eval: {k: 8}"}
+    return examples.get(group, f"{group.rpartition('.')[2]}: {{option: value}}")
+
+
 def implied_placement(argv: list[str]) -> list[str]:
     """`--model.teacher_placement.<option> ...` without `--model.teacher_placement <name>`: the served teacher's
     options (the local placement has none), so name `vllm_server` before the first of them."""
@@ -553,6 +595,7 @@ def run_fit(argv: list[str]) -> None:
     warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
     for group in plugins.GROUPS:
         plugins.discover(group)  # import plugin classes so jsonargparse resolves their names
+    check_config_files(argv)
     argv = plugins.expand_short_names(implied_placement(argv), SHORT_NAME_ARGS)  # an unknown name: one line (cli.main)
     OPDLabCLI.argv = ["fit", *argv] if argv[:1] != ["fit"] else list(argv)
     OPDLabCLI.run_base, OPDLabCLI.current_trainer = None, None

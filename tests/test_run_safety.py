@@ -193,3 +193,16 @@ def test_a_selector_whose_score_has_no_spread_warns_once_and_logs_the_zero_share
                              disagreement=torch.linspace(1, 0, 20).view(4, 5), topk_entropy=torch.rand(4, 5))
     callback.log_score_spread(SimpleNamespace(global_step=4), module, SimpleNamespace(stats=spread, keep=valid))
     assert float(logged["select/score_zero_share"]) < 0.5
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("model:\n  rollout: 5\n", "model.rollout is a group of options and must be a mapping"),
+    ("trainer: 3\n", "trainer is a group of options and must be a mapping"),  # jsonargparse dropped every trainer option
+    ("- a\n- b\n", "the top level must be a mapping of option groups"),
+    ("model:\n  memory: [1, 2]\n", "model.memory is a group of options and must be a mapping"),
+])
+def test_a_config_file_giving_a_group_one_value_is_refused_in_one_line(tmp_path, text, expected):
+    config = tmp_path / "c.yaml"
+    config.write_text(text)
+    message = str(run_opdlab(["fit", "--config", FAST, "--config", str(config)]).code)
+    assert message.startswith(f"opdlab: error: config {config}: {expected}") and message.count("\n") <= 1, message
