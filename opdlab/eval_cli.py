@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import sys
 import time
@@ -734,6 +735,7 @@ def evaluate(model, tokenizer, engine: RolloutEngine, options: EvalOptions, out_
     max_new = response_limits(options, loaded)
     if options.chat_template:
         check_chat_template(tokenizer, label, loaded[0].problems[0].prompt)
+    warn_lost_characters(tokenizer, label, loaded)
     if plan is None:
         if fingerprint is None:
             folder = Path(label)
@@ -831,8 +833,25 @@ def tabulate(done: dict[tuple, list[dict]], loaded: list[LoadedBenchmark], optio
 
 
 def summary(values: list[float]) -> dict:
+    """Mean and std over seeds; the std of one seed is unknown: null in result.json (strict JSON has no NaN)."""
     m, s = mean_std(values)
-    return {"mean": m, "std": s}
+    return {"mean": m, "std": s if math.isfinite(s) else None}
+
+
+def warn_lost_characters(tokenizer, label: str, loaded: list) -> None:
+    """Once per benchmark: prompts (with their prompt_template) holding characters the tokenizer cannot represent;
+    the model cannot read them (fit and validate say the same of training data)."""
+    import warnings
+
+    from opdlab.data import lost_characters
+
+    for bench in loaded:
+        found = lost_characters(tokenizer, [p.prompt for p in bench.problems])
+        if found:
+            warnings.warn(f"benchmark {bench.spec.name!r}: the tokenizer of {label} cannot represent the characters "
+                          f"{found[0][:20]!r} of prompts such as {found[1][:60]!r} (the data or its prompt_template): "
+                          "the model cannot read them; check the data, the prompt_template or the tokenizer",
+                          stacklevel=2)
 
 
 METRIC_NAMES = {"avg": "Avg@{k}", "length": "length", "truncated": "cut", "unparsed": "no answer"}

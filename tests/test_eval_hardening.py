@@ -426,3 +426,28 @@ def test_one_progress_helper_for_eval_and_the_fit_bar():
     bar = bar_module.StepProgressBar(plain_interval=3600, plain_fraction=0.25)
     bar.plain_first_step, bar.plain_last_step, bar.plain_last_time = 0, 0, time.monotonic()
     assert [s for s in range(1, 9) if bar.plain_line_due(s, 8)] == [1, 2, 4, 6, 8]
+
+
+def test_a_prompt_template_the_tokenizer_cannot_read_is_warned_about(tmp_path):
+    """The character-level toy has no letters: 'Question: ' in every prompt is lost on encoding. fit and validate
+    warn about such training prompts; the evaluation says the same of its benchmark's."""
+    import warnings
+
+    with pytest.warns(UserWarning, match="benchmark 'add3': the tokenizer of toy:add3/student cannot represent the "
+                                         "characters ':Qeinostu'"):
+        result = run_eval("toy:add3/student", tmp_path / "o", "--benchmarks",
+                          '[{name: add3, path: "toy:add3", limit: 2, prompt_template: "Question: {prompt}"}]', "--k", "1")
+    assert result.code == 0, message(result)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        plain = run_eval("toy:add3/student", tmp_path / "p", "--benchmarks", '[{name: add3, path: "toy:add3", limit: 2}]',
+                         "--k", "1")
+    assert plain.code == 0 and not [w for w in caught if "cannot represent" in str(w.message)], message(plain)
+
+
+def test_one_seed_has_no_spread_in_result_json(tmp_path):
+    result = run_eval("toy:add3/student", tmp_path / "o", "--k", "1", "--benchmarks.limit", "2")
+    assert result.code == 0, message(result)
+    saved = json.loads((tmp_path / "o" / "result.json").read_text(), parse_constant=lambda c: pytest.fail(c))
+    stds = [value["std"] for row in saved["benchmarks"].values() for value in row.values() if isinstance(value, dict)]
+    assert stds and all(s is None for s in stds), saved["metrics"]

@@ -14,7 +14,7 @@ from test_readme import COMMANDS, README
 QUOTED = r"student (\d+\.\d)% -> (\d+\.\d)% held-out\s+accuracy \(teacher (\d+\.\d)%\)"
 PRINTED = r"student accuracy: before (\d+\.\d)% -> after (\d+\.\d)%\s+\(teacher (\d+\.\d)%\)"
 STEPS = r"trains for (\d+) steps"
-AFTER_TOLERANCE = 2.0  # percentage points
+BAND = r"so expect (\d+)–(\d+)%"  # the README's guaranteed band for the accuracy after training
 
 
 @pytest.mark.slow
@@ -22,10 +22,11 @@ def test_readme_quick_start_from_a_fresh_clone(tmp_path):
     """A newcomer's first command installs, trains and prints the accuracies the README quotes, from committed
     files only (a `git clone` of HEAD: uncommitted changes are not in it), building no toy and reaching no
     model hub. The machine's pip configuration is kept: the README's `torch==2.13.0` is the CPU wheel only
-    where the package index serves that. The trained student's accuracy depends on the floating-point order
-    (the torch thread count, the order of the loss's scaling), so it is compared within AFTER_TOLERANCE."""
-    quoted, steps = re.search(QUOTED, README), re.search(STEPS, README)
-    assert quoted and steps, "the README no longer quotes the quick start's accuracies or its number of steps"
+    where the package index serves that. The trained student's accuracy depends on floating-point rounding (CPU
+    model, thread count, engine) the way it depends on the seed, so it is checked against the band the README
+    quotes (docs/results.md §1 measures it); the accuracy before training and the teacher's exactly."""
+    quoted, steps, band = re.search(QUOTED, README), re.search(STEPS, README), re.search(BAND, README)
+    assert quoted and steps and band, "the README no longer quotes the quick start's accuracies, band or steps"
     clone, home, cache = tmp_path / "opdlab", tmp_path / "home", tmp_path / "cache"
     subprocess.run(["git", "clone", "--quiet", str(REPO_ROOT), str(clone)], check=True)
     home.mkdir()
@@ -46,7 +47,8 @@ def test_readme_quick_start_from_a_fresh_clone(tmp_path):
     assert printed, message
     (before, after, teacher), (quoted_before, quoted_after, quoted_teacher) = printed.groups(), quoted.groups()
     assert (before, teacher) == (quoted_before, quoted_teacher), message
-    assert abs(float(after) - float(quoted_after)) <= AFTER_TOLERANCE, message
+    low, high = (float(b) for b in band.groups())
+    assert low <= float(after) <= high and low <= float(quoted_after) <= high, f"{message}; band {low}-{high}%"
     assert "opdlab fit: run folder" in run.stdout and f"steps: {steps.group(1)} " in run.stdout
     exported = re.search(r"student exported to (\S+)", run.stdout)
     assert exported and (clone / exported.group(1) / "config.json").is_file(), run.stdout[-2000:]
