@@ -21,7 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from report import publish
@@ -40,6 +40,7 @@ class Case:
     expect: str  # refuse | warn | run
     files: dict[str, str | bytes] = field(default_factory=dict)  # written into the case's folder first
     env: dict[str, str] = field(default_factory=dict)
+    issue: int = 0  # the issue that added the case (0: before issue 28); `--issue N` runs those only
 
 
 def jsonl(lines: list[str]) -> str:
@@ -58,7 +59,184 @@ def data(path: str, *args: str) -> list[str]:
             "--data.source.init_args.num_eval", "8", *args]
 
 
+EVAL_TOY = str(REPO / "configs" / "eval" / "toy.yaml")
+REC = ('{"seed": 0, "benchmark": "add3", "index": 0, "sample": 0, "prompt": "x", "answer": "1", "response": "1", '
+       '"correct": true, "key": "1", "length": 2, "truncated": false}\n')
+
+
+def ev(*args: str) -> list[str]:
+    return ["eval", "--config", EVAL_TOY, "--k", "2", "--benchmarks.limit", "4", *args]
+
+
+def parquet_bytes(rows: dict[str, list]) -> bytes:
+    """A parquet file's bytes; an empty or string column is typed string (an empty file keeps its schema)."""
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    buf = io.BytesIO()
+    pq.write_table(pa.table({k: pa.array(v, pa.string()) if not v or isinstance(v[0], str) else pa.array(v)
+                             for k, v in rows.items()}), buf)
+    return buf.getvalue()
+
+
+ROWS = {"prompt": [f"{i}+{i}=" for i in range(40)], "answer": [f"{2 * i:03d}" for i in range(40)]}
+CSV = "prompt,answer\n" + "".join(f"{p},{a}\n" for p, a in zip(ROWS["prompt"], ROWS["answer"], strict=True))
+
+
+def dsdata(path: str, *args: str) -> list[str]:
+    return ["--data.source", "opdlab.tasks.DatasetPrompts", "--data.source.init_args.path", path,
+            "--data.source.init_args.num_eval", "8", *args]
+
+
 def cases() -> list[Case]:
+    return [*cases_before_28(), *(replace(case, issue=28) for case in cases_28())]
+
+
+def cases_28() -> list[Case]:
+    """Issue 28: the newer surfaces (eval, datasets files, run folders, signals after training, config groups)."""
+    import gzip
+
+    c = []
+    # --- run folders (data loss and paths)
+    for name in ("../escape", ".", "a/b", "/tmp/abs"):
+        c.append(Case(f"fit --run_name {name}", fit("--run_name", name), "refuse"))
+    c.append(Case("fit --run_name of a finished run without checkpoints", fit("--run_name", "done"), "refuse",
+                  files={"runs/fast/done/summary.json": "{}", "runs/fast/done/student/config.json": "{}",
+                         "runs/fast/done/config.yaml": "x: 1\n"}))
+    c.append(Case("fit --resume with a truncated last.ckpt", fit("--run_name", "r", "--resume"), "refuse",
+                  files={"runs/fast/r/checkpoints/last.ckpt": b"PK\x03\x04" + bytes(100)}))
+    c.append(Case("fit a stale lock of an unrelated process", fit("--run_name", "mine"), "refuse",
+                  files={"runs/fast/mine/.opdlab.lock": "1"}))
+    c.append(Case("fit --model.memory.student_dtype float16", fit("--model.memory.student_dtype", "float16"), "refuse"))
+    c.append(Case("fit --trainer.fast_dev_run true (writes nothing)", fit("--trainer.fast_dev_run", "true"), "run"))
+    c.append(Case("validate --eval (ignored before)", ["validate", "--config", FAST, "--eval", EVAL_TOY], "refuse"))
+    c.append(Case("plugins OPDLAB_DISABLE_PLUGINS=maybe", ["plugins"], "refuse", env={"OPDLAB_DISABLE_PLUGINS": "maybe"}))
+    c.append(Case("plugins OPDLAB_DISABLE_PLUGINS=off (plugins stay on)", ["plugins"], "run",
+                  env={"OPDLAB_DISABLE_PLUGINS": "off"}))
+    # --- config files: groups given one value, top level not a mapping
+    for label, text in [("model: {rollout: 5}", "model:\n  rollout: 5\n"), ("trainer: 3", "trainer: 3\n"),
+                        ("a list", "- a\n- b\n"), ("model: {memory: [1, 2]}", "model:\n  memory: [1, 2]\n"),
+                        ("data: text", "data: prompts.jsonl\n")]:
+        c.append(Case(f"config file {label}", ["fit", "--config", FAST, "--config", "k.yaml", *SHORT], "refuse",
+                      files={"k.yaml": text}))
+    # --- data files (opdlab.tasks.JsonlPrompts / DatasetPrompts)
+    c.append(Case("jsonl given a parquet file", fit(*data("p.parquet")), "refuse", files={"p.parquet": parquet_bytes(ROWS)}))
+    c.append(Case("jsonl given parquet bytes named .jsonl", fit(*data("p.jsonl")), "refuse", files={"p.jsonl": parquet_bytes(ROWS)}))
+    c.append(Case("jsonl given a CSV file", fit(*data("p.csv")), "refuse", files={"p.csv": CSV}))
+    c.append(Case("jsonl eval_path a parquet file", fit(*data("g.jsonl", "--data.source.init_args.eval_path", "e.parquet")),
+                  "refuse", files={"g.jsonl": jsonl(GOOD), "e.parquet": parquet_bytes(ROWS)}))
+    c.append(Case("jsonl gzip-compressed", fit(*data("z.jsonl")), "refuse", files={"z.jsonl": gzip.compress(jsonl(GOOD).encode())}))
+    c.append(Case("jsonl num_eval 0", fit(*data("g.jsonl", "--data.source.init_args.num_eval", "0")), "refuse",
+                  files={"g.jsonl": jsonl(GOOD)}))
+    c.append(Case("jsonl num_eval negative", fit(*data("g.jsonl", "--data.source.init_args.num_eval", "-250")), "refuse",
+                  files={"g.jsonl": jsonl(GOOD)}))
+    c.append(Case("datasets CSV answers with leading zeros", fit(*dsdata("z.csv")), "run", files={"z.csv": CSV}))
+    c.append(Case("datasets TSV", fit(*dsdata("z.tsv")), "run", files={"z.tsv": CSV.replace(",", "\t")}))
+    c.append(Case("datasets folder mixing parquet and CSV", fit(*dsdata("mix")), "refuse",
+                  files={"mix/a.parquet": parquet_bytes(ROWS), "mix/b.parquet": parquet_bytes(ROWS), "mix/c.csv": CSV}))
+    c.append(Case("datasets folder outnumbered by .txt notes", fit(*dsdata("notes")), "refuse",
+                  files={"notes/a.csv": CSV, "notes/n1.txt": "x\n", "notes/n2.txt": "y\n"}))
+    c.append(Case("datasets glob of one format", fit(*dsdata("mix/*.parquet")), "run",
+                  files={"mix/a.parquet": parquet_bytes(ROWS), "mix/c.csv": CSV}))
+    c.append(Case("datasets glob matching nothing", fit(*dsdata("nodir/*.parquet")), "refuse"))
+    c.append(Case("datasets missing file with one slash (not a hub id)", fit(*dsdata("data/nothere.parquet")), "refuse"))
+    c.append(Case("datasets split test of a single file", fit(*dsdata("p.parquet", "--data.source.init_args.split", "test")),
+                  "refuse", files={"p.parquet": parquet_bytes(ROWS)}))
+    c.append(Case("datasets num_eval negative", fit(*dsdata("p.parquet", "--data.source.init_args.num_eval", "-250")), "refuse",
+                  files={"p.parquet": parquet_bytes(ROWS)}))
+    c.append(Case("datasets num_eval 0", fit(*dsdata("p.parquet", "--data.source.init_args.num_eval", "0")), "refuse",
+                  files={"p.parquet": parquet_bytes(ROWS)}))
+    c.append(Case("datasets empty parquet", fit(*dsdata("e.parquet")), "refuse",
+                  files={"e.parquet": parquet_bytes({"prompt": [], "answer": []})}))
+    c.append(Case("datasets zero-byte CSV", fit(*dsdata("z.csv")), "refuse", files={"z.csv": ""}))
+    c.append(Case("datasets header-only CSV", fit(*dsdata("h.csv")), "refuse", files={"h.csv": "prompt,answer\n"}))
+    c.append(Case("datasets .parquet holding CSV text", fit(*dsdata("f.parquet")), "refuse", files={"f.parquet": CSV}))
+    c.append(Case("datasets .csv holding parquet bytes", fit(*dsdata("f.csv")), "refuse", files={"f.csv": parquet_bytes(ROWS)}))
+    c.append(Case("datasets truncated parquet", fit(*dsdata("t.parquet")), "refuse", files={"t.parquet": parquet_bytes(ROWS)[:40]}))
+    c.append(Case("datasets prompt_field missing", fit(*dsdata("p.parquet", "--data.source.init_args.prompt_field", "question")),
+                  "refuse", files={"p.parquet": parquet_bytes(ROWS)}))
+    c.append(Case("datasets prompt column of integers", fit(*dsdata("i.parquet")), "refuse",
+                  files={"i.parquet": parquet_bytes({"prompt": list(range(40)), "answer": ROWS["answer"]})}))
+    c.append(Case("datasets CSV empty answer cell", fit(*dsdata("b.csv")), "refuse", files={"b.csv": CSV + "9+9=,\n"}))
+    c.append(Case("datasets unknown suffix", fit(*dsdata("p.xlsx")), "refuse", files={"p.xlsx": b"PK\x03\x04junk"}))
+    c.append(Case("validate prompts the toy tokenizer cannot read", ["validate", "--config", FAST, *dsdata("w.csv")], "warn",
+                  files={"w.csv": CSV.replace("=,", "= ?,")}))
+    # --- opdlab eval
+    evq = ["eval", "--model", "toy:add2/student", "--k", "1", "--max_new_tokens", "4"]
+    c.append(Case("eval CSV keeps leading zeros", [*evq, "--benchmarks", "[{name: z, path: z.csv, verifier: exact, limit: 8}]"],
+                  "run", files={"z.csv": CSV}))
+    c.append(Case("eval split test of a single file", [*evq, "--benchmarks", "[{name: z, path: z.csv, split: test}]"], "refuse",
+                  files={"z.csv": CSV}))
+    c.append(Case("eval prompt_template the toy tokenizer cannot read",
+                  [*evq, "--benchmarks", '[{name: z, path: z.csv, verifier: exact, limit: 8, prompt_template: "Question: {prompt}"}]'],
+                  "warn", files={"z.csv": CSV}))
+    student = ("--model", "toy:add3/student")
+    c.append(Case("eval overwrite with a chat template the tokenizer lacks",
+                  ev(*student, "--out_dir", "o", "--overwrite", "true", "--chat_template", "true"), "refuse",
+                  files={"o/responses.jsonl": REC, "o/eval.json": "{}"}))
+    c.append(Case("eval chat_template on a base model", ev(*student, "--chat_template", "true", "--out_dir", "o"), "refuse"))
+    c.append(Case("eval run folder without student/", ev("--model", "run/version_0"), "refuse",
+                  files={"run/version_0/hparams.yaml": "student: x\n", "run/version_0/checkpoints/last.ckpt": b"PK\x03\x04 cut"}))
+    c.append(Case("eval a checkpoints folder", ev("--model", "run/version_0/checkpoints"), "refuse",
+                  files={"run/version_0/checkpoints/last.ckpt": b"PK\x03\x04"}))
+    c.append(Case("eval truncated .ckpt", ev("--model", "last.ckpt"), "refuse", files={"last.ckpt": b"PK\x03\x04\x14\x00" + bytes(200)}))
+    c.append(Case("eval one weights file as the model", ev("--model", "m/model.safetensors"), "refuse",
+                  files={"m/config.json": "{}", "m/model.safetensors": bytes(16)}))
+    c.append(Case("eval model dir without weights", ev("--model", "m"), "refuse", files={"m/config.json": '{"model_type": "qwen2"}'}))
+    c.append(Case("eval responses.jsonl without eval.json", ev(*student, "--out_dir", "o"), "refuse", files={"o/responses.jsonl": REC}))
+    c.append(Case("eval result.json without eval.json", ev(*student, "--out_dir", "o"), "refuse", files={"o/result.json": "{}"}))
+    c.append(Case("eval eval.json from before fingerprints", ev(*student, "--out_dir", "o"), "refuse",
+                  files={"o/eval.json": '{"model": "toy:add3/student", "k": 2}', "o/responses.jsonl": REC}))
+    c.append(Case("eval damaged eval.json", ev(*student, "--out_dir", "o"), "refuse",
+                  files={"o/eval.json": "{not json", "o/responses.jsonl": REC}))
+    c.append(Case("eval eval.json is a list", ev(*student, "--out_dir", "o"), "refuse",
+                  files={"o/eval.json": "[1, 2]", "o/responses.jsonl": REC}))
+    c.append(Case("eval empty responses.jsonl starts fresh", ev(*student, "--out_dir", "o"), "run", files={"o/responses.jsonl": ""}))
+    c.append(Case("eval config top level is a list", ["eval", "--config", "e.yaml", *student], "refuse",
+                  files={"e.yaml": "- k: 2\n- temperature: 1\n"}))
+    c.append(Case("eval config is a scalar", ["eval", "--config", "e.yaml", *student], "refuse", files={"e.yaml": "8\n"}))
+    c.append(Case("eval config not YAML", ["eval", "--config", "e.yaml", *student], "refuse", files={"e.yaml": "k: [1\n"}))
+    c.append(Case("eval config missing", ["eval", "--config=none.yaml", *student], "refuse"))
+    c.append(Case("eval damaged benchmark file", ev(*student, "--benchmarks", "[{name: s, path: b.jsonl}]", "--max_new_tokens", "4"),
+                  "refuse", files={"b.jsonl": '{"problem": "1+1", "answer": "2"}\nnot json\n'}))
+    c.append(Case("eval benchmark with an empty name", ev(*student, "--benchmarks", '[{name: "", path: "toy:add3"}]'), "refuse"))
+    c.append(Case("eval benchmark with an empty path", ev(*student, "--benchmarks", '[{name: a, path: ""}]'), "refuse"))
+    c.append(Case("eval toy benchmark with a split", ev(*student, "--benchmarks", '[{name: a, path: "toy:add3", split: test}]'),
+                  "refuse"))
+    c.append(Case("eval k not a number", ev(*student, "--k", "many"), "refuse"))
+    c.append(Case("eval toy student with the default out_dir", ev(*student), "run"))
+    # --- compare and diagnose
+    cmp = ["compare", "--seeds", "[0]", "--steps", "1", "--overlays_dir", SELECTORS, "--fit_config", f"[{FAST}]",
+           "--selectors", "[full]"]
+    c.append(Case("compare eval_config is a folder", [*cmp, "--eval_config", "."], "refuse"))
+    c.append(Case("compare eval_config missing", [*cmp, "--eval_config", "none.yaml"], "refuse"))
+    c.append(Case("compare eval_config not YAML", [*cmp, "--eval_config", "e.yaml"], "refuse", files={"e.yaml": "benchmarks: [\n  k: :\n"}))
+    c.append(Case("compare eval_config a list", [*cmp, "--eval_config", "e.yaml"], "refuse", files={"e.yaml": "- add3\n- k: 2\n"}))
+    c.append(Case("compare eval_config unknown key", [*cmp, "--eval_config", "e.yaml"], "refuse",
+                  files={"e.yaml": "benchmarks: [{name: add3, path: 'toy:add3'}]\nkk: 2\n"}))
+    c.append(Case("compare eval_config without benchmarks", [*cmp, "--eval_config", "e.yaml"], "refuse", files={"e.yaml": "k: 2\n"}))
+    c.append(Case("compare eval_config k 0", [*cmp, "--eval_config", "e.yaml"], "refuse",
+                  files={"e.yaml": "benchmarks: [{name: add3, path: 'toy:add3'}]\nk: 0\n"}))
+    c.append(Case("compare rank_by eval without eval_config", [*cmp, "--rank_by", "eval"], "refuse"))
+    c.append(Case("compare seeds repeat", [*cmp, "--seeds", "[0,0]"], "refuse"))
+    c.append(Case("compare threads 0", [*cmp, "--threads", "0"], "refuse"))
+    c.append(Case("compare top_k 0", [*cmp[:-2], "--selectors", "[teachability]", "--top_k", "0"], "refuse"))
+    c.append(Case("compare overlays_dir missing", [*cmp, "--overlays_dir", "nowhere"], "refuse"))
+    c.append(Case("compare fit_config empty", [*cmp, "--fit_config", "[]"], "refuse"))
+    c.append(Case("compare saved result.json truncated", [*cmp, "--out_dir", "o"], "refuse",
+                  files={"o/runs/full/seed0/result.json": '{"ok": tr'}))
+    dia = ["diagnose", "--config", DIAGNOSE]
+    for key, value in [("stats.winsorize", "[0.6]"), ("stats.winsorize", "[]"), ("stats.min_base_kl", "-1"),
+                       ("stats.min_base_kl", "0")]:
+        c.append(Case(f"diagnose --{key} {value}", [*dia, f"--{key}", value, "--out_dir", "d"], "refuse"))
+    c.append(Case("diagnose bank path not a bank", [*dia, "--bank.path", "b.pt", "--out_dir", "d"], "refuse",
+                  files={"b.pt": "hello\n"}))
+    return c
+
+
+def cases_before_28() -> list[Case]:
     c = []
     # --- selector options (class-typed: built by jsonargparse)
     for sel, key, value in [("teachability", "ratio", "0"), ("teachability", "ratio", "-0.1"), ("teachability", "ratio", "1.5"),
@@ -247,11 +425,12 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--timeout", type=int, default=180, help="seconds per case")
     p.add_argument("--only", help="run the cases whose name contains this")
+    p.add_argument("--issue", type=int, help="run the cases added by this issue only (0: those from before issue 28)")
     p.add_argument("--output", help="append the markdown result here")
     args = p.parse_args()
     root = Path(tempfile.mkdtemp(prefix="opdlab_adversarial_"))
     env = {**os.environ, "OPDLAB_CACHE": str(root / "cache"), "OMP_NUM_THREADS": "1"}
-    selected = [c for c in cases() if not args.only or args.only in c.name]
+    selected = [c for c in cases() if (not args.only or args.only in c.name) and (args.issue is None or c.issue == args.issue)]
     rows = []
     for i, case in enumerate(selected, 1):
         row = run_case(case, root, args.timeout, env)
