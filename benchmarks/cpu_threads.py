@@ -62,12 +62,14 @@ def main() -> None:
             print(f"round {r + 1}/{args.rounds} {setting}: {summary['train_seconds']:.1f} s, accuracy after "
                   f"{summary['accuracy_after']:.1%}", flush=True)
     one = statistics.median(seconds["1 thread"])
-    rows = ["| OMP_NUM_THREADS | training wall time (median) | time / 1 thread | accuracy after, each run |",
-            "|---|---|---|---|"]
+    rows = ["| OMP_NUM_THREADS | training wall time, each round | median | median / 1 thread's | accuracy after, each run |",
+            "|---|---|---|---|---|"]
     for setting in SETTINGS:
         median = statistics.median(seconds[setting])
-        rows.append(f"| {setting} | {median:.1f} s | {median / one:.2f} | "
-                    f"{', '.join(f'{a:.1%}' for a in accuracy[setting])} |")
+        rows.append(f"| {setting} | {', '.join(f'{t:.1f} s' for t in seconds[setting])} | {median:.1f} s | "
+                    f"{median / one:.2f} | {', '.join(f'{a:.1%}' for a in accuracy[setting])} |")
+    rows += ["", "Per round, the ratio of 2 threads to 1 thread (the load changes between rounds, less within one): "
+             + ", ".join(f"{b / a:.2f}" for a, b in zip(seconds["1 thread"], seconds["2 threads"], strict=True))]
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     publish("cpu_threads", f"{platform.node()}, {os.cpu_count()} CPU threads ({platform.processor() or platform.machine()}), "
             f"Python {platform.python_version()}, load average {load:.1f} at the end",

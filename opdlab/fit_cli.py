@@ -179,6 +179,7 @@ class OPDLabCLI(LightningCLI):
                                             if not str(getattr(c, "class_path", "")).endswith("ModelCheckpoint")]
             else:
                 self.resolve_run_folder(config)
+        check_accelerator(config.trainer)
         interval = config.trainer.get("val_check_interval")
         if isinstance(interval, (int, float)) and not isinstance(interval, bool) and interval <= 0:
             raise RunError(f"trainer.val_check_interval must be > 0 (steps between validations, or a fraction of "
@@ -465,6 +466,27 @@ def json_ready(value):
     if isinstance(value, dict):
         return {k: json_ready(v) for k, v in value.items()}
     return value
+
+
+def check_accelerator(trainer) -> None:
+    """A config written for GPUs (accelerator gpu/cuda, several devices, a sharding strategy) on a machine without
+    one: name every option to change, not Lightning's 'No supported gpu backend found!'."""
+    accelerator = str(trainer.get("accelerator") or "auto").lower()
+    if accelerator not in ("gpu", "cuda"):
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    changes = ["--trainer.accelerator cpu", "--trainer.devices 1"]
+    strategy = trainer.get("strategy")
+    if strategy not in (None, "auto"):
+        changes.append("--trainer.strategy auto")
+    if str(trainer.get("precision") or "").startswith(("16", "bf16")):
+        changes.append("--trainer.precision 32-true")
+    raise RunError(f"this config asks for --trainer.accelerator {accelerator}, and this machine has no GPU (torch sees "
+                   f"no CUDA device): to run it on the CPU add {' '.join(changes)}; for your own models on a CPU start "
+                   "from configs/own_models_cpu.yaml")
 
 
 def check_fit_options(config) -> None:

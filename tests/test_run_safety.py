@@ -206,3 +206,11 @@ def test_a_config_file_giving_a_group_one_value_is_refused_in_one_line(tmp_path,
     config.write_text(text)
     message = str(run_opdlab(["fit", "--config", FAST, "--config", str(config)]).code)
     assert message.startswith(f"opdlab: error: config {config}: {expected}") and message.count("\n") <= 1, message
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")
+def test_a_gpu_config_on_a_cpu_names_every_option_to_change():
+    message = str(run_opdlab(["fit", "--config", str(CONFIG_DIR / "qwen3_8b_to_1.7b_ta_opd.yaml")]).code)
+    assert message.startswith("opdlab: error: this config asks for --trainer.accelerator gpu, and this machine has no GPU")
+    assert "--trainer.accelerator cpu --trainer.devices 1 --trainer.strategy auto --trainer.precision 32-true" in message
+    assert "configs/own_models_cpu.yaml" in message
