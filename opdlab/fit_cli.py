@@ -313,11 +313,19 @@ class OPDLabCLI(LightningCLI):
                   f"{run / 'student'}", flush=True)
             if ckpt_path:
                 print(f"opdlab fit: resuming from {ckpt_path}", flush=True)
+        # One event file per fit: Lightning closes the loggers after each trainer call (this validation, fit, the
+        # validation after it) and TensorBoard reopens in a new file; they are closed once, at the end of after_fit.
+        keep_loggers_open(self.trainer)
         if not ckpt_path:  # the accuracy before training (FitSummary); a resumed run's is in its checkpoint
-            with loggers_kept_open(self.trainer):  # one event file per run, not one for this validation and one for fit
-                self.trainer.validate(self.model, datamodule=self.datamodule, verbose=False)  # builds the models first
+            self.trainer.validate(self.model, datamodule=self.datamodule, verbose=False)  # builds the models first
 
     def after_fit(self) -> None:
+        try:
+            self.finish_fit()
+        finally:
+            close_loggers(self.trainer)
+
+    def finish_fit(self) -> None:
         trainer = self.trainer
         interrupt = next((c for c in trainer.callbacks if isinstance(c, SaveOnInterrupt)), None)
         if interrupt is not None and interrupt.stopped_by is not None:
@@ -443,20 +451,27 @@ def interruptible(trainer, on_stop):
             signal.signal(sig, handler)
 
 
-@contextmanager
-def loggers_kept_open(trainer):
-    """Lightning finalizes (closes) the loggers at the end of every trainer call; the TensorBoard writer then
-    reopens in a new event file. Around the validation before fit, finalizing only saves."""
-    patched = []
+def keep_loggers_open(trainer) -> None:
+    """Lightning finalizes (closes) the loggers at the end of every trainer call, and a TensorBoard writer then
+    reopens in a new event file. Until `close_loggers`, finalizing flushes and saves only (a crash loses nothing)."""
     for logger in trainer.loggers:
         if "finalize" not in vars(logger):
-            logger.finalize = lambda status, logger=logger: logger.save()
-            patched.append(logger)
-    try:
-        yield
-    finally:
-        for logger in patched:
+            logger.finalize = lambda status, logger=logger: flush_logger(logger)
+
+
+def flush_logger(logger) -> None:
+    experiment = getattr(logger, "_experiment", None)  # the TensorBoard writer, when one was opened
+    if experiment is not None and hasattr(experiment, "flush"):
+        experiment.flush()
+    logger.save()
+
+
+def close_loggers(trainer) -> None:
+    """Lightning's own finalize, once, at the end of `opdlab fit`."""
+    for logger in trainer.loggers:
+        if "finalize" in vars(logger):
             del logger.finalize
+            logger.finalize("success")
 
 
 def json_ready(value):
@@ -629,6 +644,11 @@ def run_fit(argv: list[str]) -> None:
         )
     except BaseException:
         base, before, trainer = OPDLabCLI.run_base, OPDLabCLI.runs_before, OPDLabCLI.current_trainer
+        if trainer is not None:
+            try:
+                close_loggers(trainer)
+            except Exception:  # noqa: BLE001 - the error being raised matters, not a logger's on the way out
+                pass
         if base is not None and (trainer is None or trainer.global_step == 0):  # failed before its first step
             for folder in remove_runs_without_results(base, before):
                 print(f"opdlab fit: removed {folder} (the run stopped before its first step)", file=sys.stderr)

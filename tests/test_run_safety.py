@@ -214,3 +214,19 @@ def test_a_gpu_config_on_a_cpu_names_every_option_to_change():
     assert message.startswith("opdlab: error: this config asks for --trainer.accelerator gpu, and this machine has no GPU")
     assert "--trainer.accelerator cpu --trainer.devices 1 --trainer.strategy auto --trainer.precision 32-true" in message
     assert "configs/own_models_cpu.yaml" in message
+
+
+def test_a_fit_writes_one_event_file_with_every_point_at_its_step(tmp_path, tiny_checkpoints):
+    """The validation before training, the training and the validation after its last step (3 is not a multiple of
+    val_check_interval 2) share one TensorBoard event file, and each point sits at the step the console names."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    result = fit(tmp_path, tiny_checkpoints, "--run_name", "e", "--trainer.max_steps", "3", "--trainer.log_every_n_steps", "1")
+    assert result.code == 0, result.err[-3000:]
+    run = tmp_path / "runs" / "fast" / "e"
+    assert len(list(run.glob("events.out.tfevents.*"))) == 1, sorted(p.name for p in run.iterdir())
+    events = EventAccumulator(str(run))
+    events.Reload()
+    assert [e.step for e in events.Scalars("val/accuracy")] == [0, 2, 3]
+    assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3]
+    assert [e.step for e in events.Scalars("train/skipped_steps")] == [1, 2, 3]
