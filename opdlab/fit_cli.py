@@ -378,7 +378,8 @@ class OPDLabCLI(LightningCLI):
         from opdlab.eval_cli import evaluate, load_model, markdown_table
 
         out = export.parent / "eval"
-        with interruptible(self.trainer, lambda signum: self.stopped_in_eval(signum, export, out, options)):
+        with interruptible(self.trainer, lambda signum: self.stopped_in_eval(signum, export, out, options,
+                                                                              self.eval_engine_options())):
             net, tokenizer, label = load_model(str(export), self.model.memory_options.student_dtype)
             net.to(self.model.device)
             print(f"\nopdlab fit: evaluating the exported student ({len(options.benchmarks)} set(s), k={options.k}) "
@@ -387,8 +388,17 @@ class OPDLabCLI(LightningCLI):
                               command="opdlab fit " + " ".join(self.argv), loaded=getattr(self, "eval_benchmarks", None))
         print(markdown_table(result, label), flush=True)
 
+    def eval_engine_options(self) -> list[str]:
+        """The `opdlab eval` options that reproduce this fit's engine and student dtype (eval.json records both)."""
+        engine = type(self.model.rollout_engine)
+        names = [name for name, plugin in plugins.discover("opdlab.rollout_engines").items() if plugin.cls is engine]
+        engine_args = ["--engine", names[0]] if names and names[0] != "static" else \
+            [] if names else ["--engine", f"{engine.__module__}.{engine.__qualname__}"]
+        dtype = self.model.memory_options.student_dtype
+        return [*engine_args, *(["--dtype", dtype] if dtype != "float32" else [])]
+
     @staticmethod
-    def stopped_in_eval(signum: int, export: Path, out: Path, options: EvalOptions) -> None:
+    def stopped_in_eval(signum: int, export: Path, out: Path, options: EvalOptions, engine_args: list[str]) -> None:
         """SIGINT/SIGTERM in the evaluation after training: the student is exported and the responses written so
         far are kept; the evaluation's settings go to a config file `opdlab eval` continues from."""
         import dataclasses
@@ -402,7 +412,7 @@ class OPDLabCLI(LightningCLI):
         print(f"\nopdlab fit: stopped by {signal.Signals(signum).name} in the evaluation after training; the trained "
               f"student is exported to {export}, the responses generated so far are kept in {out}\ncontinue the "
               f"evaluation with: opdlab eval --model {shlex.quote(str(export))} --config {shlex.quote(str(settings))} "
-              f"--out_dir {shlex.quote(str(out))}", flush=True)
+              f"--out_dir {shlex.quote(str(out))}{''.join(' ' + shlex.quote(a) for a in engine_args)}", flush=True)
 
     def exit_interrupted(self, interrupt: SaveOnInterrupt) -> None:
         """After SIGINT/SIGTERM: where the checkpoint is, the command that continues, exit 128 + signal."""

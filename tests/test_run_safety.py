@@ -145,6 +145,7 @@ def test_ctrl_c_after_training_stops_says_what_was_kept_and_exits_130(lightning_
     from opdlab.fit_cli import interruptible
 
     stopped, reached = [], []
+    before = signal.getsignal(signal.SIGINT)  # SIG_IGN when an earlier in-process Lightning run was interrupted
     with pytest.raises(SystemExit) as exit_info:
         with interruptible(SimpleNamespace(world_size=1), stopped.append):
             try:
@@ -155,7 +156,7 @@ def test_ctrl_c_after_training_stops_says_what_was_kept_and_exits_130(lightning_
                     raise SystemExit(1) from None
                 raise
     assert exit_info.value.code == 130 and stopped == [signal.SIGINT] and reached == []
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+    assert signal.getsignal(signal.SIGINT) is before  # restored
 
 
 def test_fit_summary_says_which_share_of_tokens_was_trained_on(tmp_path, tiny_checkpoints):
@@ -230,3 +231,17 @@ def test_a_fit_writes_one_event_file_with_every_point_at_its_step(tmp_path, tiny
     assert [e.step for e in events.Scalars("val/accuracy")] == [0, 2, 3]
     assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3]
     assert [e.step for e in events.Scalars("train/skipped_steps")] == [1, 2, 3]
+
+
+@pytest.mark.parametrize("engine, dtype, expected", [("static", "float32", []), ("reference", "float32", ["--engine", "reference"]),
+                                                     ("static", "bfloat16", ["--dtype", "bfloat16"])])
+def test_the_command_that_continues_an_interrupted_evaluation_names_the_fits_engine_and_dtype(engine, dtype, expected):
+    """eval.json records the engine and the dtype: the printed `opdlab eval` command must reproduce them, or the
+    evaluation it continues would be refused as made under other settings."""
+    from opdlab import plugins
+    from opdlab.fit_cli import OPDLabCLI
+
+    engine_class = plugins.discover("opdlab.rollout_engines")[engine].cls
+    fake = SimpleNamespace(model=SimpleNamespace(rollout_engine=object.__new__(engine_class),
+                                                 memory_options=SimpleNamespace(student_dtype=dtype)))
+    assert OPDLabCLI.eval_engine_options(fake) == expected
