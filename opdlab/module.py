@@ -641,22 +641,22 @@ class OPDModule(L.LightningModule):
             readable_by_default(path)
 
 
-SMALL_MODEL_PARAMETERS = 50_000_000  # below this (student + teacher), one CPU thread is faster: benchmarks/cpu_threads.py
+SMALL_MODEL_PARAMETERS = 50_000_000  # below this (student + teacher), one CPU thread: see choose_cpu_threads
 
 
 def choose_cpu_threads(models: list, device: torch.device) -> int:
-    """On a CPU, for small models and when OMP_NUM_THREADS is not set: one torch thread. The toys' matrices are
-    too small for threads to pay (each op's fork/join costs more than it saves), and on a machine whose cores are
-    busy, extra threads wait for each other: benchmarks/results/cpu_threads.md measures both. Set OMP_NUM_THREADS
-    to choose yourself (it is then left alone). Returns the torch thread count in use."""
+    """On a CPU, for small models and when OMP_NUM_THREADS is not set: one torch thread. Robust rather than fastest:
+    on an idle 2-core machine two threads train the toy ~1.3x faster, but with one or two other jobs on the machine
+    they are 2-3.3x slower (each small product waits for a busy core; benchmarks/results/cpu_threads.md). Set
+    OMP_NUM_THREADS to choose yourself (it is then left alone). Returns the torch thread count in use."""
     import os
 
     if device.type != "cpu" or os.environ.get("OMP_NUM_THREADS"):
         return torch.get_num_threads()
     total = sum(p.numel() for m in models if m is not None for p in m.parameters())
     if total < SMALL_MODEL_PARAMETERS and torch.get_num_threads() != 1:
-        rank_zero_info(f"opdlab: CPU with small models ({total / 1e6:.1f}M parameters): 1 torch thread, which is faster "
-                       f"for them than {torch.get_num_threads()} (set OMP_NUM_THREADS to choose)")
+        rank_zero_info(f"opdlab: CPU with small models ({total / 1e6:.1f}M parameters): 1 torch thread instead of "
+                       f"{torch.get_num_threads()} (steady on a shared machine; set OMP_NUM_THREADS to choose)")
         torch.set_num_threads(1)
     return torch.get_num_threads()
 
