@@ -936,7 +936,8 @@ def eval_command(
         dtype: weights' dtype (bfloat16 on GPUs for real models).
         device: auto (cuda when there is one), cpu, cuda, cuda:1 ...
         out_dir: where responses.jsonl, result.json and results.md go (default: <run>/eval for a run folder or
-            its student/, <run>/eval-<name> for a run's checkpoint, else evals/<name>-<hash of its path>).
+            its student/, <run>/eval-<name> for a run's checkpoint, evals/toy_<name>_<role> for a toy,
+            evals/<owner>_<name> for a hub id, else evals/<name>-<hash of its path>).
         overwrite: replace what out_dir holds instead of continuing it (the old files stay until the new
             evaluation has its first responses).
     """
