@@ -645,9 +645,10 @@ SMALL_MODEL_PARAMETERS = 50_000_000  # below this (student + teacher), one CPU t
 
 
 def choose_cpu_threads(models: list, device: torch.device) -> int:
-    """On a CPU, for small models and when OMP_NUM_THREADS is not set: one torch thread. Robust rather than fastest:
-    on an idle 2-core machine two threads train the toy ~1.3x faster, but with one or two other jobs on the machine
-    they are 2-3.3x slower (each small product waits for a busy core; benchmarks/results/cpu_threads.md). Set
+    """On a CPU, for small models and when OMP_NUM_THREADS is not set: one torch thread. Reproducible and robust
+    rather than fastest: the thread count changes the rounding (and so the trained result) on some CPUs, and while
+    on an idle 2-core machine two threads train the toy ~1.5x faster, with one or two other jobs on the machine they
+    are 2-3.3x slower (each small product waits for a busy core; benchmarks/results/cpu_threads.md). Set
     OMP_NUM_THREADS to choose yourself (it is then left alone). Returns the torch thread count in use."""
     import os
 
