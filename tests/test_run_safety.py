@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -245,3 +246,35 @@ def test_the_command_that_continues_an_interrupted_evaluation_names_the_fits_eng
     fake = SimpleNamespace(model=SimpleNamespace(rollout_engine=object.__new__(engine_class),
                                                  memory_options=SimpleNamespace(student_dtype=dtype)))
     assert OPDLabCLI.eval_engine_options(fake) == expected
+
+
+def test_a_compatibility_with_no_spread_is_named_as_a_threshold_once():
+    """mix4: C ≈ 1 nearly everywhere (q05 0.9998): C̃ is 0 for every position with C slightly lower, though the
+    score is 0 at only a small share of positions. Teachability under quantile normalisation is warned about; under
+    min-max, or for a selector that does not read C̃, it is not."""
+    from opdlab.callbacks.selection import SelectionMetrics
+    from opdlab.selectors import EntropySelector, TeachabilitySelector
+
+    valid = torch.ones(10, 10, dtype=torch.bool)
+    compatibility = torch.ones(10, 10)
+    compatibility.view(-1)[:10] = torch.linspace(0.9990, 0.9998, 10)  # 10% slightly below 1
+    stats = SimpleNamespace(valid=valid, compatibility=compatibility, disagreement=torch.rand(10, 10),
+                            topk_entropy=torch.rand(10, 10))
+    record = SimpleNamespace(stats=stats, keep=valid.clone())
+
+    def warnings_for(selector) -> tuple[list[str], dict]:
+        logged = {}
+        module = SimpleNamespace(selector=selector, log_dict=lambda m, **_: logged.update(m))
+        callback = SelectionMetrics()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for _ in range(3):
+                callback.log_score_spread(SimpleNamespace(global_step=1), module, record)
+        return [str(w.message) for w in caught if "turns C into a threshold" in str(w.message)], logged
+
+    found, logged = warnings_for(TeachabilitySelector(ratio=0.05))
+    assert len(found) == 1 and re.search(r"C's q05/q95 over the batch are 0\.999\d/1\.0000", found[0]), found
+    assert float(logged["select/compatibility_q95"]) - float(logged["select/compatibility_q05"]) < 0.01
+    assert float(logged["select/score_zero_share"]) < 0.5  # the score-share rule alone would not have caught it
+    assert warnings_for(TeachabilitySelector(ratio=0.05, normalization="minmax"))[0] == []
+    assert warnings_for(EntropySelector(ratio=0.05))[0] == []

@@ -10,6 +10,7 @@ from opdlab.callbacks.histograms import step_record
 
 
 DEGENERATE_SHARE = 0.9  # a score that is exactly 0 at this share of valid positions or more selects by position
+THRESHOLD_SPREAD = 0.01  # C (in [0, 1]) with q95 - q05 below this: its quantile normalisation is a threshold
 
 
 class SelectionMetrics(L.Callback):
@@ -23,12 +24,14 @@ class SelectionMetrics(L.Callback):
       with no spread over the batch: the budget then falls to ties, broken by position);
     - `select/compatibility_q05`, `select/compatibility_q95`: the batch quantiles of C behind its normalisation.
 
-    Warns once when `select/score_zero_share` reaches 90%: the selector's normalised feature is degenerate on this
-    data (e.g. C close to 1 nearly everywhere, so q05 ≈ q95), and what it keeps is then close to position order.
+    Warns once when a selector's normalised feature is degenerate on this data: its score is exactly 0 at 90% of
+    valid positions (the budget is then filled by position order), or it reads C̃ under quantile normalisation and
+    C's q95 − q05 is below 0.01 (C ≈ 1 nearly everywhere, as on the mix4 toy: C̃ becomes a threshold that gives 0 to
+    every position whose C is even slightly lower, docs/results.md §8).
     """
 
     def __init__(self) -> None:
-        self.warned_degenerate = False
+        self.warned_degenerate = self.warned_threshold = False
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
         record = step_record(outputs)
@@ -63,8 +66,16 @@ class SelectionMetrics(L.Callback):
             return
         metrics = {}
         if stats.compatibility is not None:
-            q05, q95 = linear_quantiles(stats.compatibility[valid].float(), (0.05, 0.95))
+            c = stats.compatibility[valid].float()
+            q05, q95 = linear_quantiles(c, (0.05, 0.95))
             metrics.update({"select/compatibility_q05": q05, "select/compatibility_q95": q95})
+            if reads_normalised_c(selector) and float(q95 - q05) < THRESHOLD_SPREAD and not self.warned_threshold:
+                self.warned_threshold = True
+                rank_zero_warn(f"{type(selector).__name__}: C's q05/q95 over the batch are {float(q05):.4f}/{float(q95):.4f} "
+                               f"in step {trainer.global_step}: the quantile normalisation turns C into a threshold (C̃ = 0 "
+                               f"for every position whose C is below {float(q05):.4f}, however slightly), so the score drops "
+                               "positions the teacher would still teach (docs/results.md §8). Consider normalization: "
+                               "minmax; TensorBoard: select/*")
         # Scored selectors under the shared budget rule only (a plugin that overrides `select` may not score at all);
         # ratio 1 keeps everything whatever the scores.
         if isinstance(selector, TokenSelector) and type(selector).select is TokenSelector.select and selector.ratio < 1:
@@ -83,3 +94,11 @@ class SelectionMetrics(L.Callback):
                                "TensorBoard (select/score_zero_share, teachability/ histograms)")
         if metrics:
             pl_module.log_dict(metrics, batch_size=int(valid.shape[0]))
+
+
+def reads_normalised_c(selector) -> bool:
+    """Whether the selector's score reads the quantile-normalised C̃ (teachability and its C-based variants)."""
+    from opdlab.selectors.teachability import CompatibilitySelector, IncompatibleSelector, TeachabilitySelector
+
+    return isinstance(selector, (TeachabilitySelector, IncompatibleSelector, CompatibilitySelector)) \
+        and getattr(selector, "normalization", None) == "quantile"
