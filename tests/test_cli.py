@@ -633,7 +633,8 @@ def test_evaluation_prompts_that_are_also_training_prompts_are_warned_about(tmp_
 @pytest.mark.parametrize("option,value,says", [
     ("--trainer.max_steps", "-5", "`max_steps` must be a non-negative integer"),
     ("--trainer.devices", "0", "value is not a valid input"),
-    ("--trainer.accelerator", "gpu", "No supported gpu backend found"),
+    pytest.param("--trainer.accelerator", "gpu", "this machine has no GPU", marks=pytest.mark.skipif(
+        torch.cuda.is_available(), reason="a GPU machine runs it")),
     ("--trainer.val_check_interval", "0", "trainer.val_check_interval must be > 0"),
 ])
 def test_trainer_options_lightning_refuses_are_one_line(option, value, says):
