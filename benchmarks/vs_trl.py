@@ -1,4 +1,17 @@
-"""opdlab vs TRL's GKD trainer: the same on-policy JSD distillation step, tokens/s and peak memory.
+"""opdlab vs TRL's distillation trainers: the same on-policy JSD distillation step, tokens/s and peak memory.
+
+    /tmp/trlvenv/bin/python benchmarks/vs_trl.py --vocab 151936 --batch-size 8 --max-new-tokens 64 --steps 2 \
+        --warmup 1 --rounds 2 --output benchmarks/results/vs_trl.md
+
+TRL's side is `trl.DistillationTrainer` (TRL >= 1.16, its stable on-policy trainer: HF generate or vLLM, a chunked
+divergence that never builds the full logits; always on-policy, `beta` as in GKD: 0 forward KL, 1 reverse KL), or
+with `--trl-trainer gkd` the legacy `trl.experimental.gkd.GKDTrainer` (kept as history). Both TRL configs default
+to bf16 autocast and gradient checkpointing; they are switched off here, so both sides train in float32 without
+recomputation. opdlab runs twice per round: full-token OPD (`FullSelector`, ratio 1) and TA-OPD at 5%.
+
+Peak memory is the RSS high-water mark above the RSS after loading the models and touching every weight
+(transformers 5 memory-maps safetensors: untouched weights are paged in during the first step, which would
+otherwise count as training memory; results before 2026-12-03 counted them).
 
 Needs `trl` (with `accelerate` and `datasets`); prints a skip message and exits 0 without it. Keep trl
 out of the main environment (it is large): a side venv that sees the main one works, e.g.
@@ -33,14 +46,26 @@ import warnings
 from report import publish
 
 
-def has_trl() -> bool:
+def has_trl(trainer: str = "distillation") -> bool:
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
     try:
-        import trl  # noqa: F401
-        from trl.experimental.gkd import GKDTrainer  # noqa: F401
+        if trainer == "gkd":
+            from trl.experimental.gkd import GKDTrainer  # noqa: F401
+        else:
+            from trl import DistillationTrainer  # noqa: F401
     except ImportError:
         return False
     return True
+
+
+def touch(*models) -> None:
+    """Read every weight once, so memory-mapped weights are resident before the peak is reset."""
+    import torch
+
+    with torch.no_grad():
+        for model in models:
+            for param in model.parameters():
+                param.float().sum()
 
 
 def peak_mb_since_reset() -> float:
@@ -92,8 +117,74 @@ def prompts(args) -> list[str]:
     return [task.problem_at(i).prompt for i in range(args.batch_size * (args.steps + args.warmup))]
 
 
-def run_trl(args) -> dict:
-    """TRL GKDTrainer, fully on-policy (lmbda=1): per-step wall time and response tokens."""
+def run_distillation(args) -> dict:
+    """TRL DistillationTrainer (always on-policy): per-step wall time, response tokens and stage times."""
+    import torch
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl import DistillationConfig, DistillationTrainer
+
+    from opdlab.models import load_causal_lm, load_tokenizer
+
+    tokenizer = load_tokenizer(args.student)
+    tokenizer.padding_side = "left"
+    student, teacher = load_causal_lm(args.student), load_causal_lm(args.teacher)
+    steps, tokens, stages = [], [], []
+    current: dict = {}
+
+    class Counting(DistillationTrainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            tokens.append(int(inputs["completion_mask"].sum()))  # generated tokens scored (EOS included)
+            start = time.perf_counter()
+            out = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            current["forward+loss"] = time.perf_counter() - start
+            return out
+
+        def _generate_single_turn(self, *a, **kw):
+            start = time.perf_counter()
+            out = super()._generate_single_turn(*a, **kw)
+            current["rollout"] = current.get("rollout", 0.0) + time.perf_counter() - start
+            return out
+
+        def training_step(self, *a, **kw):  # generate + forward/loss + backward, not the optimizer step
+            start = time.perf_counter()
+            out = super().training_step(*a, **kw)
+            current["training_step"] = time.perf_counter() - start
+            return out
+
+    class Clock(TrainerCallback):
+        def on_step_begin(self, *a, **kw):
+            current.clear()
+            self.start = time.perf_counter()
+
+        def on_step_end(self, *a, **kw):
+            total = time.perf_counter() - self.start
+            steps.append(total)
+            rollout, loss = current.get("rollout", 0.0), current.get("forward+loss", 0.0)
+            stages.append({"rollout": rollout, "forward+loss": loss,
+                           "backward": current.get("training_step", 0.0) - rollout - loss,
+                           "optimizer+rest": total - current.get("training_step", 0.0)})
+
+    with tempfile.TemporaryDirectory() as out:
+        config = DistillationConfig(
+            output_dir=out, use_cpu=True, bf16=False, gradient_checkpointing=False,
+            per_device_train_batch_size=args.batch_size, gradient_accumulation_steps=1,
+            max_steps=args.steps + args.warmup, learning_rate=1e-4, lr_scheduler_type="constant", warmup_steps=0,
+            weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.98, beta=args.beta, temperature=1.0, top_p=1.0, top_k=0,
+            max_completion_length=args.max_new_tokens, report_to="none", save_strategy="no", logging_steps=10**6,
+            disable_tqdm=True, dataloader_num_workers=0, seed=0, shuffle_dataset=False,
+        )
+        trainer = Counting(model=student, teacher_model=teacher, args=config, processing_class=tokenizer,
+                           train_dataset=Dataset.from_list([{"prompt": p} for p in prompts(args)]), callbacks=[Clock()])
+        touch(student, teacher)
+        base = reset_peak()
+        trainer.train()
+    return {"steps": steps[args.warmup :], "tokens": tokens[args.warmup :], "peak_mb": rss_peak_mb() - base,
+            "stages": stages[args.warmup :], "dtype": str(torch.get_default_dtype())}
+
+
+def run_gkd(args) -> dict:
+    """TRL GKDTrainer (legacy), fully on-policy (lmbda=1): per-step wall time and response tokens."""
     import torch
     from datasets import Dataset
     from transformers import TrainerCallback
@@ -132,25 +223,28 @@ def run_trl(args) -> dict:
             adam_beta1=0.9, adam_beta2=0.98, lmbda=1.0, beta=args.beta, temperature=1.0,
             max_new_tokens=args.max_new_tokens, report_to="none", save_strategy="no", logging_steps=10**6,
             use_cpu=True, dataloader_num_workers=0, disable_tqdm=True, seed=0, max_length=None,
+            bf16=False, gradient_checkpointing=False,  # TRL's defaults: bf16 autocast and recomputation (runs
+            # before 2026-12-03 had them: TRL's side was not float32)
         )
         trainer = CountingGKD(
             model=student, teacher_model=teacher, args=config, data_collator=collate,
             train_dataset=Dataset.from_list([{"prompt": p} for p in prompts(args)]), processing_class=tokenizer,
             callbacks=[Clock()],
         )
+        touch(student, teacher)
         base = reset_peak()
         trainer.train()
     return {"steps": steps[args.warmup :], "tokens": tokens[args.warmup :], "peak_mb": rss_peak_mb() - base}
 
 
-def run_opdlab(args) -> dict:
+def run_opdlab(args, ratio: float = 1.0) -> dict:
     import lightning as L
     import torch
 
     from opdlab.data import PromptDataModule
     from opdlab.divergences import GeneralizedJSD
     from opdlab.module import OPDModule
-    from opdlab.selectors import FullSelector
+    from opdlab.selectors import FullSelector, TeachabilitySelector
     from opdlab.tasks import AdditionTask
 
     steps, tokens, stages = [], [], []
@@ -167,12 +261,13 @@ def run_opdlab(args) -> dict:
     module = OPDModule(
         student=args.student,
         teacher=args.teacher,
-        selector=FullSelector(),
+        selector=FullSelector() if ratio >= 1 else TeachabilitySelector(ratio=ratio, top_k=16),
         divergence=GeneralizedJSD(beta=args.beta),
         optimizer=lambda params: torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.98), weight_decay=0.0, fused=True),
         rollout=dict(max_new_tokens=args.max_new_tokens),
     )
     module.configure_model()
+    touch(module.student, module.teacher)
     trainer = L.Trainer(
         max_steps=args.steps + args.warmup, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
@@ -199,28 +294,35 @@ def main() -> None:
     p.add_argument("--vocab", type=int, default=0,
                    help="instead of the toy models, random-init Qwen2 models with this many logits (e.g. 151936)")
     p.add_argument("--output", help="append the markdown result here")
-    p.add_argument("--worker", choices=["trl", "opdlab"], help=argparse.SUPPRESS)
+    p.add_argument("--trl-trainer", choices=["distillation", "gkd"], default="distillation",
+                   help="TRL's DistillationTrainer (stable, TRL >= 1.16) or the legacy GKDTrainer")
+    p.add_argument("--ta-ratio", type=float, default=0.05, help="the TA-OPD run's budget (0: no TA-OPD run)")
+    p.add_argument("--worker", choices=["trl", "opdlab", "opdlab_ta"], help=argparse.SUPPRESS)
     args = p.parse_args()
-    if not has_trl():
-        print("vs_trl: skipped: `trl` is not importable (pip install trl accelerate datasets, ideally in a side "
-              "venv; see this file's docstring).")
+    if not has_trl(args.trl_trainer):
+        print(f"vs_trl: skipped: TRL's {args.trl_trainer} trainer is not importable (pip install 'trl>=1.16' "
+              "accelerate datasets, ideally in a side venv; see this file's docstring).")
         return
     import torch
 
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
     if args.worker:
-        print(json.dumps((run_trl if args.worker == "trl" else run_opdlab)(args)))
+        run = {"trl": run_distillation if args.trl_trainer == "distillation" else run_gkd,
+               "opdlab": run_opdlab, "opdlab_ta": lambda a: run_opdlab(a, a.ta_ratio)}[args.worker]
+        print(json.dumps(run(args)))
         return
     tmp = tempfile.TemporaryDirectory()
     if args.vocab:
         args.student, args.teacher = build_random_pair(args.vocab, tmp.name)
-    results = {"trl": [], "opdlab": []}
+    names = ["trl", "opdlab", *(["opdlab_ta"] if args.ta_ratio else [])]
+    results = {name: [] for name in names}
     for rnd in range(args.rounds):
-        for name in (["trl", "opdlab"] if rnd % 2 == 0 else ["opdlab", "trl"]):
+        for name in (names if rnd % 2 == 0 else names[::-1]):
             cmd = [sys.executable, __file__, "--worker", name, "--student", args.student, "--teacher", args.teacher]
             cmd += [f"--{k}={getattr(args, k.replace('-', '_'))}" for k in
-                    ("digits", "batch-size", "max-new-tokens", "beta", "steps", "warmup", "threads")]
+                    ("digits", "batch-size", "max-new-tokens", "beta", "steps", "warmup", "threads", "trl-trainer",
+                     "ta-ratio")]
             out = subprocess.run(cmd, capture_output=True, text=True, check=False)
             if out.returncode != 0:
                 raise RuntimeError(f"{name} failed:\n{out.stderr[-4000:]}")
@@ -234,16 +336,20 @@ def main() -> None:
         tok_s = [t / s for r in runs for t, s in zip(r["tokens"], r["steps"])]
         rows[name] = (statistics.median(tok_s), statistics.median(steps), statistics.median(r["peak_mb"] for r in runs),
                       statistics.median(t for r in runs for t in r["tokens"]))
-    lines = ["| trainer | response tok/s | step s | peak RSS delta MB | response tokens/step |", "|---|---|---|---|---|"]
+    trl_name = "TRL DistillationTrainer" if args.trl_trainer == "distillation" else "TRL GKDTrainer (legacy)"
+    labels = {"trl": trl_name, "opdlab": "opdlab full-token (ratio 1)", "opdlab_ta": f"opdlab TA-OPD {args.ta_ratio:.0%}"}
+    lines = ["| trainer | response tok/s | step s | peak RSS above the loaded models, MB | response tokens/step | "
+             "tok/s vs TRL | peak memory vs TRL |", "|---|---|---|---|---|---|---|"]
     for name, (tok_s, step, mb, toks) in rows.items():
-        lines.append(f"| {name} | {tok_s:,.1f} | {step:.3f} | {mb:,.0f} | {toks:.0f} |")
-    lines.append(f"\nopdlab / TRL throughput: {rows['opdlab'][0] / rows['trl'][0]:.2f}x; "
-                 f"TRL / opdlab peak memory: {rows['trl'][2] / max(rows['opdlab'][2], 1e-9):.2f}x.")
-    stages = [s for r in results["opdlab"] for s in r["stages"]]
-    if stages:
-        med = {k: statistics.median(s.get(k, 0.0) for s in stages) for k in stages[0]}
-        lines.append("opdlab step breakdown (median s): "
-                     + ", ".join(f"{k} {v:.3f} ({v / rows['opdlab'][1]:.0%})" for k, v in med.items()) + ".")
+        lines.append(f"| {labels[name]} | {tok_s:,.1f} | {step:.3f} | {mb:,.0f} | {toks:.0f} | "
+                     f"{tok_s / rows['trl'][0]:.2f}x | {mb / max(rows['trl'][2], 1e-9):.2f}x |")
+    lines.append("")
+    for name in names:
+        stages = [s for r in results[name] for s in r.get("stages", [])]
+        if stages:
+            med = {k: statistics.median(s.get(k, 0.0) for s in stages) for k in stages[0]}
+            lines.append(f"{labels[name]} step breakdown (median s): "
+                         + ", ".join(f"{k} {v:.3f} ({v / rows[name][1]:.0%})" for k, v in med.items()) + ".")
     import trl
 
     tmp.cleanup()
@@ -252,8 +358,8 @@ def main() -> None:
             f"torch {torch.__version__}, trl {trl.__version__}.",
             f"{f'random Qwen2 h256/L2 <- h512/L2, vocab {args.vocab:,}' if args.vocab else f'{args.student} <- {args.teacher}'}"
             f", {args.batch_size} prompts/step, max_new_tokens {args.max_new_tokens}, "
-            f"JSD beta {args.beta}; medians over {args.rounds} rounds x {args.steps} steps (after {args.warmup} "
-            "warm-up steps), each run in a fresh process.\n",
+            f"JSD beta {args.beta}, float32 on both sides; medians over {args.rounds} rounds x {args.steps} steps "
+            f"(after {args.warmup} warm-up steps), each run in a fresh process, the order alternating by round.\n",
             "\n".join(lines), args.output)
 
 
