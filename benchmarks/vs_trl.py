@@ -265,6 +265,7 @@ def run_opdlab(args, ratio: float = 1.0) -> dict:
         divergence=GeneralizedJSD(beta=args.beta),
         optimizer=lambda params: torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.98), weight_decay=0.0, fused=True),
         rollout=dict(max_new_tokens=args.max_new_tokens),
+        memory=dict(chunk_size=args.chunk_size) if args.chunk_size else None,
     )
     module.configure_model()
     touch(module.student, module.teacher)
@@ -296,6 +297,7 @@ def main() -> None:
     p.add_argument("--output", help="append the markdown result here")
     p.add_argument("--trl-trainer", choices=["distillation", "gkd"], default="distillation",
                    help="TRL's DistillationTrainer (stable, TRL >= 1.16) or the legacy GKDTrainer")
+    p.add_argument("--chunk-size", type=int, default=0, help="opdlab's memory.chunk_size (0: its default, 256 rows)")
     p.add_argument("--ta-ratio", type=float, default=0.05, help="the TA-OPD run's budget (0: no TA-OPD run)")
     p.add_argument("--worker", choices=["trl", "opdlab", "opdlab_ta"], help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -322,7 +324,7 @@ def main() -> None:
             cmd = [sys.executable, __file__, "--worker", name, "--student", args.student, "--teacher", args.teacher]
             cmd += [f"--{k}={getattr(args, k.replace('-', '_'))}" for k in
                     ("digits", "batch-size", "max-new-tokens", "beta", "steps", "warmup", "threads", "trl-trainer",
-                     "ta-ratio")]
+                     "ta-ratio", "chunk-size")]
             out = subprocess.run(cmd, capture_output=True, text=True, check=False)
             if out.returncode != 0:
                 raise RuntimeError(f"{name} failed:\n{out.stderr[-4000:]}")
