@@ -568,7 +568,7 @@ class OPDModule(L.LightningModule):
                             dtype=torch.float32)
 
     def on_validation_epoch_end(self) -> None:
-        self.log("step", float(self.global_step))  # the validation after step N is logged at N (see log_step)
+        self.log("step", float(self.global_step))  # the validation after step N is logged at N (see log_step_number)
         self.log("val/accuracy", self.val_accuracy.compute(), prog_bar=True)
         self.val_accuracy.reset()
         if not self.teacher_evaluated and not self.trainer.sanity_checking:
@@ -627,14 +627,14 @@ class OPDModule(L.LightningModule):
 
     def export_student(self, path: str) -> None:
         """Save the student as a plain HF checkpoint (with its tokenizer). Call on every rank."""
-        state_dict = None
-        if is_sharded(self.student):  # gather the full weights (a collective: every rank takes part)
-            state_dict = get_model_state_dict(self.student, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        bad = non_finite_parameters(self.student)  # this rank's weights (its shards under FSDP)
+        bad = non_finite_parameters(self.student)  # this rank's weights (its shards under FSDP), before any gather
         if int(all_reduce_sum(torch.tensor(float(len(bad)), device=self.device))):  # every rank refuses together
             raise OpdlabError(f"the trained student's weights hold NaN or inf{f' in {len(bad)} tensor(s) (e.g. {bad[0]})' if bad else ''}; "
                               f"it was not exported to {path}. Check the loss curve and train/grad_norm; the "
                               "checkpoints saved during training are kept (resume from an earlier one with --ckpt_path)")
+        state_dict = None
+        if is_sharded(self.student):  # gather the full weights (a collective: every rank takes part)
+            state_dict = get_model_state_dict(self.student, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if self.global_rank == 0:
             self.student.save_pretrained(path, state_dict=state_dict)
             self.tokenizer.save_pretrained(path)
