@@ -408,7 +408,7 @@ class OPDLabCLI(LightningCLI):
         import yaml
 
         settings = export.parent / "eval_config.yaml"
-        settings.write_text(yaml.safe_dump(json_ready(dataclasses.asdict(options)), sort_keys=False))
+        settings.write_text(yaml.safe_dump(plain(dataclasses.asdict(options)), sort_keys=False))
         print(f"\nopdlab fit: stopped by {signal.Signals(signum).name} in the evaluation after training; the trained "
               f"student is exported to {export}, the responses generated so far are kept in {out}\ncontinue the "
               f"evaluation with: opdlab eval --model {shlex.quote(str(export))} --config {shlex.quote(str(settings))} "
@@ -441,9 +441,8 @@ def interruptible(trainer, on_stop):
     received: list[int] = []
 
     def handle(signum, frame):
-        if received:  # a second Ctrl-C while on_stop runs: stop at once
-            raise KeyboardInterrupt
-        received.append(signum)
+        if not received:  # the first signal is the one reported; a second one just stops sooner
+            received.append(signum)
         raise KeyboardInterrupt
 
     previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGINT, signal.SIGTERM)}
@@ -482,15 +481,6 @@ def close_loggers(trainer) -> None:
         if "finalize" in vars(logger):
             del logger.finalize
             logger.finalize("success")
-
-
-def json_ready(value):
-    """Tuples as lists (for YAML), recursively."""
-    if isinstance(value, (list, tuple)):
-        return [json_ready(v) for v in value]
-    if isinstance(value, dict):
-        return {k: json_ready(v) for k, v in value.items()}
-    return value
 
 
 def check_accelerator(trainer) -> None:
