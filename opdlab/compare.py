@@ -619,15 +619,15 @@ def content_digest(path: str) -> str:
     for a `toy:` set or a hub id, the name itself."""
     import hashlib
 
+    from opdlab.eval_cli import hash_file_into
+
     local = Path(path)
     if path.startswith("toy:") or not local.exists():
         return f"name {path}"
     digest = hashlib.sha256()
     for file in sorted(p for p in ([local] if local.is_file() else local.rglob("*")) if p.is_file()):
         digest.update(str(file.relative_to(local)).encode() + b"\0")
-        with open(file, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
+        hash_file_into(digest, file)
     return digest.hexdigest()[:16]
 
 

@@ -399,11 +399,15 @@ NOT_MODEL_SUFFIXES = (".md", ".png", ".jpg", ".jpeg", ".gif", ".partial", ".tmp"
 
 def file_sha256(path: Path) -> str:
     """sha256 of a file's bytes, streamed in 1 MiB blocks (about a second per GB)."""
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
+    return hash_file_into(hashlib.sha256(), path).hexdigest()
+
+
+def hash_file_into(digest, path: Path):
+    """Feed a file's bytes to `digest` in 1 MiB blocks (never the whole file in memory); returns `digest`."""
+    with Path(path).open("rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
-    return digest.hexdigest()
+    return digest
 
 
 def folder_sha256(folder: Path, weights: bool = True) -> str:
