@@ -206,8 +206,9 @@ class OPDLabCLI(LightningCLI):
         writable_folder(init.save_dir, "--trainer.logger.init_args.save_dir")
         base = Path(init.save_dir) / (init.get("name") or "")
         version, checkpoint = resolve_run(base, config.get("run_name"), bool(config.get("resume")))
+        step = None
         if checkpoint is not None:  # before anything reads it: a damaged one names the intact checkpoint beside it
-            check_something_to_train(checkpoint, config.trainer.get("max_steps"), base / version)
+            step = check_something_to_train(checkpoint, config.trainer.get("max_steps"), base / version)
         OPDLabCLI.run_base = base  # a new run folder that ends up empty is removed (run_fit)
         OPDLabCLI.runs_before = {p for p in base.glob("*") if p.is_dir()} if base.is_dir() else set()
         if version is not None:
@@ -215,8 +216,8 @@ class OPDLabCLI(LightningCLI):
             lock_run(base / version)  # a named or resumed run: one fit at a time
         if checkpoint is not None and logger.class_path.endswith("TensorBoardLogger"):
             # Steps after the checkpoint are trained again: TensorBoard drops their earlier points (purge_step).
-            # Points sit at the number of steps done (OPDModule.log_step): step N's are kept, N + 1's on are dropped.
-            init.purge_step = checkpoint_step(checkpoint) + 1
+            # Points sit at the number of steps done (OPDModule.log_step_number): step N's are kept, N + 1's on go.
+            init.purge_step = step + 1
         self.trainer_log_dir_hint = str(base / version) if version is not None and checkpoint is not None else None
         if checkpoint is not None:
             config.ckpt_path = str(checkpoint)
@@ -515,13 +516,14 @@ def check_fit_options(config) -> None:
                        "--trainer.precision bf16-mixed; float16 is fine for a frozen teacher (--model.memory.teacher_dtype)")
 
 
-def check_something_to_train(checkpoint: Path, max_steps, folder: Path) -> None:
-    """A resume of a run that already trained its max_steps and exported its student has nothing to do."""
+def check_something_to_train(checkpoint: Path, max_steps, folder: Path) -> int:
+    """A resume of a run that already trained its max_steps and exported its student has nothing to do; a damaged
+    checkpoint names the intact one beside it. Returns the checkpoint's global step."""
     step = safe_checkpoint_step(checkpoint)
     if step is None:
-        intact = sorted((p for p in checkpoint.parent.glob("*.ckpt") if p != checkpoint and safe_checkpoint_step(p) is not None),
-                        key=lambda p: safe_checkpoint_step(p) or 0)
-        hint = (f"; the newest intact checkpoint beside it is {intact[-1]} (step {safe_checkpoint_step(intact[-1])}): "
+        steps = {p: safe_checkpoint_step(p) for p in checkpoint.parent.glob("*.ckpt") if p != checkpoint}
+        intact = sorted((p for p, s in steps.items() if s is not None), key=steps.get)  # each file read once
+        hint = (f"; the newest intact checkpoint beside it is {intact[-1]} (step {steps[intact[-1]]}): "
                 f"resume from it with --ckpt_path {intact[-1]} (without --resume)") if intact else \
             "; no intact checkpoint is beside it: start a new run"
         raise RunError(f"cannot resume: {checkpoint} is damaged or incomplete (not a readable checkpoint){hint}")
@@ -529,6 +531,7 @@ def check_something_to_train(checkpoint: Path, max_steps, folder: Path) -> None:
         raise RunError(f"run {folder} is finished: its checkpoint is at step {step} (trainer.max_steps {max_steps}) and "
                        f"its student is exported to {folder / 'student'}; raise --trainer.max_steps to train further, or "
                        f"evaluate it: opdlab eval --model {folder}")
+    return step
 
 
 def safe_checkpoint_step(path: Path) -> int | None:
