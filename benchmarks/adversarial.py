@@ -111,6 +111,8 @@ def cases_28() -> list[Case]:
                   files={"runs/fast/mine/.opdlab.lock": "1"}))
     c.append(Case("fit --model.memory.student_dtype float16", fit("--model.memory.student_dtype", "float16"), "refuse"))
     c.append(Case("fit --trainer.fast_dev_run true (writes nothing)", fit("--trainer.fast_dev_run", "true"), "run"))
+    c.append(Case("fit a GPU config on a CPU machine", ["fit", "--config", str(REPO / "configs" / "qwen3_8b_to_1.7b_ta_opd.yaml"),
+                                                         "--model.rollout_engine", "static"], "refuse"))
     c.append(Case("validate --eval (ignored before)", ["validate", "--config", FAST, "--eval", EVAL_TOY], "refuse"))
     c.append(Case("plugins OPDLAB_DISABLE_PLUGINS=maybe", ["plugins"], "refuse", env={"OPDLAB_DISABLE_PLUGINS": "maybe"}))
     c.append(Case("plugins OPDLAB_DISABLE_PLUGINS=off (plugins stay on)", ["plugins"], "run",
