@@ -237,8 +237,9 @@ RUN_MARKERS = ("hparams.yaml", "config.yaml", "summary.json", "metrics.csv")  # 
 class ModelSource:
     """What `--model` names, resolved and checked before any weights load.
 
-    kind: `dir` (a model directory: a local one, an exported student, a toy's), `ckpt` (a Lightning checkpoint of
-    an opdlab run: `base` plus its weights) or `hub` (a hub id). `path` is the directory or file (the hub id for
+    kind: `dir` (a model directory: a local one, an exported student, a toy's), `adapter` (a peft LoRA adapter
+    folder, e.g. the exported student of a `--model.student_adapter` run: `base` plus the adapter, merged at load),
+    `ckpt` (a Lightning checkpoint of an opdlab run: `base` plus its weights) or `hub` (a hub id). `path` is the directory or file (the hub id for
     `hub`); `tokenizer` what the tokenizer loads from; `label` the name in tables and eval.json.
     """
 
@@ -264,6 +265,34 @@ def has_weights(folder: Path) -> bool:
     return any(p.suffix in WEIGHT_SUFFIXES and p.is_file() for p in folder.iterdir())
 
 
+def adapter_source(path: Path, model: str) -> ModelSource:
+    """A peft adapter folder: its base (adapter_config.json's base_model_name_or_path) must be loadable; the
+    tokenizer is the folder's own (an opdlab export saves it there) or its base's."""
+    import json
+
+    from opdlab.models import TOKENIZER_FILES, resolve_model_path
+
+    try:
+        base = json.loads((path / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
+    except (OSError, ValueError) as err:
+        raise EvalError(f"--model {model}: its {ADAPTER_CONFIG} cannot be read ({type(err).__name__}); is it a peft "
+                        "adapter folder?") from None
+    if not isinstance(base, str) or not base:
+        raise EvalError(f"--model {model} is a peft adapter without a base model (no base_model_name_or_path in its "
+                        f"{ADAPTER_CONFIG}); set it to the base model's directory or hub id")
+    resolve_model_path(base)  # a base that is gone is refused here, in one line
+    tokenizer = str(path) if any((path / f).is_file() for f in TOKENIZER_FILES) else base
+    return ModelSource("adapter", str(path), tokenizer, f"{model} (LoRA adapter on {base})", base=base)
+
+
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def is_model_folder(path: Path) -> bool:
+    """A model directory (config.json) or a peft adapter folder (adapter_config.json)."""
+    return (path / "config.json").is_file() or (path / ADAPTER_CONFIG).is_file()
+
+
 def resolve_model(model: str) -> ModelSource:
     """`--model` resolved: a run folder to its student/, a checkpoint opened (not its weights loaded), and every
     path that cannot be a model refused in one line that says what to pass instead."""
@@ -285,9 +314,10 @@ def resolve_model(model: str) -> ModelSource:
                 raise EvalError(f"--model {model} has a config.json but no weight files (*.safetensors, *.bin); "
                                 "copy the weights next to it, or pass the folder that holds them")
             return ModelSource("dir", str(path), str(path), model)
-        if (path / "student" / "config.json").is_file():
-            student = path / "student"
-            return ModelSource("dir", str(student), str(student), str(student))  # a run folder: its exported student
+        if (path / ADAPTER_CONFIG).is_file():
+            return adapter_source(path, model)
+        if is_model_folder(path / "student"):  # a run folder: its exported student
+            return resolve_model(str(path / "student"))
         checkpoints = newest_checkpoints(path) or (newest_checkpoints(path / "checkpoints")
                                                    if (path / "checkpoints").is_dir() else [])
         if is_run_folder(path):
@@ -358,16 +388,46 @@ def load_source(source: ModelSource, dtype: str):
     """(model, tokenizer) of a resolved source: the weights load here."""
     from opdlab.models import load_causal_lm, load_tokenizer
 
+    if source.kind == "adapter":
+        return merged_adapter(source, dtype), load_tokenizer(source.tokenizer)
     if source.kind != "ckpt":
         return load_causal_lm(source.path, dtype), load_tokenizer(source.tokenizer)
     net = load_causal_lm(source.base, dtype)
+    adapter = (source.checkpoint.get("opdlab") or {}).get("adapter")
+    if adapter:  # a LoRA run's checkpoint: the adapter's weights on the base, merged
+        from opdlab.adapters import AdapterOptions, apply_adapter, merged_copy
+
+        apply_adapter(net, AdapterOptions(rank=adapter["r"], alpha=adapter["lora_alpha"],
+                                          target_modules=adapter["target_modules"]), source.base)
     state = {k.removeprefix("student."): v for k, v in source.checkpoint["state_dict"].items() if k.startswith("student.")}
     missing, _ = net.load_state_dict(state, strict=False)
+    if adapter:
+        missing = [name for name in missing if ".lora_" in name]
+        if missing:
+            raise EvalError(f"{source.path} lacks {len(missing)} of its LoRA adapter's weights (e.g. {missing[:2]})")
+        return merged_copy(net), load_tokenizer(source.base)
     tied = {name for name in missing if name.endswith("lm_head.weight") and net.config.get_text_config().tie_word_embeddings}
     if set(missing) - tied:
         raise EvalError(f"{source.path} lacks {len(set(missing) - tied)} of the student's weights (e.g. "
                         f"{sorted(set(missing) - tied)[:2]}); is it a checkpoint of a run of {source.base}?")
     return net, load_tokenizer(source.base)
+
+
+def merged_adapter(source: ModelSource, dtype: str):
+    """The base model with a peft adapter folder loaded (`PeftModel.from_pretrained`) and merged into its weights."""
+    from opdlab.adapters import INSTALL_HINT, peft_available
+    from opdlab.models import load_causal_lm
+
+    if not peft_available():
+        raise EvalError(f"--model {source.path} is a peft adapter; loading it needs the peft package: {INSTALL_HINT}")
+    from peft import PeftModel
+
+    base = load_causal_lm(source.base, dtype)
+    try:
+        return PeftModel.from_pretrained(base, source.path).merge_and_unload()
+    except (RuntimeError, ValueError, KeyError) as err:  # shapes or layer names of another base model
+        raise EvalError(f"the adapter {source.path} does not fit its base {source.base} "
+                        f"({type(err).__name__}: {' '.join(str(err).split())[:200]}); was it made for another model?") from None
 
 
 def load_model(model: str, dtype: str):
@@ -432,13 +492,14 @@ def hub_revision(name: str) -> str | None:
     return Path(found).parent.name if isinstance(found, str) else None
 
 
-def base_fingerprint(base: str) -> str | None:
-    """A checkpoint's base student: its config and tokenizer files (its weights are the checkpoint's)."""
+def base_fingerprint(base: str, weights: bool = False) -> str | None:
+    """A checkpoint's base student: its config and tokenizer files (its weights are the checkpoint's); an
+    adapter's base (`weights`): its weights too."""
     from opdlab.models import resolve_model_path
 
     path = Path(resolve_model_path(base))
     if path.is_dir():
-        return folder_sha256(path, weights=False)
+        return folder_sha256(path, weights=weights)
     revision = hub_revision(base)
     return f"{base}@{revision}" if revision else None
 
@@ -450,6 +511,11 @@ def model_fingerprint(source: ModelSource) -> str | None:
     digest = hashlib.sha256()
     if source.kind == "dir":
         digest.update(b"dir\0" + folder_sha256(Path(source.path)).encode())
+    elif source.kind == "adapter":  # the adapter's files and its base's, weights included
+        base = base_fingerprint(source.base, weights=True)
+        if base is None:
+            return None
+        digest.update(b"adapter\0" + folder_sha256(Path(source.path)).encode() + b"\0" + base.encode())
     elif source.kind == "ckpt":
         base = base_fingerprint(source.base)
         if base is None:
@@ -499,7 +565,7 @@ def default_out_dir(model: str, source: ModelSource) -> Path:
     if source.kind == "hub" or model.startswith("toy:"):
         return Path("evals") / model.replace(":", "_").replace("/", "_")
     path = Path(source.path).resolve()
-    if source.kind == "dir" and path.name == "student" and is_run_folder(path.parent):
+    if source.kind in ("dir", "adapter") and path.name == "student" and is_run_folder(path.parent):
         return path.parent / "eval"
     if source.kind == "ckpt" and path.parent.name == "checkpoints" and is_run_folder(path.parent.parent):
         return path.parent.parent / f"eval-{path.stem}"
@@ -743,8 +809,8 @@ def evaluate(model, tokenizer, engine: RolloutEngine, options: EvalOptions, out_
     if plan is None:
         if fingerprint is None:
             folder = Path(label)
-            fingerprint = (model_fingerprint(ModelSource("dir", str(folder), str(folder), label))
-                           if folder.is_dir() and (folder / "config.json").is_file() else weights_fingerprint(model))
+            fingerprint = (model_fingerprint(resolve_model(label))
+                           if folder.is_dir() and is_model_folder(folder) else weights_fingerprint(model))
         dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
         settings = eval_settings(label, fingerprint, engine, options, loaded, max_new, dtype)
         plan = plan_output(out_dir, settings, overwrite, {b.spec.name: b.problems for b in loaded})

@@ -23,6 +23,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torchmetrics import MeanMetric
 
+from opdlab.adapters import AdapterOptions, adapter_config, apply_adapter, describe, is_adapted, save_adapter
 from opdlab.checkpointing import capture_rng_state, restore_rng_state
 from opdlab.console import OpdlabError
 from opdlab.distributed import all_reduce_sum, gather_stats, world_size
@@ -125,6 +126,8 @@ class OPDModule(L.LightningModule):
         memory: chunking, micro-batches, checkpointing, dtypes and sharding (`--model.memory.chunk_size` ...).
         training: loss normalisation, gradient clipping, non-finite-step limit and seed
             (`--model.training.seed` ...).
+        student_adapter: train a LoRA adapter on the frozen student instead of all its weights
+            (`--model.student_adapter.rank 32` ...; `pip install -e ".[peft]"`). See `opdlab.adapters`.
     """
 
     def __init__(
@@ -140,14 +143,17 @@ class OPDModule(L.LightningModule):
         rollout: RolloutOptions = RolloutOptions(),  # noqa: B008 (jsonargparse reads the default; copied below)
         memory: MemoryOptions = MemoryOptions(),  # noqa: B008
         training: TrainingOptions = TrainingOptions(),  # noqa: B008
+        student_adapter: AdapterOptions = AdapterOptions(),  # noqa: B008
     ) -> None:
         super().__init__()
         self.student_path, self.teacher_path = student, teacher
         self.rollout_options = as_options(RolloutOptions, rollout)
         self.memory_options = as_options(MemoryOptions, memory)
         self.training_options = as_options(TrainingOptions, training)  # (`self.training` is torch's train-mode flag)
+        self.adapter_options = as_options(AdapterOptions, student_adapter)
         self.save_hyperparameters({"student": student, "teacher": teacher, "rollout": vars(self.rollout_options),
-                                   "memory": vars(self.memory_options), "training": vars(self.training_options)})
+                                   "memory": vars(self.memory_options), "training": vars(self.training_options),
+                                   "student_adapter": vars(self.adapter_options)})
         self.selector = selector if selector is not None else FullSelector()
         self.divergence = divergence if divergence is not None else SampledTokenOPD()
         self.placement = teacher_placement if teacher_placement is not None else default_placement(teacher)
@@ -155,6 +161,11 @@ class OPDModule(L.LightningModule):
         check_teacher_needs(self.placement.signal, self.placement.name, selector=self.selector, divergence=self.divergence)
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.rollout_engine = rollout_engine if rollout_engine is not None else StaticCacheEngine()
+        if self.adapter_options.enabled and not self.rollout_engine.loads_adapters:
+            raise ValueError(f"student_adapter options need a rollout engine that generates with an adapted student; "
+                             f"{type(self.rollout_engine).__name__} does not declare loads_adapters = True (see "
+                             "opdlab.engines.RolloutEngine.loads_adapters): use --model.rollout_engine static, reference "
+                             "or vllm, or drop the student_adapter options")
         self.engine_weights_stale = True  # the engine takes the student's weights before its next rollout
         self.student = self.teacher = self.tokenizer = None
         self.val_accuracy = MeanMetric()
@@ -179,9 +190,15 @@ class OPDModule(L.LightningModule):
             raise ValueError(f"selector top_k={self.selector.top_k} exceeds the vocabulary ({len(self.tokenizer)} "
                              f"tokens of {self.student_path}); use top_k <= {len(self.tokenizer)}")
         self.student = load_causal_lm(self.student_path, mem.student_dtype)
+        if self.adapter_options.enabled:  # before sharding: the adapter's layers are sharded with their decoder layer
+            with torch.random.fork_rng(devices=[]):  # a new adapter's init: from the run's seed, RNG streams untouched
+                torch.manual_seed(self.training_options.seed)
+                apply_adapter(self.student, self.adapter_options, self.student_path)
         self.student.train()  # from_pretrained returns eval mode: dropout and checkpointing need train
         if mem.gradient_checkpointing:
             self.student.gradient_checkpointing_enable()
+            if is_adapted(self.student):  # frozen embeddings: checkpointed blocks need an input that requires grad
+                self.student.enable_input_require_grads()
         mesh = self.device_mesh if self._trainer is not None else None
         dp_mesh = None
         if mesh is not None:  # ModelParallelStrategy: FSDP2 over its data-parallel mesh
@@ -304,6 +321,8 @@ class OPDModule(L.LightningModule):
         if batch_size:
             rank_zero_info(f"opdlab: {self.plan(batch_size * self.rollout_options.num_samples).describe()}")
         rank_zero_info(f"opdlab: {self.placement.describe()}")
+        if is_adapted(self.student):
+            rank_zero_info(f"opdlab: {describe(self.student)}")
         signal = self.placement.signal
         if signal.top_logprobs is not None and self.selector.top_k > signal.top_logprobs:
             rank_zero_warn(f"the selector's top_k={self.selector.top_k} is above the {signal.top_logprobs} log-probs the "
@@ -602,7 +621,8 @@ class OPDModule(L.LightningModule):
 
     def configure_optimizers(self):
         try:
-            optimizer = self.optimizer_factory(self.student.parameters())
+            # The trainable parameters only: with an adapter, the frozen base gets no optimizer state.
+            optimizer = self.optimizer_factory([p for p in self.student.parameters() if p.requires_grad])
         except (ValueError, TypeError) as err:  # torch's own checks (e.g. "Invalid learning rate: -0.1")
             raise ValueError(f"--model.optimizer: {err}; fix its init_args (e.g. --model.optimizer.init_args.lr)") from err
         if self.scheduler_factory is None:
@@ -610,15 +630,38 @@ class OPDModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer), "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        # The teacher is frozen and reloaded from its path; keeping it out makes checkpoints student-sized.
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("teacher.")}
+        # The teacher is frozen and reloaded from its path; keeping it out makes checkpoints student-sized. With an
+        # adapter the frozen base is reloaded too: only the adapter's weights are kept.
+        kept = self.saved_student_keys()
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items()
+                                    if not k.startswith(("teacher.", "student.")) or k in kept}
         # Sampling is seeded per prompt and step; the global RNGs are saved too, for user code that uses them.
-        checkpoint["opdlab"] = {"rng": capture_rng_state(), "skipped_steps": self.skipped_steps}
+        checkpoint["opdlab"] = {"rng": capture_rng_state(), "skipped_steps": self.skipped_steps,
+                                "adapter": self.adapter_signature()}
+
+    def saved_student_keys(self) -> set[str]:
+        """The state-dict keys a checkpoint holds: the student's (the adapter's alone when it has one)."""
+        if not is_adapted(self.student):
+            return {k for k in self.state_dict() if k.startswith("student.")}
+        return {f"student.{name}" for name, param in self.student.named_parameters() if param.requires_grad}
+
+    def adapter_signature(self) -> dict | None:
+        """What an adapter's weights mean (rank, alpha, targets); None for full fine-tuning."""
+        config = adapter_config(self.student)
+        if config is None:
+            return None
+        return {"r": config.r, "lora_alpha": config.lora_alpha, "target_modules": sorted(config.target_modules)}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.engine_weights_stale = True  # the restored weights replace the student's after this hook
-        expected = {k for k in self.state_dict() if k.startswith("student.")}
-        missing = sorted(expected - set(checkpoint["state_dict"]))
+        saved = checkpoint.get("opdlab", {}).get("adapter", None)
+        if "opdlab" in checkpoint and saved != self.adapter_signature():
+            def kind(signature: dict | None) -> str:
+                return "full fine-tuning" if signature is None else f"the LoRA adapter {signature}"
+
+            raise ValueError(f"the checkpoint was trained with {kind(saved)}, this run has "
+                             f"{kind(self.adapter_signature())}; continue it with the same --model.student_adapter.* options")
+        missing = sorted(self.saved_student_keys() - set(checkpoint["state_dict"]))
         if missing:
             raise KeyError(f"checkpoint lacks {len(missing)} student weights (e.g. {missing[:3]}); is it an opdlab checkpoint?")
         if "opdlab" in checkpoint:
@@ -632,6 +675,9 @@ class OPDModule(L.LightningModule):
             raise OpdlabError(f"the trained student's weights hold NaN or inf{f' in {len(bad)} tensor(s) (e.g. {bad[0]})' if bad else ''}; "
                               f"it was not exported to {path}. Check the loss curve and train/grad_norm; the "
                               "checkpoints saved during training are kept (resume from an earlier one with --ckpt_path)")
+        if is_adapted(self.student):
+            self.export_adapter(path)
+            return
         state_dict = None
         if is_sharded(self.student):  # gather the full weights (a collective: every rank takes part)
             state_dict = get_model_state_dict(self.student, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
@@ -639,6 +685,22 @@ class OPDModule(L.LightningModule):
             self.student.save_pretrained(path, state_dict=state_dict)
             self.tokenizer.save_pretrained(path)
             readable_by_default(path)
+
+    def export_adapter(self, path: str) -> None:
+        """An adapted student's export: the adapter in peft's format (its base recorded as this run's student) with
+        the tokenizer, and with `student_adapter.export_merged` the merged plain model in `<path>/merged`."""
+        from opdlab.adapters import adapter_state, merged_copy
+
+        state = adapter_state(self.student)  # gathered on every rank (collectives) before rank 0 writes
+        merged = merged_copy(self.student) if self.adapter_options.export_merged else None
+        if self.global_rank == 0:
+            save_adapter(self.student, path, self.student_path, state)
+            self.tokenizer.save_pretrained(path)
+            readable_by_default(path)
+            if merged is not None:
+                merged.save_pretrained(f"{path}/merged")
+                self.tokenizer.save_pretrained(f"{path}/merged")
+                readable_by_default(f"{path}/merged")
 
 
 SMALL_MODEL_PARAMETERS = 50_000_000  # below this (student + teacher), one CPU thread: see choose_cpu_threads

@@ -13,7 +13,7 @@ import yaml
 from conftest import CONFIG_DIR, REPO_ROOT, run_opdlab
 
 BASE = CONFIG_DIR / "ta_opd.yaml"
-OVERLAY_DIRS = ("selectors", "data")  # their header comments: `opdlab fit --config configs/ta_opd.yaml --config ...`
+OVERLAY_DIRS = ("selectors", "data", "adapters")  # their header comments: `opdlab fit --config configs/ta_opd.yaml --config ...`
 KINDS = (".", *OVERLAY_DIRS, "diagnose", "eval")
 CONFIGS = sorted(p for p in CONFIG_DIR.rglob("*") if p.is_file())
 DATA_OVERLAYS = sorted((CONFIG_DIR / "data").glob("*.y*ml"))

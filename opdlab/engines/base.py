@@ -60,7 +60,16 @@ class SamplingParams:
 
 class RolloutEngine(ABC):
     """Generates rollouts of one policy model. Subclasses are registered in the `opdlab.rollout_engines`
-    entry-point group and chosen with `--model.rollout_engine <name>`."""
+    entry-point group and chosen with `--model.rollout_engine <name>`.
+
+    `loads_adapters`: the engine generates with a student that carries a LoRA adapter
+    (`--model.student_adapter.*`, `opdlab.adapters`): such a student's adapted layers hold their frozen weight
+    as `<layer>.base_layer.weight` plus the adapter's `lora_A`/`lora_B`, so an engine that copies parameters
+    by name must read them through `opdlab.adapters.plain_parameters` (the merged weights under the
+    architecture's own names). False by default: training an adapter with an engine that does not declare
+    it is refused before any model loads."""
+
+    loads_adapters: bool = False
 
     def bind(self, model: nn.Module, eos_token_id: int, pad_token_id: int) -> None:
         """Attach the policy (the student). Called once per model object, before any `load_weights`."""

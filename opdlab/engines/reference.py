@@ -11,7 +11,10 @@ from opdlab.rollout import PromptBatch, Rollout, sample_rollouts
 class ReferenceEngine(RolloutEngine):
     """The plain generation loop: a dynamic cache that grows by one position per step, run eagerly on the
     student itself (so its weights are always the current ones and `load_weights` has nothing to do).
-    Simple and exact; Python- and launch-bound on a GPU. The other engines are tested against it."""
+    Simple and exact; Python- and launch-bound on a GPU. The other engines are tested against it. A student with
+    a LoRA adapter generates through its adapted layers as they are."""
+
+    loads_adapters = True
 
     def load_weights(self, model: nn.Module) -> None:
         self.model = model  # generates with the live weights: nothing to copy, nothing cached

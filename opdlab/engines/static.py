@@ -15,7 +15,9 @@ launches), this engine keeps every tensor of a rollout at a fixed shape and addr
   steps (the only host sync of the loop).
 - The generation copy holds the student's weights in the compute dtype (bfloat16 under bf16-mixed);
   `load_weights` copies the master weights into the same storage after every optimizer step (graphs
-  are captured on those addresses), gathering full tensors from a sharded (FSDP2) student.
+  are captured on those addresses), gathering full tensors from a sharded (FSDP2) student. A student with a
+  LoRA adapter is copied merged (base + adapter: `opdlab.adapters.plain_parameters`), so the copy runs
+  the plain architecture at the same speed.
 
 The sampled tokens and their log-probabilities follow the same rules as the reference loop (the same
 `sampling_logprobs`, the same per-row uniforms when seeds are given), so the two agree token for token
@@ -33,6 +35,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from opdlab.adapters import full, plain_parameters
 from opdlab.engines.base import RolloutEngine, SamplingParams, generation_dtype
 from opdlab.models import DTYPES
 from opdlab.rollout import (
@@ -230,6 +233,8 @@ class StaticCacheEngine(RolloutEngine):
             and validation); the least recently used beyond this are freed.
     """
 
+    loads_adapters = True
+
     def __init__(
         self,
         dtype: str = "auto",
@@ -260,11 +265,10 @@ class StaticCacheEngine(RolloutEngine):
     def load_weights(self, model: nn.Module) -> None:
         if self.copy is None:
             self.copy = self.build_copy(model)
-        sources = dict(model.named_parameters(remove_duplicate=False))  # a tied head under both names
+        targets = dict(self.copy.named_parameters(remove_duplicate=False))  # a tied head under both names
         with torch.no_grad():
-            for name, param in self.copy.named_parameters():
-                source = sources[name]
-                param.copy_(source.full_tensor() if hasattr(source, "full_tensor") else source)
+            for name, tensor in plain_parameters(model):  # one whole (merged) tensor at a time
+                targets[name].copy_(tensor)
 
     def build_copy(self, model: nn.Module) -> nn.Module:
         """An eval-mode twin of `model` in the generation dtype, on its device; buffers copied once."""
@@ -284,8 +288,7 @@ class StaticCacheEngine(RolloutEngine):
         sources = dict(model.named_buffers(remove_duplicate=False))
         with torch.no_grad():
             for name, buffer in copy.named_buffers():  # e.g. rotary inv_freq: kept in its own dtype
-                source = sources[name]
-                buffer.data = (source.full_tensor() if hasattr(source, "full_tensor") else source).detach().clone()
+                buffer.data = full(sources[name]).clone()
         return copy.eval().requires_grad_(False)
 
     def generation_dtype(self, model: nn.Module, device: torch.device) -> torch.dtype:
