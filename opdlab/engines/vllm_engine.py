@@ -13,6 +13,12 @@ tensor-parallel generation. This module adapts it to opdlab's `RolloutEngine` co
   vLLM's own `model.load_weights` (under FSDP2 each is gathered with `full_tensor()` and released
   before the next: never the whole model at once), then resets the prefix cache, whose blocks were
   computed with the old weights.
+- **LoRA students are served as base + adapter.** A student with a peft LoRA adapter
+  (`--model.student_adapter.*`) is served with vLLM's LoRA support (`enable_lora`): the frozen base weights
+  are pushed once, and after every step only the adapter is written (peft's format, megabytes) and loaded in
+  place (`LoRARequest(load_inplace=True)`); every request then names it. Where vLLM cannot serve the
+  adapter (an adapted `lm_head` or embedding, a rank above 512, an architecture without LoRA support in
+  vLLM) the engine says so in one line and pushes the merged weights every step instead.
 - **The same sampling semantics** as the other engines: prompts go in as token ids (no
   re-tokenisation), one request per response row with its own seed (from the prompt's seed and the
   sample index, as `opdlab.rollout.per_row_uniforms` does), EOS is the tokenizer's only (vLLM's own
@@ -45,6 +51,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from opdlab.adapters import adapter_config, is_adapted, plain_parameters, save_adapter
 from opdlab.distributed import rank, world_size
 from opdlab.engines.base import RolloutEngine, SamplingParams, generation_dtype
 from opdlab.models import DTYPES
@@ -95,6 +102,8 @@ class SharedLLM:
 # module globals, and freeing one in-process instance tears them down under the others (measured: "pipeline
 # model parallel group is not initialized" in the next instance).
 SHARED: dict[str, SharedLLM] = {}
+LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the max_lora_rank values vLLM takes
+LORA_IDS = iter(range(1, 2**31))  # one LoRA id per engine object (vLLM caches adapters by id)
 
 
 class VLLMEngine(RolloutEngine):
@@ -123,6 +132,8 @@ class VLLMEngine(RolloutEngine):
             tests use it). None: vLLM's default (compile).
         engine_kwargs: further keyword arguments of `vllm.LLM` (e.g. `max_num_seqs`), passed as they are.
     """
+
+    loads_adapters = True
 
     def __init__(
         self,
@@ -158,6 +169,10 @@ class VLLMEngine(RolloutEngine):
         self.engine_kwargs = dict(engine_kwargs or {})
         self.shared: SharedLLM | None = None
         self.warned_sleep = False
+        self.serves_adapter = False  # the student's LoRA adapter is served as an adapter (else merged)
+        self.lora_request = None  # what every request names while serving an adapter
+        self.adapter_dir: str | None = None
+        self.sync_bytes = 0  # bytes sent to vLLM by the last weight sync (the adapter's, or the whole model's)
 
     # ------------------------------------------------------------------------- building
     def bind(self, model: nn.Module, eos_token_id: int, pad_token_id: int) -> None:
@@ -169,14 +184,44 @@ class VLLMEngine(RolloutEngine):
         self.device = device
         config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
         options = self.llm_options(model, device)
-        key = json.dumps({"config": model.config.to_dict(), "options": options}, sort_keys=True, default=str)
-        shared = SHARED.get(key)
-        if shared is None:
-            shared = SHARED[key] = SharedLLM(self.build_llm(model, options), options["max_model_len"])
-        self.shared = shared
+        lora = self.lora_options(model)
+        self.serves_adapter = lora is not None
+        try:
+            self.shared = self.instance(model, {**options, **(lora or {})})
+        except ValueError as err:
+            if lora is None:
+                raise
+            self.merge_instead(model, f"vLLM failed to start with enable_lora: {' '.join(str(err).split())[:300]}")
+            self.shared = self.instance(model, options)
         self.shared.engines.add(id(self))
         self.shared.owner = None if self.shared.owner == id(self) else self.shared.owner  # new student: reload
         self.vocab_size = config.vocab_size
+
+    def instance(self, model: nn.Module, options: dict) -> SharedLLM:
+        """The shared vLLM instance for these options and this architecture, built on first use."""
+        key = json.dumps({"config": model.config.to_dict(), "options": options}, sort_keys=True, default=str)
+        if key not in SHARED:
+            SHARED[key] = SharedLLM(self.build_llm(model, options), options["max_model_len"])
+        return SHARED[key]
+
+    def lora_options(self, model: nn.Module) -> dict | None:
+        """vLLM's LoRA options for a student with an adapter it can serve; None without an adapter or when the
+        adapter is merged instead (said in one line)."""
+        if not is_adapted(model):
+            return None
+        config = adapter_config(model)
+        targets = set(config.target_modules) if not isinstance(config.target_modules, str) else {config.target_modules}
+        unservable = sorted(targets & {"lm_head", "embed_tokens", "wte", "word_embeddings"})
+        if unservable or config.r > LORA_RANKS[-1]:
+            reason = (f"an adapter on {unservable}" if unservable else f"rank {config.r} > {LORA_RANKS[-1]}")
+            self.merge_instead(model, f"vLLM's LoRA layers do not take {reason}")
+            return None
+        return {"enable_lora": True, "max_loras": 1, "max_lora_rank": next(r for r in LORA_RANKS if r >= config.r)}
+
+    def merge_instead(self, model: nn.Module, reason: str) -> None:
+        self.serves_adapter = False
+        warnings.warn(f"VLLMEngine: {reason}; serving {model_class(model).__name__} with the adapter merged into its "
+                      "weights instead (the whole model is synced every step)", stacklevel=3)
 
     def llm_options(self, model: nn.Module, device: torch.device) -> dict:
         """The keyword arguments of `vllm.LLM` for this student on this device."""
@@ -256,22 +301,42 @@ class VLLMEngine(RolloutEngine):
         """Stream the student's parameters into vLLM (one full tensor at a time) and drop the prefix cache."""
         self.model = model
         self.wake(("weights",))
-        self.push_weights(model)
+        self.push_weights(model, base=self.shared.owner != id(self))
 
-    def push_weights(self, model: nn.Module) -> None:
+    def push_weights(self, model: nn.Module, base: bool = True) -> None:
+        """Send the student's weights: the whole model (merged, when it has an adapter vLLM does not serve), or
+        the frozen base (only when `base`: it does not change) and the adapter."""
+        self.sync_bytes = 0
+
         def parameters():
             # A tied head under both names: vLLM's in-place reload materialises each layer anew, which breaks
             # its embedding/head alias, so the head must be sent too (measured: a tied Qwen3 generated garbage).
-            for name, param in model.named_parameters(remove_duplicate=False):
-                full = param.full_tensor() if hasattr(param, "full_tensor") else param
-                yield name, full.detach()  # released once vLLM has copied it
+            for name, tensor in plain_parameters(model, merged=not self.serves_adapter):
+                self.sync_bytes += tensor.numel() * tensor.element_size()
+                yield name, tensor  # released once vLLM has copied it
 
         llm = self.shared.llm
-        # vLLM's in-place reload: checkpoint-format names and shapes, re-processed into its kernels' layout
-        # layer by layer (its CPU and quantised kernels repack weights after loading).
-        llm.collective_rpc("reload_weights", kwargs={"weights_iterator": parameters(), "is_checkpoint_format": True})
+        if base or not self.serves_adapter:
+            # vLLM's in-place reload: checkpoint-format names and shapes, re-processed into its kernels' layout
+            # layer by layer (its CPU and quantised kernels repack weights after loading).
+            llm.collective_rpc("reload_weights", kwargs={"weights_iterator": parameters(), "is_checkpoint_format": True})
+        if self.serves_adapter:
+            self.push_adapter(model)
         llm.reset_prefix_cache()
         self.shared.owner = id(self)
+
+    def push_adapter(self, model: nn.Module) -> None:
+        """Write the adapter (peft's format) and load it into vLLM in place of the previous one."""
+        from vllm.lora.request import LoRARequest
+
+        if self.adapter_dir is None:
+            self.adapter_dir = tempfile.mkdtemp(prefix="opdlab_vllm_lora_")
+            self.lora_request = LoRARequest(f"opdlab-student-{id(self)}", next(LORA_IDS), self.adapter_dir)
+        self.sync_bytes += save_adapter(model, self.adapter_dir, "opdlab-student")
+        request = self.lora_request
+        # load_inplace replaces the cached adapter of this id; generation requests name it without reloading
+        self.shared.llm.llm_engine.add_lora(LoRARequest(request.lora_name, request.lora_int_id, request.lora_path,
+                                                        load_inplace=True))
 
     def wake(self, tags: tuple[str, ...] = ("weights", "kv_cache")) -> None:
         """Reallocate what `sleep` freed (CUDA); weights freed at level 2 are pushed again before generating."""
@@ -348,8 +413,9 @@ class VLLMEngine(RolloutEngine):
     def run(self, requests: list, sampling: list) -> list:
         """vLLM's generate; the ranks of a tensor-parallel group send the same requests and keep their own."""
         tp = self.tensor_parallel_size
+        lora = {"lora_request": self.lora_request} if self.serves_adapter else {}
         if tp == 1 or world_size() == 1:
-            return self.shared.llm.generate(requests, sampling, use_tqdm=False)
+            return self.shared.llm.generate(requests, sampling, use_tqdm=False, **lora)
         import torch.distributed as dist
 
         group, members = tp_group(tp)
@@ -357,7 +423,7 @@ class VLLMEngine(RolloutEngine):
         dist.all_gather_object(gathered, (requests, sampling), group=group)
         everything_r = [r for part, _ in gathered for r in part]
         everything_s = [s for _, part in gathered for s in part]
-        outputs = self.shared.llm.generate(everything_r, everything_s, use_tqdm=False)
+        outputs = self.shared.llm.generate(everything_r, everything_s, use_tqdm=False, **lora)
         start = sum(len(part) for part, _ in gathered[: members.index(rank())])
         return outputs[start : start + len(requests)]
 
