@@ -13,6 +13,7 @@ import pytest
 import torch
 from conftest import CONFIG_DIR, run_opdlab
 from test_engines import ragged_prompts, recomputed_logp
+from test_real_configs import tiny_qwen3  # noqa: F401 - the fixture
 
 from opdlab.adapters import DEFAULT_TARGETS, AdapterOptions, is_adapted, plain_parameters
 from opdlab.data import PromptDataModule
@@ -247,3 +248,11 @@ def test_fit_with_the_lora_overlay_exports_an_adapter(tmp_path, monkeypatch):
     assert result.code == 0, result.err[-3000:]
     student = next(Path("runs").rglob("student"))
     assert (student / "adapter_config.json").is_file() and not (student / "config.json").exists()
+
+
+def test_the_one_gpu_lora_config_runs_with_tiny_qwen3(tiny_qwen3, tmp_path):
+    """configs/lora_qwen3_8b_to_1.7b_1gpu.yaml with tiny local Qwen3 models on the CPU (paths, sizes and the
+    hardware overridden, as test_real_configs does for the other GPU configs)."""
+    from test_real_configs import run_config
+
+    run_config(CONFIG_DIR / "lora_qwen3_8b_to_1.7b_1gpu.yaml", "static", tiny_qwen3, tmp_path, tiny_qwen3["teacher"])
