@@ -19,7 +19,14 @@ Methods (each configuration runs in a fresh subprocess; rounds are interleaved a
   step plan of `OPDModule.training_step` below ratio 1.
 - opdlab-fused (ratio 1 only): `head_loss` with `scoring`, statistics and loss from one projection per
   chunk: the step plan at ratio 1 (where `opdlab` is the two-pass way, kept for comparison).
+- trl-chunked (when `trl` is installed): TRL 1.16's `ChunkedDivergenceFunction` (the loss of its
+  `DistillationTrainer`) on every row at ratio 1; below ratio 1 on the rows opdlab's selection kept.
 - floor: just the two heads' no-grad matmuls over all rows, chunk by chunk (the time floor).
+- exact-floor: the floor plus the student head with grad on the kept rows and its backward (the work any
+  exact selective method does); "this/exact floor time" in the table.
+
+The trl-chunked rows need TRL beside opdlab, e.g. the side venv of benchmarks/vs_trl.py:
+    /tmp/trlvenv/bin/python benchmarks/loss_memory.py --ratios 1.0 0.05 --repeats 2
 
 Peak memory: CPU = VmHWM - VmRSS after the inputs are allocated (the high-water mark is reset via
 /proc/self/clear_refs); CUDA = max_memory_allocated - memory_allocated at the same point.
@@ -36,13 +43,14 @@ import statistics
 import subprocess
 import sys
 import time
+from functools import partial
 from types import SimpleNamespace
 
 import torch
 from report import publish
 from torch import nn
 
-from opdlab.divergences import LossInputs, ReverseKL, SampledTokenOPD
+from opdlab.divergences import ForwardKL, GeneralizedJSD, LossInputs, ReverseKL, SampledTokenOPD
 from opdlab.heads import LogitHead
 from opdlab.loss import Scoring, head_loss, kept_rows
 from opdlab.maths import log_softmax_fp32, masked_kl
@@ -50,10 +58,12 @@ from opdlab.rollout import Rollout
 from opdlab.scoring import Workspace, chunk_stats, compute_token_stats, head_logits, scatter_rows
 from opdlab.selectors import TeachabilitySelector
 
-DIVERGENCES = {"reverse_kl": ReverseKL, "sampled_token": SampledTokenOPD}
+DIVERGENCES = {"reverse_kl": ReverseKL, "forward_kl": ForwardKL, "jsd": GeneralizedJSD, "sampled_token": SampledTokenOPD}
+# TRL's beta for the same divergence (its ChunkedDivergenceFunction: 0 forward KL, 1 reverse KL, between: JSD)
+TRL_BETA = {"forward_kl": 0.0, "reverse_kl": 1.0, "jsd": 0.5}
 SEQ_LEN = 256  # response length; N = tokens / SEQ_LEN sequences, every position valid
 # fp32 (T, V) tensors alive at the naive peak, per divergence (measured at 2,048 tokens: 12.2 / 5.9 GB)
-NAIVE_BYTES_PER_LOGIT = {"reverse_kl": 4 * 10, "sampled_token": 4 * 5}
+NAIVE_BYTES_PER_LOGIT = {"reverse_kl": 4 * 10, "forward_kl": 4 * 10, "jsd": 4 * 14, "sampled_token": 4 * 5}
 
 
 # ------------------------------------------------------------------------------------------ inputs
@@ -112,7 +122,7 @@ def run_naive(x, selector, divergence, chunk: int, loss: str = "autograd") -> No
     """Full (T, V) logits of both models, features read off them, the loss masked (TRL / reference code).
 
     loss="autograd": the divergence's formula through autograd, as TRL's losses and the reference TA-OPD
-    code compute it (`trl_style_token_loss` for reverse KL; the sampled-token loss has no other form);
+    code compute it (`autograd_token_loss` for the KL/JSD family; the sampled-token loss has no other form);
     loss="opdlab": the divergence's own `token_loss` (opdlab's hand-written gradient) on the full logits.
     """
     s_logits = x.s_head(x.s_hidden.flatten(0, 1))  # (T, V) with grad
@@ -128,7 +138,9 @@ def run_naive(x, selector, divergence, chunk: int, loss: str = "autograd") -> No
         del work
         stats = scatter_rows(chunks, rows, x.valid, selector.top_k, False, full_entropy=False)
     keep = selector.select(stats).flatten()
-    loss_fn = divergence.token_loss if loss == "opdlab" or not isinstance(divergence, ReverseKL) else trl_style_token_loss
+    full_vocab = isinstance(divergence, (ReverseKL, ForwardKL, GeneralizedJSD))
+    loss_fn = (partial(autograd_token_loss, beta=jsd_beta(divergence)) if loss == "autograd" and full_vocab
+               else divergence.token_loss)
     token_loss = loss_fn(LossInputs(
         student_logits=s_logits, teacher_logits=t_logits, tokens=tok,
         sampling_logp=x.rollout.sampling_logp.flatten(), teacher_token_logp=stats.teacher_token_logp.flatten(),
@@ -137,12 +149,49 @@ def run_naive(x, selector, divergence, chunk: int, loss: str = "autograd") -> No
     loss.backward()
 
 
-def trl_style_token_loss(inputs: LossInputs) -> torch.Tensor:
-    """Reverse KL(p_S || p_T) per row through autograd (clamped fp32 log-softmaxes, then the KL terms), the
-    formula TRL's loss and the reference TA-OPD code differentiate; opdlab's ReverseKL writes its gradient
-    by hand instead."""
+def jsd_beta(divergence) -> float:
+    """The divergence as a member of the generalized-JSD family (0 forward KL, 1 reverse KL)."""
+    return {ForwardKL: 0.0, ReverseKL: 1.0}.get(type(divergence), getattr(divergence, "beta", 0.5))
+
+
+def autograd_token_loss(inputs: LossInputs, beta: float) -> torch.Tensor:
+    """The KL/JSD family per row through autograd (clamped fp32 log-softmaxes, then the KL terms), the
+    formulas TRL's `generalized_jsd_loss` and the reference TA-OPD code differentiate; opdlab's divergences
+    write their gradient by hand instead. beta as in TRL: 0 KL(T || S), 1 KL(S || T), else the JSD with the
+    mixture M = beta·T + (1 - beta)·S."""
     s, t = log_softmax_fp32(inputs.student_logits), log_softmax_fp32(inputs.teacher_logits.detach())
-    return masked_kl(s, t)
+    if beta == 0.0:
+        return masked_kl(t, s)
+    if beta == 1.0:
+        return masked_kl(s, t)
+    m = torch.logsumexp(torch.stack([s + math.log(1 - beta), t + math.log(beta)]), 0)
+    return beta * masked_kl(t, m) + (1 - beta) * masked_kl(s, m)
+
+
+def run_trl(x, selector, divergence, chunk: int) -> None:
+    """TRL 1.16's `ChunkedDivergenceFunction` (vocabulary tiles of 32,768, rows of 4,096; the divergence's
+    statistics in one pass, its gradient in a second that projects both heads again). At ratio 1 on every row,
+    as `DistillationTrainer` uses it; below ratio 1 on the rows opdlab's scoring pass and selector kept (TRL
+    has no selection: this is TRL's loss kernel inside opdlab's selective path)."""
+    from trl.kernels.chunked_divergence import ChunkedDivergenceFunction
+
+    s_flat, t_flat = x.s_hidden.flatten(0, 1), x.t_hidden.flatten(0, 1)
+    if selector.ratio < 1.0:
+        stats = compute_token_stats(x.s_hidden.detach(), x.t_hidden, x.tokens, x.valid, x.s_head, x.t_head,
+                                    top_k=selector.top_k, chunk_size=chunk, full_entropy=False)
+        keep = selector.select(stats).flatten().nonzero().squeeze(-1)
+        s_flat, t_flat = s_flat[keep], t_flat[keep]
+    per_token, _ = ChunkedDivergenceFunction.apply(s_flat, x.student.lm_head.weight, None, t_flat,
+                                                   x.teacher.lm_head.weight, None, jsd_beta(divergence))
+    per_token.mean().backward()
+
+
+def has_trl() -> bool:
+    try:
+        from trl.kernels.chunked_divergence import ChunkedDivergenceFunction  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 @torch.no_grad()
@@ -155,12 +204,31 @@ def run_floor(x, selector, divergence, chunk: int) -> None:
         head_logits(x.t_head, t_flat[start : start + chunk], work, "teacher")
 
 
+def run_exact_floor(x, selector, divergence, chunk: int) -> None:
+    """The work any exact selective method must do: both heads' no-grad matmuls over every row (the features
+    that choose the rows), then the student head with grad on the kept rows and its backward (the hidden
+    states' gradient, and the weight's when the head is trained). At ratio 1 the student's scoring matmul is
+    that with-grad forward (one student projection, not two). Teacher recomputation, the statistics and the
+    loss's elementwise work are what a method adds on top."""
+    s_flat, t_flat = x.s_hidden.flatten(0, 1), x.t_hidden.flatten(0, 1)
+    work = Workspace(chunk)
+    with torch.no_grad():
+        for start in range(0, s_flat.shape[0], chunk):
+            head_logits(x.t_head, t_flat[start : start + chunk], work, "teacher")
+            if selector.ratio < 1.0:
+                head_logits(x.s_head, s_flat[start : start + chunk].detach(), work, "student")
+    kept = s_flat[: math.ceil(round(selector.ratio * s_flat.shape[0], 6))]
+    for start in range(0, kept.shape[0], chunk):
+        logits = x.s_head(kept[start : start + chunk])
+        logits.backward(torch.ones_like(logits))
+
+
 def run_naive_opdlab_loss(x, selector, divergence, chunk: int) -> None:
     run_naive(x, selector, divergence, chunk, loss="opdlab")
 
 
 METHODS = {"naive": run_naive, "naive+opdlab-loss": run_naive_opdlab_loss, "opdlab": run_opdlab,
-           "opdlab-fused": run_fused, "floor": run_floor}
+           "opdlab-fused": run_fused, "trl-chunked": run_trl, "floor": run_floor, "exact-floor": run_exact_floor}
 
 
 # ------------------------------------------------------------------------------------------ measuring
@@ -200,7 +268,7 @@ def worker(args) -> dict:
     sync()
     seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     _, peak = memory_now(args.device)
-    if args.method != "floor":
+    if not args.method.endswith("floor"):
         assert x.s_hidden.grad is not None and torch.isfinite(x.s_hidden.grad).all()
     return {"peak_mb": peak - base, "seconds": seconds, "cpu_seconds": cpu_seconds}
 
@@ -219,7 +287,10 @@ def run_config(args, method: str, ratio: float, divergence: str) -> dict:
 
 
 def configs(args) -> list[tuple[str, float, str]]:
-    out = [("floor", 1.0, "-")]
+    out = [("floor", 1.0, "-")] + [("exact-floor", ratio, "-") for ratio in args.ratios]
+    trl = has_trl()
+    if not trl:
+        print("# trl-chunked rows skipped: TRL is not installed (pip install trl==1.16.0)")
     for div in args.divergences:
         naive_gb = NAIVE_BYTES_PER_LOGIT[div] * args.tokens * args.vocab / 2**30
         run_naive_too = naive_gb <= args.max_gb
@@ -234,6 +305,8 @@ def configs(args) -> list[tuple[str, float, str]]:
             out.append(("opdlab", ratio, div))
             if ratio == 1.0:
                 out.append(("opdlab-fused", ratio, div))
+            if trl and div in TRL_BETA:
+                out.append(("trl-chunked", ratio, div))
     return out
 
 
@@ -245,12 +318,13 @@ def table(args, results: dict) -> str:
     head_grad = v * args.hidden * 4 if args.train_head else 0  # the head weight's own gradient: every method holds it
     lines = [
         "| divergence | ratio | method | peak MB | time s | naive/this memory | naive/this time "
-        "(CPU time) | memory floor MB | this/floor memory | this/floor time (CPU time) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "(CPU time) | memory floor MB | this/floor memory | this/floor time (CPU time) | this/exact floor time |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for (method, ratio, div), (mb, s, cpu) in med.items():
-        if method == "floor":
+        if method.endswith("floor"):
             continue
+        exact_s = med[("exact-floor", ratio, "-")][1]
         naive = med.get(("naive", ratio, div))
         kept = math.ceil(round(ratio * args.tokens, 6))
         floor_mb = (2 * kept * v * 4 + 2 * c * v * 4 + head_grad) / 2**20
@@ -258,14 +332,19 @@ def table(args, results: dict) -> str:
             f"| {div} | {ratio:g} | {method} | {mb:,.0f} | {s:.2f} | "
             + (f"{naive[0] / mb:.1f}x | {naive[1] / s:.2f}x ({naive[2] / cpu:.2f}x)" if naive and method != "naive"
                else "- | -")
-            + f" | {floor_mb:,.0f} | {mb / floor_mb:.2f} | {s / floor_s:.2f} ({cpu / floor_cpu:.2f}) |"
+            + f" | {floor_mb:,.0f} | {mb / floor_mb:.2f} | {s / floor_s:.2f} ({cpu / floor_cpu:.2f}) | {s / exact_s:.2f} |"
         )
+    exact = ", ".join(f"{ratio:g}: {med[('exact-floor', ratio, '-')][1]:.2f} s" for ratio in args.ratios)
     lines.append(f"\nTime floor (two no-grad head matmuls over all {args.tokens} rows, chunk {c}): {floor_s:.2f} s "
                  f"({floor_cpu:.2f} s CPU). "
                  "Memory floor: 2 · kept rows · V · 4 B (kept logits + their gradient) + 2 · chunk · V · 4 B "
                  "(one scoring chunk per model)"
                  + (" + V · H · 4 B (the trained head weight's gradient, which every method holds)." if args.train_head
-                    else "; head frozen."))
+                    else "; head frozen.")
+                 + f" Exact floor by ratio ({exact}): the time floor plus the student head with grad on the kept rows "
+                 "and its backward, the work any exact selective method does (`run_exact_floor`; at ratio 1 the "
+                 "student's with-grad forward replaces its no-grad one). Liger's fused-linear JSD needs Triton on a "
+                 "GPU: no Liger rows on a CPU.")
     return "\n".join(lines)
 
 

@@ -85,6 +85,12 @@ def rss_peak_mb() -> float:
     return int(status["VmHWM"].split()[0]) / 1024
 
 
+def state_mb(model) -> float:
+    """MB of the fp32 gradients and AdamW moments of the trainable parameters (12 B each): memory both
+    trainers hold at their peak whatever their loss path does."""
+    return 12 * sum(p.numel() for p in model.parameters() if p.requires_grad) / 2**20
+
+
 def build_random_pair(vocab: int, directory: str) -> tuple[str, str]:
     """Random-init Qwen2 student (h256/L2) and teacher (h512/L2) with `vocab` logits, saved with the char
     tokenizer: a realistic vocabulary without a download (token ids past the tokenizer are just ids)."""
@@ -180,7 +186,7 @@ def run_distillation(args) -> dict:
         base = reset_peak()
         trainer.train()
     return {"steps": steps[args.warmup :], "tokens": tokens[args.warmup :], "peak_mb": rss_peak_mb() - base,
-            "stages": stages[args.warmup :], "dtype": str(torch.get_default_dtype())}
+            "stages": stages[args.warmup :], "dtype": str(torch.get_default_dtype()), "state_mb": state_mb(student)}
 
 
 def run_gkd(args) -> dict:
@@ -277,7 +283,7 @@ def run_opdlab(args, ratio: float = 1.0) -> dict:
     base = reset_peak()
     trainer.fit(module, datamodule=PromptDataModule(AdditionTask(digits=args.digits), batch_size=args.batch_size))
     return {"steps": steps[args.warmup :], "tokens": tokens[args.warmup :], "peak_mb": rss_peak_mb() - base,
-            "stages": stages[args.warmup :]}
+            "stages": stages[args.warmup :], "state_mb": state_mb(module.student)}
 
 
 def main() -> None:
@@ -337,14 +343,20 @@ def main() -> None:
         steps = [s for r in runs for s in r["steps"]]
         tok_s = [t / s for r in runs for t, s in zip(r["tokens"], r["steps"])]
         rows[name] = (statistics.median(tok_s), statistics.median(steps), statistics.median(r["peak_mb"] for r in runs),
-                      statistics.median(t for r in runs for t in r["tokens"]))
+                      statistics.median(t for r in runs for t in r["tokens"]),
+                      statistics.median(r["peak_mb"] - r.get("state_mb", 0.0) for r in runs))
     trl_name = "TRL DistillationTrainer" if args.trl_trainer == "distillation" else "TRL GKDTrainer (legacy)"
     labels = {"trl": trl_name, "opdlab": "opdlab full-token (ratio 1)", "opdlab_ta": f"opdlab TA-OPD {args.ta_ratio:.0%}"}
     lines = ["| trainer | response tok/s | step s | peak RSS above the loaded models, MB | response tokens/step | "
-             "tok/s vs TRL | peak memory vs TRL |", "|---|---|---|---|---|---|---|"]
-    for name, (tok_s, step, mb, toks) in rows.items():
+             "tok/s vs TRL | peak memory vs TRL | working memory MB | working memory vs TRL |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for name, (tok_s, step, mb, toks, working) in rows.items():
         lines.append(f"| {labels[name]} | {tok_s:,.1f} | {step:.3f} | {mb:,.0f} | {toks:.0f} | "
-                     f"{tok_s / rows['trl'][0]:.2f}x | {mb / max(rows['trl'][2], 1e-9):.2f}x |")
+                     f"{tok_s / rows['trl'][0]:.2f}x | {mb / max(rows['trl'][2], 1e-9):.2f}x | {working:,.0f} | "
+                     f"{working / max(rows['trl'][4], 1e-9):.2f}x |")
+    state = statistics.median(r.get("state_mb", 0.0) for r in results["trl"])
+    lines.append(f"\nWorking memory = peak minus the student's fp32 gradients and AdamW moments ({state:,.0f} MB, "
+                 "12 B per trainable parameter), which both trainers hold at their peak whatever their loss path does.")
     lines.append("")
     for name in names:
         stages = [s for r in results[name] for s in r.get("stages", [])]
