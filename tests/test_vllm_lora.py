@@ -6,12 +6,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_engines import ragged_prompts, recomputed_logp
-from test_lora import data, trainer
+from test_lora import check_generates_with_the_current_student, data, trainer
 from test_vllm_engine import needs_vllm, wide_checkpoints  # noqa: F401 - the fixture
 
 from opdlab.adapters import AdapterOptions
-from opdlab.engines import SamplingParams
 from opdlab.engines.vllm_engine import VLLMEngine
 from opdlab.module import OPDModule
 
@@ -26,17 +24,6 @@ def fitted(checkpoints, **adapter) -> OPDModule:
                        student_adapter=AdapterOptions(**{"rank": 8, **adapter}))
     trainer(2).fit(module, datamodule=data())
     return module
-
-
-def check_generates_with_the_current_student(module):
-    prompts = ragged_prompts(module.tokenizer, 8)
-    params = SamplingParams(max_new_tokens=4, seeds=list(range(8)))
-    rollout = module.generate(prompts, params)
-    expected = recomputed_logp(module.student, rollout, 1.0, 1.0)
-    mask = rollout.response_mask
-    torch.testing.assert_close(rollout.sampling_logp[mask], expected[mask], atol=1e-5, rtol=1e-5)
-    greedy = SamplingParams(max_new_tokens=4, temperature=0.0)
-    assert torch.equal(module.generate(prompts, greedy).input_ids, module.generate(prompts, greedy).input_ids)
 
 
 def test_vllm_serves_the_adapter_of_the_last_step(wide_checkpoints):  # noqa: F811
