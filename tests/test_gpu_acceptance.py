@@ -1,0 +1,117 @@
+"""benchmarks/gpu_acceptance.py (issue 31) in its CPU dry mode, end to end, so the script a GPU machine will run
+cannot rot between the rare sessions that have one; and its failure reporting and refusals."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO_ROOT
+
+SCRIPT = REPO_ROOT / "benchmarks" / "gpu_acceptance.py"
+SECTIONS = ["## Machine and versions", "## Stages", "## Install", "## Main job", "## Qwen3-shaped fits", "## Targets",
+            "## Rollout engines (benchmarks/rollout.py)", "## Loss path (benchmarks/loss_memory.py)", "## Commands"]
+NUMBER = r"\d+\.\d+"
+
+
+def load():
+    spec = importlib.util.spec_from_file_location("gpu_acceptance", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # (its dataclasses look their module up)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run(*args: str, timeout: int = 170) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=timeout,
+                          check=False)
+
+
+def stage_rows(report: str) -> dict[str, tuple[str, str]]:
+    table = report.split("## Stages", 1)[1].split("## Install", 1)[0]
+    rows = [line.split(" | ") for line in table.splitlines() if line.startswith("| ") and "---" not in line]
+    return {row[0][2:]: (row[1], row[3].rstrip(" |")) for row in rows[1:]}
+
+
+def section(report: str, title: str) -> str:
+    return report.split(title, 1)[1].split("\n## ", 1)[0]
+
+
+def test_dry_run_writes_every_section_with_numbers(tmp_path):
+    """The real script path at tiny shapes on the CPU: every stage runs in its subprocess and the report has
+    each section with numbers in it. vllm's fit is SKIPPED with its reason where vllm is not installed."""
+    vllm = importlib.util.find_spec("vllm") is not None
+    out = tmp_path / "gpu.md"
+    proc = run("--device", "cpu", "--quick", "--output", str(out), "--workdir", str(tmp_path / "work"),
+               "--fits", "ta_opd:static", *([] if vllm else ["ta_opd:vllm"]))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = out.read_text()
+    assert "**CPU dry run, not a GPU result**" in report
+    assert [s for s in SECTIONS if s not in report] == []
+    stages = stage_rows(report)
+    for name in ("env", "install", "main-job", "models", "fit ta_opd static", "rollout", "loss"):
+        assert stages[name][0] == "PASSED", (name, stages[name])
+    if not vllm:
+        assert stages["fit ta_opd vllm"][0] == "SKIPPED" and "vllm is not installed" in stages["fit ta_opd vllm"][1]
+    assert re.search(r"student \d+\.\d% -> \d+\.\d%", stages["main-job"][1])
+    fits = section(report, "## Qwen3-shaped fits")
+    static = next(line for line in fits.splitlines() if line.startswith("| ta_opd | static |"))
+    cells = static.split(" | ")
+    assert re.fullmatch(r"16 x \d+", cells[2]) and all(re.fullmatch(NUMBER, c) for c in cells[3:11]), static
+    assert "rss" in cells[12]
+    for title in ("## Rollout engines (benchmarks/rollout.py)", "## Loss path (benchmarks/loss_memory.py)"):
+        body = [line for line in section(report, title).splitlines() if line.startswith("| ") and "---" not in line]
+        assert len(body) >= 2 and re.search(NUMBER, body[-1]), (title, body)
+    targets = section(report, "## Targets")
+    assert len(re.findall(r"^\| (main job's gate|vllm <=|full OPD step|weight sync)", targets, re.M)) == 4, targets
+    assert "| met |" not in targets and "SHORT" not in targets  # a CPU's numbers are no verdict
+    assert "opdlab.cli fit --config" in section(report, "## Commands")
+    assert re.search(r"\[\d+\] main-job: PASSED in", proc.stdout)  # progress per stage
+
+
+def test_a_failing_stage_is_reported_with_its_reason_and_the_next_stage_runs(tmp_path):
+    out, empty = tmp_path / "gpu.md", tmp_path / "wheels"
+    empty.mkdir()
+    proc = run("--device", "cpu", "--quick", "--output", str(out), "--workdir", str(tmp_path / "work"),
+               "--stages", "install", "rollout", "--require", "opdlab-no-such-package", "--wheelhouse", str(empty))
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "install: FAILED" in proc.stdout and "FAILED: install" in proc.stdout.splitlines()[-1]
+    report = out.read_text()
+    stages = stage_rows(report)
+    assert stages["install"][0] == "FAILED"
+    assert f"missing here and not in the wheelhouse {empty}: opdlab-no-such-package" in stages["install"][1]
+    assert stages["rollout"][0] == "PASSED"
+    assert "Result: FAILED (install)" in report
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--device", "tpu"], "argument --device: invalid choice: 'tpu'"),
+    (["--device", "cuda", "--wheelhouse", "/nonexistent/wheels"], "--wheelhouse /nonexistent/wheels is not a folder"),
+    (["--device", "cpu", "--output", "/proc/gpu.md"], "--output /proc/gpu.md cannot be written"),
+    (["--device", "cpu", "--fits", "ta_opd:trl"], "--fits ta_opd:trl: expected CONFIG:ENGINE"),
+    (["--device", "cpu", "--rows", "12"], "--rows a multiple of 8"),
+    (["--device", "cpu", "--budget-s", "0"], "--budget-s positive"),
+    (["--device", "cpu", "stray"], "unexpected arguments: stray"),
+])
+def test_bad_options_are_refused_in_one_line(args, message, tmp_path):
+    proc = run(*args, "--workdir", str(tmp_path), timeout=60)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert message in proc.stderr.strip().splitlines()[-1], proc.stderr
+
+
+def test_gate_error_line_and_missing_requirements():
+    ga = load()
+    summary = {"steps": 200, "accuracy_before": 0.402, "accuracy_after": 0.883, "teacher_accuracy": 0.996}
+    assert ga.check_gate(summary, (70.0, 92.0), quick=False)[0]
+    assert not ga.check_gate({**summary, "accuracy_after": 0.5}, (70.0, 92.0), quick=False)[0]
+    assert not ga.check_gate({"steps": 3}, (70.0, 92.0), quick=True)[0]  # no accuracy: never a pass
+    assert ga.readme_band()[0] < ga.readme_band()[1]
+    log = "Traceback (most recent call last):\n  x\nValueError: bad shape\nerror: metadata-generation-failed\n"
+    assert ga.last_error_line(log) == "ValueError: bad shape"
+    assert ga.last_error_line("one\ntwo\n") == "two"
+    assert ga.requirement_gaps(["torch>=2.0", "opdlab-no-such-package"]) == ["opdlab-no-such-package"]
+    assert ga.requirement_gaps(["torch<1"])[0].startswith("torch<1 (installed ")
+    assert ga.normalized("Math_Verify>=0.7") == "math-verify"
