@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-INSTALL_HINT = 'install it with `pip install -e ".[peft]"` (or `pip install "peft>=0.17"`)'
+INSTALL_HINT = 'install it with `pip install -e ".[peft]"` (or `pip install "peft>=0.18"`)'
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ADAPTER = "default"  # peft's adapter name: the student carries one adapter
 PEFT_PREFIX = "base_model.model."  # what peft's files put before the model's own parameter names
@@ -174,8 +174,9 @@ def check_adapter_fits(model: nn.Module, options: AdapterOptions, model_name: st
 
 # ----------------------------------------------------------------------------- reading an adapted student
 def is_adapted(model: nn.Module) -> bool:
-    """The model carries a peft adapter (injected in place)."""
-    return isinstance(getattr(model, "peft_config", None), dict)
+    """The model carries a peft adapter (injected in place; after a merge, peft < 0.21 leaves `peft_config`)."""
+    return isinstance(getattr(model, "peft_config", None), dict) and any(
+        ".lora_" in name for name, _ in model.named_parameters())
 
 
 def adapter_config(model: nn.Module):
