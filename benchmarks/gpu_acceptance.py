@@ -49,9 +49,10 @@ ENGINES = ("reference", "static", "vllm")
 DEFAULT_FITS = ["ta_opd:static", "ta_opd:vllm", "ta_opd:reference", "full_opd:static"]
 # Packages opdlab imports that the device image lacks (KINDS.md): the wheelhouse carries them.
 EXTRAS = ["math"]
-# The quick (dry) mode's shapes: a Qwen3 of the same architecture, small enough for a CPU test.
+# The quick (dry) mode's shapes: a Qwen3 of the same architecture, small enough for a CPU test (head_dim 32: vLLM's CPU
+# attention refuses 16).
 TINY = {"kind": "qwen3", "vocab_size": 1024, "hidden_size": 64, "num_hidden_layers": 2, "intermediate_size": 128,
-        "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "tie_word_embeddings": True}
+        "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32, "tie_word_embeddings": True}
 TARGETS = {"vllm_ms": 4.0, "speedup": 5.0, "sync_share": 0.05}
 
 
@@ -258,8 +259,11 @@ def stage_install(r: Runner) -> None:
         return
     wheels = args.workdir / "opdlab-wheel"
     # An isolated build whose setuptools comes from the wheelhouse: the machine's own may be too old.
-    ok, err = r.run(stage, [*python(), "-m", "pip", "wheel", "--no-deps", "--no-index", "--find-links", str(wheelhouse),
-                            "--quiet", "--disable-pip-version-check", "-w", str(wheels), str(REPO)], 180)
+    build = [*python(), "-m", "pip", "wheel", "--no-deps", "--no-index", "--find-links", str(wheelhouse), "--quiet",
+             "--disable-pip-version-check", "-w", str(wheels), str(REPO)]
+    ok, err = r.run(stage, build, 180)
+    if not ok:  # (no setuptools in the wheelhouse: the machine's own, if it builds)
+        ok, err = r.run(stage, [*build[:5], "--no-build-isolation", *build[5:]], 180)
     built = sorted(wheels.glob("opdlab-*.whl"))
     if not ok or not built:
         r.end(stage, "FAILED", f"opdlab's wheel could not be built from {REPO}: {err}")
@@ -690,16 +694,23 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         if config not in CONFIGS or engine not in ENGINES:
             p.error(f"--fits {spec}: expected CONFIG:ENGINE with CONFIG in {{{', '.join(CONFIGS)}}} and ENGINE in "
                     f"{{{', '.join(ENGINES)}}}")
-    if args.steps < 1 or args.rows < 8 or args.rows % 8 or args.new_tokens < 1 or args.budget_s <= 0:
-        p.error("--steps and --new-tokens must be >= 1, --rows a multiple of 8 (8 samples per prompt), "
-                "--budget-s positive")
+    for option, bad, want in (("--steps", args.steps < 1, "at least 1"),
+                              ("--new-tokens", args.new_tokens < 1, "at least 1"),
+                              ("--rows", args.rows < 8 or args.rows % 8, "a multiple of 8 (the configs sample 8 "
+                                                                        "responses per prompt)"),
+                              ("--budget-s", args.budget_s <= 0, "positive")):
+        if bad:
+            p.error(f"{option} {getattr(args, option[2:].replace('-', '_')):g} must be {want}")
     if args.install == "wheelhouse" and not args.wheelhouse.is_dir():
         p.error(f"--wheelhouse {args.wheelhouse} is not a folder: build it with benchmarks/build_wheelhouse.sh "
                 "(or pass --install skip when opdlab's dependencies are installed)")
     try:  # fail now, not after eight minutes
+        existed = args.output.exists()
         args.output.parent.mkdir(parents=True, exist_ok=True)
         with open(args.output, "a"):
             pass
+        if not existed:
+            args.output.unlink()
     except OSError as err:
         p.error(f"--output {args.output} cannot be written: {err.strerror or err}")
     if args.workdir is None:

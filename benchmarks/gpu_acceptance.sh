@@ -20,7 +20,7 @@ case " $* " in
 esac
 if [ ! -d "$wheelhouse" ]; then
   echo "gpu_acceptance.sh: no $wheelhouse/; building it (needs a package index)"
-  if ! timeout 300 bash benchmarks/build_wheelhouse.sh "$wheelhouse" >/dev/null 2>&1; then
+  if ! PIP_RETRIES=0 PIP_TIMEOUT=10 timeout 300 bash benchmarks/build_wheelhouse.sh "$wheelhouse" >/dev/null 2>&1; then
     rm -rf "$wheelhouse"
     missing=$("$py" benchmarks/gpu_acceptance.py --list-missing --wheelhouse "$wheelhouse" 2>&1 | tail -1)
     if [ $? -ne 0 ] || [[ "$missing" != *"nothing is missing" ]]; then

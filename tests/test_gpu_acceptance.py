@@ -92,9 +92,11 @@ def test_a_failing_stage_is_reported_with_its_reason_and_the_next_stage_runs(tmp
     (["--device", "cuda", "--wheelhouse", "/nonexistent/wheels"], "--wheelhouse /nonexistent/wheels is not a folder"),
     (["--device", "cpu", "--output", "/proc/gpu.md"], "--output /proc/gpu.md cannot be written"),
     (["--device", "cpu", "--fits", "ta_opd:trl"], "--fits ta_opd:trl: expected CONFIG:ENGINE"),
-    (["--device", "cpu", "--rows", "12"], "--rows a multiple of 8"),
-    (["--device", "cpu", "--budget-s", "0"], "--budget-s positive"),
+    (["--device", "cpu", "--rows", "12"], "--rows 12 must be a multiple of 8"),
+    (["--device", "cpu", "--budget-s", "0"], "--budget-s 0 must be positive"),
+    (["--device", "cpu", "--steps", "0"], "--steps 0 must be at least 1"),
     (["--device", "cpu", "stray"], "unexpected arguments: stray"),
+    (["--device", "cpu", "--output", "."], "--output . cannot be written: Is a directory"),
 ])
 def test_bad_options_are_refused_in_one_line(args, message, tmp_path):
     proc = run(*args, "--workdir", str(tmp_path), timeout=60)
