@@ -681,6 +681,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--worker-out", type=Path, help=argparse.SUPPRESS)
     p.add_argument("rest", nargs="*", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    args.wheelhouse = args.wheelhouse.resolve()  # (stages run in the work folder: relative paths would move)
     if args.worker or args.list_missing:
         return args
     if args.rest:
@@ -713,8 +714,10 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
             args.output.unlink()
     except OSError as err:
         p.error(f"--output {args.output} cannot be written: {err.strerror or err}")
+    args.output = args.output.resolve()
     if args.workdir is None:
         args.workdir = Path(tempfile.mkdtemp(prefix="opdlab_gpu_acceptance_"))
+    args.workdir = args.workdir.resolve()
     args.workdir.mkdir(parents=True, exist_ok=True)
     return args
 

@@ -117,3 +117,12 @@ def test_gate_error_line_and_missing_requirements():
     assert ga.requirement_gaps(["torch>=2.0", "opdlab-no-such-package"]) == ["opdlab-no-such-package"]
     assert ga.requirement_gaps(["torch<1"])[0].startswith("torch<1 (installed ")
     assert ga.normalized("Math_Verify>=0.7") == "math-verify"
+
+
+def test_relative_paths_hold_although_stages_run_in_the_work_folder(tmp_path):
+    """The stages run in the work folder, so a relative --wheelhouse is resolved first (a carried `wheelhouse`
+    given as such was once looked for inside the work folder)."""
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--list-missing", "--require", "opdlab-no-such-package",
+                           "--wheelhouse", "wh"], cwd=tmp_path, capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stdout.strip() == f"gpu_acceptance: missing: opdlab-no-such-package (not in {tmp_path / 'wh'})"
