@@ -91,7 +91,69 @@ def dsdata(path: str, *args: str) -> list[str]:
 
 
 def cases() -> list[Case]:
-    return [*cases_before_28(), *(replace(case, issue=28) for case in cases_28())]
+    return [*cases_before_28(), *(replace(case, issue=28) for case in cases_28()),
+            *(replace(case, issue=30) for case in cases_30())]
+
+
+def safetensors_bytes(shapes: dict[str, tuple[int, ...]]) -> bytes:
+    """A safetensors file's bytes holding zero tensors of these shapes."""
+    import torch
+    from safetensors.torch import save
+
+    return save({name: torch.zeros(shape) for name, shape in shapes.items()})
+
+
+def cases_30() -> list[Case]:
+    """LoRA students (`--model.student_adapter.*`)."""
+    import json
+
+    lora = ["--model.student_adapter.rank", "8"]
+    other_base = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"],
+                  "base_model_name_or_path": "toy:add3/student"}
+    return [
+        Case("fit student_adapter.rank 0", fit("--model.student_adapter.rank", "0"), "refuse"),
+        Case("fit student_adapter.rank -3", fit("--model.student_adapter.rank", "-3"), "refuse"),
+        Case("fit student_adapter.rank 2.5", fit("--model.student_adapter.rank", "2.5"), "refuse"),
+        Case("fit student_adapter.dropout 1.5", fit(*lora, "--model.student_adapter.dropout", "1.5"), "refuse"),
+        Case("fit student_adapter.alpha 0", fit(*lora, "--model.student_adapter.alpha", "0"), "refuse"),
+        Case("fit student_adapter targets that match nothing",
+             fit(*lora, "--model.student_adapter.target_modules", "[query_key_value]"), "refuse"),
+        Case("fit student_adapter targets empty list", fit(*lora, "--model.student_adapter.target_modules", "[]"),
+             "refuse"),
+        Case("fit student_adapter.path missing", fit("--model.student_adapter.path", "nowhere"), "refuse"),
+        Case("fit student_adapter.path not an adapter folder", fit("--model.student_adapter.path", "empty"), "refuse",
+             files={"empty/README": "x"}),
+        Case("fit student_adapter.path with a broken adapter_config.json", fit("--model.student_adapter.path", "bad"),
+             "refuse", files={"bad/adapter_config.json": "{not json", "bad/adapter_model.safetensors": b"x"}),
+        Case("fit student_adapter.path whose adapter_config.json is a list", fit("--model.student_adapter.path", "lst"),
+             "refuse", files={"lst/adapter_config.json": "[1, 2]", "lst/adapter_model.safetensors": b"x"}),
+        Case("fit student_adapter.path whose adapter_config.json is not UTF-8", fit("--model.student_adapter.path", "bin"),
+             "refuse", files={"bin/adapter_config.json": b"\xff\xfe{}", "bin/adapter_model.safetensors": b"x"}),
+        Case("fit student_adapter.path of a prefix-tuning adapter", fit("--model.student_adapter.path", "pfx"), "refuse",
+             files={"pfx/adapter_config.json": json.dumps({**other_base, "peft_type": "PREFIX_TUNING"}),
+                    "pfx/adapter_model.safetensors": b"x"}),
+        Case("fit student_adapter.path with a LoRA config peft cannot read", fit("--model.student_adapter.path", "odd"),
+             "refuse", files={"odd/adapter_config.json": json.dumps({**other_base, "r": "eight", "no_such_field": 1}),
+                              "odd/adapter_model.safetensors": safetensors_bytes(
+                                  {"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": (4, 8)})}),
+        Case("fit student_adapter.path with damaged adapter weights", fit("--model.student_adapter.path", "dmg"),
+             "refuse", files={"dmg/adapter_config.json": json.dumps(other_base),
+                              "dmg/adapter_model.safetensors": b"not safetensors at all"}),
+        Case("eval --model an adapter folder whose adapter_config.json is a list", ev("--model", "lst"), "refuse",
+             files={"lst/adapter_config.json": "[1, 2]", "lst/adapter_model.safetensors": b"x"}),
+        Case("fit student_adapter.path of another base model", fit("--model.student_adapter.path", "other"), "refuse",
+             files={"other/adapter_config.json": json.dumps(other_base),
+                    "other/adapter_model.safetensors": safetensors_bytes(
+                        {"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": (4, 999)})}),
+        Case("fit student_adapter with an engine that cannot load adapters",
+             fit(*lora, "--model.rollout_engine", "noadapters.PlainEngine"), "refuse",
+             files={"noadapters.py": "from opdlab.engines import ReferenceEngine\n\n"
+                    "class PlainEngine(ReferenceEngine):\n    loads_adapters = False\n"},
+             env={"PYTHONPATH": "."}),
+        Case("fit student_adapter without peft", fit(*lora), "refuse", env={"PYTHONPATH": "nopeft"},
+             files={"nopeft/sitecustomize.py": "import sys\nsys.modules['peft'] = None  # as if not installed\n"}),
+        Case("fit student_adapter.rank 8 (valid)", fit(*lora), "run"),
+    ]
 
 
 def cases_28() -> list[Case]:

@@ -140,11 +140,19 @@ def check_adapter_fits(model: nn.Module, options: AdapterOptions, model_name: st
     if not config_file.is_file() or not weights.is_file():
         raise FileNotFoundError(f"student_adapter.path {options.path} is not a peft adapter folder (it needs "
                                 "adapter_config.json and adapter_model.safetensors, as PeftModel.save_pretrained writes)")
-    raw = json.loads(config_file.read_text())
+    raw = read_adapter_config(folder, f"student_adapter.path {options.path}")
     if raw.get("peft_type") != "LORA":
         raise ValueError(f"student_adapter.path {options.path} holds a {raw.get('peft_type')} adapter; opdlab trains "
                          "LoRA adapters only")
-    config = LoraConfig.from_pretrained(str(folder))
+    try:
+        config = LoraConfig.from_pretrained(str(folder))
+    except (TypeError, ValueError, KeyError) as err:
+        raise ValueError(f"student_adapter.path {options.path}: its adapter_config.json is not a LoRA config peft can "
+                         f"read ({type(err).__name__}: {one_line(err)}); re-save the adapter with "
+                         "PeftModel.save_pretrained") from None
+    if isinstance(config.r, bool) or not isinstance(config.r, int) or config.r < 1:
+        raise ValueError(f"student_adapter.path {options.path}: its adapter_config.json gives rank r={config.r!r}; a "
+                         "LoRA rank is an integer >= 1")
     given = {"rank": (options.rank, config.r), "alpha": (options.alpha, config.lora_alpha),
              "target_modules": (options.target_modules and set(options.target_modules),
                                 config.target_modules and set(config.target_modules))}
@@ -156,7 +164,12 @@ def check_adapter_fits(model: nn.Module, options: AdapterOptions, model_name: st
     shapes = {PEFT_PREFIX + name: module.weight.shape for name, module in model.named_modules()
               if isinstance(module, nn.Linear)}
     base = raw.get("base_model_name_or_path") or "an unnamed model"
-    with safe_open(str(weights), framework="pt") as f:
+    try:
+        tensors = safe_open(str(weights), framework="pt")
+    except Exception as err:  # safetensors raises its own SafetensorError (no common base with OSError)
+        raise ValueError(f"student_adapter.path {options.path}: adapter_model.safetensors cannot be read "
+                         f"({one_line(err)}); the file is damaged or not a safetensors file") from None
+    with tensors as f:
         for key in f.keys():
             layer, _, part = key.rpartition(".lora_")
             shape = f.get_slice(key).get_shape()
@@ -170,6 +183,23 @@ def check_adapter_fits(model: nn.Module, options: AdapterOptions, model_name: st
                                  f"{key.removeprefix(PEFT_PREFIX)} is {list(shape)}, {model_name}'s layer needs "
                                  f"{expected}")
     return config
+
+
+def one_line(err: BaseException) -> str:
+    return str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+
+
+def read_adapter_config(folder: Path, label: str) -> dict:
+    """The JSON object in `folder`/adapter_config.json; one line (ValueError) when it is not one."""
+    try:
+        raw = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{label}: its adapter_config.json cannot be read as JSON ({one_line(err)}); is it a peft "
+                         "adapter folder? PeftModel.save_pretrained writes one") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{label}: its adapter_config.json holds a {type(raw).__name__}, not the JSON object peft "
+                         "writes; is it a peft adapter folder?")
+    return raw
 
 
 # ----------------------------------------------------------------------------- reading an adapted student

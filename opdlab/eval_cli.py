@@ -268,15 +268,13 @@ def has_weights(folder: Path) -> bool:
 def adapter_source(path: Path, model: str) -> ModelSource:
     """A peft adapter folder: its base (adapter_config.json's base_model_name_or_path) must be loadable; the
     tokenizer is the folder's own (an opdlab export saves it there) or its base's."""
-    import json
-
+    from opdlab.adapters import read_adapter_config
     from opdlab.models import TOKENIZER_FILES, resolve_model_path
 
     try:
-        base = json.loads((path / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
-    except (OSError, ValueError) as err:
-        raise EvalError(f"--model {model}: its {ADAPTER_CONFIG} cannot be read ({type(err).__name__}); is it a peft "
-                        "adapter folder?") from None
+        base = read_adapter_config(path, f"--model {model}").get("base_model_name_or_path")
+    except ValueError as err:
+        raise EvalError(str(err)) from None
     if not isinstance(base, str) or not base:
         raise EvalError(f"--model {model} is a peft adapter without a base model (no base_model_name_or_path in its "
                         f"{ADAPTER_CONFIG}); set it to the base model's directory or hub id")

@@ -6,6 +6,7 @@ in one line. The vllm engine's adapter path is tested in test_vllm_lora.py."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import lightning as L
@@ -262,3 +263,27 @@ def test_the_one_gpu_lora_config_runs_with_tiny_qwen3(tiny_qwen3, tmp_path):
     from test_real_configs import run_config
 
     run_config(CONFIG_DIR / "lora_qwen3_8b_to_1.7b_1gpu.yaml", "static", tiny_qwen3, tmp_path, tiny_qwen3["teacher"])
+
+
+@pytest.mark.parametrize("config,weights,says", [
+    (b"{not json", None, "cannot be read as JSON"),
+    (b"\xff\xfe{}", None, "cannot be read as JSON"),
+    (b"[1, 2]", None, "holds a list, not the JSON object"),
+    (b'{"peft_type": "PREFIX_TUNING"}', None, "holds a PREFIX_TUNING adapter"),
+    (b'{"peft_type": "LORA", "r": "eight", "target_modules": ["q_proj"]}', None, "gives rank r='eight'"),
+    (b'{"peft_type": "LORA", "r": 4, "target_modules": ["q_proj"]}', b"not safetensors", "cannot be read ("),
+])
+def test_a_damaged_adapter_folder_is_one_line(config, weights, says, tiny_checkpoints, tmp_path):
+    """Every way an adapter folder can be unreadable is a ValueError naming the file, not a parser's traceback."""
+    other = OPDModule(student=tiny_checkpoints.student, teacher=tiny_checkpoints.teacher,
+                      student_adapter=AdapterOptions(rank=4))
+    other.configure_model()
+    folder = tmp_path / "adapter"
+    other.export_student(str(folder))
+    (folder / "adapter_config.json").write_bytes(config)
+    if weights is not None:
+        (folder / "adapter_model.safetensors").write_bytes(weights)
+    module = OPDModule(student=tiny_checkpoints.student, teacher=tiny_checkpoints.teacher,
+                       student_adapter=AdapterOptions(path=str(folder)))
+    with pytest.raises(ValueError, match=re.escape(says)):
+        module.configure_model()
