@@ -45,6 +45,7 @@ PUBLIC = {
         "default_placement", "is_url", "LocalTeacher", "VLLMServerTeacher",
     ],
     "opdlab.testing": ["check_selector", "check_divergence", "check_rollout_engine", "top_logprobs_of"],
+    "opdlab.adapters": ["AdapterOptions", "plain_parameters"],
     "opdlab": ["__version__"],
     # Paths the docs have taught and that stay (modules of the public types)
     "opdlab.scoring": ["TokenStats"],
