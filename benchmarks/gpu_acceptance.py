@@ -15,14 +15,16 @@ last error line and the next one runs; one that cannot run here is SKIPPED with 
   main-job   the README's main job (`opdlab fit --config configs/ta_opd.yaml`) and its gate: the trained
              student's held-out accuracy inside the band the README promises (with --quick: a few steps, no gate)
   models     random-weight Qwen3-0.6B (student) and Qwen3-1.7B (teacher) shapes, a char tokenizer, prompts
-  fit:C:E    `opdlab fit --config configs/<C>.yaml` (bf16-mixed, FSDP2 on one GPU) at those shapes with rollout
+  fit C E    `opdlab fit` (--fits C:E) with configs/qwen3_8b_to_1.7b_ta_opd.yaml (C = ta_opd) or
+             configs/qwen3_full_opd.yaml (full_opd), bf16-mixed, FSDP2 on one GPU, at those shapes with rollout
              engine E, 1 warm-up + --steps timed steps: ms per decode step, seconds per step by stage, the
              engine's weight sync, peak memory
   rollout    benchmarks/rollout.py at the 0.6B shape (16 rows x 256 new tokens)
   loss       benchmarks/loss_memory.py at 8,192 tokens
 Everything is written to --output (default benchmarks/results/gpu.md, overwritten): machine, versions, every
-command, the numbers, each stage's status, and the issue's targets. The exit status is 1 when a required stage
-failed (every stage is required except those SKIPPED for a reason the report names), 2 for bad options.
+command, the numbers, each stage's status, and the issue's targets. The exit status is 0 when every stage passed
+or was SKIPPED for what this machine lacks (vllm), 1 when one FAILED or the time budget left one out (INCOMPLETE),
+2 for bad options. The targets are reported (met / SHORT), not part of the exit status.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import os
 import platform
 import re
 import shlex
+import signal
 import statistics
 import subprocess
 import sys
@@ -64,6 +67,7 @@ class Stage:
     reason: str = ""  # FAILED: the last error line; SKIPPED: why; PASSED: a short note
     commands: list[str] = field(default_factory=list)
     data: dict = field(default_factory=dict)
+    unfinished: bool = False  # SKIPPED for want of time: the run proves less than it should (exit 1)
 
 
 # ------------------------------------------------------------------------------------------------ running
@@ -79,8 +83,9 @@ class Runner:
     def begin(self, name: str) -> Stage | None:
         stage = Stage(name)
         self.stages.append(stage)
-        if self.left() < 5:
+        if self.left() < (5 if self.args.quick else 30):  # too little to finish a stage: skip, not time out
             stage.status, stage.reason = "SKIPPED", f"the time budget (--budget-s {self.args.budget_s:g}) is spent"
+            stage.unfinished = True
             print(f"[{len(self.stages)}] {name}: SKIPPED ({stage.reason})", flush=True)
             return None
         print(f"[{len(self.stages)}] {name} ... ({self.left():.0f} s of the budget left)", flush=True)
@@ -107,15 +112,24 @@ class Runner:
             out.flush()
             try:
                 # In the work folder: `python -m opdlab.cli` imports the installed opdlab, not this tree's source.
-                proc = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=self.args.workdir, timeout=limit,
-                                      env={**os.environ, **(env or {})}, check=False)
-            except subprocess.TimeoutExpired:
-                return False, f"timed out after {limit:.0f} s (log: {log})"
+                # Its own session: a timeout ends the stage's children too (vLLM's engine process holds GPU memory).
+                proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=self.args.workdir,
+                                        env={**os.environ, **(env or {})}, start_new_session=True)
             except OSError as err:
                 return False, f"{type(err).__name__}: {err}"
-        if proc.returncode == 0:
+            try:
+                returncode = proc.wait(timeout=limit)
+            except KeyboardInterrupt:
+                os.killpg(proc.pid, signal.SIGKILL)
+                raise
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+                cause = "the time budget (--budget-s) ran out" if limit < timeout else "its timeout"
+                return False, f"timed out after {limit:.0f} s: {cause} (log: {log})"
+        if returncode == 0:
             return True, ""
-        return False, f"exit {proc.returncode}: {last_error_line(log.read_text(errors='replace'))}"
+        return False, f"exit {returncode}: {last_error_line(log.read_text(errors='replace'))}"
 
 
 PIP_GENERIC = ("error: metadata-generation-failed", "error: subprocess-exited-with-error")
@@ -593,6 +607,15 @@ def targets(stages: list[Stage], device: str, dry: bool) -> list[str]:
     return rows
 
 
+def verdict(stages: list[Stage]) -> str:
+    """PASSED, or FAILED (the failed stages), or INCOMPLETE (those the time budget left out)."""
+    failed = [s.name for s in stages if s.status == "FAILED"]
+    unfinished = [s.name for s in stages if s.unfinished]
+    if failed:
+        return f"FAILED ({', '.join(failed)})" + (f"; not run for want of time: {', '.join(unfinished)}" if unfinished else "")
+    return f"INCOMPLETE (not run for want of time: {', '.join(unfinished)})" if unfinished else "PASSED"
+
+
 def render(r: Runner) -> str:
     args, env = r.args, r.args.env
     when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
@@ -600,8 +623,7 @@ def render(r: Runner) -> str:
     if args.device != "cuda" or args.quick:
         lines += [f"**CPU dry run, not a GPU result** (`--device {args.device}{' --quick' if args.quick else ''}`: "
                   "tiny shapes, a few steps; the numbers only show that every stage runs).", ""]
-    failed = [s.name for s in r.stages if s.status == "FAILED"]
-    lines += [f"Result: {'FAILED (' + ', '.join(failed) + ')' if failed else 'PASSED'} in "
+    lines += [f"Result: {verdict(r.stages)} in "
               f"{time.perf_counter() - r.started:.0f} s (budget {args.budget_s:g} s).", "",
               "## Machine and versions", "",
               f"- machine: {env.get('machine', platform.node())}",
@@ -762,10 +784,8 @@ def main(argv: list[str] | None = None) -> int:
     if "loss" in args.stages:
         stage_bench(r, "loss", loss_command(args), 120 if args.quick else 240)
     args.output.write_text(render(r))
-    failed = [s for s in r.stages if s.status == "FAILED"]
-    print(f"gpu_acceptance: {'FAILED: ' + ', '.join(s.name for s in failed) if failed else 'PASSED'}; "
-          f"report {args.output}", flush=True)
-    return 1 if failed else 0
+    print(f"gpu_acceptance: {verdict(r.stages)}; report {args.output}", flush=True)
+    return 0 if verdict(r.stages) == "PASSED" else 1
 
 
 if __name__ == "__main__":

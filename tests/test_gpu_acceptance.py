@@ -78,7 +78,7 @@ def test_a_failing_stage_is_reported_with_its_reason_and_the_next_stage_runs(tmp
     proc = run("--device", "cpu", "--quick", "--output", str(out), "--workdir", str(tmp_path / "work"),
                "--stages", "install", "rollout", "--require", "opdlab-no-such-package", "--wheelhouse", str(empty))
     assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "install: FAILED" in proc.stdout and "FAILED: install" in proc.stdout.splitlines()[-1]
+    assert "install: FAILED" in proc.stdout and "FAILED (install)" in proc.stdout.splitlines()[-1]
     report = out.read_text()
     stages = stage_rows(report)
     assert stages["install"][0] == "FAILED"
@@ -126,3 +126,18 @@ def test_relative_paths_hold_although_stages_run_in_the_work_folder(tmp_path):
                            "--wheelhouse", "wh"], cwd=tmp_path, capture_output=True, text=True, timeout=60, check=False)
     assert proc.returncode == 1, proc.stderr
     assert proc.stdout.strip() == f"gpu_acceptance: missing: opdlab-no-such-package (not in {tmp_path / 'wh'})"
+
+
+def test_the_time_budget_stops_a_stage_and_skips_the_rest(tmp_path):
+    out = tmp_path / "gpu.md"
+    proc = run("--device", "cpu", "--quick", "--stages", "main-job", "loss", "--budget-s", "6", "--output", str(out),
+               "--workdir", str(tmp_path / "work"), timeout=60)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    stages = stage_rows(out.read_text())
+    assert stages["main-job"][0] == "FAILED" and "the time budget (--budget-s) ran out" in stages["main-job"][1]
+    assert stages["loss"] == ("SKIPPED", "the time budget (--budget-s 6) is spent")
+    assert "Result: FAILED (main-job); not run for want of time: loss" in out.read_text()
+    # every stage left out by the budget: no stage failed, but nothing was proved
+    proc = run("--device", "cpu", "--quick", "--stages", "loss", "--budget-s", "1", "--output", str(out),
+               "--workdir", str(tmp_path / "work"), timeout=60)
+    assert proc.returncode == 1 and "INCOMPLETE (not run for want of time: env, loss)" in proc.stdout, proc.stdout
