@@ -41,6 +41,7 @@ class Case:
     files: dict[str, str | bytes] = field(default_factory=dict)  # written into the case's folder first
     env: dict[str, str] = field(default_factory=dict)
     issue: int = 0  # the issue that added the case (0: before issue 28); `--issue N` runs those only
+    program: list[str] | None = None  # the command before `args` (default: the opdlab command)
 
 
 def jsonl(lines: list[str]) -> str:
@@ -92,7 +93,29 @@ def dsdata(path: str, *args: str) -> list[str]:
 
 def cases() -> list[Case]:
     return [*cases_before_28(), *(replace(case, issue=28) for case in cases_28()),
-            *(replace(case, issue=30) for case in cases_30())]
+            *(replace(case, issue=30) for case in cases_30()), *(replace(case, issue=31) for case in cases_31())]
+
+
+GPU_ACCEPTANCE = [sys.executable, str(REPO / "benchmarks" / "gpu_acceptance.py")]
+
+
+def cases_31() -> list[Case]:
+    """benchmarks/gpu_acceptance.py, the GPU acceptance script."""
+    def ga(name: str, *args: str, **kw) -> Case:
+        return Case(f"gpu_acceptance {name}", list(args), "refuse", program=GPU_ACCEPTANCE, **kw)
+
+    return [
+        ga("--device tpu", "--device", "tpu"),
+        ga("--device cuda without a wheelhouse", "--device", "cuda", "--wheelhouse", "nowheels"),
+        ga("--output in an unwritable place", "--device", "cpu", "--output", "/proc/gpu.md"),
+        ga("--output is a folder", "--device", "cpu", "--output", "out", files={"out/keep": ""}),
+        ga("--fits with an unknown engine", "--device", "cpu", "--fits", "ta_opd:trl"),
+        ga("--rows 12 (8 samples per prompt)", "--device", "cpu", "--rows", "12"),
+        ga("--steps 0", "--device", "cpu", "--steps", "0"),
+        ga("--budget-s 0", "--device", "cpu", "--budget-s", "0"),
+        ga("a stray argument", "--device", "cpu", "stray"),
+        ga("--list-missing, one requirement nowhere", "--list-missing", "--require", "opdlab-no-such-package"),
+    ]
 
 
 def safetensors_bytes(shapes: dict[str, tuple[int, ...]]) -> bytes:
@@ -473,7 +496,7 @@ def run_case(case: Case, root: Path, timeout: int, env: dict) -> dict:
         path.write_bytes(content if isinstance(content, bytes) else content.encode())
     started = time.perf_counter()
     try:
-        proc = subprocess.run([sys.executable, "-m", "opdlab.cli", *case.args], cwd=folder, capture_output=True, text=True,
+        proc = subprocess.run([*(case.program or [sys.executable, "-m", "opdlab.cli"]), *case.args], cwd=folder, capture_output=True, text=True,
                               timeout=timeout, env={**env, **case.env}, errors="replace")
         rc, out = proc.returncode, proc.stdout + "\n" + proc.stderr
     except subprocess.TimeoutExpired:
