@@ -33,7 +33,7 @@ def test_floors_match_the_declared_minimums():
     pyproject = (REPO_ROOT / "pyproject.toml").read_text()
     floors = dict(line.split("==") for line in (REPO_ROOT / ".ci/floors.txt").read_text().splitlines()
                   if line and not line.startswith("#"))
-    assert set(floors) == {"transformers", "lightning", "jsonargparse", "torchmetrics", "datasets"}
+    assert set(floors) == {"transformers", "lightning", "jsonargparse", "torchmetrics", "datasets", "peft"}
     for name, version in floors.items():
         assert re.search(rf'"{name}(\[\w+\])?>={re.escape(version.removesuffix(".0"))}(\.0)?"', pyproject), name
     assert ".venv-floors/bin/pytest" in (REPO_ROOT / ".ci/run").read_text()
