@@ -102,10 +102,16 @@ def make_inputs(args) -> SimpleNamespace:
 
 
 # ------------------------------------------------------------------------------------------ methods
-def run_opdlab(x, selector, divergence, chunk: int) -> None:
+def score_and_select(x, selector, chunk: int):
+    """opdlab's scoring pass (chunked, no grad, no full-vocabulary entropies: the training step's default) and
+    the selector's keep mask: (stats, keep (N, L) bool)."""
     stats = compute_token_stats(x.s_hidden.detach(), x.t_hidden, x.tokens, x.valid, x.s_head, x.t_head,
                                 top_k=selector.top_k, chunk_size=chunk, full_entropy=False)
-    keep = selector.select(stats)
+    return stats, selector.select(stats)
+
+
+def run_opdlab(x, selector, divergence, chunk: int) -> None:
+    stats, keep = score_and_select(x, selector, chunk)
     rows = kept_rows(keep, x.s_hidden, x.t_hidden, x.rollout, stats.teacher_token_logp)
     head_loss(rows, x.s_head, x.t_head, divergence, 1.0 / float(keep.sum()), chunk_rows=x.loss_chunk or max(1, chunk // 4),
               store_rows=2 * chunk).loss.backward()  # the chunk sizes of opdlab.step.plan_step
@@ -177,9 +183,7 @@ def run_trl(x, selector, divergence, chunk: int) -> None:
 
     s_flat, t_flat = x.s_hidden.flatten(0, 1), x.t_hidden.flatten(0, 1)
     if selector.ratio < 1.0:
-        stats = compute_token_stats(x.s_hidden.detach(), x.t_hidden, x.tokens, x.valid, x.s_head, x.t_head,
-                                    top_k=selector.top_k, chunk_size=chunk, full_entropy=False)
-        keep = selector.select(stats).flatten().nonzero().squeeze(-1)
+        keep = score_and_select(x, selector, chunk)[1].flatten().nonzero().squeeze(-1)
         s_flat, t_flat = s_flat[keep], t_flat[keep]
     per_token, _ = ChunkedDivergenceFunction.apply(s_flat, x.student.lm_head.weight, None, t_flat,
                                                    x.teacher.lm_head.weight, None, jsd_beta(divergence))
