@@ -174,3 +174,18 @@ def test_an_interrupted_fit_saves_a_checkpoint_exits_nonzero_and_resumes(tiny_ch
     assert torch.load(checkpoint, map_location="cpu", weights_only=False)["global_step"] == steps
     proc, _ = fit_subprocess(tiny_checkpoints, tmp_path, "run", ["--resume"], steps=steps + 2)
     assert f"resuming from {checkpoint}" in proc.stdout and f"steps: {steps + 2}" in proc.stdout
+
+
+def test_two_processes_with_a_sharded_lora_student_match_one_process(tiny_checkpoints, tmp_path):
+    """A LoRA student under FSDP2 (the adapter sharded with its decoder layer) takes the same steps on two ranks
+    as in one process, and exports the same peft adapter folder."""
+    pytest.importorskip("peft")
+    lora = ["--model.student_adapter.rank", "4"]
+    _, one = fit_subprocess(tiny_checkpoints, tmp_path, "one", lora, batch_size=8)
+    _, two = fit_subprocess(tiny_checkpoints, tmp_path, "two", [*lora, *MODEL_PARALLEL_2], batch_size=4)
+    single, ranks = read_records(one), [read_records(two, r) for r in (0, 1)]
+    for step in range(3):
+        assert ranks[0][step]["student_sharded"] and ranks[1][step]["student_sharded"]
+        assert ranks[0][step]["loss"] == pytest.approx(single[step]["loss"], rel=1e-4, abs=1e-6)
+    exported = sorted(tmp_path.glob("two/**/student/adapter_config.json"))
+    assert exported, "the two-rank run exported no peft adapter"
