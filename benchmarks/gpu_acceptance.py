@@ -50,7 +50,8 @@ HERE = Path(__file__).resolve().parent
 CONFIGS = {"ta_opd": "qwen3_8b_to_1.7b_ta_opd.yaml", "full_opd": "qwen3_full_opd.yaml"}  # under configs/
 ENGINES = ("reference", "static", "vllm")
 DEFAULT_FITS = ["ta_opd:static", "ta_opd:vllm", "ta_opd:reference", "full_opd:static"]
-# Packages opdlab imports that the device image lacks (KINDS.md): the wheelhouse carries them.
+# Packages opdlab imports that the device image lacks (jsonargparse, math-verify: the issue-31 image had python
+# 3.12, torch 2.11, lightning 2.6.6, transformers 5.17, tensorboard): the wheelhouse carries them.
 EXTRAS = ["math"]
 # The quick (dry) mode's shapes: a Qwen3 of the same architecture, small enough for a CPU test (head_dim 32: vLLM's CPU
 # attention refuses 16).

@@ -110,7 +110,7 @@ def apply_adapter(model: nn.Module, options: AdapterOptions, model_name: str) ->
         check_targets(model, config.target_modules, model_name)
         get_peft_model(model, config)
     else:
-        config = check_adapter_fits(model, options, model_name)
+        check_adapter_fits(model, options, model_name)
         PeftModel.from_pretrained(model, str(Path(options.path).expanduser()), is_trainable=True)
     return model
 
