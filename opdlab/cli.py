@@ -142,6 +142,10 @@ def main(argv: list[str] | None = None) -> None:
     warnings.filterwarnings("default", message=r"opdlab\.\S+ moved to ", category=DeprecationWarning)
     try:
         run_and_report(argv)
+    except KeyboardInterrupt:  # Ctrl-C where no command said what it kept (e.g. while models load)
+        if traceback_wanted():
+            raise
+        error_exit("stopped by Ctrl-C", code=130, hint="")
     except Exception as err:
         if type(err).__name__ != "MisconfigurationException" or traceback_wanted():
             raise

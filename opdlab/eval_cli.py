@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from opdlab.console import OpdlabError
+from opdlab.console import OpdlabError, error_exit
 from opdlab.engines.base import RolloutEngine
 from opdlab.metrics import benchmark_metrics, mean_std
 from opdlab.progress import Progress
@@ -638,7 +638,7 @@ def plan_output(out_dir: str | Path, settings: dict, overwrite: bool,
             raise EvalError(f"{stored} is damaged ({err}), so what made the responses next to it is unknown; "
                             f"{again}") from None
         if not isinstance(before, dict):
-            raise EvalError(f"{stored} holds a JSON {type(before).__name__}, not the settings of an evaluation; "
+            raise EvalError(f"{stored} holds {json_kind(before)}, not the settings of an evaluation; "
                             f"{again}")
     has_results = responses.is_file() and responses.stat().st_size > 0 or (out_dir / RESULT).is_file()
     if not has_results:
@@ -691,7 +691,7 @@ def read_responses(path: Path, k: int, problems: dict[str, list[Problem]] | None
                 continue  # the half-written last line of a killed run
             raise EvalError(f"{where} is not JSON ({err.msg}); {again}") from None
         if not isinstance(record, dict):
-            raise EvalError(f"{where} holds a JSON {type(record).__name__}, not a response record; {again}")
+            raise EvalError(f"{where} holds {json_kind(record)}, not a response record; {again}")
         for name, kind in RECORD_FIELDS.items():
             if name not in record:
                 raise EvalError(f"{where} has no {name!r} field (a response record has {', '.join(RECORD_FIELDS)}); "
@@ -951,15 +951,28 @@ def markdown_table(result: dict, label: str) -> str:
     return "\n".join(lines)
 
 
-def sampling_note(result: dict) -> str | None:
-    """One line under the table: what Avg@k is, and why it is below greedy accuracy when sampling is hot."""
+def sampling_note(result: dict, greedy: float | None = None) -> str | None:
+    """One line under the table: what Avg@k is, and why it is below greedy accuracy when sampling is hot; with
+    `greedy` (a run's own greedy held-out accuracy, `run_greedy_accuracy`), the two side by side."""
     k, temperature = result["k"], (result.get("settings") or {}).get("temperature")
     if not temperature:
         return None  # greedy: Avg@1 is the greedy accuracy
     what = "one response" if k == 1 else f"{k} responses"
+    mean = (result.get("mean") or {}).get("avg", {}).get("mean")
+    side = (f" Side by side: greedy {greedy:.1%} (the fit's held-out prompts, summary.json) vs sampled Avg@{k} "
+            f"{mean:.1%} (these benchmarks)." if greedy is not None and isinstance(mean, float) else "")
     return (f"Avg@{k} is the mean accuracy of {what} per problem sampled at temperature {temperature:g}; it is "
             f"expected to be below the greedy accuracy (what `opdlab fit` prints as 'student accuracy'; here: "
-            f"--temperature 0 --k 1), more so the higher the temperature.")
+            f"--temperature 0 --k 1), more so the higher the temperature.{side}")
+
+
+def run_greedy_accuracy(folder: Path) -> float | None:
+    """The greedy held-out accuracy an opdlab run reached (`accuracy_after` of its summary.json), or None."""
+    try:
+        value = json.loads((folder / "summary.json").read_text()).get("accuracy_after")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
 # ----------------------------------------------------------------------------- the command
@@ -1048,10 +1061,20 @@ def eval_command(
         plan = plan_output(out, eval_settings(source.label, fingerprint, engine, options, loaded, max_new, dtype),
                            overwrite, problems)
     net.to(device_)
-    result = evaluate(net, tokenizer, engine, options, out, source.label, overwrite,
-                      command="opdlab eval " + " ".join(sys.argv[2:]), loaded=loaded, plan=plan)
+    command = "opdlab eval " + " ".join(sys.argv[2:])
+    try:
+        result = evaluate(net, tokenizer, engine, options, out, source.label, overwrite, command=command,
+                          loaded=loaded, plan=plan)
+    except KeyboardInterrupt:  # Ctrl-C: what is written stays, and the same command continues from it
+        import shlex
+
+        error_exit(f"stopped by Ctrl-C; the responses generated so far are kept in {out / RESPONSES}",
+                   prog="opdlab eval", code=130,
+                   hint=f"continue the evaluation with the same command: opdlab eval {shlex.join(sys.argv[2:])}")
     print(markdown_table(result, source.label))
-    note = sampling_note(result)
+    run = Path(source.path) if source.kind != "hub" else None
+    run = run.parent if run is not None and run.name == "student" else run
+    note = sampling_note(result, run_greedy_accuracy(run) if run is not None and run.is_dir() else None)
     per = result["seconds_per_response"]
     print(("\n" + note if note else "") + f"\nresponses: {out / RESPONSES}; table: {out / TABLE}"
           + (f"; {per * 1000:.1f} ms per sampled response" if per else ""))
@@ -1092,6 +1115,25 @@ def check_config_files(argv: list[str]) -> None:
                             f"[...], ...), but it is {kind}; see configs/eval/toy.yaml")
 
 
+def json_kind(value: object) -> str:
+    """What a JSON value is, in JSON's words: 'null', 'a JSON array', 'a JSON string', ..."""
+    names = {type(None): "null", list: "a JSON array", str: "a JSON string", bool: "a JSON boolean",
+             int: "a JSON number", float: "a JSON number", dict: "a JSON object"}
+    return names.get(type(value), f"a JSON {type(value).__name__}")
+
+
+def replacing_lists(argv: list[str], key: str) -> list[str]:
+    """`key` (a list of benchmark entries) given on the command line replaces the config file's list: jsonargparse
+    would merge the two entry by entry, so a config's `limit: 32` silently stayed on a benchmark the command line
+    named. An empty list first makes it a replacement (`key+` still appends)."""
+    out: list[str] = []
+    for arg in argv:
+        if arg == key or arg.startswith(key + "="):
+            out += [key, "[]"]
+        out.append(arg)
+    return out
+
+
 def parser_error_line(message: str) -> str:
     """jsonargparse's error on one line: its first line, with the reason when that line only names the key."""
     lines = [line.strip() for line in str(message).splitlines() if line.strip()]
@@ -1127,4 +1169,5 @@ def run_eval(argv: list[str]) -> None:
 
     argv = plugins.expand_short_names(argv, {"--engine": "opdlab.rollout_engines"})
     check_config_files(argv)
+    argv = replacing_lists(argv, "--benchmarks")
     CLI(eval_command, args=argv, prog="opdlab eval", parser_class=eval_parser_class())  # an EvalError: one line

@@ -19,7 +19,7 @@ from opdlab.callbacks import FitSummary, RolloutSamples, SelectionMetrics, Teach
 from opdlab.callbacks.interrupt import SaveOnInterrupt
 from opdlab.console import error_exit, silence_lightning_noise, traceback_wanted
 from opdlab.data import PromptDataModule
-from opdlab.eval_cli import EvalOptions, load_benchmark, response_limits
+from opdlab.eval_cli import EvalOptions, load_benchmark, replacing_lists, response_limits
 from opdlab.module import OPDModule
 from opdlab.runs import RunError, lock_run, remove_runs_without_results, resolve_run, writable_folder
 
@@ -152,7 +152,8 @@ class OPDLabCLI(LightningCLI):
                                  "version_N, the next free number); printed when the run starts")
         parser.add_argument("--resume", action=ActionYesNo, default=False,
                             help="continue the run named by --run_name, or else the most recent run with a "
-                                 "checkpoints/last.ckpt, in the same folder and curves")
+                                 "checkpoints/last.ckpt, in the same folder and curves; with --ckpt_path, from "
+                                 "another checkpoint of that run's checkpoints/ folder than last.ckpt")
 
     def before_instantiate_classes(self) -> None:
         """Run folders and logging: validate/test write no logs; fit resolves --run_name / --resume."""
@@ -162,12 +163,19 @@ class OPDLabCLI(LightningCLI):
             config.trainer.logger = False  # an evaluation is printed; it does not clutter the training runs
             self.save_config_callback = None  # nor the working directory (no log folder to save config.yaml in)
             eval_group = config.get("eval")
-            if eval_group is not None and eval_group.get("benchmarks"):
+            if eval_group is not None and (eval_group.get("benchmarks") or eval_settings_changed(eval_group)):
                 raise RunError(f"--eval.* evaluates the student exported at the end of `opdlab fit`; `opdlab "
                                f"{subcommand}` does not run it. Evaluate a model with: opdlab eval --model <run "
                                "folder or model> --config <the eval settings>")
         elif subcommand == "fit":
             check_fit_options(config)
+            eval_group = config.get("eval")
+            changed = eval_settings_changed(eval_group) if eval_group is not None else []
+            if changed and not eval_group.get("benchmarks"):
+                raise RunError(f"--eval.{changed[0]} is set but --eval.benchmarks is empty, so nothing would be "
+                               "evaluated after training; name the sets (e.g. --eval.benchmarks '[{name: add3, path: "
+                               "\"toy:add3\"}]' or an eval: group like configs/eval/toy.yaml's), or drop the --eval.* "
+                               "options")
             if config.trainer.get("fast_dev_run"):  # a dry run writes nothing: no run folder, checkpoint or export
                 if config.get("resume") or config.get("ckpt_path"):
                     raise RunError("--trainer.fast_dev_run is a dry run of a new fit; it does not resume "
@@ -201,11 +209,11 @@ class OPDLabCLI(LightningCLI):
             logger.class_path = "opdlab.loggers.CSVLogger"
         if logger.class_path.endswith("TensorBoardLogger") and init.get("default_hp_metric", True):
             init.default_hp_metric = False  # a placeholder hp_metric=-1 curve in every run otherwise
-        if config.get("resume") and config.get("ckpt_path"):
-            raise RunError("give --resume or --ckpt_path, not both")
         writable_folder(init.save_dir, "--trainer.logger.init_args.save_dir")
         base = Path(init.save_dir) / (init.get("name") or "")
-        version, checkpoint = resolve_run(base, config.get("run_name"), bool(config.get("resume")))
+        resume = bool(config.get("resume"))
+        version, checkpoint = resolve_run(base, config.get("run_name"), resume,
+                                          config.get("ckpt_path") if resume else None)
         step = None
         if checkpoint is not None:  # before anything reads it: a damaged one names the intact checkpoint beside it
             step = check_something_to_train(checkpoint, config.trainer.get("max_steps"), base / version)
@@ -376,7 +384,7 @@ class OPDLabCLI(LightningCLI):
                 print(f"opdlab fit: --eval.* runs in single-process fits only; evaluate the export with: opdlab eval "
                       f"--model {export} --config <the eval settings>", flush=True)
             return
-        from opdlab.eval_cli import evaluate, load_model, markdown_table
+        from opdlab.eval_cli import evaluate, load_model, markdown_table, run_greedy_accuracy, sampling_note
 
         out = export.parent / "eval"
         with interruptible(self.trainer, lambda signum: self.stopped_in_eval(signum, export, out, options,
@@ -387,7 +395,8 @@ class OPDLabCLI(LightningCLI):
                   f"into {out}", flush=True)
             result = evaluate(net, tokenizer, self.model.rollout_engine, options, out, label, overwrite=True,
                               command="opdlab fit " + " ".join(self.argv), loaded=getattr(self, "eval_benchmarks", None))
-        print(markdown_table(result, label), flush=True)
+        note = sampling_note(result, run_greedy_accuracy(export.parent) if export.parent.is_dir() else None)
+        print(markdown_table(result, label) + (f"\n{note}" if note else ""), flush=True)
 
     def eval_engine_options(self) -> list[str]:
         """The `opdlab eval` options that reproduce this fit's engine and student dtype (eval.json records both)."""
@@ -524,7 +533,8 @@ def check_something_to_train(checkpoint: Path, max_steps, folder: Path) -> int:
         steps = {p: safe_checkpoint_step(p) for p in checkpoint.parent.glob("*.ckpt") if p != checkpoint}
         intact = sorted((p for p, s in steps.items() if s is not None), key=steps.get)  # each file read once
         hint = (f"; the newest intact checkpoint beside it is {intact[-1]} (step {steps[intact[-1]]}): "
-                f"resume from it with --ckpt_path {intact[-1]} (without --resume)") if intact else \
+                f"continue the run from it with --resume --run_name {folder.name} --ckpt_path {intact[-1]}") \
+            if intact else \
             "; no intact checkpoint is beside it: start a new run"
         raise RunError(f"cannot resume: {checkpoint} is damaged or incomplete (not a readable checkpoint){hint}")
     if isinstance(max_steps, int) and 0 <= max_steps <= step and (folder / "student").is_dir():
@@ -558,6 +568,15 @@ def plain(value):
     return value
 
 
+def eval_settings_changed(group) -> list[str]:
+    """The `--eval.*` settings (other than benchmarks) that differ from their defaults: given by the user."""
+    import dataclasses
+
+    defaults = EvalOptions()
+    return [f.name for f in dataclasses.fields(EvalOptions) if f.name != "benchmarks"
+            and f.name in group and plain(group[f.name]) != plain(getattr(defaults, f.name))]
+
+
 def flat_options(options, prefix: str = "") -> dict:
     """{"rollout.max_new_tokens": 50, ...} from nested option groups (dicts or Namespaces)."""
     items = options.items() if isinstance(options, dict) else vars(options).items()
@@ -570,14 +589,14 @@ def flat_options(options, prefix: str = "") -> dict:
     return flat
 
 
-# Option groups: in a config file each is a mapping of its options (or null), never a single value.
+# Option groups: in a config file each is a mapping of its options, never a single value or null.
 OPTION_GROUPS = ("model", "data", "trainer", "eval", "model.rollout", "model.memory", "model.training",
                  "selection_metrics", "teachability_histograms", "rollout_samples")
 
 
 def check_config_files(argv: list[str]) -> None:
-    """Each `--config` file: a YAML mapping whose option groups are mappings. A group given one value
-    (`model: {rollout: 5}`, `trainer: 3`) is refused in one line; jsonargparse would crash on the first and
+    """Each `--config` file: a YAML mapping whose option groups are mappings. A group given one value or null
+    (`model: {rollout: 5}`, `trainer: 3`, `model: null`) is refused in one line; jsonargparse would crash on the first and
     silently drop the whole group (every trainer option of the earlier configs) on the second."""
     import yaml
 
@@ -599,9 +618,10 @@ def check_config_files(argv: list[str]) -> None:
             if not isinstance(holder, dict) or key not in holder:
                 continue
             value = holder[key]
-            if value is not None and not isinstance(value, dict):
+            if not isinstance(value, dict):  # null too: it crashed, or dropped the earlier configs' options
                 raise RunError(f"config {name}: {group} is a group of options and must be a mapping (e.g. "
-                               f"{example_of(group)}), got {value!r}; run 'opdlab fit --help' for its options")
+                               f"{example_of(group)}), got {'null' if value is None else repr(value)}; leave the "
+                               "group out to keep its defaults; run 'opdlab fit --help' for its options")
 
 
 def example_of(group: str) -> str:
@@ -641,7 +661,7 @@ def run_fit(argv: list[str]) -> None:
     OPDLabCLI.run_base, OPDLabCLI.current_trainer = None, None
     try:
         OPDLabCLI(
-            OPDModule, PromptDataModule, args=argv, trainer_defaults=TRAINER_DEFAULTS,
+            OPDModule, PromptDataModule, args=replacing_lists(argv, "--eval.benchmarks"), trainer_defaults=TRAINER_DEFAULTS,
             auto_configure_optimizers=False, save_config_kwargs={"overwrite": True},
             parser_class=OPDLabArgumentParser,
         )

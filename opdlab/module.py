@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import lightning as L
 import torch
@@ -99,6 +100,10 @@ def as_options(cls, value):
 def default_optimizer(params) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0)
 
+
+
+class NonFiniteTraining(OpdlabError, FloatingPointError):
+    """Too many non-finite steps in a row: the fit stops (one line from the CLI); the checkpoints saved before stay."""
 
 class OPDModule(L.LightningModule):
     """On-policy distillation of `student` from a frozen `teacher`, with a token selector.
@@ -423,8 +428,12 @@ class OPDModule(L.LightningModule):
             return "outside a Trainer"
         step = self.global_step
         if self.trainer.training:
-            return (f"in training step {step + 1} ({step} steps completed; checkpoints saved so far are intact: "
-                    "continue with --resume)")
+            folder = getattr(self.trainer.checkpoint_callback, "dirpath", None)
+            saved = any(Path(folder).glob("*.ckpt")) if folder else False
+            kept = ("checkpoints saved so far are intact: continue with --resume" if saved else
+                    "no checkpoint was saved yet" if self.trainer.checkpoint_callbacks else
+                    "this fit saves no checkpoints")
+            return f"in training step {step + 1} ({step} steps completed; {kept})"
         return f"in {'validation' if self.trainer.validating else 'evaluation'} at step {step}"
 
     def hidden_states(self, rollout: Rollout, plan: StepPlan) -> Hidden:
@@ -564,9 +573,10 @@ class OPDModule(L.LightningModule):
         self.bad_steps_in_a_row += 1
         limit = self.training_options.max_bad_steps
         if self.bad_steps_in_a_row > limit:
-            raise FloatingPointError(
+            raise NonFiniteTraining(
                 f"non-finite {what} in {self.bad_steps_in_a_row} consecutive steps (limit max_bad_steps={limit}); "
-                "stopping. Lower the learning rate, check the teacher in float32, or raise max_bad_steps."
+                f"stopped {self.stage_name()}; nothing non-finite was exported. Lower the learning rate, check the "
+                "teacher in float32, or raise max_bad_steps."
             )
         rank_zero_warn(f"non-finite {what} at step {self.global_step}: skipping this update "
                        f"({self.skipped_steps} skipped so far)")

