@@ -92,7 +92,7 @@ def dsdata(path: str, *args: str) -> list[str]:
 
 
 def cases() -> list[Case]:
-    return [*cases_before_28(), *(replace(case, issue=28) for case in cases_28()),
+    return [*cases_before_28(), *(replace(case, issue=28) for case in [*cases_28(), *cases_28_retest()]),
             *(replace(case, issue=30) for case in cases_30()), *(replace(case, issue=31) for case in cases_31())]
 
 
@@ -177,6 +177,35 @@ def cases_30() -> list[Case]:
              files={"nopeft/sitecustomize.py": "import sys\nsys.modules['peft'] = None  # as if not installed\n"}),
         Case("fit student_adapter.rank 8 (valid)", fit(*lora), "run"),
     ]
+
+
+def cases_28_retest() -> list[Case]:
+    """Issue 28, second pass: what a re-test of the fixed surfaces still found (a traceback on a non-finite stop and
+    on null groups, settings that were silently ignored, names that hide a run, a resume pointed outside its run)."""
+    c = [Case("retest: fit non-finite steps past max_bad_steps (a traceback before)",
+              fit("--model.optimizer.init_args.lr", "1e30", "--model.training.max_bad_steps", "0",
+                  "--trainer.max_steps", "3"), "refuse")]
+    for label, text in [("model: null", "model: null\n"), ("model: {rollout: null}", "model:\n  rollout: null\n"),
+                        ("model: {training: null}", "model:\n  training: null\n"), ("trainer: null", "trainer: null\n"),
+                        ("data: null", "data: null\n")]:
+        c.append(Case(f"retest: config file {label}", ["fit", "--config", FAST, "--config", "k.yaml", *SHORT], "refuse",
+                      files={"k.yaml": text}))
+    for label, option, text in [("an empty --config", "--config", ""), ("an empty --eval file", "--eval", ""),
+                                ("an --eval file that is a list", "--eval", "- a\n- b\n")]:
+        c.append(Case(f"retest: fit {label}", fit(option, "s.yaml"), "refuse", files={"s.yaml": text}))
+    c.append(Case("retest: eval an empty --config", ["eval", "--config", "s.yaml", "--model", "toy:add3/student"],
+                  "refuse", files={"s.yaml": ""}))
+    c.append(Case("retest: fit --eval.k without benchmarks (ignored before)", fit("--eval.k", "4"), "refuse"))
+    c.append(Case("retest: fit --eval.temperature without benchmarks", fit("--eval.temperature", "0.5"), "refuse"))
+    c.append(Case("retest: validate --eval.k (ignored before)", ["validate", "--config", FAST, "--eval.k", "4"], "refuse"))
+    for name in (".hidden", "..."):
+        c.append(Case(f"retest: fit --run_name {name}", fit("--run_name", name), "refuse"))
+    c.append(Case("retest: fit --resume --ckpt_path outside the run", fit("--run_name", "r", "--resume", "--ckpt_path",
+                                                                          "o.ckpt"), "refuse",
+                  files={"runs/fast/r/checkpoints/a.ckpt": b"x", "o.ckpt": b"x"}))
+    c.append(Case("retest: fit --resume, no last.ckpt but another checkpoint", fit("--run_name", "r", "--resume"),
+                  "refuse", files={"runs/fast/r/checkpoints/epoch=0-step=1.ckpt": b"x"}))
+    return c
 
 
 def cases_28() -> list[Case]:

@@ -1109,7 +1109,10 @@ def check_config_files(argv: list[str]) -> None:
             where = f" (line {mark.line + 1})" if mark is not None else ""
             reason = getattr(err, "problem", None) or " ".join(str(err).split())[:120]
             raise EvalError(f"--config {value} is not valid YAML{where}: {reason}") from None
-        if data is not None and not isinstance(data, dict):
+        if data is None:
+            raise EvalError(f"--config {value} is empty (no settings in it); pass an evaluation settings file, e.g. "
+                            "--config configs/eval/toy.yaml")
+        if not isinstance(data, dict):
             kind = "a list" if isinstance(data, list) else f"a single value ({short(data)})"
             raise EvalError(f"--config {value}: the top level must be a mapping of options (k: 8, benchmarks: "
                             f"[...], ...), but it is {kind}; see configs/eval/toy.yaml")

@@ -597,31 +597,48 @@ OPTION_GROUPS = ("model", "data", "trainer", "eval", "model.rollout", "model.mem
 def check_config_files(argv: list[str]) -> None:
     """Each `--config` file: a YAML mapping whose option groups are mappings. A group given one value or null
     (`model: {rollout: 5}`, `trainer: 3`, `model: null`) is refused in one line; jsonargparse would crash on the first and
-    silently drop the whole group (every trainer option of the earlier configs) on the second."""
+    silently drop the whole group (every trainer option of the earlier configs) on the second. An empty file, and an
+    `--eval` file that is not a mapping, are refused too (jsonargparse said only "Unexpected config")."""
+    for option in ("--config", "--eval"):  # --eval FILE: the evaluation settings (configs/eval/toy.yaml)
+        files = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == option]
+        files += [a.partition("=")[2] for a in argv if a.startswith(option + "=")]
+        for name in files:
+            check_config_file(name, option)
+
+
+def check_config_file(name: str, option: str) -> None:
     import yaml
 
-    files = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--config"]
-    files += [a.partition("=")[2] for a in argv if a.startswith("--config=")]
-    for name in files:
-        try:
-            loaded = yaml.safe_load(Path(name).read_text())
-        except (OSError, UnicodeDecodeError, yaml.YAMLError):
-            continue  # missing or unreadable files: jsonargparse's own one-line error
-        if loaded is None:
-            continue
+    path = Path(name)
+    if not path.is_file():
+        return  # missing (or inline settings): jsonargparse's own one-line error
+    try:
+        loaded = yaml.safe_load(path.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return  # unreadable files: jsonargparse's own one-line error
+    example = "configs/eval/toy.yaml" if option == "--eval" else "configs/ta_opd.yaml"
+    if loaded is None:
+        raise RunError(f"{option} {name} is empty (no settings in it); pass a settings file such as {example}, or "
+                       f"drop {option}")
+    if option == "--eval":
         if not isinstance(loaded, dict):
-            raise RunError(f"config {name}: the top level must be a mapping of option groups (model:, data:, trainer: "
-                           f"...), got a {type(loaded).__name__}; see configs/ta_opd.yaml")
-        for group in OPTION_GROUPS:
-            parent, _, key = group.rpartition(".")
-            holder = loaded.get(parent) if parent else loaded
-            if not isinstance(holder, dict) or key not in holder:
-                continue
-            value = holder[key]
-            if not isinstance(value, dict):  # null too: it crashed, or dropped the earlier configs' options
-                raise RunError(f"config {name}: {group} is a group of options and must be a mapping (e.g. "
-                               f"{example_of(group)}), got {'null' if value is None else repr(value)}; leave the "
-                               "group out to keep its defaults; run 'opdlab fit --help' for its options")
+            kind = "a list" if isinstance(loaded, list) else f"a single value ({loaded!r})"
+            raise RunError(f"--eval {name}: the top level must be a mapping of evaluation settings (k: 8, benchmarks: "
+                           f"[...], ...), but it is {kind}; see {example}")
+        return
+    if not isinstance(loaded, dict):
+        raise RunError(f"config {name}: the top level must be a mapping of option groups (model:, data:, trainer: "
+                       f"...), got a {type(loaded).__name__}; see {example}")
+    for group in OPTION_GROUPS:
+        parent, _, key = group.rpartition(".")
+        holder = loaded.get(parent) if parent else loaded
+        if not isinstance(holder, dict) or key not in holder:
+            continue
+        value = holder[key]
+        if not isinstance(value, dict):  # null too: it crashed, or dropped the earlier configs' options
+            raise RunError(f"config {name}: {group} is a group of options and must be a mapping (e.g. "
+                           f"{example_of(group)}), got {'null' if value is None else repr(value)}; leave the "
+                           "group out to keep its defaults; run 'opdlab fit --help' for its options")
 
 
 def example_of(group: str) -> str:

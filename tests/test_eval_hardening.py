@@ -485,3 +485,10 @@ def test_one_seed_has_no_spread_in_result_json(tmp_path):
     saved = json.loads((tmp_path / "o" / "result.json").read_text(), parse_constant=lambda c: pytest.fail(c))
     stds = [value["std"] for row in saved["benchmarks"].values() for value in row.values() if isinstance(value, dict)]
     assert stds and all(s is None for s in stds), saved["metrics"]
+
+
+def test_an_empty_eval_config_is_refused_in_one_line(tmp_path, no_weights):
+    empty = tmp_path / "e.yaml"
+    empty.write_text("")
+    one_line_refusal(run_opdlab(["eval", "--config", str(empty), "--model", "toy:add3/student"]),
+                     f"--config {empty} is empty")

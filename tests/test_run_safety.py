@@ -341,3 +341,18 @@ def test_ctrl_c_where_no_command_says_what_it_kept_is_one_line_and_exit_130(monk
     monkeypatch.setattr(cli, "run", interrupted)
     result = run_opdlab(["eval", "--help"])
     assert result.code == 130 and result.err.strip() == "opdlab: error: stopped by Ctrl-C", result
+
+
+@pytest.mark.parametrize("option, text, expected", [
+    ("--config", "", "--config {f} is empty (no settings in it)"),
+    ("--config", "# only a comment\n", "--config {f} is empty (no settings in it)"),
+    ("--eval", "", "--eval {f} is empty (no settings in it)"),
+    ("--eval", "- a\n- b\n", "--eval {f}: the top level must be a mapping of evaluation settings"),
+    ("--eval", "3\n", "--eval {f}: the top level must be a mapping of evaluation settings"),
+])
+def test_an_empty_or_non_mapping_settings_file_is_refused_in_one_line(tmp_path, option, text, expected):
+    """jsonargparse said "Unexpected config:" or "Unable to load config" twice, without the reason."""
+    settings = tmp_path / "s.yaml"
+    settings.write_text(text)
+    message = str(run_opdlab(["fit", "--config", FAST, option, str(settings)]).code)
+    assert message.startswith("opdlab: error: " + expected.format(f=settings)) and message.count("\n") <= 1, message
