@@ -1068,9 +1068,11 @@ def eval_command(
     except KeyboardInterrupt:  # Ctrl-C: what is written stays, and the same command continues from it
         import shlex
 
+        args = sys.argv[2:]  # without --overwrite: continuing must not replace what this run wrote
+        args = [a for i, a in enumerate(args) if not (a.startswith("--overwrite") or
+                                                      (i and args[i - 1] == "--overwrite" and not a.startswith("-")))]
         error_exit(f"stopped by Ctrl-C; the responses generated so far are kept in {out / RESPONSES}",
-                   prog="opdlab eval", code=130,
-                   hint=f"continue the evaluation with the same command: opdlab eval {shlex.join(sys.argv[2:])}")
+                   prog="opdlab eval", code=130, hint=f"continue the evaluation with: opdlab eval {shlex.join(args)}")
     print(markdown_table(result, source.label))
     run = Path(source.path) if source.kind != "hub" else None
     run = run.parent if run is not None and run.name == "student" else run

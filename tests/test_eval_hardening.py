@@ -436,7 +436,7 @@ def test_ctrl_c_in_an_evaluation_keeps_the_responses_and_says_how_to_continue(tm
     assert result.code == 130 and "Traceback" not in result.err, result.err[-2000:]
     first, hint = result.err.strip().splitlines()[-2:]
     assert first == f"opdlab eval: error: stopped by Ctrl-C; the responses generated so far are kept in {out}/responses.jsonl"
-    assert hint.startswith("continue the evaluation with the same command: opdlab eval"), hint
+    assert hint.startswith("continue the evaluation with: opdlab eval"), hint
     kept = (out / "responses.jsonl").read_text().splitlines()
     assert len(kept) == 2 * 2  # the first batch: 2 problems x k=2
     monkeypatch.setattr(StaticCacheEngine, "generate", real)
