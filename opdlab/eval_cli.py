@@ -1083,41 +1083,40 @@ def eval_command(
     return result
 
 
-def check_config_files(argv: list[str]) -> None:
-    """Each `--config` file exists and holds a YAML mapping of options, or is refused in one line naming it
-    (jsonargparse would print its usage and the file's content)."""
+def check_config_files(argv: list[str], option: str = "--config") -> None:
+    """Each `option` file (`opdlab eval --config`, `opdlab fit --eval`) exists and holds a YAML mapping of evaluation
+    settings, or is refused in one line naming it (jsonargparse would print its usage and the file's content, or
+    only "Unexpected config")."""
     import yaml
 
     for i, arg in enumerate(argv):
-        if arg == "--config" and i + 1 < len(argv):
+        if arg == option and i + 1 < len(argv):
             value = argv[i + 1]
-        elif arg.startswith("--config="):
+        elif arg.startswith(option + "="):
             value = arg.partition("=")[2]
         else:
             continue
+        example = f"e.g. {option} configs/eval/toy.yaml"
         path = Path(value).expanduser()
         if not path.exists():
             if value.lstrip().startswith("{"):
                 continue  # settings given inline: jsonargparse reads them
-            raise EvalError(f"--config {value} not found; pass an evaluation settings file, e.g. --config "
-                            "configs/eval/toy.yaml")
+            raise EvalError(f"{option} {value} not found; pass an evaluation settings file, {example}")
         if not path.is_file():
-            raise EvalError(f"--config {value} is a folder; pass an evaluation settings file, e.g. --config "
-                            "configs/eval/toy.yaml")
+            raise EvalError(f"{option} {value} is a folder; pass an evaluation settings file, {example}")
         try:
             data = yaml.safe_load(path.read_text())
         except (yaml.YAMLError, UnicodeDecodeError) as err:
             mark = getattr(err, "problem_mark", None)
             where = f" (line {mark.line + 1})" if mark is not None else ""
             reason = getattr(err, "problem", None) or " ".join(str(err).split())[:120]
-            raise EvalError(f"--config {value} is not valid YAML{where}: {reason}") from None
+            raise EvalError(f"{option} {value} is not valid YAML{where}: {reason}") from None
         if data is None:
-            raise EvalError(f"--config {value} is empty (no settings in it); pass an evaluation settings file, e.g. "
-                            "--config configs/eval/toy.yaml")
+            raise EvalError(f"{option} {value} is empty (no settings in it); pass an evaluation settings file, {example}")
         if not isinstance(data, dict):
             kind = "a list" if isinstance(data, list) else f"a single value ({short(data)})"
-            raise EvalError(f"--config {value}: the top level must be a mapping of options (k: 8, benchmarks: "
-                            f"[...], ...), but it is {kind}; see configs/eval/toy.yaml")
+            raise EvalError(f"{option} {value}: the top level must be a mapping of evaluation settings (k: 8, "
+                            f"benchmarks: [...], ...), but it is {kind}; see configs/eval/toy.yaml")
 
 
 def json_kind(value: object) -> str:

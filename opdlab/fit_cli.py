@@ -20,6 +20,7 @@ from opdlab.callbacks.interrupt import SaveOnInterrupt
 from opdlab.console import error_exit, silence_lightning_noise, traceback_wanted
 from opdlab.data import PromptDataModule
 from opdlab.eval_cli import EvalOptions, load_benchmark, replacing_lists, response_limits
+from opdlab.eval_cli import check_config_files as check_eval_settings_files  # noqa: I001 (one name, renamed)
 from opdlab.module import OPDModule
 from opdlab.runs import RunError, lock_run, remove_runs_without_results, resolve_run, writable_folder
 
@@ -599,14 +600,14 @@ def check_config_files(argv: list[str]) -> None:
     (`model: {rollout: 5}`, `trainer: 3`, `model: null`) is refused in one line; jsonargparse would crash on the first and
     silently drop the whole group (every trainer option of the earlier configs) on the second. An empty file, and an
     `--eval` file that is not a mapping, are refused too (jsonargparse said only "Unexpected config")."""
-    for option in ("--config", "--eval"):  # --eval FILE: the evaluation settings (configs/eval/toy.yaml)
-        files = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == option]
-        files += [a.partition("=")[2] for a in argv if a.startswith(option + "=")]
-        for name in files:
-            check_config_file(name, option)
+    files = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--config"]
+    files += [a.partition("=")[2] for a in argv if a.startswith("--config=")]
+    for name in files:
+        check_config_file(name)
+    check_eval_settings_files(argv, "--eval")  # --eval FILE: the evaluation settings, read as opdlab eval reads them
 
 
-def check_config_file(name: str, option: str) -> None:
+def check_config_file(name: str) -> None:
     import yaml
 
     path = Path(name)
@@ -616,19 +617,12 @@ def check_config_file(name: str, option: str) -> None:
         loaded = yaml.safe_load(path.read_text())
     except (OSError, UnicodeDecodeError, yaml.YAMLError):
         return  # unreadable files: jsonargparse's own one-line error
-    example = "configs/eval/toy.yaml" if option == "--eval" else "configs/ta_opd.yaml"
     if loaded is None:
-        raise RunError(f"{option} {name} is empty (no settings in it); pass a settings file such as {example}, or "
-                       f"drop {option}")
-    if option == "--eval":
-        if not isinstance(loaded, dict):
-            kind = "a list" if isinstance(loaded, list) else f"a single value ({loaded!r})"
-            raise RunError(f"--eval {name}: the top level must be a mapping of evaluation settings (k: 8, benchmarks: "
-                           f"[...], ...), but it is {kind}; see {example}")
-        return
+        raise RunError(f"--config {name} is empty (no settings in it); pass a settings file such as "
+                       "configs/ta_opd.yaml, or drop --config")
     if not isinstance(loaded, dict):
         raise RunError(f"config {name}: the top level must be a mapping of option groups (model:, data:, trainer: "
-                       f"...), got a {type(loaded).__name__}; see {example}")
+                       f"...), got a {type(loaded).__name__}; see configs/ta_opd.yaml")
     for group in OPTION_GROUPS:
         parent, _, key = group.rpartition(".")
         holder = loaded.get(parent) if parent else loaded

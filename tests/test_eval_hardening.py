@@ -362,8 +362,8 @@ def test_chat_template_is_checked_before_any_weights(tmp_path, no_weights):
 
 @pytest.mark.parametrize("content, says", [
     ("- k: 2\n- temperature: 1\n",
-     "the top level must be a mapping of options (k: 8, benchmarks: [...], ...), but it is a list"),
-    ("7\n", "the top level must be a mapping of options (k: 8, benchmarks: [...], ...), but it is a single value (7)"),
+     "the top level must be a mapping of evaluation settings (k: 8, benchmarks: [...], ...), but it is a list"),
+    ("7\n", "the top level must be a mapping of evaluation settings (k: 8, benchmarks: [...], ...), but it is a single value (7)"),
     ("k: [1\n", "is not valid YAML (line"),
 ])
 def test_an_eval_config_that_is_not_a_mapping_is_one_line(tmp_path, content, says, no_weights):
