@@ -140,7 +140,11 @@ def test_benchmarks_on_the_command_line_replace_the_config_files_list(tmp_path):
     config.write_text("benchmarks:\n  - {name: add2, path: 'toy:add2', limit: 32}\nk: 2\n")
     shown = run_opdlab(["eval", "--config", str(config), "--benchmarks", "[{name: other, path: 'toy:add2'}]",
                         "--print_config"])
-    assert "name: other" in shown.out and "limit: null" in shown.out and "limit: 32" not in shown.out, shown.out
+    import yaml
+
+    # the newest jsonargparse prints an entry's unset fields (limit: null); the floor (4.48) leaves them out
+    assert [{k: v for k, v in b.items() if k in ("name", "limit")} for b in yaml.safe_load(shown.out)["benchmarks"]] \
+        in ([{"name": "other", "limit": None}], [{"name": "other"}]), shown.out
 
 
 def test_a_float16_student_is_refused_before_training(tmp_path, tiny_checkpoints):
