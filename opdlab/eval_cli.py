@@ -1061,16 +1061,17 @@ def eval_command(
         plan = plan_output(out, eval_settings(source.label, fingerprint, engine, options, loaded, max_new, dtype),
                            overwrite, problems)
     net.to(device_)
-    command = "opdlab eval " + " ".join(sys.argv[2:])
+    given = sys.argv[2:]  # this command's options, for eval.json and for the line that continues it
+    command = "opdlab eval " + " ".join(given)
     try:
         result = evaluate(net, tokenizer, engine, options, out, source.label, overwrite, command=command,
                           loaded=loaded, plan=plan)
     except KeyboardInterrupt:  # Ctrl-C: what is written stays, and the same command continues from it
         import shlex
 
-        args = sys.argv[2:]  # without --overwrite: continuing must not replace what this run wrote
-        args = [a for i, a in enumerate(args) if not (a.startswith("--overwrite") or
-                                                      (i and args[i - 1] == "--overwrite" and not a.startswith("-")))]
+        # without --overwrite: continuing must not replace what this run wrote
+        args = [a for i, a in enumerate(given) if not (a.startswith("--overwrite") or
+                                                       (i and given[i - 1] == "--overwrite" and not a.startswith("-")))]
         error_exit(f"stopped by Ctrl-C; the responses generated so far are kept in {out / RESPONSES}",
                    prog="opdlab eval", code=130, hint=f"continue the evaluation with: opdlab eval {shlex.join(args)}")
     print(markdown_table(result, source.label))

@@ -20,7 +20,7 @@ from opdlab.callbacks.interrupt import SaveOnInterrupt
 from opdlab.console import error_exit, silence_lightning_noise, traceback_wanted
 from opdlab.data import PromptDataModule
 from opdlab.eval_cli import EvalOptions, load_benchmark, replacing_lists, response_limits
-from opdlab.eval_cli import check_config_files as check_eval_settings_files  # noqa: I001 (one name, renamed)
+from opdlab.eval_cli import check_config_files as check_eval_settings_files
 from opdlab.module import OPDModule
 from opdlab.runs import RunError, lock_run, remove_runs_without_results, resolve_run, writable_folder
 
