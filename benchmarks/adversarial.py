@@ -42,6 +42,7 @@ class Case:
     env: dict[str, str] = field(default_factory=dict)
     issue: int = 0  # the issue that added the case (0: before issue 28); `--issue N` runs those only
     program: list[str] | None = None  # the command before `args` (default: the opdlab command)
+    says: str = ""  # where set, the line the user reads must contain it (the option named whole, say)
 
 
 def jsonl(lines: list[str]) -> str:
@@ -92,7 +93,8 @@ def dsdata(path: str, *args: str) -> list[str]:
 
 
 def cases() -> list[Case]:
-    return [*cases_before_28(), *(replace(case, issue=28) for case in [*cases_28(), *cases_28_retest()]),
+    return [*cases_before_28(),
+            *(replace(case, issue=28) for case in [*cases_28(), *cases_28_retest(), *cases_28_parser()]),
             *(replace(case, issue=30) for case in cases_30()), *(replace(case, issue=31) for case in cases_31())]
 
 
@@ -205,6 +207,49 @@ def cases_28_retest() -> list[Case]:
                   files={"runs/fast/r/checkpoints/a.ckpt": b"x", "o.ckpt": b"x"}))
     c.append(Case("retest: fit --resume, no last.ckpt but another checkpoint", fit("--run_name", "r", "--resume"),
                   "refuse", files={"runs/fast/r/checkpoints/epoch=0-step=1.ckpt": b"x"}))
+    return c
+
+
+def cases_28_parser() -> list[Case]:
+    """Issue 28, third pass: values jsonargparse refuses, in every command built on it. Refused they were, but the
+    line named `Parser key "lr"` (not the option), came from the nested parser as `opdlab` with the wrong --help,
+    or followed the usage of every option; `says` is what the one line must now name."""
+    eval_toy = ["eval", "--config", EVAL_TOY, "--model", "toy:add3/student"]
+    selector = "model:\n  selector:\n    class_path: opdlab.selectors.TeachabilitySelector\n    init_args: {rati: 0.1}\n"
+    optimizer = "model:\n  optimizer:\n    class_path: torch.optim.AdamW\n    init_args: {lr: nan}\n"
+    c = [Case(f"parser: fit {' '.join(args)}", fit(*args), "refuse", says=says) for args, says in [
+        (["--model.optimizer.init_args.lr", "nan"], "--model.optimizer.init_args.lr: expected float or Tensor"),
+        (["--model.optimizer.init_args.lr", "[1]"], "--model.optimizer.init_args.lr: expected float or Tensor"),
+        (["--model.optimizer.init_args.lrr", "0.1"], "AdamW takes no option 'lrr' (did you mean 'lr'?)"),
+        (["--model.optimizer.class_path", "torch.optim.Adamm"], "class_path 'torch.optim.Adamm' does not import"),
+        (["--model.selector.init_args.ratio", "abc"], "--model.selector.init_args.ratio: expected float, got 'abc'"),
+        (["--model.selector.init_args.top_k", "2.5"], "--model.selector.init_args.top_k: expected int"),
+        (["--model.selector.init_args.rati", "0.1"], "TeachabilitySelector takes no option 'rati'"),
+        (["--model.divergence.init_args.beta", "0.5"], "ReverseKL takes no option 'beta'"),
+        (["--model.selector.class_path", "nosuchmodule.Selector"], "No module named 'nosuchmodule'"),
+        (["--model.rollout", "null"], "--model.rollout: 'null' is not a value this group of options takes"),
+        (["--model.rollout", "5"], "--model.rollout: '5' is not a value this group of options takes"),
+        (["--model.training.gradient_clip_val", "nan"], "--model.training.gradient_clip_val: expected float or null"),
+        (["--trainer.max_steps", "1.5"], "--trainer.max_steps: expected int, got '1.5'"),
+    ]]
+    c += [Case("parser: fit config file init_args {rati: 0.1}", ["fit", "--config", FAST, "--config", "k.yaml", *SHORT],
+               "refuse", files={"k.yaml": selector}, says="--model.selector.init_args.rati"),
+          Case("parser: fit config file init_args {lr: nan}", ["fit", "--config", FAST, "--config", "k.yaml", *SHORT],
+               "refuse", files={"k.yaml": optimizer}, says="--model.optimizer.init_args.lr")]
+    c += [Case(f"parser: {name}", args, "refuse", says=says) for name, args, says in [
+        ("eval --pass_at 5", [*eval_toy, "--pass_at", "5"], "(a list is written in brackets: --pass_at '[5]')"),
+        ("eval --seeds 3", [*eval_toy, "--seeds", "3"], "--seeds: expected list"),
+        ("eval --benchmarks.limit x", [*eval_toy, "--benchmarks.limit", "x"], "--benchmarks.limit: expected int or null"),
+        ("eval --temperature warm", [*eval_toy, "--temperature", "warm"], "--temperature: expected float"),
+        ("eval --kk 3", [*eval_toy, "--kk", "3"], "unrecognized arguments: --kk 3"),
+        ("compare --seeds 3", ["compare", "--seeds", "3"], "--seeds: expected list"),
+        ("compare --fit_config 5", ["compare", "--fit_config", "5"], "--fit_config: expected list"),
+        ("compare --seedz 3", ["compare", "--seedz", "3"], "opdlab compare: error: unrecognized arguments"),
+        ("diagnose --train.steps x", ["diagnose", "--config", DIAGNOSE, "--train.steps", "x"],
+         "--train.steps: expected int, got 'x'"),
+        ("diagnose --top_k 4", ["diagnose", "--config", DIAGNOSE, "--top_k", "4"], "opdlab diagnose: error: unrecognized"),
+        ("toy --seed x", ["toy", "--seed", "x"], "opdlab toy: error: --seed: expected int, got 'x'"),
+    ]]
     return c
 
 
@@ -533,6 +578,7 @@ def run_case(case: Case, root: Path, timeout: int, env: dict) -> dict:
     outcome, line = classify(rc, out)
     expected = {"refuse": "refused (one line)", "warn": "warned", "run": ("ran silently", "warned")}[case.expect]
     ok = outcome in expected if isinstance(expected, tuple) else outcome == expected
+    ok = ok and case.says in line
     return {"case": case.name, "expect": case.expect, "outcome": outcome, "ok": ok, "line": line[:160],
             "seconds": time.perf_counter() - started}
 

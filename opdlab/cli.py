@@ -14,7 +14,7 @@ import os
 import sys
 from pathlib import Path
 
-from opdlab.console import TRACEBACK_ENV, OpdlabError, error_exit, traceback_wanted  # noqa: F401 (TRACEBACK_ENV: old import path)
+from opdlab.console import TRACEBACK_ENV, OpdlabError, error_exit, one_line_parser_class, traceback_wanted  # noqa: F401 (TRACEBACK_ENV: old import path)
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 
@@ -66,7 +66,7 @@ def run_toy(argv: list[str]) -> None:
         else:
             print(f"use 'toy:{name}/teacher' and 'toy:{name}/student' as model paths")
 
-    CLI(toy, args=argv, prog="opdlab toy")
+    CLI(toy, args=argv, prog="opdlab toy", parser_class=one_line_parser_class())
 
 
 def run_plugins(argv: list[str]) -> None:

@@ -703,4 +703,7 @@ def run_compare(argv: list[str]) -> None:
     """`opdlab compare ...`: jsonargparse turns `compare`'s signature and docstring into --help."""
     from jsonargparse import CLI
 
-    CLI(compare, args=argv, prog="opdlab compare")  # a CompareError is one line from opdlab.cli.main
+    from opdlab.console import one_line_parser_class
+
+    # a CompareError is one line from opdlab.cli.main; a value jsonargparse refuses, from the parser class
+    CLI(compare, args=argv, prog="opdlab compare", parser_class=one_line_parser_class())

@@ -250,10 +250,11 @@ def run_diagnose(argv: list[str]) -> None:
     from jsonargparse import CLI
 
     from opdlab import plugins
+    from opdlab.console import one_line_parser_class
 
     argv = plugins.expand_short_names(argv, {"--train.selector": "opdlab.selectors",
                                              "--train.divergence": "opdlab.divergences"})
-    summary = CLI(diagnose, args=argv, prog="opdlab diagnose")
+    summary = CLI(diagnose, args=argv, prog="opdlab diagnose", parser_class=one_line_parser_class())
     if isinstance(summary, dict):  # record the command line (not known inside `diagnose`)
         path = Path(summary["out_dir"]) / "summary.json"
         path.write_text(json.dumps({"command": "opdlab diagnose " + " ".join(argv), **summary}, indent=2))

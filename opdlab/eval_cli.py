@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from opdlab.console import OpdlabError, error_exit
+from opdlab.console import OpdlabError, error_exit, one_line_parser_class, signal_name, stop_signals
 from opdlab.engines.base import RolloutEngine
 from opdlab.metrics import benchmark_metrics, mean_std
 from opdlab.progress import Progress
@@ -1064,16 +1064,20 @@ def eval_command(
     given = sys.argv[2:]  # this command's options, for eval.json and for the line that continues it
     command = "opdlab eval " + " ".join(given)
     try:
-        result = evaluate(net, tokenizer, engine, options, out, source.label, overwrite, command=command,
-                          loaded=loaded, plan=plan)
-    except KeyboardInterrupt:  # Ctrl-C: what is written stays, and the same command continues from it
+        with stop_signals() as received:
+            result = evaluate(net, tokenizer, engine, options, out, source.label, overwrite, command=command,
+                              loaded=loaded, plan=plan)
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: what is written stays, and the same command continues from it
         import shlex
+        import signal
 
+        signum = received[0] if received else signal.SIGINT
         # without --overwrite: continuing must not replace what this run wrote
         args = [a for i, a in enumerate(given) if not (a.startswith("--overwrite") or
                                                        (i and given[i - 1] == "--overwrite" and not a.startswith("-")))]
-        error_exit(f"stopped by Ctrl-C; the responses generated so far are kept in {out / RESPONSES}",
-                   prog="opdlab eval", code=130, hint=f"continue the evaluation with: opdlab eval {shlex.join(args)}")
+        error_exit(f"stopped by {signal_name(signum)}; the responses generated so far are kept in {out / RESPONSES}",
+                   prog="opdlab eval", code=128 + signum,
+                   hint=f"continue the evaluation with: opdlab eval {shlex.join(args)}")
     print(markdown_table(result, source.label))
     run = Path(source.path) if source.kind != "hub" else None
     run = run.parent if run is not None and run.name == "student" else run
@@ -1139,33 +1143,6 @@ def replacing_lists(argv: list[str], key: str) -> list[str]:
     return out
 
 
-def parser_error_line(message: str) -> str:
-    """jsonargparse's error on one line: its first line, with the reason when that line only names the key."""
-    lines = [line.strip() for line in str(message).splitlines() if line.strip()]
-    if not lines:
-        return str(message)
-    reasons = [line.lstrip("- ") for line in lines[1:]]
-    reasons = [r for r in reasons if not r.startswith(("Does not validate", "Subtypes:", "Errors:", "Given value"))]
-    return " ".join([lines[0], *reasons[:2]]) if lines[0].endswith(":") else lines[0]
-
-
-def eval_parser_class():
-    from jsonargparse import ArgumentParser
-
-    from opdlab.console import error_exit, traceback_wanted
-
-    class EvalArgumentParser(ArgumentParser):
-        """An option or config value jsonargparse refuses: one line, not the usage of every option first."""
-
-        def error(self, message: str, ex: Exception | None = None):
-            if traceback_wanted():
-                return super().error(message, ex)
-            error_exit(parser_error_line(message), "opdlab eval", code=2,
-                       hint="run 'opdlab eval --help' for every option")
-
-    return EvalArgumentParser
-
-
 def run_eval(argv: list[str]) -> None:
     """`opdlab eval ...`: jsonargparse turns `eval_command`'s signature and docstring into --help."""
     from jsonargparse import CLI
@@ -1175,4 +1152,4 @@ def run_eval(argv: list[str]) -> None:
     argv = plugins.expand_short_names(argv, {"--engine": "opdlab.rollout_engines"})
     check_config_files(argv)
     argv = replacing_lists(argv, "--benchmarks")
-    CLI(eval_command, args=argv, prog="opdlab eval", parser_class=eval_parser_class())  # an EvalError: one line
+    CLI(eval_command, args=argv, prog="opdlab eval", parser_class=one_line_parser_class())  # an EvalError: one line

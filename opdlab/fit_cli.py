@@ -17,7 +17,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from opdlab import plugins
 from opdlab.callbacks import FitSummary, RolloutSamples, SelectionMetrics, TeachabilityHistograms
 from opdlab.callbacks.interrupt import SaveOnInterrupt
-from opdlab.console import error_exit, silence_lightning_noise, traceback_wanted
+from opdlab.console import refuse_in_one_line, silence_lightning_noise, stop_signals
 from opdlab.data import PromptDataModule
 from opdlab.eval_cli import EvalOptions, load_benchmark, replacing_lists, response_limits
 from opdlab.eval_cli import check_config_files as check_eval_settings_files
@@ -61,63 +61,7 @@ class OPDLabArgumentParser(LightningArgumentParser):
 
     def error(self, message: str, ex: Exception | None = None):
         """One line with the closest known keys, instead of the whole usage (hundreds of options) first."""
-        if traceback_wanted():
-            return super().error(message + closest_keys_hint(message, self), ex)
-        prog = self.prog.replace(" [options]", "")
-        hints = closest_keys_hint(message, self).strip()
-        error_exit(error_summary(message), prog, code=2,
-                   hint="\n".join(filter(None, [hints, f"run '{prog} --help' for every option"])))
-
-
-JSONARGPARSE_SCAFFOLDING = ("Does not validate against", "Subtypes:", "Errors:", "Given value", "- Expected a <class 'NoneType'>")
-
-
-def error_summary(message: str) -> str:
-    """jsonargparse's first line, plus the reason when that line only names the key (`Parser key
-    "model.selector":` then, lines later, "module 'opdlab.selectors' has no attribute ...")."""
-    lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
-    if not lines:
-        return message
-    if not lines[0].endswith(":"):
-        return lines[0]
-    reasons = [line.lstrip("- ") for line in lines[1:] if not line.startswith(JSONARGPARSE_SCAFFOLDING)]
-    given = next((line.removeprefix("Given value:").strip() for line in lines if line.startswith("Given value:")), None)
-    shown = " ".join([lines[0], *reasons[:2]])
-    if given is not None and "Got value" not in shown and len(given) < 80:  # say which value (e.g. nan for a float)
-        shown += f" (got {given!r})"
-    return shown
-
-
-def closest_keys_hint(message: str, parser) -> str:
-    """' Did you mean ...?' for the unknown keys named in a jsonargparse error message, else ''."""
-    import difflib
-    import re
-
-    unknown = re.findall(r"--([\w.]+)", message.partition("unrecognized arguments:")[2])
-    for group, option in re.findall(r"Group '([\w.]+)' does not accept option '([\w]+)", message):
-        unknown.append(f"{group}.{option}")
-    unknown += re.findall(r"Key '([\w.]+)' is not expected", message)
-    known = sorted(set(option_keys(parser)))
-    hints = []
-    for key in unknown:
-        close = difflib.get_close_matches(key, known, n=3, cutoff=0.6)
-        same_group = [c for c in close if c.split(".")[0] == key.split(".")[0]]
-        close = same_group or close  # `model.max_new_token`: model.rollout.max_new_tokens, not eval.max_new_tokens
-        if close:
-            hints.append(f"'{key}': did you mean {' or '.join(repr(c) for c in close)}?")
-    return ("\n" + "\n".join(hints)) if hints else ""
-
-
-def option_keys(parser) -> list[str]:
-    """Every option key of a parser and of its subcommands' parsers (fit, validate, ...)."""
-    keys = []
-    for action in parser._actions:
-        for sub in (getattr(action, "choices", None) or {}).values() if hasattr(action, "_name_parser_map") else ():
-            keys += option_keys(sub)
-        if action.dest and action.dest not in ("help", "config") and not action.dest.endswith(".help") \
-                and not hasattr(action, "_name_parser_map"):
-            keys.append(action.dest)
-    return keys
+        return refuse_in_one_line(self, message, ex, super().error)
 
 
 class OPDLabCLI(LightningCLI):
@@ -443,32 +387,18 @@ def interruptible(trainer, on_stop):
     """SIGINT/SIGTERM stop the block (Lightning's own handlers are gone once training ended, and the validation it
     runs turns a KeyboardInterrupt into exit 1): `on_stop(signal number)` says what was kept, then the process exits
     with 128 + the signal. Single-process runs only (several ranks would have to agree); elsewhere a no-op."""
-    import signal
-    import threading
-
-    if trainer.world_size > 1 or threading.current_thread() is not threading.main_thread():
+    if trainer.world_size > 1:
         yield
         return
-    received: list[int] = []
-
-    def handle(signum, frame):
-        if not received:  # the first signal is the one reported; a second one just stops sooner
-            received.append(signum)
-        raise KeyboardInterrupt
-
-    previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    except (KeyboardInterrupt, SystemExit):
-        if not received:
-            raise
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+    with stop_signals() as received:
+        try:
+            yield
+        except (KeyboardInterrupt, SystemExit):
+            if not received:
+                raise
+    if received:  # the handlers are restored: a second Ctrl-C while on_stop reports is Python's own again
         on_stop(received[0])
         sys.exit(128 + received[0])
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
 
 
 def keep_loggers_open(trainer) -> None:

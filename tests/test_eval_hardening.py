@@ -393,7 +393,7 @@ def test_benchmark_entries_that_cannot_be_meant_are_one_line(tmp_path, bench, sa
 
 
 def test_option_errors_are_one_line_not_the_usage(tmp_path, no_weights):
-    first = one_line_refusal(run_eval("toy:add3/student", tmp_path / "o", "--k", "many"), 'Parser key "k"')
+    first = one_line_refusal(run_eval("toy:add3/student", tmp_path / "o", "--k", "many"), "--k: expected int, got 'many'")
     assert "usage:" not in message(run_eval("toy:add3/student", tmp_path / "o", "--k", "many"))
     assert first.startswith("opdlab eval: error: ")
 
@@ -419,23 +419,34 @@ def test_a_run_folder_s_greedy_accuracy_is_shown_beside_avg_at_k(tmp_path):
                      r"\d+\.\d% \(these benchmarks\)", result.out), result.out
 
 
-def test_ctrl_c_in_an_evaluation_keeps_the_responses_and_says_how_to_continue(tmp_path, monkeypatch):
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_ctrl_c_in_an_evaluation_keeps_the_responses_and_says_how_to_continue(tmp_path, monkeypatch, sig):
+    """Ctrl-C, or a scheduler's SIGTERM (which would otherwise end the process with no word), during the second
+    batch: one line, exit 128 + signal, the first batch's responses kept, and the same command continues."""
+    import os
+    import signal
+
     from opdlab.engines.static import StaticCacheEngine
 
     real, calls = StaticCacheEngine.generate, []
 
-    def generate(self, prompts, params):  # Ctrl-C during the second batch
+    def generate(self, prompts, params):  # the signal arrives during the second batch
         calls.append(1)
         if len(calls) > 1:
-            raise KeyboardInterrupt
+            os.kill(os.getpid(), getattr(signal, sig))
+            time.sleep(5)  # the handler interrupts this
+            raise AssertionError("the signal did not stop the evaluation")
         return real(self, prompts, params)
 
     monkeypatch.setattr(StaticCacheEngine, "generate", generate)
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     out = tmp_path / "ev"
     result = run_eval("toy:add3/student", out)
-    assert result.code == 130 and "Traceback" not in result.err, result.err[-2000:]
+    assert {s: signal.getsignal(s) for s in before} == before  # the handlers are restored
+    assert result.code == 128 + getattr(signal, sig) and "Traceback" not in result.err, result.err[-2000:]
     first, hint = result.err.strip().splitlines()[-2:]
-    assert first == f"opdlab eval: error: stopped by Ctrl-C; the responses generated so far are kept in {out}/responses.jsonl"
+    name = "Ctrl-C" if sig == "SIGINT" else sig
+    assert first == f"opdlab eval: error: stopped by {name}; the responses generated so far are kept in {out}/responses.jsonl"
     assert hint.startswith("continue the evaluation with: opdlab eval"), hint
     kept = (out / "responses.jsonl").read_text().splitlines()
     assert len(kept) == 2 * 2  # the first batch: 2 problems x k=2
