@@ -4,6 +4,7 @@ here imports the commands), so there is one place for each."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import sys
@@ -55,9 +56,11 @@ def refuse_in_one_line(parser, message: str, ex: Exception | None, default) -> N
                hint="\n".join(filter(None, [hints.strip(), f"run '{prog} --help' for every option"])))
 
 
+@functools.cache
 def one_line_parser_class():
     """jsonargparse's ArgumentParser refusing in one line (`refuse_in_one_line`): the parser_class of the commands
-    built with jsonargparse.CLI (eval, compare, diagnose, toy). `opdlab fit`'s parser does the same."""
+    built with jsonargparse.CLI (eval, compare, diagnose, toy). `opdlab fit`'s parser does the same. One class
+    (cached): jsonargparse caches the parsers of nested classes per parser class."""
     from jsonargparse import ArgumentParser
 
     class OneLineArgumentParser(ArgumentParser):
@@ -111,7 +114,10 @@ def parser_error_line(message: object) -> str:
       'rati' (did you mean 'ratio'?)`;
     - a class_path that does not import, or a group given one value (`--model.rollout null`).
 
-    Anything else is jsonargparse's first line, plus the reason when that line only names the key."""
+    Only where the message is unambiguous: one class involved and at most one key inside it. Where jsonargparse
+    tried several classes or nested ones (a list of callbacks, a strategy's cluster environment), which branch
+    failed for which reason cannot be told apart here, and a wrong line is worse than an unclear one: the line is
+    then jsonargparse's first line, plus the reason when that line only names the key."""
     import re
 
     text = str(message)
@@ -119,32 +125,36 @@ def parser_error_line(message: object) -> str:
     if not lines:
         return text
     keys = list(dict.fromkeys(re.findall(r'Parser key "([\w.]+)"', text)))
-    owner = re.search(r"Problem with given class_path '([\w.]+)':", text)
-    if owner is None and "expects a function or a callable class" in text:  # the optimizer's and scheduler's type
-        owner = re.search(r"class_path='([\w.]+)'", text)
-    if keys:
-        group = "--" + keys[0]
-        unknown = re.search(r"Option '(\w+)' is not accepted", text)
+    owners = set(re.findall(r"Problem with given class_path '([\w.]+)':", text))
+    if "expects a function or a callable class" in text:  # the optimizer's and scheduler's type
+        owners |= set(re.findall(r"class_path='([\w.]+)'", text))
+    unknown = set(re.findall(r"Option '(\w+)' is not accepted", text))
+    leaf = re.findall(r"Expected a (<class '[\w.]+'>|typing\.Literal\[.*?\])\. Got value: (.*)", text)
+    if keys and len(owners) <= 1 and len(keys) <= 1 + len(owners) and len(unknown) + bool(leaf) <= 1:
+        owner = next(iter(owners), None)
+        # a subclass's options sit under init_args (--model.selector.init_args.ratio), a dataclass's do not
+        joiner = ".init_args." if owner and not is_dataclass_path(owner) else "."
+        group, option = "--" + keys[0], "--" + joiner.join(keys)
         if owner and unknown:
-            return (f"{group}.init_args.{unknown[1]}: {owner[1].rsplit('.', 1)[-1]} takes no option {unknown[1]!r}"
-                    + closest_words(unknown[1], init_arg_names(owner[1])))
+            word = next(iter(unknown))
+            return (f"{group}{joiner}{word}: {owner.rsplit('.', 1)[-1]} takes no option {word!r}"
+                    + closest_words(word, [n for n in init_arg_names(owner) if n != word]))
         missing = re.search(r"(module '[\w.]+' has no attribute '\w+'|No module named '[\w.]+')", text)
         if owner and missing:
-            return f"{group}: class_path {owner[1]!r} does not import ({missing[1]}); check its spelling"
+            return f"{group}: class_path {owner!r} does not import ({missing[1]}); check its spelling"
         unloadable = re.search(r"Unable to load config (['\"])(.*?)\1", text)
         if unloadable and len(keys) == 1:
             return (f"{group}: {unloadable[2]!r} is not a value this group of options takes; set its options one by one "
                     f"({group}.<option> VALUE) or leave it out for the defaults")
-        # a subclass's options sit under init_args (--model.selector.init_args.ratio), a dataclass's do not
-        option = "--" + (".init_args." if owner and not is_dataclass_path(owner[1]) else ".").join(keys)
-        leaf = re.search(r"Expected a <class '([\w.]+)'>\. Got value: (.*)", text)  # one type: int, float, str
-        if leaf:
-            return wrong_type(option, [type_name(leaf[1])], leaf[2].strip())
+        if leaf:  # one type: int, float, str, a Literal
+            kind, value = leaf[-1][0], leaf[-1][1].split(". Got value:")[0].strip()
+            literal = re.match(r"typing\.Literal\[(.*)\]$", kind)
+            return wrong_type(option, [f"one of {literal[1]}" if literal else type_name(kind[8:-2])], value)
         inner = text[text.rfind("Subtypes:"):]  # the innermost union: several types (float or None), none took it
         union, given = re.match(r"Subtypes: \[(.*)\]", inner), re.search(r"Given value: (.*)", inner)
         value = given[1].split(". Got value:")[0].strip() if union and given else ""
-        if value and not value.startswith("NestedArg"):
-            types = [type_name(a or b) for a, b in re.findall(r"<class '([\w.]+)'>|([\w.]+\[[^\]]*\])", union[1])]
+        if value and not value.startswith("NestedArg") and not unknown:
+            types = [type_name(a or b) for a, b in re.findall(r"<class '([\w.]+)'>|([\w.]+\[[\w.]+\])", union[1])]
             return wrong_type(option, types, value)
     if not lines[0].endswith(":"):
         return lines[0]
@@ -157,11 +167,34 @@ def parser_error_line(message: object) -> str:
 
 
 def wrong_type(option: str, types: list[str], value: str) -> str:
-    """`--k: expected int, got 'many'`; where a list of plain values was meant, how to write one."""
-    types = sorted(types, key=lambda t: t == "null")  # null last (jsonargparse's order differs between versions)
-    listed = any(t in ("list", "list[int]", "list[float]", "list[str]") for t in types) and not value.startswith("[")
+    """`--k: expected int, got 'many'`; where a list of numbers was meant and one number given, how to write one."""
+    import re
+
+    types = sorted(types, key=lambda t: (t == "null", t.lower()))  # one order: jsonargparse 4.48 and 4.53 differ
+    numbers = any(t in ("list", "list[int]", "list[float]") for t in types)
+    listed = numbers and re.fullmatch(r"[-+]?\d+(\.\d*)?([eE][-+]?\d+)?", value) is not None
     return (f"{option}: expected {' or '.join(types)}, got {value!r}"
             + (f" (a list is written in brackets: {option} '[{value}]')" if listed else ""))
+
+
+def type_name(qualified: str) -> str:
+    """'float' for float, 'null' for NoneType, 'Tensor' for torch.Tensor, 'list[Benchmark]' for
+    list[opdlab.eval_cli.Benchmark]: the names a config file's writer knows."""
+    import re
+
+    return "null" if qualified == "NoneType" else re.sub(r"(?:[a-z_]\w*\.)+([A-Za-z_]\w*)", r"\1", qualified)
+
+
+def is_dataclass_path(class_path: str) -> bool:
+    """Whether a class_path names a dataclass (whose options are not under init_args)."""
+    import dataclasses
+    import importlib
+
+    module, _, name = class_path.rpartition(".")
+    try:
+        return dataclasses.is_dataclass(getattr(importlib.import_module(module), name))
+    except Exception:  # noqa: BLE001 -- a spelling choice only
+        return False
 
 
 def init_arg_names(class_path: str) -> list[str]:
@@ -182,26 +215,6 @@ def closest_words(word: str, known: list[str]) -> str:
 
     close = difflib.get_close_matches(word, known, n=3, cutoff=0.6)
     return f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
-
-
-def type_name(qualified: str) -> str:
-    """'float' for float, 'null' for NoneType, 'Tensor' for torch.Tensor, 'list[Benchmark]' for
-    list[opdlab.eval_cli.Benchmark]: the names a config file's writer knows."""
-    import re
-
-    return "null" if qualified == "NoneType" else re.sub(r"(?:\w+\.)+(\w+)", r"\1", qualified)
-
-
-def is_dataclass_path(class_path: str) -> bool:
-    """Whether a class_path names a dataclass (whose options are not under init_args)."""
-    import dataclasses
-    import importlib
-
-    module, _, name = class_path.rpartition(".")
-    try:
-        return dataclasses.is_dataclass(getattr(importlib.import_module(module), name))
-    except Exception:  # noqa: BLE001 -- a spelling choice only
-        return False
 
 
 @contextmanager

@@ -1063,6 +1063,7 @@ def eval_command(
     net.to(device_)
     given = sys.argv[2:]  # this command's options, for eval.json and for the line that continues it
     command = "opdlab eval " + " ".join(given)
+    received: list[int] = []  # (a Ctrl-C before the handlers are set is Python's own: reported as Ctrl-C)
     try:
         with stop_signals() as received:
             result = evaluate(net, tokenizer, engine, options, out, source.label, overwrite, command=command,

@@ -390,13 +390,15 @@ def interruptible(trainer, on_stop):
     if trainer.world_size > 1:
         yield
         return
+    stopped = False
     with stop_signals() as received:
         try:
             yield
         except (KeyboardInterrupt, SystemExit):
             if not received:
                 raise
-    if received:  # the handlers are restored: a second Ctrl-C while on_stop reports is Python's own again
+            stopped = True  # (a block that caught the interrupt itself and finished is not stopped here)
+    if stopped:  # the handlers are restored: a second Ctrl-C while on_stop reports is Python's own again
         on_stop(received[0])
         sys.exit(128 + received[0])
 

@@ -275,27 +275,50 @@ PARSER_REFUSALS = [
     (["fit", "--config", FAST, "--model.selector.init_args.ratio", "abc"],
      "opdlab fit: error: --model.selector.init_args.ratio: expected float, got 'abc'"),
     (["fit", "--config", FAST, "--model.selector.init_args.rati", "0.1"],
-     "opdlab fit: error: --model.selector.init_args.rati: TeachabilitySelector takes no option 'rati' "
-     "(did you mean 'ratio'?)"),
+     ("opdlab fit: error: --model.selector.init_args.rati: TeachabilitySelector takes no option 'rati' "
+      "(did you mean 'ratio'?)")),
     (["fit", "--config", FAST, "--model.optimizer.init_args.lrr", "0.1"],
      "opdlab fit: error: --model.optimizer.init_args.lrr: AdamW takes no option 'lrr' (did you mean 'lr'?)"),
     (["fit", "--config", FAST, "--model.divergence.class_path", "nosuchmodule.KL"],
-     "opdlab fit: error: --model.divergence: class_path 'nosuchmodule.KL' does not import (No module named "
-     "'nosuchmodule'); check its spelling"),
+     ("opdlab fit: error: --model.divergence: class_path 'nosuchmodule.KL' does not import (No module named "
+      "'nosuchmodule'); check its spelling")),
     (["fit", "--config", FAST, "--model.rollout", "null"],
-     "opdlab fit: error: --model.rollout: 'null' is not a value this group of options takes; set its options one by "
-     "one (--model.rollout.<option> VALUE) or leave it out for the defaults"),
+     ("opdlab fit: error: --model.rollout: 'null' is not a value this group of options takes; set its options one "
+      "by one (--model.rollout.<option> VALUE) or leave it out for the defaults")),
     (["fit", "--config", FAST, "--trainer.max_steps", "1.5"], "opdlab fit: error: --trainer.max_steps: expected int, got '1.5'"),
     (["eval", "--model", "toy:add3/student", "--pass_at", "5"],
-     "opdlab eval: error: --pass_at: expected list[int] or null, got '5' (a list is written in brackets: "
-     "--pass_at '[5]')"),
+     ("opdlab eval: error: --pass_at: expected list[int] or null, got '5' (a list is written in brackets: "
+      "--pass_at '[5]')")),
     (["eval", "--config", str(REPO_ROOT / "configs" / "eval" / "toy.yaml"), "--model", "toy:add3/student",
       "--benchmarks.limit", "x"], "opdlab eval: error: --benchmarks.limit: expected int or null, got 'x'"),
     (["compare", "--seeds", "3"],
      "opdlab compare: error: --seeds: expected list, got '3' (a list is written in brackets: --seeds '[3]')"),
     (["diagnose", "--train.steps", "x"], "opdlab diagnose: error: --train.steps: expected int, got 'x'"),
     (["toy", "--seed", "x"], "opdlab toy: error: --seed: expected int, got 'x'"),
+    (["fit", "--config", FAST, "--model.optimizer.init_args.weight_decay", "abc"],  # jsonargparse repeats the value
+     "opdlab fit: error: --model.optimizer.init_args.weight_decay: expected float, got 'abc'"),
+    (["eval", "--model", "toy:add3/student", "--benchmarks", '[{"name": "a", "path": "toy:add3", "limt": 3}]'],
+     "opdlab eval: error: --benchmarks.limt: Benchmark takes no option 'limt' (did you mean 'limit' or 'split'?)"),
+    (["eval", "--model", "toy:add3/student", "--dtype", "float64"],
+     "opdlab eval: error: --dtype: expected one of 'float32', 'bfloat16', 'float16', got 'float64'"),
+    (["compare", "--ratio", "abc"], "opdlab compare: error: --ratio: expected float or list[float], got 'abc'"),
 ]
+
+
+def test_a_refusal_jsonargparse_made_in_several_branches_is_never_given_a_wrong_reason(tmp_path):
+    """A list of callbacks (each entry tried as several classes) or a class inside a class: which branch failed for
+    which reason cannot be told apart, so the line keeps jsonargparse's words rather than blame the wrong option or
+    class (`EarlyStopping takes no option 'patience'`, `DDPStrategy does not import`)."""
+    callbacks = run_opdlab(["fit", "--config", FAST, "--trainer.callbacks+", "lightning.pytorch.callbacks.EarlyStopping",
+                            "--trainer.callbacks.monitor", "x", "--trainer.callbacks.patience", "abc"])
+    first = callbacks.err.splitlines()[0]
+    assert callbacks.code == 2 and "EarlyStopping" in first and "patience" in first and "takes no option" not in first
+    nested = tmp_path / "strategy.yaml"
+    nested.write_text("trainer:\n  strategy:\n    class_path: lightning.pytorch.strategies.DDPStrategy\n    init_args:\n"
+                      "      cluster_environment:\n        class_path: nosuchmod.Env\n")
+    result = run_opdlab(["fit", "--config", FAST, "--config", str(nested)])
+    first = result.err.splitlines()[0]
+    assert result.code == 2 and first.startswith("opdlab fit: error: ") and "does not import" not in first, first
 
 
 @pytest.mark.parametrize(("argv", "line"), PARSER_REFUSALS, ids=[" ".join(a[-2:]) for a, _ in PARSER_REFUSALS])

@@ -10,6 +10,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 import warnings
 from pathlib import Path
 from types import SimpleNamespace
@@ -211,6 +212,23 @@ def test_ctrl_c_after_training_stops_says_what_was_kept_and_exits_130(lightning_
                 raise
     assert exit_info.value.code == 130 and stopped == [signal.SIGINT] and reached == []
     assert signal.getsignal(signal.SIGINT) is before  # restored
+
+
+def test_a_block_that_handles_the_interrupt_itself_and_finishes_is_not_reported_as_stopped():
+    """A SIGTERM whose KeyboardInterrupt the block catches and recovers from: the block's own choice stands (no
+    report, no exit), and the handlers are restored."""
+    from opdlab.fit_cli import interruptible
+
+    stopped, reached = [], []
+    before = signal.getsignal(signal.SIGTERM)
+    with interruptible(SimpleNamespace(world_size=1), stopped.append):
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)
+        except KeyboardInterrupt:
+            reached.append("handled")
+    assert stopped == [] and reached == ["handled"]
+    assert signal.getsignal(signal.SIGTERM) is before
 
 
 def test_fit_summary_says_which_share_of_tokens_was_trained_on(tmp_path, tiny_checkpoints):
