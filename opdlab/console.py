@@ -72,7 +72,6 @@ def one_line_parser_class():
 
 def closest_keys_hint(message: str, parser) -> str:
     """' Did you mean ...?' for the unknown keys named in a jsonargparse error message, else ''."""
-    import difflib
     import re
 
     unknown = re.findall(r"--([\w.]+)", message.partition("unrecognized arguments:")[2])
@@ -82,7 +81,7 @@ def closest_keys_hint(message: str, parser) -> str:
     known = sorted(set(option_keys(parser)))
     hints = []
     for key in unknown:
-        close = difflib.get_close_matches(key, known, n=3, cutoff=0.6)
+        close = closest(key, known)
         same_group = [c for c in close if c.split(".")[0] == key.split(".")[0]]
         close = same_group or close  # `model.max_new_token`: model.rollout.max_new_tokens, not eval.max_new_tokens
         if close:
@@ -188,32 +187,41 @@ def type_name(qualified: str) -> str:
 def is_dataclass_path(class_path: str) -> bool:
     """Whether a class_path names a dataclass (whose options are not under init_args)."""
     import dataclasses
-    import importlib
 
-    module, _, name = class_path.rpartition(".")
-    try:
-        return dataclasses.is_dataclass(getattr(importlib.import_module(module), name))
-    except Exception:  # noqa: BLE001 -- a spelling choice only
-        return False
+    return dataclasses.is_dataclass(imported(class_path))
 
 
 def init_arg_names(class_path: str) -> list[str]:
     """The parameters a class's constructor takes (its init_args), or [] where it does not import."""
-    import importlib
     import inspect
+
+    try:
+        return [p for p in inspect.signature(imported(class_path)).parameters if p != "self"]
+    except (TypeError, ValueError):  # not a class (None: it did not import), or no signature to read
+        return []
+
+
+def imported(class_path: str) -> object | None:
+    """The object a dotted path names, or None where it does not import (these only shape a message)."""
+    import importlib
 
     module, _, name = class_path.rpartition(".")
     try:
-        return [p for p in inspect.signature(getattr(importlib.import_module(module), name)).parameters if p != "self"]
-    except Exception:  # noqa: BLE001 -- a hint only: no names where the class cannot be read
-        return []
+        return getattr(importlib.import_module(module), name)
+    except Exception:  # noqa: BLE001 -- any import failure: no object, and the message says less
+        return None
+
+
+def closest(word: str, known: list[str]) -> list[str]:
+    """The (up to three) known words closest to a mistyped one."""
+    import difflib
+
+    return difflib.get_close_matches(word, known, n=3, cutoff=0.6)
 
 
 def closest_words(word: str, known: list[str]) -> str:
     """' (did you mean 'a' or 'b'?)' for the known words closest to a mistyped one, else ''."""
-    import difflib
-
-    close = difflib.get_close_matches(word, known, n=3, cutoff=0.6)
+    close = closest(word, known)
     return f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
 
 
