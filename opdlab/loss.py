@@ -21,11 +21,12 @@ from dataclasses import dataclass, field, replace
 import torch
 import torch.nn.functional as F
 
+from opdlab.chunks import Scoring
 from opdlab.divergences.base import Divergence, LossInputs
 from opdlab.heads import LogitHead, Workspace
 from opdlab.rollout import Rollout
-from opdlab.scoring import teacher_chunk_stats
-from opdlab.teachers.rows import TeacherRows, TopLogprobs, as_teacher_rows
+from opdlab.scoring import chunk_stats
+from opdlab.teachers.rows import TeacherRows, as_teacher_rows
 
 Head = Callable[[torch.Tensor], torch.Tensor]
 
@@ -53,16 +54,6 @@ def kept_rows(mask: torch.Tensor, student_hidden: torch.Tensor, teacher_hidden: 
         tokens=rollout.response_ids.flatten()[index], sampling_logp=rollout.sampling_logp.flatten()[index],
         teacher_token_logp=None if teacher_token_logp is None else teacher_token_logp.flatten()[index],
     )
-
-
-@dataclass(frozen=True)
-class Scoring:
-    """Which selection statistics the shared projection computes (see `opdlab.scoring.chunk_stats`)."""
-
-    top_k: int
-    full_kl: bool = False
-    full_entropy: bool = False
-    topk_lists: bool = False
 
 
 @dataclass
@@ -105,17 +96,21 @@ def head_loss(
         rows, student_head, teacher_head, divergence, scale, chunk_rows, store_rows, scoring)
 
 
-def loss_inputs(rows: KeptRows, chunk: slice, student_logits: torch.Tensor, teacher_logits: torch.Tensor | None,
-                divergence: Divergence, stats: dict | None, teacher_top: TopLogprobs | None = None) -> LossInputs:
-    needs = divergence.needs_teacher_logits
+def loss_inputs(rows: KeptRows, chunk: slice, student_logits: torch.Tensor, teacher: dict, stats: dict | None) -> LossInputs:
+    """The divergence's inputs for `chunk` of `rows`; `teacher`: what the teacher's rows give it (`loss_fields`)."""
     return LossInputs(
         student_logits=student_logits,
-        teacher_logits=teacher_logits if needs else None,
         tokens=rows.tokens[chunk],
         sampling_logp=rows.sampling_logp[chunk],
         teacher_token_logp=stats["teacher_token_logp"] if stats is not None else rows.teacher_token_logp[chunk],
-        teacher_top_logprobs=teacher_top if needs else None,
+        **teacher,
     )
+
+
+def scored(logits: torch.Tensor, teacher: TeacherRows, tokens: torch.Tensor, scoring: Scoring, work: Workspace) -> dict:
+    """A chunk's selection statistics from the loss's own student logits (the shared projection)."""
+    return chunk_stats(logits.detach().float(), teacher, tokens, scoring.top_k, scoring.full_kl, work,
+                       scoring.full_entropy, scoring.topk_lists)
 
 
 def chunked_head_loss(rows: KeptRows, head: LogitHead, teacher_head: Head | None, divergence: Divergence, scale,
@@ -131,12 +126,11 @@ def chunked_head_loss(rows: KeptRows, head: LogitHead, teacher_head: Head | None
     grad_hidden = torch.empty_like(hidden)
     grad_params = [torch.empty_like(p) for p in params]
     stored, stats = None, []
-    needs_teacher = divergence.needs_teacher_logits or scoring is not None
     for start in range(0, m, chunk_rows):
         chunk = slice(start, start + chunk_rows)
         # The teacher logits live in a reused buffer: safe because this chunk's gradients are complete
         # (in chunk_loss_and_logit_grad) before the next chunk overwrites it.
-        teacher = rows.teacher[chunk] if needs_teacher else None
+        teacher = rows.teacher[chunk]
         losses, d_pre, chunk_stat = chunk_loss_and_logit_grad(rows, chunk, head, hidden[chunk], teacher,
                                                               divergence, scale, scoring, work)
         token_losses[chunk] = losses
@@ -157,13 +151,12 @@ def chunked_head_loss(rows: KeptRows, head: LogitHead, teacher_head: Head | None
 
 
 def chunk_loss_and_logit_grad(rows: KeptRows, chunk: slice, head: LogitHead, hidden: torch.Tensor,
-                              teacher: TeacherRows | None, divergence: Divergence, scale,
+                              teacher: TeacherRows, divergence: Divergence, scale,
                               scoring: Scoring | None, work: Workspace) -> tuple[torch.Tensor, torch.Tensor, dict | None]:
     """One chunk: its (R,) losses, d(scale · Σ losses)/dpre (R, V) where pre = h Wᵀ + b are the logits
     before the model's post-processing, and (with `scoring`) its statistics from the same logits. Its
     logits are freed on return."""
-    teacher_logits = teacher.logits(work) if teacher is not None else None
-    teacher_top = teacher.top_logprobs if teacher is not None else None
+    teacher_fields = teacher.loss_fields(divergence.needs_teacher_logits, work)
     weight, bias = head.linear_parts()
     with torch.no_grad():
         pre = F.linear(hidden, weight, bias)  # (R, V)
@@ -172,9 +165,8 @@ def chunk_loss_and_logit_grad(rows: KeptRows, chunk: slice, head: LogitHead, hid
         logits = head.postprocess(pre)
         stat = None
         if scoring is not None:
-            stat = teacher_chunk_stats(logits.detach().float(), teacher, rows.tokens[chunk], scoring.top_k,
-                                       scoring.full_kl, work, scoring.full_entropy, scoring.topk_lists)
-        losses = divergence.token_loss(loss_inputs(rows, chunk, logits, teacher_logits, divergence, stat, teacher_top))
+            stat = scored(logits, teacher, rows.tokens[chunk], scoring, work)
+        losses = divergence.token_loss(loss_inputs(rows, chunk, logits, teacher_fields, stat))
         total = losses.sum() * scale
         d_pre = torch.autograd.grad(total, pre)[0] if total.requires_grad else torch.zeros_like(pre)
     return losses.detach(), d_pre, stat
@@ -239,14 +231,8 @@ def autograd_head_loss(rows: KeptRows, head: Head, teacher_head: Head, divergenc
                        chunk_rows: int, store_rows: int, scoring: Scoring | None) -> HeadLoss:
     """Plain autograd over all rows at once (sharded or custom heads, or no rows)."""
     logits = head(rows.student)
-    teacher_logits, teacher_top, stats = None, None, []
-    if divergence.needs_teacher_logits or scoring is not None:
-        with torch.no_grad():
-            teacher_logits, teacher_top = rows.teacher.logits(), rows.teacher.top_logprobs
-    if scoring is not None:
-        stats.append(teacher_chunk_stats(logits.detach().float(), rows.teacher, rows.tokens, scoring.top_k,
-                                         scoring.full_kl, Workspace(rows.index.numel()), scoring.full_entropy,
-                                         scoring.topk_lists))
-    losses = divergence.token_loss(loss_inputs(rows, slice(None), logits, teacher_logits, divergence,
-                                               stats[0] if stats else None, teacher_top))
+    with torch.no_grad():
+        teacher = rows.teacher.loss_fields(divergence.needs_teacher_logits)
+    stats = [scored(logits, rows.teacher, rows.tokens, scoring, Workspace(rows.index.numel()))] if scoring else []
+    losses = divergence.token_loss(loss_inputs(rows, slice(None), logits, teacher, stats[0] if stats else None))
     return HeadLoss(losses.sum() * scale, losses.detach(), stats)

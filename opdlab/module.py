@@ -482,7 +482,7 @@ class OPDModule(L.LightningModule):
         loss = head_loss(rows, self.student_head, self.teacher_head, self.divergence,
                          loss_scale(plan.loss_denominator, valid, valid), plan.score_chunk_rows, scoring=scoring)
         return scatter_rows(loss.stats, rows.index, valid, scoring.top_k, plan.full_kl, plan.full_entropy,
-                            plan.topk_lists, bounds=teacher_hidden.top_logprobs is not None), loss
+                            plan.topk_lists), loss
 
     def score(self, hidden: Hidden, rollout: Rollout, plan: StepPlan, top_k: int | None = None) -> TokenStats:
         """The statistics of every valid position, without grad, micro-batch by micro-batch (K: the selector's

@@ -8,23 +8,22 @@ tensor is ever held. Definitions follow docs/method.md §2 (the TA-OPD paper's r
 - D  = KL(pbar_T || pbar_S) on the union U = S ∪ T of both top-K sets, each renormalised over U.
 - H  = entropy of the student's top-K distribution renormalised over S, divided by log K.
 
-The teacher arrives as `opdlab.teachers.TeacherRows`: exact logits (a local teacher, or a server's full
-distribution: `chunk_stats`) or only its top-k log-probs (a served teacher: `top_logprob_chunk_stats`, where
-C is a lower bound with its upper bound beside it and D uses the maximum-entropy completion, docs/method.md §2.6).
+The teacher arrives as `opdlab.teachers.TeacherRows`, which computes its own half of each chunk's statistics
+(exact for a local teacher or a server's whole distribution; with a server's top-k log-probs C is a lower bound
+with its upper bound beside it and D uses the maximum-entropy completion, docs/method.md §2.6): nothing here
+depends on where the teacher runs.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
 
 import torch
 
-from opdlab import maths
-from opdlab.heads import Workspace, head_logits  # noqa: F401 (head_logits: imported from here too)
-from opdlab.maths import masked_kl
-from opdlab.teachers.rows import TeacherRows, TopLogprobs, as_teacher_rows
+from opdlab.chunks import FULL_ENTROPY, SCORE_CHUNK_ROWS, TOP_K, Scoring, student_chunk
+from opdlab.heads import Workspace, head_logits
+from opdlab.teachers.rows import DenseRows, TeacherRows, as_teacher_rows
 
 # One name per per-position feature everywhere (TokenStats fields, `teachability/<name>/...` histograms,
 # token bank and diagnostic bank columns), with the paper's symbol and meaning (docs/method.md §2).
@@ -58,7 +57,12 @@ class TokenStats:
     teacher_entropy: torch.Tensor | None = None  # full-vocabulary entropy of p_T, when requested
     forward_kl: torch.Tensor | None = None  # full-vocabulary KL(p_T || p_S), when requested
     reverse_kl: torch.Tensor | None = None  # full-vocabulary KL(p_S || p_T), when requested
-    compatibility_upper: torch.Tensor | None = None  # with a top-k teacher: C's upper bound (C is exact otherwise)
+    # C's upper bound; C itself where the teacher's distribution is known (the default when not given).
+    compatibility_upper: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.compatibility_upper is None:
+            self.compatibility_upper = self.compatibility
 
     @property
     def top_k(self) -> int | None:
@@ -79,127 +83,18 @@ class TokenStats:
                 if not bool(torch.isfinite(logp[self.valid]).all())]
 
 
-def logsumexp_entropy(
-    z: torch.Tensor, top_value: torch.Tensor, top_id: torch.Tensor, work: Workspace, entropy: bool = True
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """log-sum-exp and (when `entropy`) entropy of softmax(z), from one fused softmax into a reused buffer.
-
-    The arg-max's probability is exp(0) / Z, so lse = max - log p_max; the entropy is lse - Σ p·z, where
-    nansum drops the 0·(-inf) terms of impossible tokens. Two full passes after the softmax kernel (none
-    without the entropy), no (R, V) allocation. z: (R, V) fp32 (left unchanged); top_value, top_id: (R,)
-    row max and its id.
-    """
-    p = torch.ops.aten._softmax.out(z, -1, False, out=work.like("probs", z))  # (R, V)
-    lse = top_value - p.gather(-1, top_id[:, None]).squeeze(-1).log()
-    return lse, (lse - torch.nansum(p.mul_(z), -1)) if entropy else None
-
-
-def student_features(s_logits: torch.Tensor, tokens: torch.Tensor, k: int, work: Workspace, full_entropy: bool):
-    """The student's half of a chunk's statistics: top-K (values, ids), log-sum-exp, full entropy (or None),
-    and the features that need no teacher (its token log-prob, H)."""
-    s_top, s_ids = s_logits.topk(k, -1)  # sorted: s_top[:, 0] is the row max
-    s_lse, s_entropy = logsumexp_entropy(s_logits, s_top[:, 0], s_ids[:, 0], work, full_entropy)
-    s_top_logp = s_top - s_lse[:, None]
-    out = {
-        "student_token_logp": s_logits.gather(-1, tokens[:, None]).squeeze(-1) - s_lse,
-        "topk_entropy": (
-            maths.entropy_from_logp(torch.log_softmax(s_top_logp, -1)) / math.log(k) if k > 1 else torch.zeros_like(s_lse)
-        ),
-    }
-    return s_top_logp, s_ids, s_lse, s_entropy, out
-
-
-def chunk_stats(
-    s_logits: torch.Tensor,
-    t_logits: torch.Tensor,
-    tokens: torch.Tensor,
-    k: int,
-    full_kl: bool,
-    work: Workspace,
-    full_entropy: bool = True,
-    topk_lists: bool = False,
-) -> dict:
-    """All statistics of R rows from their fp32 logits (R, V) -> dict of (R,) / (R, K); inputs unchanged.
-
-    Top-K and gathers read the logits directly (log p = logit - logsumexp), so each model's full
-    vocabulary is streamed a handful of times and no (R, V) log-prob tensor is built. The optional
-    full-vocabulary entropies (`full_entropy`) and KLs (`full_kl`) cost extra passes over the logits.
-    """
-    s_top_logp, s_ids, s_lse, s_entropy, out = student_features(s_logits, tokens, k, work, full_entropy)
-    t_top, t_ids = t_logits.topk(k, -1)
-    union = torch.cat([s_ids, t_ids], -1)  # (R, 2K)
-    t_lse, t_entropy = logsumexp_entropy(t_logits, t_top[:, 0], t_ids[:, 0], work, full_entropy)
-    s_union = s_logits.gather(-1, union) - s_lse[:, None]
-    t_union = t_logits.gather(-1, union) - t_lse[:, None]
-    out.update(
-        teacher_token_logp=t_logits.gather(-1, tokens[:, None]).squeeze(-1) - t_lse,
-        compatibility=t_union[:, :k].exp().sum(-1).clamp(0.0, 1.0),  # teacher mass on the student's top-K
-        disagreement=maths.union_kl(s_union, t_union, s_ids, t_ids),
-    )
-    if topk_lists:
-        out.update(student_topk_ids=s_ids, student_topk_logp=s_top_logp, teacher_topk_ids=t_ids,
-                   teacher_topk_logp=t_top - t_lse[:, None])
-    if full_entropy:
-        out["student_entropy"], out["teacher_entropy"] = s_entropy, t_entropy
-    if full_kl:  # optional: two more (R, V) temporaries per chunk
-        s_logp, t_logp = s_logits - s_lse[:, None], t_logits - t_lse[:, None]
-        out["forward_kl"] = masked_kl(t_logp, s_logp)
-        out["reverse_kl"] = masked_kl(s_logp, t_logp)
+def chunk_stats(s_logits: torch.Tensor, teacher: torch.Tensor | TeacherRows, tokens: torch.Tensor, k: int = TOP_K,
+                full_kl: bool = False, work: Workspace | None = None, full_entropy: bool = FULL_ENTROPY,
+                topk_lists: bool = False) -> dict:
+    """All statistics of R rows -> dict of (R,) / (R, K): the student's half from its fp32 logits (R, V), the
+    teacher's from its rows (`TeacherRows.chunk_stats`; a tensor is the teacher's exact (R, V) logits).
+    Inputs unchanged."""
+    teacher = teacher if isinstance(teacher, TeacherRows) else DenseRows(teacher)
+    work = work if work is not None else Workspace(s_logits.shape[0])
+    scoring = Scoring(k, full_kl, full_entropy, topk_lists)
+    student, out = student_chunk(s_logits, tokens, scoring, work)
+    out.update(teacher.chunk_stats(student, scoring, work))
     return out
-
-
-def top_logprob_chunk_stats(
-    s_logits: torch.Tensor,
-    teacher: TopLogprobs,
-    tokens: torch.Tensor,
-    k: int,
-    full_kl: bool,
-    work: Workspace,
-    full_entropy: bool = True,
-    topk_lists: bool = False,
-) -> dict:
-    """`chunk_stats` when the teacher sent only its top-k log-probs and the sampled token's (docs/method.md §2.6).
-
-    Exact: both token log-probs, H and the student's entropy. C (`compatibility`) is the lower bound Σ p_T over
-    the student's top-K tokens whose teacher probability is known; `compatibility_upper` adds what the unknown
-    ones can hold at most (each at most the k-th probability, together at most the tail mass). D uses the
-    union of the student's top-K and the teacher's top-min(K, k), with the maximum-entropy completion
-    (`TopLogprobs.unseen_logp`) for tokens the teacher did not send. The teacher's entropy is NaN (unknown).
-    """
-    if full_kl:
-        raise ValueError("full-vocabulary KLs need the teacher's whole distribution; a teacher that sends its top-"
-                         f"{teacher.top_k} log-probs cannot give them (docs/method.md §2.6)")
-    if topk_lists and teacher.top_k < k:
-        raise ValueError(f"the teacher's top-{k} lists need at least {k} log-probs per position, the teacher sends "
-                         f"{teacher.top_k}")
-    s_top_logp, s_ids, s_lse, s_entropy, out = student_features(s_logits, tokens, k, work, full_entropy)
-    t_ids = teacher.ids[:, : min(k, teacher.top_k)]
-    union = torch.cat([s_ids, t_ids], -1)  # (R, K + min(K, k))
-    t_union, known = teacher.lookup(union)
-    s_known = known[:, :k]
-    lower = (t_union[:, :k].exp() * s_known).sum(-1).clamp(0.0, 1.0)
-    unknown_room = torch.minimum(teacher.tail_mass(), (~s_known).sum(-1) * teacher.kth_probability())
-    out.update(
-        teacher_token_logp=teacher.lookup(tokens[:, None])[0][:, 0],
-        compatibility=lower,
-        compatibility_upper=(lower + unknown_room).clamp(0.0, 1.0),
-        disagreement=maths.union_kl(s_logits.gather(-1, union) - s_lse[:, None], t_union, s_ids, t_ids),
-    )
-    if topk_lists:
-        out.update(student_topk_ids=s_ids, student_topk_logp=s_top_logp, teacher_topk_ids=teacher.ids[:, :k],
-                   teacher_topk_logp=teacher.logp[:, :k])
-    if full_entropy:
-        out["student_entropy"], out["teacher_entropy"] = s_entropy, torch.full_like(s_entropy, torch.nan)
-    return out
-
-
-def teacher_chunk_stats(s_logits: torch.Tensor, teacher: TeacherRows, tokens: torch.Tensor, k: int, full_kl: bool,
-                        work: Workspace, full_entropy: bool = True, topk_lists: bool = False) -> dict:
-    """A chunk's statistics from whatever the teacher gives: exact logits, or its top log-probs."""
-    t_logits = teacher.logits(work)
-    if t_logits is not None:
-        return chunk_stats(s_logits, t_logits, tokens, k, full_kl, work, full_entropy, topk_lists)
-    return top_logprob_chunk_stats(s_logits, teacher.top_logprobs, tokens, k, full_kl, work, full_entropy, topk_lists)
 
 
 @torch.no_grad()
@@ -210,10 +105,10 @@ def compute_token_stats(
     response_mask: torch.Tensor,
     student_head: Callable[[torch.Tensor], torch.Tensor],
     teacher_head: Callable[[torch.Tensor], torch.Tensor] | None,
-    top_k: int = 16,
-    chunk_size: int = 1024,
+    top_k: int = TOP_K,
+    chunk_size: int = SCORE_CHUNK_ROWS,
     full_kl: bool = False,
-    full_entropy: bool = True,
+    full_entropy: bool = FULL_ENTROPY,
     topk_lists: bool = False,
 ) -> TokenStats:
     """Statistics at every valid response position.
@@ -241,25 +136,22 @@ def compute_token_stats(
     for start in range(0, rows.numel(), chunk_size):
         idx = rows[start : start + chunk_size]
         s_logits = head_logits(student_head, s_flat[idx], work, "student")  # (R, V) fp32
-        chunks.append(teacher_chunk_stats(s_logits, teacher[idx], tok_flat[idx], top_k, full_kl, work, full_entropy,
-                                          topk_lists))
-    return scatter_rows(chunks, rows, valid, top_k, full_kl, full_entropy, topk_lists,
-                        bounds=teacher.top_logprobs is not None)
+        chunks.append(chunk_stats(s_logits, teacher[idx], tok_flat[idx], top_k, full_kl, work, full_entropy, topk_lists))
+    return scatter_rows(chunks, rows, valid, top_k, full_kl, full_entropy, topk_lists)
 
 
 OPTIONAL = {"forward_kl": "full_kl", "reverse_kl": "full_kl", "student_entropy": "full_entropy",
             "teacher_entropy": "full_entropy", "student_topk_ids": "topk_lists", "student_topk_logp": "topk_lists",
-            "teacher_topk_ids": "topk_lists", "teacher_topk_logp": "topk_lists", "compatibility_upper": "bounds"}
+            "teacher_topk_ids": "topk_lists", "teacher_topk_logp": "topk_lists"}
 
 
 def scatter_rows(
-    chunks: list[dict], rows: torch.Tensor, valid: torch.Tensor, k: int, full_kl: bool, full_entropy: bool = True,
-    topk_lists: bool = False, bounds: bool = False,
+    chunks: list[dict], rows: torch.Tensor, valid: torch.Tensor, k: int, full_kl: bool,
+    full_entropy: bool = FULL_ENTROPY, topk_lists: bool = False,
 ) -> TokenStats:
-    """Place per-row statistics back at their (N, L) positions, zeros elsewhere (`bounds`: the chunks come from
-    a top-k teacher and carry `compatibility_upper`)."""
+    """Place per-row statistics back at their (N, L) positions, zeros elsewhere."""
     n, length = valid.shape
-    wanted = {"full_kl": full_kl, "full_entropy": full_entropy, "topk_lists": topk_lists, "bounds": bounds}
+    wanted = {"full_kl": full_kl, "full_entropy": full_entropy, "topk_lists": topk_lists}
     values = {}
     for f in fields(TokenStats):
         if f.name == "valid" or (f.name in OPTIONAL and not wanted[OPTIONAL[f.name]]):
@@ -276,4 +168,5 @@ def scatter_rows(
 from opdlab._deprecation import moved_names  # noqa: E402
 
 __getattr__ = moved_names(__name__, {"entropy_from_logp": "opdlab.maths:entropy_from_logp",
-                                     "union_kl": "opdlab.maths:union_kl"})
+                                     "union_kl": "opdlab.maths:union_kl",
+                                     "logsumexp_entropy": "opdlab.chunks:logsumexp_entropy"})

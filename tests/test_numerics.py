@@ -132,7 +132,7 @@ def test_chunked_stats_equal_full_logits(step, chunk_size, head_kind):
     if head_kind == "plain_callable":
         heads = (lambda h: s["student"].lm_head(h), lambda h: s["teacher"].lm_head(h))
     stats = compute_token_stats(s["student_hidden"].detach(), s["teacher_hidden"], s["tokens"], s["valid"], *heads,
-                                top_k=K, chunk_size=chunk_size, full_kl=True, topk_lists=True)
+                                top_k=K, chunk_size=chunk_size, full_kl=True, topk_lists=True, full_entropy=True)
     with torch.no_grad():
         ref = reference_stats(s["student_head"](s["student_hidden"]), s["teacher_head"](s["teacher_hidden"]),
                               s["tokens"], K)
@@ -149,7 +149,7 @@ def test_chunked_stats_with_minus_inf_logits(step):
     s_head, t_head = masked(s["student_head"]), masked(s["teacher_head"])
     tokens = s["tokens"] % (VOCAB - 6)
     stats = compute_token_stats(s["student_hidden"].detach(), s["teacher_hidden"], tokens, s["valid"], s_head, t_head,
-                                top_k=K, chunk_size=4, full_kl=True, topk_lists=True)
+                                top_k=K, chunk_size=4, full_kl=True, topk_lists=True, full_entropy=True)
     with torch.no_grad():
         ref = reference_stats(s_head(s["student_hidden"]), t_head(s["teacher_hidden"]), tokens, K)
     assert_stats_equal(stats, ref, s["valid"])
@@ -162,7 +162,7 @@ def test_bf16_head_stats_are_fp32_of_bf16_logits(step):
     student = s["student"].to(torch.bfloat16)
     hidden = s["student_hidden"].detach().bfloat16()
     stats = compute_token_stats(hidden, hidden, s["tokens"], s["valid"], LogitHead(student), LogitHead(student),
-                                top_k=K, chunk_size=5, topk_lists=True)
+                                top_k=K, chunk_size=5, topk_lists=True, full_entropy=True)
     with torch.no_grad():
         logits = student.lm_head(hidden).float()
     ref = reference_stats(logits, logits, s["tokens"], K)

@@ -19,10 +19,10 @@ from opdlab.divergences import ForwardKL, ReverseKL, SampledTokenOPD
 from opdlab.heads import Workspace
 from opdlab.maths import masked_kl, tail_bucket_forward_kl
 from opdlab.module import OPDModule
-from opdlab.scoring import chunk_stats, top_logprob_chunk_stats
+from opdlab.scoring import chunk_stats
 from opdlab.selectors import DivergenceSelector, TeachabilitySelector
 from opdlab.tasks import AdditionTask
-from opdlab.teachers import LocalTeacher, TeacherNeedError, VLLMServerTeacher
+from opdlab.teachers import LocalTeacher, SparseRows, TeacherNeedError, VLLMServerTeacher
 from opdlab.testing import top_logprobs_of
 
 FAST = str(CONFIG_DIR / "fast.yaml")
@@ -42,7 +42,7 @@ def test_top_k_statistics_bound_and_approximate_the_exact_ones(k):
     all its mass."""
     student, teacher, tokens = random_logits()
     exact = chunk_stats(student, teacher, tokens, 8, False, Workspace(40), True)
-    top = top_logprob_chunk_stats(student, top_logprobs_of(teacher, tokens, k), tokens, 8, False, Workspace(40), True)
+    top = chunk_stats(student, SparseRows(top_logprobs_of(teacher, tokens, k)), tokens, 8, False, Workspace(40), True)
     for name in ("student_token_logp", "teacher_token_logp", "topk_entropy", "student_entropy"):
         torch.testing.assert_close(top[name], exact[name])
     assert (top["compatibility"] <= exact["compatibility"] + 1e-6).all()
@@ -55,7 +55,7 @@ def test_top_k_statistics_are_exact_when_the_top_k_covers_the_teacher():
     student, teacher, tokens = random_logits()
     teacher[:, 8:] = -torch.inf  # all teacher mass on 8 ids: a top-8 is the whole distribution
     exact = chunk_stats(student, teacher, tokens, 8, False, Workspace(40), False)
-    top = top_logprob_chunk_stats(student, top_logprobs_of(teacher, tokens, 8), tokens, 8, False, Workspace(40), False)
+    top = chunk_stats(student, SparseRows(top_logprobs_of(teacher, tokens, 8)), tokens, 8, False, Workspace(40), False)
     for name in ("compatibility", "disagreement", "teacher_token_logp"):
         torch.testing.assert_close(top[name], exact[name], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(top["compatibility_upper"], exact["compatibility"], atol=1e-5, rtol=1e-5)
