@@ -20,6 +20,7 @@ import argparse
 
 import torch
 
+from opdlab.diagnostics.probe import token_stats
 from opdlab.module import OPDModule
 from opdlab.rollout import decode_responses, encode_prompts
 from opdlab.selectors import (DivergenceSelector, EntropySelector, IncompatibleSelector, RandomSelector,
@@ -82,7 +83,7 @@ def sample_and_score(toy: str, student: str | None, top_k: int, n_prompts: int, 
     prompts = encode_prompts(module.tokenizer, [q.prompt for q in problems], [q.answer for q in problems])
     with torch.no_grad():
         rollout = module.rollout(prompts, seeds=list(range(n_prompts)))
-        stats = module.token_stats(rollout)
+        stats = token_stats(module, rollout)
     return module, task, prompts, rollout, stats
 
 

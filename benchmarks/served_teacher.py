@@ -51,6 +51,7 @@ def module_for(toy: str, teacher: str, placement=None):
 
 def accuracy(args) -> dict:
     """The same rollouts, scored by the local teacher and by the server at each k."""
+    from opdlab.diagnostics.probe import token_stats
     from opdlab.rollout import encode_prompts
     from opdlab.tasks import AdditionTask, ScratchpadAdditionTask
     from opdlab.teachers import VLLMServerTeacher
@@ -61,14 +62,14 @@ def accuracy(args) -> dict:
     problems = [task.problem_at(i) for i in range(args.prompts)]
     prompts = encode_prompts(local.tokenizer, [p.prompt for p in problems], [p.answer for p in problems])
     rollout = local.rollout(prompts, seeds=list(range(args.prompts)))
-    exact = local.token_stats(rollout)
+    exact = token_stats(local, rollout)
     keep = local.select(exact)
     valid = exact.valid
     rows = {}
     for k in ("full", 8, 4):
         served = module_for(args.toy, args.url, VLLMServerTeacher(top_logprobs=k))
         served.student.load_state_dict(local.student.state_dict())
-        stats = served.token_stats(rollout)
+        stats = token_stats(served, rollout)
         kept = served.select(stats)
         upper = stats.compatibility_upper if stats.compatibility_upper is not None else stats.compatibility
         rows[str(k)] = {

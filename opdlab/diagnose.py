@@ -48,6 +48,7 @@ from opdlab.diagnostics.report import (
     to_jsonable,
     write_plots,
 )
+from opdlab.diagnostics.probe import replace_student
 from opdlab.divergences import Divergence, ReverseKL
 from opdlab.engines import SamplingParams
 from opdlab.evaluation import greedy_accuracy
@@ -174,10 +175,10 @@ def diagnose(
         raise ValueError(f"bank.top_k={bank.top_k} exceeds the vocabulary ({vocabulary} tokens of {student}); use "
                          f"--bank.top_k <= {vocabulary}")
     out = writable_folder(out_dir, "--out_dir")
-    from opdlab.teachers import VLLMServerTeacher, is_url
+    from opdlab.plugins import default_placement
 
-    # the diagnostic's full-vocabulary KLs need a served teacher's whole distribution (server: --max-logprobs -1)
-    placement = VLLMServerTeacher(top_logprobs="full") if is_url(teacher) else None
+    # the diagnostic's full-vocabulary KLs need the teacher's whole distribution (a vLLM server: --max-logprobs -1)
+    placement = default_placement(teacher, need="full")
     module = OPDModule(
         student=student, teacher=teacher, teacher_placement=placement, selector=train.selector or FullSelector(),
         divergence=train.divergence or ReverseKL(),
@@ -196,7 +197,7 @@ def diagnose(
     base = score_bank(module, parts, bank.top_k, device, "scoring θ0")
     accuracy = {"before": student_accuracy(module, source, train.max_new_tokens)} if evaluate else {}
     if student_after:
-        module.replace_student(student_after)
+        replace_student(module, student_after)
         theta1 = {"student_after": student_after}
     else:
         theta1 = {"trained": train_student(module, source, train), "selector": type(module.selector).__name__,

@@ -193,3 +193,53 @@ def expand_short_names(argv: list[str], options: dict[str, str]) -> list[str]:
         else:
             out[i + 1] = path
     return out
+
+
+def default_placement(teacher: str, need: str | None = None) -> TeacherPlacement:
+    """The teacher placement a `--model.teacher` string implies when none is named: the registered placement that
+    `accepts` it (a server placement claims its URL scheme), else `local` for a string without a scheme (a
+    directory, hub id or `toy:` name). With its default options, or set up to give `need` (`for_needs`; e.g.
+    `opdlab diagnose` needs the teacher's whole distribution)."""
+    placements = discover("opdlab.teacher_placements")
+    claimed = sorted(name for name, plugin in placements.items() if plugin.cls.accepts(teacher))
+    if len(claimed) > 1:
+        raise ValueError(f"teacher {teacher!r} is accepted by several teacher placements ({', '.join(claimed)}); name "
+                         "one with --model.teacher_placement")
+    build = (lambda cls: cls()) if need is None else (lambda cls: cls.for_needs(need))
+    if claimed:
+        return build(placements[claimed[0]].cls)
+    from opdlab.teachers.base import has_scheme
+
+    if has_scheme(teacher) or "local" not in placements:
+        raise ValueError(f"no teacher placement accepts teacher {teacher!r} (installed: {', '.join(sorted(placements))}); "
+                         "install the plugin that serves it, name one with --model.teacher_placement, or give a "
+                         "checkpoint directory, hub id or toy: name")
+    return build(placements["local"].cls)
+
+
+def placement_name_for(teacher: str) -> str | None:
+    """The registered name of the placement `default_placement(teacher)` picks (None where none does)."""
+    try:
+        cls = type(default_placement(teacher))
+    except (ValueError, PluginError):
+        return None
+    return next((name for name, p in discover("opdlab.teacher_placements").items() if p.cls is cls), None)
+
+
+def alternatives(role: str) -> str:
+    """The registered components of `role` ("selector", "divergence") that a top-k teacher can serve (their
+    declared needs decide), for `check_teacher_needs`'s message."""
+    from opdlab.teachers.signal import NEEDS, need_of
+
+    group = {"selector": "opdlab.selectors", "divergence": "opdlab.divergences"}.get(role)
+    if group is None:
+        return "see `opdlab plugins`"
+    names = []
+    for name, plugin in sorted(discover(group).items()):
+        try:
+            instance = plugin.cls()
+        except Exception:  # noqa: BLE001 - a plugin whose defaults cannot be built is just not suggested
+            continue
+        if NEEDS.index(need_of(instance)) <= NEEDS.index("topk"):
+            names.append(name)
+    return "those that work with a top-k teacher: " + ", ".join(names) if names else "see `opdlab plugins`"

@@ -1,20 +1,35 @@
-"""The step plan: how one training step runs, decided once by a pure function of the options.
+"""The step plan and the step's paths: how one training step runs, decided once, and the functions that run it.
 
 `plan_step` answers every "which path?" question of `OPDModule.training_step` in one place: how the
 rollout rows split into micro-batches, whether the scoring forward's graph is reused by the loss,
 whether scoring and loss share one projection per chunk (ratio 1), the chunk sizes of both passes,
 up to how many kept rows the loss stores logit gradients, and which optional statistics are computed.
 `loss_scale` owns the normalisation: the denominator rule, the global count and the world-size factor.
+
+The paths take tensors and components, not the module: `score` (statistics without grad), `select` (the
+selector's global keep mask, checked) and `backward_kept` (the loss of the kept rows, micro-batch by
+micro-batch), or `score_with_loss` (the shared projection: statistics and loss of every valid row at once).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 
-from opdlab.distributed import all_reduce_sum, world_size
+from opdlab.chunks import Scoring
+from opdlab.distributed import all_reduce_sum, gather_stats, world_size
+from opdlab.divergences.base import Divergence
+from opdlab.heads import LogitHead
+from opdlab.loss import HeadLoss, head_loss, kept_rows
+from opdlab.rollout import Rollout
+from opdlab.scoring import TokenStats, compute_token_stats, scatter_rows
+from opdlab.selectors.base import TokenSelector
+from opdlab.teachers.rows import TeacherRows
+
+Hidden = list[tuple[torch.Tensor, TeacherRows]]  # per micro-batch: the student's (n, L, H) hidden states, the teacher's rows
 
 LossNormalization = Literal["kept", "valid"]
 
@@ -30,6 +45,10 @@ class StepPlan:
     full_entropy: bool  # full-vocabulary entropies (a selector or a callback asks)
     loss_denominator: LossNormalization  # the loss's denominator: kept or valid tokens of the whole batch
     topk_lists: bool = False  # both models' (N, L, K) top-K ids and log-probs (a selector asks)
+
+    def scoring(self, top_k: int) -> Scoring:
+        """The statistics this step computes, with the selector's K."""
+        return Scoring(top_k, self.full_kl, self.full_entropy, self.topk_lists)
 
     @property
     def reuse_student_graph(self) -> bool:
@@ -117,3 +136,82 @@ def loss_scale(denominator: LossNormalization, keep: torch.Tensor, valid: torch.
 def global_loss(local: torch.Tensor) -> torch.Tensor:
     """The step's loss value for logging: the ranks' scaled sums added, the world-size factor removed."""
     return all_reduce_sum(local.detach()) / world_size()
+
+
+# ----------------------------------------------------------------------------------------- the step's paths
+def score(hidden: Hidden, rollout: Rollout, plan: StepPlan, student_head: LogitHead, scoring: Scoring) -> TokenStats:
+    """The statistics of every valid position, without grad, micro-batch by micro-batch."""
+    return TokenStats.cat([
+        compute_token_stats(s.detach(), t, part.response_ids, part.response_mask, student_head, None, scoring.top_k,
+                            plan.score_chunk_rows, scoring.full_kl, scoring.full_entropy, scoring.topk_lists)
+        for (s, t), part in zip(hidden, (rollout.rows(r) for r in plan.micro_batches), strict=True)
+    ])
+
+
+def score_with_loss(hidden: Hidden, rollout: Rollout, plan: StepPlan, student_head: LogitHead, divergence: Divergence,
+                    scoring: Scoring) -> tuple[TokenStats, HeadLoss]:
+    """The statistics and the loss of every valid position from one projection of each chunk (the plan's shared
+    path: every valid position is kept, one micro-batch, a local head)."""
+    (student_hidden, teacher), valid = hidden[0], rollout.response_mask.bool()
+    rows = kept_rows(valid, student_hidden, teacher, rollout)
+    loss = head_loss(rows, student_head, None, divergence, loss_scale(plan.loss_denominator, valid, valid),
+                     plan.score_chunk_rows, scoring=scoring)
+    stats = scatter_rows(loss.stats, rows.index, valid, scoring.top_k, scoring.full_kl, scoring.full_entropy,
+                         scoring.topk_lists)
+    return stats, loss
+
+
+def select(selector: TokenSelector, stats: TokenStats, generator: torch.Generator) -> torch.Tensor:
+    """Keep mask for this rank's rows; the budget and normalisation are global across ranks (`generator`: the same
+    on every rank, so a random selector draws one global choice). A mask of the wrong type or shape, or one that
+    keeps positions outside the responses, is refused naming the selector."""
+    everything, (offset, count, length) = gather_stats(stats)
+    keep = selector.select(everything, generator=generator)
+    expected = tuple(everything.valid.shape)
+    if not isinstance(keep, torch.Tensor) or keep.dtype != torch.bool or tuple(keep.shape) != expected:
+        got = f"{keep.dtype} {tuple(keep.shape)}" if isinstance(keep, torch.Tensor) else type(keep).__name__
+        raise ValueError(f"selector {type(selector).__name__} returned a keep mask of {got}; expected "
+                         f"torch.bool {expected} (one entry per response position of the whole batch)")
+    keep = keep[offset : offset + count, :length]
+    if (keep & ~stats.valid).any():
+        raise RuntimeError(f"selector {type(selector).__name__} kept positions outside the response mask")
+    return keep
+
+
+def backward_kept(hidden: Hidden, keep: torch.Tensor, rollout: Rollout, stats: TokenStats, plan: StepPlan,
+                  student_head: LogitHead, divergence: Divergence, forward: Callable[[Rollout], torch.Tensor],
+                  backward: Callable[[torch.Tensor], None]) -> torch.Tensor:
+    """Backpropagate the loss of the kept rows, micro-batch by micro-batch; returns its global value.
+
+    Every micro-batch's head loss carries the same `loss_scale` (the global count and the world-size factor), so
+    the update equals the single-process update on the whole batch. `forward(part)`: the student's hidden states
+    with grad, for micro-batches whose scoring forward ran without; `backward(loss)`: the module's backward.
+    """
+    scale = loss_scale(plan.loss_denominator, keep, stats.valid)
+    total = torch.zeros((), device=keep.device)
+    for (student_hidden, teacher), rows in zip(hidden, plan.micro_batches, strict=True):
+        part = rollout.rows(rows)
+        if not plan.reuse_student_graph:
+            student_hidden = forward(part)
+        kept = kept_rows(keep[rows], student_hidden, teacher, part, stats.teacher_token_logp[rows])
+        loss = head_loss(kept, student_head, None, divergence, scale, plan.loss_chunk_rows, plan.store_rows).loss
+        backward(loss)
+        total += loss.detach()
+    return global_loss(total)
+
+
+def optimizer_step(optimizer, scheduler, parameters, max_norm: float | None,
+                   skip: Callable[[bool, str], bool]) -> torch.Tensor | None:
+    """Clip the gradients to `max_norm` (None or 0: no clipping), and step unless `skip(finite, "gradient norm")`
+    says to skip a non-finite norm; the gradients are zeroed either way. Returns the norm, or None if skipped."""
+    params = [p for p in parameters if p.grad is not None]
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm or float("inf")) if params else torch.zeros(())
+    norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+    if skip(bool(torch.isfinite(norm)), "gradient norm"):
+        optimizer.zero_grad(set_to_none=True)
+        return None
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    if scheduler is not None:
+        scheduler.step()
+    return norm

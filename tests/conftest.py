@@ -195,6 +195,10 @@ def response_hidden_states(module, rollout, student_grad: bool = True):
 
 def score(module, student_hidden, teacher_hidden, rollout) -> TokenStats:
     """The statistics of every valid position as the training step's scoring pass computes them."""
+    from opdlab.step import score as score_rows
+    from opdlab.teachers import HeadRows
+
     rows = rollout.response_mask.shape[0]
     plan = replace(module.plan(rows), micro_batches=(slice(0, rows),), shared_projection=False)
-    return module.score([(student_hidden, teacher_hidden)], rollout, plan)
+    teacher = HeadRows(teacher_hidden.flatten(0, 1), module.placement.head)
+    return score_rows([(student_hidden, teacher)], rollout, plan, module.student_head, plan.scoring(module.selector.top_k))

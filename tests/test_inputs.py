@@ -134,10 +134,10 @@ def test_tokenizer_mismatch_refused_before_loading_weights(tiny_checkpoints, tmp
     path = tmp_path / "foreign_teacher"
     make_qwen2(TINY_TEACHER, other).save_pretrained(path)
     other.save_pretrained(path)
-    import opdlab.module
+    import opdlab.building
 
     loaded = []
-    monkeypatch.setattr(opdlab.module, "load_causal_lm", lambda *a, **k: loaded.append(a))
+    monkeypatch.setattr(opdlab.building, "load_causal_lm", lambda *a, **k: loaded.append(a))
     module = OPDModule(student=tiny_checkpoints.student, teacher=str(path))
     with pytest.raises(ValueError, match="tokenizers are incompatible"):
         module.configure_model()
@@ -162,7 +162,7 @@ def test_padded_teacher_vocab_is_accepted(tiny_checkpoints, char_tokenizer, tmp_
     s, t = response_hidden_states(module, rollout)
     stats = score(module, s, t, rollout)
     keep = module.select(stats)
-    loss = kept_head_loss(s, t, keep, rollout, stats, module.student_head, module.teacher_head, module.divergence)
+    loss = kept_head_loss(s, t, keep, rollout, stats, module.student_head, module.placement.head, module.divergence)
     assert loss.token_losses.shape == (int(keep.sum()),) and torch.isfinite(loss.token_losses).all()
 
 
@@ -292,7 +292,7 @@ def test_encode_prompts_refuses_nonpositive_max_prompt_len(char_tokenizer):
 
 
 def test_top_k_larger_than_the_vocabulary_fails_before_weights_load(tiny_checkpoints, monkeypatch):
-    from opdlab import module as module_file
+    from opdlab import building as module_file
 
     loaded = []
     monkeypatch.setattr(module_file, "load_causal_lm", lambda *a, **k: loaded.append(a))

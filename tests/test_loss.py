@@ -32,7 +32,7 @@ def full_logits_token_loss(module, student_hidden, teacher_hidden, rollout, stat
     """The plain computation: heads on all N×L rows, per-token loss everywhere. (N·L,)"""
     student_logits = module.student_head(student_hidden).flatten(0, 1)
     with torch.no_grad():
-        teacher_logits = module.teacher_head(teacher_hidden).flatten(0, 1)
+        teacher_logits = module.placement.head(teacher_hidden).flatten(0, 1)
     inputs = LossInputs(
         student_logits=student_logits,
         teacher_logits=teacher_logits,
@@ -59,7 +59,7 @@ def test_kept_rows_loss_equals_full_logits_loss_and_gradients(tiny_module, name,
     params = [p for p in module.student.parameters() if p.requires_grad]
 
     result = kept_head_loss(student_hidden, teacher_hidden, keep, rollout, stats, module.student_head,
-                            module.teacher_head, divergence, chunk_size=chunk_size)
+                            module.placement.head, divergence, chunk_size=chunk_size)
     full = full_logits_token_loss(module, student_hidden, teacher_hidden, rollout, stats, divergence)
     flat_keep = keep.flatten()
     assert result.token_losses.shape == (int(keep.sum()),)
@@ -92,11 +92,11 @@ def test_shared_projection_equals_two_pass_path(tiny_module, name, chunk_size):
     params = [p for p in module.student.parameters() if p.requires_grad]
     valid = rollout.response_mask
     stats = compute_token_stats(student_hidden.detach(), teacher_hidden, rollout.response_ids, valid,
-                                module.student_head, module.teacher_head, top_k=4, chunk_size=chunk_size)
+                                module.student_head, module.placement.head, top_k=4, chunk_size=chunk_size)
     two_pass = kept_head_loss(student_hidden, teacher_hidden, valid, rollout, stats, module.student_head,
-                              module.teacher_head, divergence, chunk_size=chunk_size)
+                              module.placement.head, divergence, chunk_size=chunk_size)
     shared_stats, shared = shared_head_loss(student_hidden, teacher_hidden, rollout, module.student_head,
-                                            module.teacher_head, divergence, top_k=4, chunk_size=chunk_size)
+                                            module.placement.head, divergence, top_k=4, chunk_size=chunk_size)
     torch.testing.assert_close(shared.token_losses, two_pass.token_losses, atol=1e-6, rtol=1e-5)
     for field in ("student_token_logp", "teacher_token_logp", "compatibility", "disagreement", "topk_entropy"):
         torch.testing.assert_close(getattr(shared_stats, field), getattr(stats, field), atol=1e-5, rtol=1e-5)
@@ -116,7 +116,7 @@ def test_kept_rows_loss_skips_teacher_head_for_sampled_token(tiny_module):
 
     def teacher_head(h):
         calls.append(h.shape)
-        return module.teacher_head(h)
+        return module.placement.head(h)
 
     kept_head_loss(student_hidden, teacher_hidden, stats.valid, rollout, stats,
                    module.student_head, teacher_head, SampledTokenOPD())
@@ -137,7 +137,7 @@ def test_student_head_applied_to_kept_rows_only(tiny_module, monkeypatch):
         shapes.append(tuple(h.shape))
         return module.student_head(h)
 
-    kept_head_loss(student_hidden, teacher_hidden, keep, rollout, stats, student_head, module.teacher_head,
+    kept_head_loss(student_hidden, teacher_hidden, keep, rollout, stats, student_head, module.placement.head,
                    ReverseKL())
     assert shapes == [(int(keep.sum()), student_hidden.shape[-1])]
     linear_rows = []  # the hand-written path: the student head's matmul on kept-row chunks only
@@ -149,7 +149,7 @@ def test_student_head_applied_to_kept_rows_only(tiny_module, monkeypatch):
         return linear(x, w, b)
 
     monkeypatch.setattr(torch.nn.functional, "linear", spy)
-    kept_head_loss(student_hidden, teacher_hidden, keep, rollout, stats, module.student_head, module.teacher_head,
+    kept_head_loss(student_hidden, teacher_hidden, keep, rollout, stats, module.student_head, module.placement.head,
                    ReverseKL(), chunk_size=4)
     assert linear_rows and sum(linear_rows) == int(keep.sum()) and max(linear_rows) <= 4
 
@@ -171,7 +171,7 @@ def test_all_false_keep_gives_zero_loss_and_clean_backward(tiny_module, name):
     keep = torch.zeros_like(stats.valid)
     for denominator in (keep.sum(), stats.valid.sum()):  # "kept" and "valid" normalisation
         result = kept_head_loss(student_hidden, teacher_hidden, keep, rollout, stats, module.student_head,
-                                module.teacher_head, DIVERGENCES[name](), denominator=denominator)
+                                module.placement.head, DIVERGENCES[name](), denominator=denominator)
         assert result.token_losses.shape == (0,)
         loss = result.loss
         assert loss.item() == 0.0

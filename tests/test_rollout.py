@@ -167,7 +167,7 @@ def run_step_stages(module, texts):
     stats = score(module, student_hidden, teacher_hidden, rollout)
     keep = module.select(stats)
     loss = kept_head_loss(student_hidden, teacher_hidden, keep, rollout, stats, module.student_head,
-                          module.teacher_head, module.divergence)
+                          module.placement.head, module.divergence)
     return rollout, stats, keep, loss.loss
 
 
@@ -231,7 +231,7 @@ def test_loss_inputs_from_eos_first_rollout_are_consistent(eos_first_module):
 
     student_hidden, teacher_hidden = response_hidden_states(module, rollout)
     kept_head_loss(student_hidden, teacher_hidden, keep, rollout, stats, module.student_head,
-                   module.teacher_head, Spy())
+                   module.placement.head, Spy())
     tokens = torch.cat([c.tokens for c in captured])
     assert torch.equal(tokens, rollout.response_ids[keep])
     torch.testing.assert_close(torch.cat([c.sampling_logp for c in captured]), rollout.sampling_logp[keep])

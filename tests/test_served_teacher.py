@@ -80,19 +80,35 @@ def test_tail_bucket_forward_kl_is_a_divergence_and_exact_for_a_complete_teacher
 # --------------------------------------------------------------------------------------------- declared needs
 @pytest.mark.parametrize("group", ["opdlab.selectors", "opdlab.divergences"])
 def test_every_registered_component_is_accepted_or_refused_by_its_declared_needs(group, tiny_checkpoints):
-    """A top-k placement takes a component iff it declares "topk" or less; the refusal is one line naming it."""
+    """A top-k placement takes a component iff it declares "topk" or less; the refusal is one line naming it. The
+    check runs once the placement has connected (what the server serves decides), before any weights load."""
     role = "selector" if group == "opdlab.selectors" else "divergence"
-    for name, plugin in plugins.discover(group).items():
-        component = plugin.cls()
-        need = component.teacher_needs
-        build = lambda: OPDModule(student=tiny_checkpoints.student, teacher="http://127.0.0.1:9/v1",  # noqa: E731
-                                  teacher_placement=VLLMServerTeacher(top_logprobs=4), **{role: component})
-        if need == "full":
-            with pytest.raises(TeacherNeedError, match=f"the {role} {type(component).__name__} needs") as err:
-                build()
-            assert "\n" not in str(err.value) and "top-4" in str(err.value), name
-        else:
-            build()  # nothing loads or connects at construction
+    with FakeVLLM(tiny_checkpoints.teacher, max_logprobs=8) as server:
+        for name, plugin in plugins.discover(group).items():
+            component = plugin.cls()
+            need = component.teacher_needs
+            module = OPDModule(student=tiny_checkpoints.student, teacher=server.url,
+                               teacher_placement=VLLMServerTeacher(top_logprobs=4), **{role: component})
+            if need == "full":
+                with pytest.raises(TeacherNeedError, match=f"the {role} {type(component).__name__} needs") as err:
+                    module.connect_teacher()
+                assert "\n" not in str(err.value) and "top-4" in str(err.value), name
+            else:
+                module.connect_teacher()
+            assert module.student is None  # refused or accepted: no weights loaded
+
+
+def test_a_server_that_sends_the_whole_vocabulary_serves_what_needs_it(tiny_checkpoints):
+    """The needs check runs after connect: top-20 covers the tiny vocabulary, the placement asks for all of it, and
+    reverse KL (which needs the whole distribution) is accepted; the same server asked for top-4 refuses it."""
+    with FakeVLLM(tiny_checkpoints.teacher, max_logprobs=-1) as server:
+        module = OPDModule(student=tiny_checkpoints.student, teacher=server.url, divergence=ReverseKL())
+        module.connect_teacher()
+        assert module.placement.signal.top_logprobs is None
+        refused = OPDModule(student=tiny_checkpoints.student, teacher=server.url, divergence=ReverseKL(),
+                            teacher_placement=VLLMServerTeacher(top_logprobs=4))
+        with pytest.raises(TeacherNeedError, match="needs the teacher's whole distribution"):
+            refused.connect_teacher()
 
 
 def test_needs_follow_options_not_names():
@@ -103,7 +119,7 @@ def test_needs_follow_options_not_names():
 
 
 def test_placement_and_teacher_string_must_agree(tiny_checkpoints):
-    with pytest.raises(ValueError, match="is a URL, and the local teacher placement loads a model"):
+    with pytest.raises(ValueError, match="is an address, and the local teacher placement loads a model"):
         OPDModule(student=tiny_checkpoints.student, teacher="http://127.0.0.1:9/v1", teacher_placement=LocalTeacher())
     with pytest.raises(ValueError, match="needs --model.teacher to be the server's URL"):
         OPDModule(student=tiny_checkpoints.student, teacher=tiny_checkpoints.teacher,

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from opdlab.diagnostics.probe import token_stats
 from opdlab.engines import SamplingParams
 from opdlab.rollout import Rollout, derive_seed, encode_prompts
 from opdlab.selectors.base import Normalization, normalize_scores
@@ -105,7 +106,7 @@ def score_bank(module, parts: list[Rollout], top_k: int, device: torch.device, d
     with tqdm(total=sum(p.response_mask.shape[0] for p in parts), desc=desc, unit="ctx") as bar:
         for part in parts:
             rollout = rollout_to(part, device)
-            st = module.token_stats(rollout, top_k=top_k, full_kl=True, full_entropy=True)
+            st = token_stats(module, rollout, top_k=top_k, full_kl=True, full_entropy=True)
             valid = st.valid
             n, length = valid.shape
             context = torch.arange(first_context, first_context + n, device=valid.device)[:, None].expand(n, length)

@@ -13,12 +13,13 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
-from opdlab.teachers.rows import TopLogprobs
-from opdlab.teachers.signal import TeacherNeed
+if TYPE_CHECKING:  # annotations only: the interface imports no teacher code
+    from opdlab.teachers.rows import TopLogprobs
+    from opdlab.teachers.signal import TeacherNeed
 
 
 @dataclass

@@ -5,14 +5,20 @@ in every training process, exact; the default) and `vllm_server` (a vLLM server'
 Plugins add placements through the entry-point group `opdlab.teacher_placements`.
 """
 
-from opdlab.teachers.base import PendingTeacher, TeacherLoadOptions, TeacherPlacement, default_placement, is_url
+from opdlab.teachers.base import (PendingTeacher, TeacherError, TeacherLoadOptions, TeacherPlacement, has_scheme,
+                                  is_url)
 from opdlab.teachers.local import LocalTeacher
-from opdlab.teachers.rows import DenseRows, HeadRows, SparseRows, TeacherRows, TopLogprobs
+from opdlab.teachers.rows import DenseRows, ExactRows, HeadRows, SparseRows, TeacherRows, TopLogprobs
 from opdlab.teachers.signal import TeacherNeedError, TeacherSignal, check_teacher_needs
 from opdlab.teachers.vllm_server import TeacherServerError, VLLMServerTeacher
 
 __all__ = [
-    "DenseRows", "HeadRows", "LocalTeacher", "PendingTeacher", "SparseRows", "TeacherLoadOptions", "TeacherNeedError",
-    "TeacherPlacement", "TeacherRows", "TeacherServerError", "TeacherSignal", "TopLogprobs", "VLLMServerTeacher",
-    "check_teacher_needs", "default_placement", "is_url",
+    "DenseRows", "ExactRows", "HeadRows", "LocalTeacher", "PendingTeacher", "SparseRows", "TeacherError",
+    "TeacherLoadOptions", "TeacherNeedError", "TeacherPlacement", "TeacherRows", "TeacherServerError", "TeacherSignal",
+    "TopLogprobs", "VLLMServerTeacher", "check_teacher_needs", "has_scheme", "is_url",
 ]
+
+# Moved after 0.2.0 (discovery sits above the placements it discovers); the old path warns and works for one release.
+from opdlab._deprecation import moved_names  # noqa: E402
+
+__getattr__ = moved_names(__name__, {"default_placement": "opdlab.plugins:default_placement"})

@@ -117,9 +117,11 @@ def error_message(raw: bytes) -> str:
     return str(body)[:300]
 
 
-def with_retries(call, clients: list[JsonClient], start: int, retries: int, backoff_s: float):
+def with_retries(call, clients: list[JsonClient], start: int, retries: int, backoff_s: float,
+                 stop: threading.Event | None = None):
     """`call(client)` on clients[start], then, after a retryable failure, on the next client round-robin, at most
-    `retries` more times with exponential back-off. Returns (result, retries used); raises the last error."""
+    `retries` more times with exponential back-off. Returns (result, retries used); raises the last error, at once
+    when `stop` is set (the placement is closing)."""
     attempt = 0
     while True:
         client = clients[(start + attempt) % len(clients)]
@@ -128,7 +130,10 @@ def with_retries(call, clients: list[JsonClient], start: int, retries: int, back
         except (Unreachable, ServerError) as err:
             if isinstance(err, ServerError) and not err.retryable:
                 raise
-            if attempt >= retries:
+            if attempt >= retries or (stop is not None and stop.is_set()):
                 raise
-        time.sleep(backoff_s * 2**attempt)
+        if stop is not None and stop.wait(backoff_s * 2**attempt):
+            raise Unreachable("the teacher placement was closed while a request waited to be retried")
+        if stop is None:
+            time.sleep(backoff_s * 2**attempt)
         attempt += 1

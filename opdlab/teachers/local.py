@@ -12,7 +12,7 @@ import torch
 from opdlab.heads import LogitHead
 from opdlab.models import check_tokenizers_compatible, check_vocab_sizes, final_hidden_states, freeze, load_causal_lm, load_tokenizer
 from opdlab.rollout import PromptBatch, Rollout, response_positions, sample_rollouts
-from opdlab.teachers.base import PendingTeacher, TeacherLoadOptions, TeacherPlacement, is_url
+from opdlab.teachers.base import PendingTeacher, TeacherLoadOptions, TeacherPlacement, has_scheme
 from opdlab.teachers.rows import HeadRows
 from opdlab.teachers.signal import TeacherSignal
 
@@ -25,10 +25,15 @@ class LocalTeacher(TeacherPlacement):
     def __init__(self) -> None:
         self.model = self.head = self.path = None
 
+    @classmethod
+    def accepts(cls, teacher: str) -> bool:
+        return not has_scheme(teacher)
+
     def check_spec(self, teacher: str) -> None:
-        if is_url(teacher):
-            raise ValueError(f"teacher {teacher!r} is a URL, and the local teacher placement loads a model; leave "
-                             "--model.teacher_placement unset (a URL selects vllm_server) or name a checkpoint")
+        if has_scheme(teacher):
+            raise ValueError(f"teacher {teacher!r} is an address, and the local teacher placement loads a model; leave "
+                             "--model.teacher_placement unset (the placement that accepts the address is chosen) or "
+                             "name a checkpoint")
 
     @property
     def signal(self) -> TeacherSignal:

@@ -10,6 +10,7 @@ a server that sends its top-k log-probs gives "topk" (docs/method.md §2.6).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -51,9 +52,11 @@ def need_of(component) -> str:
     return need
 
 
-def check_teacher_needs(signal: TeacherSignal, placement: str, **components) -> None:
+def check_teacher_needs(signal: TeacherSignal, placement: str, *, suggest: Callable[[str], str] | None = None,
+                        **components) -> None:
     """Refuse, in one line, a component (`selector=...`, `divergence=...`) that needs more than `signal`; a
-    selector that needs the teacher's top-K lists also needs k >= its K."""
+    selector that needs the teacher's top-K lists also needs k >= its K. `suggest(role)` names the components of
+    that role that would do (the module passes `opdlab.plugins.alternatives`)."""
     for role, component in components.items():
         need = need_of(component)
         name = type(component).__name__
@@ -61,7 +64,7 @@ def check_teacher_needs(signal: TeacherSignal, placement: str, **components) -> 
             raise TeacherNeedError(
                 f"the {role} {name} needs the teacher's whole distribution, and the {placement} teacher placement "
                 f"sends its top-{signal.top_logprobs} log-probs per position; use a {role} that needs less "
-                f"({alternatives(role)}), or serve the whole vocabulary (vLLM: --max-logprobs -1, and "
+                f"({suggest(role) if suggest else 'see `opdlab plugins`'}), or serve the whole vocabulary (vLLM: --max-logprobs -1, and "
                 "--model.teacher_placement.top_logprobs full), or use a local teacher")
         k = getattr(component, "top_k", None)
         if (signal.top_logprobs is not None and getattr(component, "needs_topk_lists", False) and k
@@ -69,21 +72,3 @@ def check_teacher_needs(signal: TeacherSignal, placement: str, **components) -> 
             raise TeacherNeedError(
                 f"the {role} {name} reads the teacher's top-{k} lists, and the {placement} teacher placement sends "
                 f"{signal.top_logprobs} log-probs per position; set --model.teacher_placement.top_logprobs {k} or more")
-
-
-def alternatives(role: str) -> str:
-    """The registered components of `role` that a top-k teacher can serve (their declared needs decide)."""
-    from opdlab import plugins
-
-    group = {"selector": "opdlab.selectors", "divergence": "opdlab.divergences"}.get(role)
-    if group is None:
-        return "see `opdlab plugins`"
-    names = []
-    for name, plugin in sorted(plugins.discover(group).items()):
-        try:
-            instance = plugin.cls()
-        except Exception:  # noqa: BLE001 - a plugin whose defaults cannot be built is just not suggested
-            continue
-        if NEEDS.index(need_of(instance)) <= NEEDS.index("topk"):
-            names.append(name)
-    return "those that work with a top-k teacher: " + ", ".join(names) if names else "see `opdlab plugins`"

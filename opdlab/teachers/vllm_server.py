@@ -26,10 +26,9 @@ from typing import Literal
 
 import torch
 
-from opdlab.console import OpdlabError
 from opdlab.distributed import rank
 from opdlab.rollout import PromptBatch, Rollout
-from opdlab.teachers.base import PendingTeacher, TeacherPlacement
+from opdlab.teachers.base import PendingTeacher, TeacherError, TeacherPlacement, is_url
 from opdlab.teachers.http import JsonClient, ServerError, Unreachable, split_url, with_retries
 from opdlab.teachers.rows import DenseRows, SparseRows, TeacherRows, TopLogprobs
 from opdlab.teachers.signal import TeacherSignal
@@ -37,7 +36,7 @@ from opdlab.teachers.signal import TeacherSignal
 START = "python -m vllm.entrypoints.openai.api_server --model <teacher> --max-logprobs {k}"
 
 
-class TeacherServerError(OpdlabError, RuntimeError):
+class TeacherServerError(TeacherError):
     """A teacher server is unusable (refused before training) or stopped answering (during it)."""
 
 
@@ -87,11 +86,21 @@ class VLLMServerTeacher(TeacherPlacement):
         self.clients: list[JsonClient] = []
         self.served: list[str] = []
         self.pool: ThreadPoolExecutor | None = None
+        self.stop = threading.Event()  # set by close(): retries and waits end, queued requests are cancelled
         self.server_vocab: int | None = None
         self.counts = {"wire_bytes": 0, "tokens": 0, "requests": 0, "retries": 0, "wait_s": 0.0}
         self.lock = threading.Lock()  # request threads add to `counts`
 
     # ----------------------------------------------------------------------------- set-up
+    @classmethod
+    def accepts(cls, teacher: str) -> bool:
+        urls = [u for u in teacher.split(",") if u.strip()]
+        return bool(urls) and all(is_url(u) for u in urls)
+
+    @classmethod
+    def for_needs(cls, need: str) -> VLLMServerTeacher:
+        return cls(top_logprobs="full") if need == "full" else cls()
+
     @property
     def signal(self) -> TeacherSignal:
         return TeacherSignal(top_logprobs=None if self.top_logprobs == "full" else self.top_logprobs)
@@ -118,7 +127,6 @@ class VLLMServerTeacher(TeacherPlacement):
         if len(set(self.served)) > 1:
             raise TeacherServerError(f"the teacher servers serve different models ({', '.join(self.served)}); "
                                      "every server in --model.teacher must serve the same teacher")
-        self.pool = ThreadPoolExecutor(self.max_concurrency, thread_name_prefix="opdlab-teacher")
 
     def check_server(self, client: JsonClient, tokenizer, max_sequence_len: int) -> str:
         """Identity and limits of one server; returns the name it serves the teacher under."""
@@ -241,8 +249,11 @@ class VLLMServerTeacher(TeacherPlacement):
         return sorted(choices, key=lambda c: c.get("index", 0)), reply.wire_bytes
 
     def request(self, rollout: Rollout) -> ServedPending:
-        if self.pool is None:
+        if not self.clients:
             raise RuntimeError("the vllm_server teacher is not connected (connect() was not called)")
+        if self.pool is None:  # first request, or the first after close()
+            self.stop.clear()
+            self.pool = ThreadPoolExecutor(self.max_concurrency, thread_name_prefix="opdlab-teacher")
         p = rollout.prompt_len
         real = rollout.attention_mask[:, :p].sum(1).tolist()
         lengths = rollout.response_mask.sum(1).tolist()
@@ -251,14 +262,23 @@ class VLLMServerTeacher(TeacherPlacement):
         groups = [work[s : s + self.rows_per_request] for s in range(0, len(work), self.rows_per_request)]
         start = rank()
         futures = [self.pool.submit(self.fetch, group, start + j) for j, group in enumerate(groups)]
-        return ServedPending(self, rollout.response_mask.shape, futures)
+        return ServedPending(self, rollout.response_mask.shape, futures, rollout.input_ids.device)
+
+    def close(self) -> None:
+        """Stop retries and waits, cancel the requests not yet sent, and let the threads end (a request already on
+        the wire ends within its timeout_s, and is not retried)."""
+        self.stop.set()
+        pool, self.pool = self.pool, None
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
 
     def fetch(self, group: list[tuple[int, list[int], int]], start: int) -> list[tuple[int, object]]:
         """One request's rows, parsed: [(row, per-position teacher data)]."""
         name = self.served[0]
         try:
             (choices, wire), retries = with_retries(lambda c: self.post_logprobs(c, name, [g[1] for g in group]),
-                                                    self.clients, start, self.max_retries, self.retry_backoff_s)
+                                                    self.clients, start, self.max_retries, self.retry_backoff_s,
+                                                    self.stop)
         except (ServerError, Unreachable) as err:
             if isinstance(err, ServerError) and not err.retryable:
                 raise TeacherServerError(f"the teacher server refused a request ({err})") from None
@@ -316,7 +336,7 @@ class VLLMServerTeacher(TeacherPlacement):
             part = sequences[s : s + self.rows_per_request]
             try:
                 reply, _ = with_retries(lambda c, part=part: c.call("POST", "/completions", {**body, "prompt": part}),
-                                        self.clients, rank(), self.max_retries, self.retry_backoff_s)
+                                        self.clients, rank(), self.max_retries, self.retry_backoff_s, self.stop)
             except (ServerError, Unreachable) as err:
                 raise TeacherServerError(f"the teacher server failed to generate: {err}") from None
             outputs += [c.get("token_ids") or [] for c in sorted(reply.body["choices"], key=lambda c: c.get("index", 0))]
@@ -334,30 +354,43 @@ class VLLMServerTeacher(TeacherPlacement):
         return f"teacher: {self.served[0] if self.served else '?'} on vLLM server(s) {urls}; {self.signal.describe()}"
 
     def __getstate__(self) -> dict:  # connections and threads do not travel (deepcopy, spawn)
-        return {**self.__dict__, "clients": [], "pool": None, "lock": None}
+        return {**self.__dict__, "clients": [], "pool": None, "lock": None, "stop": None}
 
     def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state, lock=threading.Lock())
+        self.__dict__.update(state, lock=threading.Lock(), stop=threading.Event())
 
 
 class ServedPending(PendingTeacher):
-    """A rollout's requests in flight; `rows` waits for them (once) and lays the answers on the (N, L) grid."""
+    """A rollout's requests in flight; `rows` waits for them (once) and lays the answers on the (N, L) grid, on
+    the rollout's device."""
 
-    def __init__(self, teacher: VLLMServerTeacher, shape: torch.Size, futures: list) -> None:
-        self.teacher, self.shape, self.futures = teacher, tuple(shape), futures
+    def __init__(self, teacher: VLLMServerTeacher, shape: torch.Size, futures: list, device: torch.device) -> None:
+        self.teacher, self.shape, self.futures, self.device = teacher, tuple(shape), futures, device
         self.grid: TeacherRows | None = None
 
     def rows(self, rows: slice) -> TeacherRows:
         if self.grid is None:
             started = time.perf_counter()
-            parsed = [item for future in self.futures for item in future.result()]
+            parsed = self.answers()
             self.teacher.count(wait_s=time.perf_counter() - started)
-            self.grid = self.lay_out(parsed)
+            self.grid = self.lay_out(parsed).to(self.device)
         length = self.shape[1]
         return self.grid[slice(rows.start * length, rows.stop * length)]
 
+    def answers(self) -> list[tuple[int, object]]:
+        """Every request's parsed rows; the first failure cancels the requests not yet sent and stops the
+        retries of the others before it is raised (the step ends without waiting them out)."""
+        try:
+            return [item for future in self.futures for item in future.result()]
+        except BaseException:
+            for future in self.futures:
+                future.cancel()
+            self.teacher.stop.set()
+            raise
+
     def lay_out(self, parsed: list[tuple[int, object]]) -> TeacherRows:
-        """The answers as (N · L, ...) tensors, zero (unknown) at the positions no answer covers."""
+        """The answers as (N · L, ...) CPU tensors (filled element by element), zero (unknown) at the positions no
+        answer covers; `rows` moves them to the rollout's device in one copy each."""
         n, length = self.shape
         teacher = self.teacher
         if teacher.top_logprobs == "full":
@@ -399,15 +432,16 @@ def same_model_keys(name: str | None) -> set[str]:
 
 
 def greedy_rollout(prompts: PromptBatch, outputs: list[list[int]], eos: int, pad: int) -> Rollout:
-    """A Rollout from generated token ids (cut after the first EOS), padded to the longest."""
+    """A Rollout from generated token ids (cut after the first EOS), padded to the longest, on the prompts' device."""
     cut = [out[: out.index(eos) + 1] if eos in out else out for out in outputs]
     length = max((len(c) for c in cut), default=0) or 1
-    response = torch.full((len(cut), length), pad, dtype=torch.long)
-    mask = torch.zeros(len(cut), length, dtype=torch.bool)
+    device = prompts.input_ids.device
+    response = torch.full((len(cut), length), pad, dtype=torch.long, device=device)
+    mask = torch.zeros(len(cut), length, dtype=torch.bool, device=device)
     for i, c in enumerate(cut):
         response[i, : len(c)] = torch.tensor(c, dtype=torch.long)
         mask[i, : len(c)] = True
     return Rollout(input_ids=torch.cat([prompts.input_ids, response], 1),
                    attention_mask=torch.cat([prompts.attention_mask, mask.long()], 1), response_mask=mask,
-                   sampling_logp=torch.zeros(len(cut), length), prompt_len=prompts.input_ids.shape[1],
+                   sampling_logp=torch.zeros(len(cut), length, device=device), prompt_len=prompts.input_ids.shape[1],
                    answers=list(prompts.answers))
