@@ -19,6 +19,15 @@ from opdlab.sharding import shard_model
 SMALL_MODEL_PARAMETERS = 50_000_000  # below this (student + teacher), one CPU thread: see choose_cpu_threads
 
 
+def check_engine_takes_adapter(engine, adapter: AdapterOptions) -> None:
+    """A LoRA student needs a rollout engine that generates with the adapted student."""
+    if adapter.enabled and not engine.loads_adapters:
+        raise ValueError(f"student_adapter options need a rollout engine that generates with an adapted student; "
+                         f"{type(engine).__name__} does not declare loads_adapters = True (see "
+                         "opdlab.engines.RolloutEngine.loads_adapters): use --model.rollout_engine static, reference "
+                         "or vllm, or drop the student_adapter options")
+
+
 def build_student(path: str, memory: MemoryOptions, adapter: AdapterOptions, seed: int):
     """The trainable student in train mode: its weights in `memory.student_dtype`, with a new LoRA adapter when
     `adapter` is enabled (initialised from `seed`, the global RNG streams untouched) and gradient checkpointing

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from opdlab.chunks import SCORE_CHUNK_ROWS
 from opdlab.diagnostics.bank import (
     BankOptions,
     bank_counts,
@@ -139,7 +140,7 @@ def diagnose(
     save_student: bool = True,
     student_dtype: str = "float32",
     teacher_dtype: str = "float32",
-    chunk_size: int = 1024,
+    chunk_size: int = SCORE_CHUNK_ROWS,
 ) -> dict:
     """The fixed-context diagnostic: does a token's θ0 teachability predict how much OPD improves it?
 

@@ -1,21 +1,12 @@
-"""The LightningModule: a trainable student and a frozen teacher, one OPD step per batch.
+"""The LightningModule: a trainable student and a frozen teacher, one OPD step per batch. `training_step` reads as
+docs/method.md §1: prompts --rollout--> Rollout --score--> TokenStats --select--> keep mask --loss--> scalar.
 
-`training_step` reads as the data-flow diagram of docs/method.md §1:
-
-    prompts --rollout--> Rollout --score--> TokenStats --select--> keep mask --loss--> scalar
-
-The student runs one forward to its final hidden states; selection statistics come from the LM heads
-applied chunk by chunk without grad; the head loss (`opdlab.loss.head_loss`) then applies the student
-head with grad to the kept rows only. How a step runs (micro-batches, chunk sizes, whether scoring and
-loss share a projection) is decided once per step by `opdlab.step.plan_step`, and its paths are the
-functions of `opdlab.step`. Building the models lives in `opdlab.building`, export in `opdlab.export`,
-what a checkpoint holds in `opdlab.student_checkpoint`, the run's warnings in `opdlab.run_warnings`.
+How a step runs is decided once by `opdlab.step.plan_step`, and its paths are the functions of `opdlab.step`.
+Building the models: `opdlab.building`; export: `opdlab.export`; checkpoints: `opdlab.student_checkpoint`; the
+run's warnings: `opdlab.run_warnings`; the teacher's calls: `opdlab.teachers.session`.
 """
 
 from __future__ import annotations
-
-import dataclasses
-from dataclasses import dataclass, replace
 
 import lightning as L
 import torch
@@ -34,34 +25,16 @@ from opdlab.evaluation import verified
 from opdlab.export import export_student
 from opdlab.heads import LogitHead
 from opdlab.models import final_hidden_states, load_tokenizer
-from opdlab.options import MemoryOptions, RolloutOptions, TrainingOptions
+from opdlab.options import MemoryOptions, RolloutOptions, TrainingOptions, as_options
 from opdlab.plugins import alternatives, default_placement
 from opdlab.rollout import PromptBatch, Rollout, derive_seed, encode_prompts, response_positions
 from opdlab.run_warnings import NonFiniteGuard, NonFiniteTraining, RunWarnings, stage_name  # noqa: F401 (re-export)
 from opdlab.scoring import TokenStats
 from opdlab.selectors import FullSelector, TokenSelector
-from opdlab.step import Hidden, StepPlan, plan_step
+from opdlab.step import Hidden, StepPlan, StepRecord, plan_step
 from opdlab.teachers import TeacherLoadOptions, TeacherPlacement, check_teacher_needs
 from opdlab.teachers.session import TeacherSession
 from opdlab.timing import StageTimer
-
-
-@dataclass
-class StepRecord:
-    """What one training step selected, handed to callbacks as `outputs["record"]` (no hidden states or
-    logits are kept)."""
-
-    rollout: Rollout
-    stats: TokenStats
-    keep: torch.Tensor  # (N, L) bool
-    seconds: dict[str, float]
-    plan: StepPlan
-
-
-def as_options(cls, value):
-    """A private copy of an options group, from the group itself, a dict (a checkpoint's saved
-    hyperparameters) or None (the defaults)."""
-    return cls() if value is None else cls(**value) if isinstance(value, dict) else dataclasses.replace(value)
 
 
 def default_optimizer(params) -> torch.optim.Optimizer:
@@ -129,11 +102,7 @@ class OPDModule(L.LightningModule):
         self.teacher_session = TeacherSession(self.placement, self.stage_name)
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.rollout_engine = rollout_engine if rollout_engine is not None else StaticCacheEngine()
-        if self.adapter_options.enabled and not self.rollout_engine.loads_adapters:
-            raise ValueError(f"student_adapter options need a rollout engine that generates with an adapted student; "
-                             f"{type(self.rollout_engine).__name__} does not declare loads_adapters = True (see "
-                             "opdlab.engines.RolloutEngine.loads_adapters): use --model.rollout_engine static, reference "
-                             "or vllm, or drop the student_adapter options")
+        building.check_engine_takes_adapter(self.rollout_engine, self.adapter_options)
         self.engine_weights_stale = True  # the engine takes the student's weights before its next rollout
         self.student = self.teacher = self.tokenizer = None
         self.val_accuracy, self.teacher_accuracy = MeanMetric(), MeanMetric()
@@ -228,7 +197,7 @@ class OPDModule(L.LightningModule):
         behind during training), so step 50's loss and the validation after it both sit at 50, as the console
         says. A skipped update does not advance global_step, hence + 1 then."""
         self.log("step", float(self.global_step + (0 if stepped else 1)), batch_size=1)
-        self.log("train/skipped_steps", float(self.skipped_steps), batch_size=1)
+        self.log("train/skipped_steps", float(self.guard.skipped), batch_size=1)
 
     def log_step(self, loss: torch.Tensor, seconds: dict[str, float], rows: int) -> None:
         self.log("train/loss", loss, prog_bar=True, batch_size=rows)
@@ -270,9 +239,7 @@ class OPDModule(L.LightningModule):
 
     def prompt_seeds(self, batch: dict) -> list[int] | None:
         """One sampling seed per prompt, from its stream index: samples do not depend on batch splits."""
-        if "indices" not in batch:
-            return None
-        return [derive_seed(self.training_options.seed, int(i)) for i in batch["indices"]]
+        return [derive_seed(self.training_options.seed, int(i)) for i in batch["indices"]] if "indices" in batch else None
 
     def rollout(self, prompts: PromptBatch, greedy: bool = False, seeds: list[int] | None = None) -> Rollout:
         """The student's responses with this run's sampling settings (greedy: one each, temperature 0)."""
@@ -340,14 +307,6 @@ class OPDModule(L.LightningModule):
         """Agree across ranks whether this step is finite; count, warn, and stop after too many in a row."""
         return self.guard.skip(finite, what, self.global_step, self.stage_name(), self.device)
 
-    @property
-    def skipped_steps(self) -> int:
-        return self.guard.skipped
-
-    @skipped_steps.setter
-    def skipped_steps(self, value: int) -> None:
-        self.guard.skipped = value
-
     # ----------------------------------------------------------------------------- evaluation
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         prompts = self.encode(batch)
@@ -392,21 +351,14 @@ class OPDModule(L.LightningModule):
         return gen
 
     def configure_optimizers(self):
-        try:
-            # The trainable parameters only: with an adapter, the frozen base gets no optimizer state.
-            optimizer = self.optimizer_factory([p for p in self.student.parameters() if p.requires_grad])
-        except (ValueError, TypeError) as err:  # torch's own checks (e.g. "Invalid learning rate: -0.1")
-            raise ValueError(f"--model.optimizer: {err}; fix its init_args (e.g. --model.optimizer.init_args.lr)") from err
-        if self.scheduler_factory is None:
-            return optimizer
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer), "interval": "step"}}
+        return step.configure_optimizers(self.optimizer_factory, self.scheduler_factory, self.student.parameters())
 
     def configure_callbacks(self) -> list:
         return [TeacherLifetime()]  # closes the teacher placement at the end, on failure and on Ctrl-C
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         kept = student_checkpoint.saved_student_keys(self.student, self.state_dict())
-        student_checkpoint.strip_to_student(checkpoint, kept, self.skipped_steps,
+        student_checkpoint.strip_to_student(checkpoint, kept, self.guard.skipped,
                                             student_checkpoint.adapter_signature(self.student))
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
@@ -415,7 +367,7 @@ class OPDModule(L.LightningModule):
         student_checkpoint.check_fits(checkpoint, kept, student_checkpoint.adapter_signature(self.student))
         if "opdlab" in checkpoint:
             restore_rng_state(checkpoint["opdlab"]["rng"])
-            self.skipped_steps = checkpoint["opdlab"]["skipped_steps"]
+            self.guard.skipped = checkpoint["opdlab"]["skipped_steps"]
 
     def export_student(self, path: str) -> None:
         """Save the student as a plain HF checkpoint (with its tokenizer), or its adapter. Call on every rank."""

@@ -5,12 +5,16 @@ Each group checks its own values at construction, before any model loads, and sa
 
 from __future__ import annotations
 
+import dataclasses
+
 import math
 from dataclasses import dataclass
 from typing import Literal
 
+from opdlab.chunks import SCORE_CHUNK_ROWS
 from opdlab.models import DTYPES
-from opdlab.step import LossNormalization
+
+LossNormalization = Literal["kept", "valid"]  # the loss's denominator: kept or valid tokens of the whole batch
 
 
 @dataclass
@@ -67,7 +71,7 @@ class MemoryOptions:
             well as the teacher; the teacher is always sharded there.
     """
 
-    chunk_size: int = 256
+    chunk_size: int = SCORE_CHUNK_ROWS
     micro_batch_size: int | None = None
     gradient_checkpointing: bool = False
     student_dtype: str = "float32"
@@ -111,3 +115,9 @@ class TrainingOptions:
         if self.max_bad_steps < 0:
             raise ValueError(f"training.max_bad_steps must be >= 0 (0: stop at the first non-finite step), "
                              f"got {self.max_bad_steps}")
+
+
+def as_options(cls, value):
+    """A private copy of an options group, from the group itself, a dict (a checkpoint's saved
+    hyperparameters) or None (the defaults)."""
+    return cls() if value is None else cls(**value) if isinstance(value, dict) else dataclasses.replace(value)

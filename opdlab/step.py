@@ -15,7 +15,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 
@@ -24,6 +23,7 @@ from opdlab.distributed import all_reduce_sum, gather_stats, world_size
 from opdlab.divergences.base import Divergence
 from opdlab.heads import LogitHead
 from opdlab.loss import HeadLoss, head_loss, kept_rows
+from opdlab.options import LossNormalization
 from opdlab.rollout import Rollout
 from opdlab.scoring import TokenStats, compute_token_stats, scatter_rows
 from opdlab.selectors.base import TokenSelector
@@ -31,7 +31,6 @@ from opdlab.teachers.rows import TeacherRows
 
 Hidden = list[tuple[torch.Tensor, TeacherRows]]  # per micro-batch: the student's (n, L, H) hidden states, the teacher's rows
 
-LossNormalization = Literal["kept", "valid"]
 
 
 @dataclass(frozen=True)
@@ -138,6 +137,18 @@ def global_loss(local: torch.Tensor) -> torch.Tensor:
     return all_reduce_sum(local.detach()) / world_size()
 
 
+@dataclass
+class StepRecord:
+    """What one training step selected, handed to callbacks as `outputs["record"]` (no hidden states or
+    logits are kept)."""
+
+    rollout: Rollout
+    stats: TokenStats
+    keep: torch.Tensor  # (N, L) bool
+    seconds: dict[str, float]
+    plan: StepPlan
+
+
 # ----------------------------------------------------------------------------------------- the step's paths
 def score(hidden: Hidden, rollout: Rollout, plan: StepPlan, student_head: LogitHead, scoring: Scoring) -> TokenStats:
     """The statistics of every valid position, without grad, micro-batch by micro-batch."""
@@ -215,3 +226,15 @@ def optimizer_step(optimizer, scheduler, parameters, max_norm: float | None,
     if scheduler is not None:
         scheduler.step()
     return norm
+
+
+def configure_optimizers(optimizer_factory, scheduler_factory, parameters):
+    """The optimizer over the trainable parameters only (with an adapter the frozen base gets no optimizer state),
+    and its scheduler stepped every optimizer step; torch's own refusals name the option to fix."""
+    try:
+        optimizer = optimizer_factory([p for p in parameters if p.requires_grad])
+    except (ValueError, TypeError) as err:  # torch's own checks (e.g. "Invalid learning rate: -0.1")
+        raise ValueError(f"--model.optimizer: {err}; fix its init_args (e.g. --model.optimizer.init_args.lr)") from err
+    if scheduler_factory is None:
+        return optimizer
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler_factory(optimizer), "interval": "step"}}

@@ -57,7 +57,7 @@ def fit(tiny_checkpoints, bad_steps, max_steps, max_bad_steps=2):
 def test_a_nan_teacher_step_is_skipped_and_counted(tiny_checkpoints):
     with pytest.warns(UserWarning, match=rf"non-finite teacher log-probs \(teacher {tiny_checkpoints.teacher}\)"):
         module, trainer = fit(tiny_checkpoints, bad_steps={1}, max_steps=3)
-    assert module.skipped_steps == 1
+    assert module.guard.skipped == 1
     assert trainer.global_step == 3  # the skipped batch did not count as an optimizer step
     assert all(torch.isfinite(p).all() for p in module.student.parameters())
 
@@ -74,15 +74,15 @@ def test_checkpoint_carries_rng_and_skip_counter(tiny_checkpoints):
 
     module = OPDModule(student=tiny_checkpoints.student, teacher=tiny_checkpoints.teacher)
     module.configure_model()
-    module.skipped_steps = 3
+    module.guard.skipped = 3
     checkpoint = {"state_dict": module.state_dict()}
     module.on_save_checkpoint(checkpoint)
     expected = (torch.rand(3), random.random(), np.random.rand())
-    module.skipped_steps = 0
+    module.guard.skipped = 0
     module.on_load_checkpoint(checkpoint)  # rewinds the global RNGs to the save point
     assert torch.equal(torch.rand(3), expected[0])
     assert random.random() == expected[1] and np.random.rand() == expected[2]
-    assert module.skipped_steps == 3
+    assert module.guard.skipped == 3
 
 
 def test_non_finite_weights_are_refused_at_load_naming_the_model(tiny_checkpoints, tmp_path):

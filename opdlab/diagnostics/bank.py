@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from opdlab.chunks import TOP_K
 from opdlab.diagnostics.probe import token_stats
 from opdlab.engines import SamplingParams
 from opdlab.rollout import Rollout, derive_seed, encode_prompts
@@ -40,7 +41,7 @@ class BankOptions:
 
     contexts: int = 300
     max_response_tokens: int = 192
-    top_k: int = 16
+    top_k: int = TOP_K
     temperature: float = 1.0
     seed: int = 0
     prompt_offset: int = 1_000_000

@@ -18,6 +18,7 @@ from typing import ClassVar, Literal
 import torch
 
 from opdlab import maths
+from opdlab.chunks import TOP_K
 from opdlab.scoring import TokenStats
 
 Normalization = Literal["quantile", "minmax", "none"]
@@ -98,7 +99,7 @@ class TokenSelector(ABC):
             tokens) over the batch, so some responses get no loss at all.
     """
 
-    top_k: int = 16
+    top_k: int = TOP_K
     needs_full_kl: ClassVar[bool] = False
     needs_full_entropy: ClassVar[bool] = False
     needs_topk_lists: ClassVar[bool] = False
@@ -143,7 +144,7 @@ class FeatureSelector(TokenSelector):
         per_response_floor: keep at least one position of every non-empty response (see `TokenSelector`).
     """
 
-    def __init__(self, ratio: float = 0.05, top_k: int = 16, normalization: Normalization = "quantile",
+    def __init__(self, ratio: float = 0.05, top_k: int = TOP_K, normalization: Normalization = "quantile",
                  per_response_floor: bool = True) -> None:
         super().__init__(ratio, per_response_floor)
         self.top_k, self.normalization = check_top_k(top_k), check_normalization(normalization)

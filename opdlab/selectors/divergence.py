@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from opdlab.chunks import TOP_K
 from opdlab.scoring import TokenStats
 from opdlab.selectors.base import Normalization, TokenSelector, check_normalization, check_top_k, normalize_scores
 
@@ -20,7 +21,7 @@ class DivergenceSelector(TokenSelector):
     """
 
     def __init__(
-        self, ratio: float = 0.05, top_k: int = 16, full_vocab: bool = False, normalization: Normalization = "quantile",
+        self, ratio: float = 0.05, top_k: int = TOP_K, full_vocab: bool = False, normalization: Normalization = "quantile",
         per_response_floor: bool = True,
     ) -> None:
         super().__init__(ratio, per_response_floor)
