@@ -564,7 +564,7 @@ def compare(
 def check_eval_config(path: str) -> dict:
     """The evaluation settings every run will use: read and checked (its benchmark files too) before any run.
     Returns their `eval_fingerprint`."""
-    from opdlab.eval_cli import EvalError, load_benchmark
+    from opdlab.evaluation import EvalError, load_benchmark
 
     options = read_eval_options(path)
     try:
@@ -580,7 +580,7 @@ def check_eval_config(path: str) -> dict:
 
 def read_eval_options(path: str):
     """The `EvalOptions` of an `opdlab eval` settings file, or one line saying what is wrong with it."""
-    from opdlab.eval_cli import EvalOptions
+    from opdlab.evaluation import EvalOptions
 
     file = Path(path)
     if not file.is_file():
@@ -619,7 +619,7 @@ def content_digest(path: str) -> str:
     for a `toy:` set or a hub id, the name itself."""
     import hashlib
 
-    from opdlab.eval_cli import hash_file_into
+    from opdlab.evaluation import hash_file_into
 
     local = Path(path)
     if path.startswith("toy:") or not local.exists():

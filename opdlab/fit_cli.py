@@ -19,8 +19,8 @@ from opdlab.callbacks import FitSummary, RolloutSamples, SelectionMetrics, Teach
 from opdlab.callbacks.interrupt import SaveOnInterrupt
 from opdlab.console import refuse_in_one_line, silence_lightning_noise, stop_signals
 from opdlab.data import PromptDataModule
-from opdlab.eval_cli import EvalOptions, load_benchmark, replacing_lists, response_limits
-from opdlab.eval_cli import check_config_files as check_eval_settings_files
+from opdlab.evaluation import EvalOptions, load_benchmark, replacing_lists, response_limits
+from opdlab.evaluation import check_config_files as check_eval_settings_files
 from opdlab.module import OPDModule
 from opdlab.runs import RunError, lock_run, remove_runs_without_results, resolve_run, writable_folder
 
@@ -329,7 +329,7 @@ class OPDLabCLI(LightningCLI):
                 print(f"opdlab fit: --eval.* runs in single-process fits only; evaluate the export with: opdlab eval "
                       f"--model {export} --config <the eval settings>", flush=True)
             return
-        from opdlab.eval_cli import evaluate, load_model, markdown_table, run_greedy_accuracy, sampling_note
+        from opdlab.evaluation import evaluate, load_model, markdown_table, run_greedy_accuracy, sampling_note
 
         out = export.parent / "eval"
         with interruptible(self.trainer, lambda signum: self.stopped_in_eval(signum, export, out, options,

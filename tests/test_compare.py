@@ -97,14 +97,15 @@ def test_one_mean_std_for_eval_compare_and_the_paired_report():
     import math
 
     from opdlab import compare as compare_module
-    from opdlab import eval_cli, metrics
+    from opdlab import metrics
+    from opdlab.evaluation import tables
 
     m, s = metrics.mean_std([0.2, 0.4, float("nan"), 0.6])
     assert m == pytest.approx(0.4) and s == pytest.approx(0.2)
     m, s = metrics.mean_std([0.7, float("nan")])
     assert m == pytest.approx(0.7) and math.isnan(s)
     assert all(math.isnan(v) for v in metrics.mean_std([]))
-    assert compare_module.mean_std is metrics.mean_std and eval_cli.mean_std is metrics.mean_std
+    assert compare_module.mean_std is metrics.mean_std and tables.mean_std is metrics.mean_std
     assert metrics.format_mean_std([0.5, 0.7]) == "0.600 ± 0.141"
     assert metrics.format_mean_std([0.5]) == "0.500 (n=1)"
     assert metrics.format_mean_std([float("nan")]) == "–"

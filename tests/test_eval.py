@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from opdlab import eval_cli
+from opdlab import evaluation
 from opdlab.metrics import benchmark_metrics, majority_correct, pass_at_k
 from opdlab.rollout import derive_seed
 from opdlab.tasks.addition import AdditionTask
@@ -77,7 +77,7 @@ def test_derive_seed_with_strings_is_the_same_in_every_process():
 
 def test_math_verifier_scores_and_keys_and_counts_unreadable_as_wrong():
     pytest.importorskip("math_verify")
-    verifier = eval_cli.Verifier("math")
+    verifier = evaluation.Verifier("math")
     assert verifier.check("so the answer is \\boxed{\\frac{2}{3}}", "\\frac{2}{3}")[0] is True
     assert verifier.check("so the answer is \\boxed{5}", "4") == (False, "5")
     assert verifier.check("I do not know", "4") == (False, None)
@@ -200,8 +200,8 @@ def test_eval_of_a_run_checkpoint_equals_eval_of_its_export(tmp_path, tiny_check
     assert results[0] == results[1]
     import torch
 
-    from_ckpt, from_run = (eval_cli.load_model(m, "float32")[0].state_dict() for m in (str(ckpt), str(run)))
-    base = eval_cli.load_model(tiny_checkpoints.student, "float32")[0].state_dict()
+    from_ckpt, from_run = (evaluation.load_model(m, "float32")[0].state_dict() for m in (str(ckpt), str(run)))
+    base = evaluation.load_model(tiny_checkpoints.student, "float32")[0].state_dict()
     assert from_ckpt.keys() == from_run.keys() and all(torch.equal(from_ckpt[n], from_run[n]) for n in from_ckpt)
     assert any(not torch.equal(from_ckpt[n], base[n]) for n in base)  # the checkpoint's weights, not the base's
 
@@ -215,7 +215,7 @@ def write_jsonl(path: Path, rows: list[dict]) -> str:
 @pytest.fixture
 def no_model(monkeypatch):
     """Loading a model fails the test: every refusal must come before it."""
-    monkeypatch.setattr(eval_cli, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    monkeypatch.setattr(evaluation, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
 
 
 @pytest.mark.parametrize("args, says", [
@@ -391,7 +391,7 @@ def test_fit_refuses_bad_evaluation_settings_before_training(tmp_path, tiny_chec
 def test_eval_configs_parse_and_their_shipped_samples_load():
     for path in sorted((CONFIG_DIR / "eval").glob("*.yaml")):
         data = yaml.safe_load(path.read_text())
-        options = eval_cli.EvalOptions.from_mapping(data)
+        options = evaluation.EvalOptions.from_mapping(data)
         options.check()
         for bench in options.benchmarks:
             sample = REPO_ROOT / "data" / "eval_sample" / Path(bench.path).name
@@ -402,7 +402,7 @@ def test_eval_configs_parse_and_their_shipped_samples_load():
             else:  # the user's files: the shipped sample of the same layout
                 assert sample.is_file(), f"{path.name}: no sample for {bench.path}"
                 bench.path = str(sample)
-            loaded = eval_cli.load_benchmark(bench)
+            loaded = evaluation.load_benchmark(bench)
             assert loaded.problems and all(p.answer for p in loaded.problems), bench.name
 
 

@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from opdlab import eval_cli
+from opdlab import evaluation
 from opdlab.console import OpdlabError
+from opdlab.evaluation import sampling, sources
 
 from conftest import CONFIG_DIR, run_opdlab
 
@@ -76,7 +77,7 @@ def copy_of_finished(finished, tmp_path):
 @pytest.fixture
 def no_weights(monkeypatch):
     """Loading weights fails the test: every refusal must come before."""
-    monkeypatch.setattr(eval_cli, "load_source", lambda *a, **k: pytest.fail("model weights were loaded"))
+    monkeypatch.setattr(sources, "load_source", lambda *a, **k: pytest.fail("model weights were loaded"))
 
 
 def failing_engine(monkeypatch, after_calls: int):
@@ -142,16 +143,16 @@ def test_default_out_dir_is_the_model_s_own(tmp_path):
     a, b = make_run(tmp_path / "runs", "ta_opd"), make_run(tmp_path / "runs", "fast")
     for run in (a, b):
         for model in (run, run / "student"):
-            assert eval_cli.default_out_dir(str(model), eval_cli.resolve_model(str(model))) == run.resolve() / "eval"
+            assert sources.default_out_dir(str(model), evaluation.resolve_model(str(model))) == run.resolve() / "eval"
     one, two = toy_student_copy(tmp_path / "x" / "student"), toy_student_copy(tmp_path / "y" / "student")
-    dirs = {eval_cli.default_out_dir(str(m), eval_cli.resolve_model(str(m))) for m in (one, two)}
+    dirs = {sources.default_out_dir(str(m), evaluation.resolve_model(str(m))) for m in (one, two)}
     assert len(dirs) == 2 and all(d.parent == Path("evals") and d.name.startswith("student-") for d in dirs)
     ckpt = a / "checkpoints" / "last.ckpt"
     ckpt.parent.mkdir()
-    source = eval_cli.ModelSource("ckpt", str(ckpt), "toy:add3/student", "x", base="toy:add3/student")
-    assert eval_cli.default_out_dir(str(ckpt), source) == a.resolve() / "eval-last"
-    toy = eval_cli.resolve_model("toy:add3/student")
-    assert eval_cli.default_out_dir("toy:add3/student", toy) == Path("evals/toy_add3_student")
+    source = evaluation.ModelSource("ckpt", str(ckpt), "toy:add3/student", "x", base="toy:add3/student")
+    assert sources.default_out_dir(str(ckpt), source) == a.resolve() / "eval-last"
+    toy = evaluation.resolve_model("toy:add3/student")
+    assert sources.default_out_dir("toy:add3/student", toy) == Path("evals/toy_add3_student")
 
 
 def test_two_runs_evaluated_without_out_dir_do_not_collide(tmp_path, monkeypatch):
@@ -189,13 +190,13 @@ def run_eval_once(tmp_path: Path, model: Path) -> Path:
     """An evaluation of `model` in its own folder (with real weights loading)."""
     out = tmp_path / "first"
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(eval_cli, "load_source", LOAD_SOURCE)
+        mp.setattr(sources, "load_source", LOAD_SOURCE)
         result = run_eval(str(model), out)
     assert result.code == 0, message(result)[-2000:]
     return out
 
 
-LOAD_SOURCE = eval_cli.load_source
+LOAD_SOURCE = sources.load_source
 
 
 def test_the_same_model_under_another_path_reuses_its_responses(tmp_path):
@@ -224,12 +225,12 @@ def test_a_checkpoint_s_fingerprint_follows_its_weights_not_its_path(tmp_path):
     state = {f"student.{k}": v for k, v in load_file(base / "model.safetensors").items()}
     ckpt = tmp_path / "a.ckpt"
     torch.save({"state_dict": state, "hyper_parameters": {"student": str(base)}}, ckpt)
-    first = eval_cli.model_fingerprint(eval_cli.resolve_model(str(ckpt)))
+    first = evaluation.model_fingerprint(evaluation.resolve_model(str(ckpt)))
     shutil.copy(ckpt, tmp_path / "b.ckpt")
-    assert eval_cli.model_fingerprint(eval_cli.resolve_model(str(tmp_path / "b.ckpt"))) == first
+    assert evaluation.model_fingerprint(evaluation.resolve_model(str(tmp_path / "b.ckpt"))) == first
     name = sorted(state)[0]
     torch.save({"state_dict": {**state, name: state[name] + 1}, "hyper_parameters": {"student": str(base)}}, ckpt)
-    assert eval_cli.model_fingerprint(eval_cli.resolve_model(str(ckpt))) != first
+    assert evaluation.model_fingerprint(evaluation.resolve_model(str(ckpt))) != first
 
 
 def test_responses_without_their_settings_record_are_not_reused(copy_of_finished, no_weights):
@@ -258,7 +259,7 @@ def test_an_edited_eval_config_never_reuses_stale_results(tmp_path, edit, says):
     assert first.code == 0, message(first)[-2000:]
     path.write_text(json.dumps({**config, **edit}))
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(eval_cli, "load_source", lambda *a, **k: pytest.fail("model weights were loaded"))
+        mp.setattr(sources, "load_source", lambda *a, **k: pytest.fail("model weights were loaded"))
         again = run_opdlab(["eval", "--config", str(path), "--model", "toy:add3/student", "--out_dir", str(out)])
     one_line_refusal(again, "other settings " + says, "--overwrite true")
 
@@ -271,7 +272,7 @@ def test_an_edited_benchmark_file_is_another_benchmark(tmp_path, no_weights):
             "verifier": "exact"}]), "--k", "1", "--temperature", "0", "--max_new_tokens", "5", "--out_dir",
             str(tmp_path / "out")]
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(eval_cli, "load_source", LOAD_SOURCE)
+        mp.setattr(sources, "load_source", LOAD_SOURCE)
         assert run_opdlab(args).code == 0
     rows[1]["answer"] = "334"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -379,8 +380,8 @@ def test_settings_that_are_not_a_mapping_are_refused_by_every_reader():
     for data, says in [(["k"], "got a list"), (3, "got a single value"),
                        ({"benchmarks": {"name": "a"}}, "must be a list"),
                        ({"benchmarks": ["toy:add3"]}, "must be a mapping")]:
-        with pytest.raises(eval_cli.EvalError, match=says):
-            eval_cli.EvalOptions.from_mapping(data)
+        with pytest.raises(evaluation.EvalError, match=says):
+            evaluation.EvalOptions.from_mapping(data)
 
 
 @pytest.mark.parametrize("bench, says", [
@@ -460,7 +461,7 @@ def test_one_progress_helper_for_eval_and_the_fit_bar():
     from opdlab import progress
     from opdlab.callbacks import progress as bar_module
 
-    assert eval_cli.Progress is progress.Progress and bar_module.line_due is progress.line_due
+    assert sampling.Progress is progress.Progress and bar_module.line_due is progress.line_due
     stream = io.StringIO()  # not a terminal: plain lines
     shown = progress.Progress(total=10, initial=2, desc="opdlab eval", stream=stream, interval=3600)
     for _ in range(4):

@@ -144,7 +144,7 @@ def test_checkpoint_holds_the_adapter_and_resume_is_exact(tiny_checkpoints, tmp_
 
 
 def test_export_is_a_peft_adapter_and_eval_loads_it(tiny_checkpoints, tmp_path):
-    from opdlab.eval_cli import load_model
+    from opdlab.evaluation import load_model
     from transformers import AutoModelForCausalLM
 
     module = lora_module(tiny_checkpoints, export_merged=True)
@@ -165,7 +165,7 @@ def test_export_is_a_peft_adapter_and_eval_loads_it(tiny_checkpoints, tmp_path):
 
 
 def test_a_lora_checkpoint_evaluates_as_its_merged_student(tiny_checkpoints, tmp_path):
-    from opdlab.eval_cli import load_model
+    from opdlab.evaluation import load_model
 
     module = lora_module(tiny_checkpoints)
     run = trainer(1)

@@ -133,7 +133,7 @@ def test_eval_settings_without_benchmarks_are_refused_not_ignored(tmp_path, tiny
 
 
 def test_benchmarks_on_the_command_line_replace_the_config_files_list(tmp_path):
-    from opdlab.eval_cli import replacing_lists
+    from opdlab.evaluation import replacing_lists
 
     assert replacing_lists(["--config", "c.yaml", "--benchmarks", "[...]", "--benchmarks+", "{}"], "--benchmarks") \
         == ["--config", "c.yaml", "--benchmarks", "[]", "--benchmarks", "[...]", "--benchmarks+", "{}"]
