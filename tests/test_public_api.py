@@ -46,6 +46,12 @@ PUBLIC = {
     ],
     "opdlab.testing": ["check_selector", "check_divergence", "check_rollout_engine", "top_logprobs_of"],
     "opdlab.adapters": ["AdapterOptions", "plain_parameters"],
+    "opdlab.evaluation": [
+        "EvalOptions", "Benchmark", "EvalError", "check_config_files", "replacing_lists", "load_benchmark",
+        "LoadedBenchmark", "Verifier", "response_limits", "resolve_model", "ModelSource", "load_model",
+        "model_fingerprint", "hash_file_into", "plan_output", "OutputPlan", "read_responses", "ResponseSink",
+        "evaluate", "tabulate", "markdown_table", "sampling_note", "run_greedy_accuracy", "verified", "greedy_accuracy",
+    ],
     "opdlab": ["__version__"],
     # Paths the docs have taught and that stay (modules of the public types)
     "opdlab.scoring": ["TokenStats"],
@@ -65,6 +71,9 @@ DEPRECATED = {
     "opdlab.scoring.entropy_from_logp": "opdlab.maths.entropy_from_logp",
     "opdlab.scoring.union_kl": "opdlab.maths.union_kl",
     "opdlab.selectors.base.linear_quantiles": "opdlab.maths.linear_quantiles",
+    **{f"opdlab.eval_cli.{name}": f"opdlab.evaluation.{name}" for name in [
+        "EvalOptions", "Benchmark", "EvalError", "check_config_files", "replacing_lists", "load_benchmark",
+        "response_limits", "hash_file_into", "evaluate", "load_model", "markdown_table"]},
 }
 
 
@@ -82,7 +91,8 @@ def test_public_names_import_from_their_stable_paths_without_warnings(module):
             assert hasattr(mod, name), f"{module}.{name} is public (docs/api.md) and is gone: restore it or add a shim"
 
 
-@pytest.mark.parametrize("package", ["opdlab.selectors", "opdlab.divergences", "opdlab.engines", "opdlab.tasks"])
+@pytest.mark.parametrize("package", ["opdlab.selectors", "opdlab.divergences", "opdlab.engines", "opdlab.tasks",
+                                     "opdlab.evaluation"])
 def test_every_exported_name_is_recorded_as_public(package):
     """`__all__` of a public package is the public API: a new name is recorded in PUBLIC (and docs/api.md)."""
     exported = set(importlib.import_module(package).__all__)
@@ -94,6 +104,23 @@ def test_moved_names_work_from_their_old_path_with_a_warning(old, new):
     with pytest.warns(DeprecationWarning, match=re.escape(f"{old} moved to {new}")):
         obj = resolve(old)
     assert obj is resolve(new)
+
+
+def test_every_library_name_of_the_eval_command_works_from_its_old_path_with_a_warning():
+    """opdlab.eval_cli held the evaluation library until 0.2.0: each of its library names (internal ones too, which
+    fit and compare imported) still imports from there, warning that it moved to opdlab.evaluation."""
+    from opdlab import eval_cli
+
+    with pytest.warns(DeprecationWarning, match=re.escape("opdlab.eval_cli.EvalOptions moved to opdlab.evaluation.")):
+        from opdlab.eval_cli import EvalOptions
+    assert EvalOptions is importlib.import_module("opdlab.evaluation").EvalOptions
+    for module, names in eval_cli.MOVED.items():
+        for name in names:
+            with pytest.warns(DeprecationWarning, match=rf"opdlab\.eval_cli\.{name} moved to opdlab\.evaluation\."):
+                old = getattr(eval_cli, name)
+            assert old is getattr(importlib.import_module(f"opdlab.evaluation.{module}"), name), name
+    with pytest.raises(AttributeError, match="has no attribute 'eval_only'"):
+        eval_cli.eval_only  # noqa: B018 - never a name of it
 
 
 def test_a_name_that_was_never_public_still_raises_attribute_error():
