@@ -576,13 +576,49 @@ def example_of(group: str) -> str:
 
 
 def implied_placement(argv: list[str]) -> list[str]:
-    """`--model.teacher_placement.<option> ...` without `--model.teacher_placement <name>`: the served teacher's
-    options (the local placement has none), so name `vllm_server` before the first of them."""
+    """`--model.teacher_placement.<option> ...` without `--model.teacher_placement <name>`: name the placement that
+    accepts the run's teacher string (`TeacherPlacement.accepts`: a URL is `vllm_server`, a plugin claims its own
+    scheme) before the first of them, so jsonargparse knows whose options they are. The teacher string is the
+    command line's `--model.teacher`, else the last `--config` file's `model.teacher`."""
     key = "--model.teacher_placement"
     options = [i for i, a in enumerate(argv) if a.startswith(key + ".") and not a.startswith(key + ".help")]
     if not options or any(a == key or a.startswith(key + "=") for a in argv):
         return argv
-    return [*argv[: options[0]], key, "vllm_server", *argv[options[0]:]]
+    teacher = option_value(argv, "--model.teacher") or config_teacher(argv)
+    name = plugins.placement_name_for(teacher) if teacher else None
+    if name is None:
+        return argv
+    return [*argv[: options[0]], key, name, *argv[options[0]:]]
+
+
+def option_value(argv: list[str], key: str) -> str | None:
+    """The last value given to `key` on a command line (`key value` or `key=value`)."""
+    value = None
+    for i, arg in enumerate(argv):
+        if arg == key and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif arg.startswith(key + "="):
+            value = arg.partition("=")[2]
+    return value
+
+
+def config_teacher(argv: list[str]) -> str | None:
+    """`model.teacher` of the last `--config` file that sets it (None where none does or a file cannot be read)."""
+    import yaml
+
+    teacher = None
+    for i, arg in enumerate(argv):
+        path = argv[i + 1] if arg == "--config" and i + 1 < len(argv) else arg.partition("=")[2] if arg.startswith("--config=") else None
+        if path is None:
+            continue
+        try:
+            data = yaml.safe_load(Path(path).read_text())
+        except (OSError, yaml.YAMLError):
+            continue
+        model = data.get("model") if isinstance(data, dict) else None
+        if isinstance(model, dict) and isinstance(model.get("teacher"), str):
+            teacher = model["teacher"]
+    return teacher
 
 
 def run_fit(argv: list[str]) -> None:

@@ -109,3 +109,17 @@ def test_close_ends_a_request_that_waits_out_its_retries(tiny_module, tiny_check
     assert time.monotonic() - started < 1.0, "close() left the request waiting out its back-off"
     assert placement.request(rollout).futures, "a closed placement opens again on its next request"
     placement.close()
+
+
+def test_placement_options_without_a_name_go_to_the_placement_that_accepts_the_teacher(with_sglang_plugin, tmp_path):
+    from opdlab.fit_cli import implied_placement
+
+    option = ["--model.teacher_placement.timeout_s", "5"]
+    assert implied_placement(["--model.teacher", "http://h/v1", *option]) == [
+        "--model.teacher", "http://h/v1", "--model.teacher_placement", "vllm_server", *option]
+    assert implied_placement(["--model.teacher=sglang://h:1", *option])[1:3] == ["--model.teacher_placement", "sglang"]
+    config = tmp_path / "served.yaml"
+    config.write_text("model:\n  teacher: sglang://h:1\n")
+    assert implied_placement(["--config", str(config), *option])[2:4] == ["--model.teacher_placement", "sglang"]
+    named = ["--model.teacher", "http://h/v1", "--model.teacher_placement", "vllm_server", *option]
+    assert implied_placement(named) == named  # a named placement is left alone

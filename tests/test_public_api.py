@@ -40,9 +40,9 @@ PUBLIC = {
         "DatasetPrompts",
     ],
     "opdlab.teachers": [
-        "TeacherPlacement", "PendingTeacher", "TeacherRows", "HeadRows", "DenseRows", "SparseRows", "TopLogprobs",
-        "TeacherSignal", "TeacherLoadOptions", "TeacherNeedError", "TeacherServerError", "check_teacher_needs",
-        "default_placement", "is_url", "LocalTeacher", "VLLMServerTeacher",
+        "TeacherPlacement", "PendingTeacher", "TeacherRows", "ExactRows", "HeadRows", "DenseRows", "SparseRows",
+        "TopLogprobs", "TeacherSignal", "TeacherLoadOptions", "TeacherError", "TeacherNeedError", "TeacherServerError",
+        "check_teacher_needs", "is_url", "has_scheme", "LocalTeacher", "VLLMServerTeacher",
     ],
     "opdlab.testing": ["check_selector", "check_divergence", "check_rollout_engine", "top_logprobs_of"],
     "opdlab.adapters": ["AdapterOptions", "plain_parameters"],
@@ -58,6 +58,7 @@ PUBLIC = {
     "opdlab.maths": ["log_softmax_fp32"],
     "opdlab.rollout": ["PromptBatch", "Rollout", "sampling_logprobs"],
     "opdlab.heads": ["LogitHead"],
+    "opdlab.plugins": ["default_placement"],
 }
 
 # Old path -> new path, for names that moved; each warns until the release in opdlab._deprecation.REMOVED_IN.
@@ -71,6 +72,12 @@ DEPRECATED = {
     "opdlab.scoring.entropy_from_logp": "opdlab.maths.entropy_from_logp",
     "opdlab.scoring.union_kl": "opdlab.maths.union_kl",
     "opdlab.selectors.base.linear_quantiles": "opdlab.maths.linear_quantiles",
+    "opdlab.teachers.default_placement": "opdlab.plugins.default_placement",
+    "opdlab.teachers.base.default_placement": "opdlab.plugins.default_placement",
+    "opdlab.scoring.logsumexp_entropy": "opdlab.chunks.logsumexp_entropy",
+    "opdlab.module.choose_cpu_threads": "opdlab.building.choose_cpu_threads",
+    "opdlab.module.non_finite_parameters": "opdlab.export.non_finite_parameters",
+    "opdlab.module.readable_by_default": "opdlab.export.readable_by_default",
     **{f"opdlab.eval_cli.{name}": f"opdlab.evaluation.{name}" for name in [
         "EvalOptions", "Benchmark", "EvalError", "check_config_files", "replacing_lists", "load_benchmark",
         "response_limits", "hash_file_into", "evaluate", "load_model", "markdown_table"]},
