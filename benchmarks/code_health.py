@@ -48,14 +48,16 @@ TOP = 15
 LAYERS: list[tuple[int, str, list[str]]] = [
     (0, "core", ["__init__", "maths", "heads", "options", "rollout", "console", "distributed", "timing",
                  "checkpointing", "_deprecation", "progress", "runs", "models", "sharding", "data", "metrics",
-                 "loggers", "tasks/*"]),
+                 "loggers", "tasks/*", "chunks"]),
     (1, "interfaces", ["selectors/base", "divergences/base", "engines/base", "teachers/base", "teachers/rows",
                        "teachers/signal"]),
     (2, "components", ["selectors/*", "divergences/*", "engines/*", "teachers/*", "adapters", "scoring", "loss",
                        "step", "evaluation*", "diagnostics/*", "callbacks/*", "toy"]),
-    (3, "module", ["module", "module_*", "build", "building", "builder*", "export", "exports", "exporting",
-                   "warnings", "model_warnings", "*_warnings"]),
-    (4, "discovery", ["plugins"]),
+    # Discovery sits above the interfaces and components it finds; the module uses it (the placement a teacher
+    # string implies), so the module's rooms come after it.
+    (3, "discovery", ["plugins"]),
+    (4, "module", ["module", "module_*", "build", "building", "builder*", "export", "exports", "exporting",
+                   "warnings", "model_warnings", "*_warnings", "student_checkpoint"]),
     (5, "commands", ["cli", "*_cli", "compare", "diagnose", "testing", "commands/*"]),
 ]
 INTERFACE_SIBLINGS = {"base", "rows", "signal"}  # what a base.py may import from its own package

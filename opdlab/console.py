@@ -268,8 +268,10 @@ def transformers_bars_only_on_a_terminal() -> None:
 
 
 def drop_advertising(record: logging.LogRecord) -> bool:
-    """Lightning's tip to install a cloud logger, printed at every fit: not ours to pass on."""
-    return "litlogger" not in record.getMessage()
+    """Lightning's tip to install a cloud logger, printed at every fit, and its note that the module's own callback
+    (`TeacherLifetime`, which closes the teacher) replaces the one an earlier validation attached: not ours to pass on."""
+    message = record.getMessage()
+    return "litlogger" not in message and "callbacks returned in `LightningModule.configure_callbacks`" not in message
 
 
 def silence_lightning_noise() -> None:
