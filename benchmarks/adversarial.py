@@ -95,7 +95,64 @@ def dsdata(path: str, *args: str) -> list[str]:
 def cases() -> list[Case]:
     return [*cases_before_28(),
             *(replace(case, issue=28) for case in [*cases_28(), *cases_28_retest(), *cases_28_parser()]),
-            *(replace(case, issue=30) for case in cases_30()), *(replace(case, issue=31) for case in cases_31())]
+            *(replace(case, issue=30) for case in cases_30()), *(replace(case, issue=31) for case in cases_31()),
+            *(replace(case, issue=36) for case in cases_36())]
+
+
+def cases_36() -> list[Case]:
+    """Issue 36: peft adapters opdlab cannot merge exactly (DoRA, modules_to_save, per-layer ranks, rsLoRA, ...),
+    through each way an adapter folder enters: `--model.student_adapter.path`, `opdlab eval --model`, and an adapter
+    folder given as the student itself. Adapters of toy:add2/student's q_proj layers (64 x 64, 2 layers), as
+    PeftModel.save_pretrained writes them."""
+    import json
+
+    plain = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"], "bias": "none",
+             "base_model_name_or_path": "toy:add2/student", "task_type": "CAUSAL_LM", "use_dora": False,
+             "rank_pattern": {}, "alpha_pattern": {}, "modules_to_save": None, "init_lora_weights": True}
+    prefix = "base_model.model.model.layers"
+    lora = {f"{prefix}.{i}.self_attn.q_proj.lora_{ab}.weight": shape for i in range(2)
+            for ab, shape in (("A", (4, 64)), ("B", (64, 4)))}
+    dora = {**lora, **{f"{prefix}.{i}.self_attn.q_proj.lora_magnitude_vector": (64,) for i in range(2)}}
+
+    def adapter(folder: str, weights: dict = lora, **fields) -> dict[str, str | bytes]:
+        return {f"{folder}/adapter_config.json": json.dumps({**plain, **fields}),
+                f"{folder}/adapter_model.safetensors": safetensors_bytes(weights)}
+
+    def path(name: str, folder: str, says: str, weights: dict = lora, **fields) -> Case:
+        return Case(f"fit student_adapter.path {name}", fit("--model.student_adapter.path", folder), "refuse",
+                    files=adapter(folder, weights, **fields), says=says)
+
+    return [
+        path("a DoRA adapter", "dora", "use_dora=true (DoRA", dora, use_dora=True),
+        path("with modules_to_save", "mts", 'modules_to_save=["lm_head"]',
+             {**lora, "base_model.model.lm_head.weight": (40, 64)}, modules_to_save=["lm_head"]),
+        path("with a rank_pattern", "rp", 'rank_pattern={"layers.1.self_attn.q_proj": 2}',
+             rank_pattern={"layers.1.self_attn.q_proj": 2}),
+        path("with an alpha_pattern", "ap", "alpha_pattern=", alpha_pattern={"q_proj": 32}),
+        path("with rsLoRA", "rs", "use_rslora=true", use_rslora=True),
+        path("with trained biases", "bias", 'bias="all"', bias="all"),
+        path("with a bias on lora_B", "lb", "lora_bias=true", lora_bias=True),
+        path("on some layers only", "ltt", "layers_to_transform=[0]", layers_to_transform=[0]),
+        path("with a regex target", "re", 'target_modules=".*\\\\.q_proj"', target_modules=".*\\.q_proj"),
+        path("with a PiSSA initialisation", "pissa", 'init_lora_weights="pissa"', init_lora_weights="pissa"),
+        path("of a task other than causal LM", "cls", 'task_type="SEQ_CLS"', task_type="SEQ_CLS"),
+        path("with a field a newer peft wrote", "new", "which peft", use_quantum_lora=True),
+        path("whose config hides DoRA (use_dora false, magnitude vectors in the file)", "hid",
+             "lora_magnitude_vector", dora),
+        Case("eval --model a DoRA adapter", ev("--model", "dora"), "refuse", files=adapter("dora", dora, use_dora=True),
+             says="--model dora: its adapter_config.json sets use_dora=true"),
+        Case("eval --model an adapter with modules_to_save", ev("--model", "mts"), "refuse",
+             files=adapter("mts", {**lora, "base_model.model.lm_head.weight": (40, 64)}, modules_to_save=["lm_head"]),
+             says="modules_to_save="),
+        Case("eval --model an adapter with rsLoRA", ev("--model", "rs"), "refuse", files=adapter("rs", use_rslora=True),
+             says="use_rslora=true"),
+        Case("fit --model.student an adapter folder (not a model)", fit("--model.student", "plain"), "refuse",
+             files=adapter("plain"), says="is a peft adapter folder"),
+        Case("fit student_adapter.path a plain peft adapter (dropout, gaussian init: valid)",
+             fit("--model.student_adapter.path", "ok"), "run",
+             files=adapter("ok", lora_dropout=0.05, init_lora_weights="gaussian", inference_mode=True)),
+        Case("eval --model a plain peft adapter (valid)", ev("--model", "ok"), "run", files=adapter("ok")),
+    ]
 
 
 GPU_ACCEPTANCE = [sys.executable, str(REPO / "benchmarks" / "gpu_acceptance.py")]

@@ -15,6 +15,7 @@ peft is imported only when an adapter is asked for (`pip install -e ".[peft]"`).
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,7 +50,9 @@ class AdapterOptions:
             vllm engine merges the adapter into full weights every step instead of serving it.
         path: a peft LoRA adapter folder to continue from (e.g. one made by SFT on this student); its
             adapter_config.json then sets rank, alpha and target modules (rank, alpha and target_modules
-            must be left unset or equal). It must fit the student: layer names and shapes are checked.
+            must be left unset or equal). It must fit the student: layer names and shapes are checked. It must be
+            a plain LoRA adapter, which opdlab merges exactly: DoRA, modules_to_save, per-layer ranks or alphas,
+            rsLoRA and the other LoRA variants are refused (merge such an adapter with peft and train on that).
         export_merged: also export the merged model (base + adapter, a plain checkpoint) to `student/merged`.
     """
 
@@ -77,6 +80,9 @@ class AdapterOptions:
             raise ValueError("student_adapter.path is empty; pass a peft adapter folder or null")
         if self.enabled and not peft_available():  # before any model loads
             raise ImportError(f"student_adapter options need the peft package, which is not installed: {INSTALL_HINT}")
+        folder = Path(self.path).expanduser() if self.path else None
+        if folder is not None and (folder / "adapter_config.json").is_file():  # an adapter opdlab cannot merge: now
+            read_adapter_config(folder, f"student_adapter.path {self.path}")
 
     @property
     def enabled(self) -> bool:
@@ -130,8 +136,9 @@ def check_targets(model: nn.Module, targets, model_name: str) -> None:
 
 
 def check_adapter_fits(model: nn.Module, options: AdapterOptions, model_name: str):
-    """The adapter folder's config (a `peft.LoraConfig`), after checking that it is a LoRA adapter of this
-    student: every adapted layer exists, with the adapter's shapes. One line naming the mismatch otherwise."""
+    """The adapter folder's config (a `peft.LoraConfig`), after checking that it is a LoRA adapter opdlab can merge
+    exactly (`read_adapter_config`) and of this student: every adapted layer is one of its linear layers, with the
+    adapter's shapes. One line naming the mismatch otherwise."""
     from peft import LoraConfig
     from safetensors import safe_open
 
@@ -141,9 +148,6 @@ def check_adapter_fits(model: nn.Module, options: AdapterOptions, model_name: st
         raise FileNotFoundError(f"student_adapter.path {options.path} is not a peft adapter folder (it needs "
                                 "adapter_config.json and adapter_model.safetensors, as PeftModel.save_pretrained writes)")
     raw = read_adapter_config(folder, f"student_adapter.path {options.path}")
-    if raw.get("peft_type") != "LORA":
-        raise ValueError(f"student_adapter.path {options.path} holds a {raw.get('peft_type')} adapter; opdlab trains "
-                         "LoRA adapters only")
     try:
         config = LoraConfig.from_pretrained(str(folder))
     except (TypeError, ValueError, KeyError) as err:
@@ -161,27 +165,35 @@ def check_adapter_fits(model: nn.Module, options: AdapterOptions, model_name: st
     if clashes:
         raise ValueError(f"student_adapter.path {options.path} sets these itself: {', '.join(clashes)}; leave them "
                          "unset to continue that adapter, or drop path to train a new one")
-    shapes = {PEFT_PREFIX + name: module.weight.shape for name, module in model.named_modules()
-              if isinstance(module, nn.Linear)}
+    modules = dict(model.named_modules())
     base = raw.get("base_model_name_or_path") or "an unnamed model"
-    try:
-        tensors = safe_open(str(weights), framework="pt")
-    except Exception as err:  # safetensors raises its own SafetensorError (no common base with OSError)
-        raise ValueError(f"student_adapter.path {options.path}: adapter_model.safetensors cannot be read "
-                         f"({one_line(err)}); the file is damaged or not a safetensors file") from None
-    with tensors as f:
+    with safe_open(str(weights), framework="pt") as f:  # readable: read_adapter_config opened it
         for key in f.keys():
-            layer, _, part = key.rpartition(".lora_")
+            if key.endswith(BASE_COPY):
+                layer, part = key[:-len(BASE_COPY)], ""
+            else:
+                layer, _, part = key.rpartition(".lora_")
             shape = f.get_slice(key).get_shape()
-            layer_shape = shapes.get(layer)
-            if layer_shape is None:
+            module = modules.get(layer.removeprefix(PEFT_PREFIX))
+            if module is None:
                 raise ValueError(f"student_adapter.path {options.path} was made for another base model ({base}): its "
                                  f"layer {layer.removeprefix(PEFT_PREFIX)} does not exist in {model_name}")
-            expected = {"A.weight": [config.r, layer_shape[1]], "B.weight": [layer_shape[0], config.r]}.get(part)
-            if expected is not None and list(shape) != expected:
+            if not isinstance(module, nn.Linear):
+                raise ValueError(f"student_adapter.path {options.path}: its layer {layer.removeprefix(PEFT_PREFIX)} "
+                                 f"is a {type(module).__name__} in {model_name}; opdlab merges LoRA on nn.Linear "
+                                 f"layers only: {MERGE_IT}")
+            if not part:  # peft's copy of an adapted lm_head's weight: loading it must change nothing
+                copy = f.get_tensor(key)
+                if copy.shape != module.weight.shape or not torch.equal(copy.to(module.weight.dtype), module.weight):
+                    raise ValueError(f"student_adapter.path {options.path} was made for another base model ({base}): "
+                                     f"its copy of {layer.removeprefix(PEFT_PREFIX)}.weight (peft saves one with an "
+                                     f"adapted lm_head) differs from {model_name}'s")
+                continue
+            expected = {"A.weight": [config.r, module.weight.shape[1]], "B.weight": [module.weight.shape[0], config.r]}
+            if list(shape) != expected[part]:
                 raise ValueError(f"student_adapter.path {options.path} was made for another base model ({base}): "
                                  f"{key.removeprefix(PEFT_PREFIX)} is {list(shape)}, {model_name}'s layer needs "
-                                 f"{expected}")
+                                 f"{expected[part]}")
     return config
 
 
@@ -190,7 +202,10 @@ def one_line(err: BaseException) -> str:
 
 
 def read_adapter_config(folder: Path, label: str) -> dict:
-    """The JSON object in `folder`/adapter_config.json; one line (ValueError) when it is not one."""
+    """The JSON object in `folder`/adapter_config.json, once `check_mergeable` has found the adapter to be one opdlab
+    merges and exports exactly. Every way an existing adapter enters opdlab reads its folder here:
+    `--model.student_adapter.path` (a fit, and its `--resume`, which builds the student again) and `opdlab eval
+    --model <adapter folder>`. One line (ValueError) naming the folder otherwise."""
     try:
         raw = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
@@ -199,7 +214,148 @@ def read_adapter_config(folder: Path, label: str) -> dict:
     if not isinstance(raw, dict):
         raise ValueError(f"{label}: its adapter_config.json holds a {type(raw).__name__}, not the JSON object peft "
                          "writes; is it a peft adapter folder?")
+    check_mergeable(folder, raw, label)
     return raw
+
+
+# ----------------------------------------------------------------------------- adapters opdlab merges exactly
+# opdlab treats an adapter as plain LoRA: on every adapted nn.Linear layer, W + lora_alpha / r * B @ A, with lora_A
+# and lora_B its only tensors. That is what it merges (`plain_parameters`: the static engine's copy, `export_merged`,
+# a vLLM student served merged), exports (`adapter_state`) and records in checkpoints (`r`, `lora_alpha` and
+# `target_modules` only: `opdlab eval` of a checkpoint builds the adapter again from them). Every field of peft's
+# LoraConfig either is one of those, or only records where the adapter comes from, or must keep peft's default:
+# any other value changes what the adapter computes or holds, and is refused (`check_mergeable`).
+FREE_FIELDS = frozenset({"r", "lora_alpha", "lora_dropout",  # what opdlab records, and the training-only dropout
+                         "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
+                         "inference_mode", "runtime_config"})  # where the adapter comes from, how peft runs it
+ONLY_WITH = {"megatron_core": "megatron_config", "qalora_group_size": "use_qalora",
+             "layers_pattern": "layers_to_transform"}  # settings of a feature that is off unless the other field is set
+INITS = (True, False, "gaussian", "orthogonal")  # they set lora_A/lora_B only, which the adapter's file replaces
+CHECKED_FIELDS = {  # fields with more than one value opdlab handles: whether a value is one of them
+    "target_modules": lambda value: value is None or value == "all-linear" or (  # peft lists the layers at load
+        isinstance(value, list) and all(isinstance(name, str) for name in value)),
+    "init_lora_weights": lambda value: any(value is init if isinstance(init, bool) else value == init
+                                           for init in INITS),
+    "task_type": lambda value: value in (None, "CAUSAL_LM"),
+}
+MERGE_IT = ("merge it into its base with peft (PeftModel.from_pretrained(base, folder).merge_and_unload()"
+            ".save_pretrained(out)) and pass that model instead (--model.student for a new adapter, or opdlab eval "
+            "--model), or use a plain LoRA adapter")
+WHY = {  # why opdlab would get a field's non-default value wrong
+    "use_dora": "DoRA's magnitude vectors are outside opdlab's merge, base + alpha / r * B @ A",
+    "modules_to_save": "whole trained modules are outside opdlab's merge, checkpoints and export (lora_A and lora_B "
+                       "only)",
+    "trainable_token_indices": "trained embedding rows are outside opdlab's merge, checkpoints and export",
+    "bias": "trained biases are outside opdlab's export (lora_A and lora_B only)",
+    "lora_bias": "a bias on lora_B is outside opdlab's merge, base + alpha / r * B @ A",
+    "rank_pattern": "opdlab records one rank for every layer (its checkpoints; opdlab eval of a checkpoint)",
+    "alpha_pattern": "opdlab records one alpha for every layer (its checkpoints; opdlab eval of a checkpoint)",
+    "use_rslora": "opdlab records the scale as alpha / r (its checkpoints; opdlab eval of a checkpoint), rsLoRA's "
+                  "is alpha / sqrt(r)",
+    "fan_in_fan_out": "it is for GPT-2-style Conv1D layers; opdlab adapts nn.Linear layers only",
+    "layers_to_transform": "opdlab records the adapted layers by target_modules alone (its checkpoints)",
+    "exclude_modules": "opdlab records the adapted layers by target_modules alone (its checkpoints)",
+    "target_modules": "opdlab records the adapted layers as a list of layer names (its checkpoints), not a regular "
+                      "expression",
+    "init_lora_weights": "this initialisation rewrites the base weights or needs its own data; opdlab puts the "
+                         "adapter on the unchanged base",
+    "layer_replication": "replicated layers are outside opdlab's merge",
+    "alora_invocation_tokens": "an activated LoRA applies after its invocation tokens only; a merge applies it "
+                               "everywhere",
+    "target_parameters": "LoRA on parameters is outside opdlab's merge (nn.Linear layers only)",
+    "task_type": "opdlab trains causal LMs (task_type CAUSAL_LM)",
+    "ensure_weight_tying": "adapters tied across tied weights are outside opdlab's merge",
+    "megatron_config": "Megatron's parallel layers are outside opdlab's merge (nn.Linear layers only)",
+    "use_qalora": "QA-LoRA's pooled input is outside opdlab's merge",
+}
+OTHER_VARIANT = "a LoRA variant outside opdlab's merge, base + alpha / r * B @ A"
+BASE_COPY = ".base_layer.weight"  # peft saves the base weight of an adapted lm_head (or embedding) beside the adapter
+KEY = re.compile(r"\.(lora_[AB]|base_layer)\.weight$")  # the tensors a plain LoRA adapter's file may hold
+
+
+def lora_defaults() -> dict:
+    """Every field of peft's LoraConfig with its default, as adapter_config.json writes it."""
+    from peft import LoraConfig
+
+    return json.loads(json.dumps(LoraConfig().to_dict(), default=str))
+
+
+def empty(value) -> bool:
+    return value is None or value is False or value == {} or value == [] or value == ""
+
+
+def check_mergeable(folder: Path, raw: dict, label: str) -> None:
+    """One line (ValueError) naming `label` (the option and the folder), each field whose value opdlab cannot
+    merge or export exactly (see `WHY`) with its value, and what to do instead; nothing when the adapter is a plain
+    LoRA adapter. A field this peft does not know (a newer peft wrote it) passes only when it is empty. The
+    weights file, where there is one, may hold lora_A and lora_B tensors of linear layers only (LoRA on an embedding
+    keeps other tensors, and a config edited by hand may not say what its file holds)."""
+    from peft import __version__ as peft_version
+
+    if raw.get("peft_type") != "LORA":
+        raise ValueError(f"{label} holds a {raw.get('peft_type')} adapter; opdlab trains and merges LoRA adapters only")
+    defaults = lora_defaults()
+    refused, unknown = [], []
+    for name, value in raw.items():
+        if name in CHECKED_FIELDS:
+            fine = CHECKED_FIELDS[name](value)
+        elif name in FREE_FIELDS:
+            continue
+        elif name not in defaults:
+            if not empty(value):
+                unknown.append(f"{name}={shown(value)}")
+            continue
+        elif name in ONLY_WITH and empty(raw.get(ONLY_WITH[name])):
+            continue
+        else:
+            fine = value == defaults[name] or (empty(value) and empty(defaults[name]))
+        if not fine:
+            refused.append(f"{name}={shown(value)} ({WHY.get(name, OTHER_VARIANT)})")
+    if refused:
+        raise ValueError(f"{label}: its adapter_config.json sets {'; '.join(refused)}: opdlab cannot merge or export "
+                         f"this adapter exactly; {MERGE_IT}")
+    if unknown:
+        raise ValueError(f"{label}: its adapter_config.json sets {', '.join(unknown)}, which peft {peft_version} does "
+                         "not know (a newer peft wrote it) and would ignore; upgrade peft (pip install -U peft) so "
+                         "that opdlab can check it")
+    weights = folder / "adapter_model.safetensors"
+    if weights.is_file():
+        others = [key for key in tensor_names(weights, label) if not KEY.search(key)]
+        if others:
+            raise ValueError(f"{label}: its adapter_model.safetensors holds {others[0].removeprefix(PEFT_PREFIX)}"
+                             f"{f' (and {len(others) - 1} more)' if len(others) > 1 else ''}, not a lora_A or lora_B "
+                             "weight of a linear layer (LoRA on an embedding, a trained module or bias): opdlab cannot "
+                             f"merge or export it exactly; {MERGE_IT}")
+
+
+def shown(value) -> str:
+    """A config value as adapter_config.json writes it (shortened)."""
+    text = json.dumps(value, default=str)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def tensor_names(weights: Path, label: str) -> list[str]:
+    """The tensor names of a safetensors file; one line when it cannot be read."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            return list(f.keys())
+    except Exception as err:  # safetensors raises its own SafetensorError (no common base with OSError)
+        raise ValueError(f"{label}: adapter_model.safetensors cannot be read ({one_line(err)}); the file is damaged "
+                         "or not a safetensors file") from None
+
+
+def check_not_adapter_folder(name: str, option: str) -> None:
+    """A model path (`option`, e.g. --model.student) that is a peft adapter folder, not a model, in one line: what to
+    pass instead (transformers would load the adapter onto its base unmerged and frozen). Nothing otherwise."""
+    folder = Path(name).expanduser()
+    if not (folder / "adapter_config.json").is_file() or (folder / "config.json").is_file():
+        return
+    raw = read_adapter_config(folder, f"{option} {name}")  # an adapter opdlab cannot merge is refused for that first
+    base = raw.get("base_model_name_or_path") or "<its base model>"
+    raise ValueError(f"{option} {name} is a peft adapter folder, not a model; to continue training it pass its base "
+                     f"as {option} {base} and the folder as --model.student_adapter.path {name}")
 
 
 # ----------------------------------------------------------------------------- reading an adapted student

@@ -283,7 +283,193 @@ def test_a_damaged_adapter_folder_is_one_line(config, weights, says, tiny_checkp
     (folder / "adapter_config.json").write_bytes(config)
     if weights is not None:
         (folder / "adapter_model.safetensors").write_bytes(weights)
+    with pytest.raises(ValueError, match=re.escape(says)):  # the options (before any model loads) or the student
+        OPDModule(student=tiny_checkpoints.student, teacher=tiny_checkpoints.teacher,
+                  student_adapter=AdapterOptions(path=str(folder))).configure_model()
+
+
+# --------------------------------------------------------------------------------------------- adapters made elsewhere
+def peft_adapter(base: str, folder: Path, written: dict | None = None, **fields) -> Path:
+    """A LoRA adapter made with peft itself on `base`, with random tensors (its lora_B too, so that it changes the
+    logits); `written` is then set in its adapter_config.json as is (a value peft rewrites when it saves)."""
+    from transformers import AutoModelForCausalLM
+
+    config = peft.LoraConfig(**{"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"], **fields})
+    model = peft.get_peft_model(AutoModelForCausalLM.from_pretrained(base), config)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.requires_grad:
+                param.add_(torch.randn_like(param) * 0.2)
+    model.save_pretrained(folder)
+    if written:
+        path = folder / "adapter_config.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), **written}))
+    return folder
+
+
+def peft_logits(base: str, folder: Path, ids: torch.Tensor) -> torch.Tensor:
+    from transformers import AutoModelForCausalLM
+
+    with torch.no_grad():
+        model = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), str(folder))
+        return model.eval()(ids).logits
+
+
+IDS = torch.tensor([[3, 4, 5, 6, 7, 8]])
+
+
+@pytest.mark.parametrize("fields,written", [
+    ({}, None), ({"lora_dropout": 0.1}, None), ({"init_lora_weights": "gaussian"}, None),
+    ({"init_lora_weights": False}, None), ({"init_lora_weights": "orthogonal"}, None),
+    ({"task_type": "CAUSAL_LM"}, None), ({"target_modules": None}, None),  # peft's default layers of the model type
+    ({"target_modules": ["q_proj", "down_proj", "lm_head"]}, None),
+    ({"target_modules": "all-linear"}, {"target_modules": "all-linear"}),  # as written by hand (peft saves the list)
+    ({"r": 3, "lora_alpha": 5}, {"inference_mode": False, "revision": "main"}),
+], ids=lambda value: json.dumps(value) if isinstance(value, dict) else "")
+def test_a_peft_adapter_opdlab_accepts_is_merged_exactly(fields, written, tiny_checkpoints, tmp_path):
+    """An adapter made with peft (not by opdlab) with the config fields opdlab supports: the adapted student, its
+    merge (what the static engine copies and export_merged writes), the exported adapter and `opdlab eval` of the
+    folder all give the logits of peft's own PeftModel."""
+    from opdlab.adapters import merged_copy
+    from opdlab.evaluation import load_model
+
+    folder = peft_adapter(tiny_checkpoints.student, tmp_path / "made_by_peft", written, **fields)
+    expected = peft_logits(tiny_checkpoints.student, folder, IDS)
     module = OPDModule(student=tiny_checkpoints.student, teacher=tiny_checkpoints.teacher,
-                       student_adapter=AdapterOptions(path=str(folder)))
-    with pytest.raises(ValueError, match=re.escape(says)):
-        module.configure_model()
+                       student_adapter=AdapterOptions(path=str(folder), export_merged=True))
+    module.configure_model()
+    with torch.no_grad():
+        torch.testing.assert_close(module.student.eval()(IDS).logits, expected, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(merged_copy(module.student)(IDS).logits, expected, atol=1e-5, rtol=1e-5)
+        module.export_student(str(tmp_path / "student"))
+        for model in (folder, tmp_path / "student", tmp_path / "student" / "merged"):
+            net, _, _ = load_model(str(model), "float32")
+            torch.testing.assert_close(net(IDS).logits, expected, atol=1e-5, rtol=1e-5)
+
+
+REFUSED = [  # (fields peft makes the adapter with, what adapter_config.json then holds in the refusal's words)
+    ({"use_dora": True}, "use_dora=true (DoRA's magnitude vectors"),
+    ({"modules_to_save": ["lm_head"]}, 'modules_to_save=["lm_head"] (whole trained modules'),
+    ({"trainable_token_indices": [1, 2]}, "trainable_token_indices="),
+    ({"bias": "all"}, 'bias="all" (trained biases'), ({"bias": "lora_only"}, 'bias="lora_only"'),
+    ({"lora_bias": True}, "lora_bias=true"),
+    ({"rank_pattern": {"v_proj": 2}}, 'rank_pattern={"v_proj": 2} (opdlab records one rank'),
+    ({"alpha_pattern": {"v_proj": 2}}, 'alpha_pattern={"v_proj": 2} (opdlab records one alpha'),
+    ({"use_rslora": True}, "use_rslora=true (opdlab records the scale as alpha / r"),
+    ({"layers_to_transform": [0]}, "layers_to_transform=[0]"),
+    ({"exclude_modules": ["v_proj"], "target_modules": ["q_proj", "v_proj", "o_proj"]}, 'exclude_modules=["v_proj"]'),
+    ({"target_modules": r".*\.q_proj"}, r'target_modules=".*\\.q_proj" (opdlab records the adapted layers as a list'),
+    ({"init_lora_weights": "pissa"}, 'init_lora_weights="pissa" (this initialisation rewrites the base weights'),
+    ({"init_lora_weights": "olora"}, 'init_lora_weights="olora"'),
+    ({"layer_replication": [[0, 1], [0, 1]]}, "layer_replication=[[0, 1], [0, 1]]"),
+    ({"task_type": "SEQ_CLS"}, 'task_type="SEQ_CLS"'),
+]
+
+
+def fit_and_eval_refusals(student: str, folder: Path) -> tuple[str, str, str]:
+    """The one line of each way an adapter folder enters opdlab: a fit's student_adapter.path, checked with the
+    options (before any model loads) and again where the student is built (the folder may have changed since; a
+    --resume builds it the same way), and `opdlab eval --model`."""
+    from transformers import AutoModelForCausalLM
+
+    from opdlab.adapters import apply_adapter
+    from opdlab.evaluation import EvalError, resolve_model
+
+    with pytest.raises(ValueError) as options:
+        AdapterOptions(path=str(folder))
+    later = AdapterOptions()
+    later.path = str(folder)
+    with pytest.raises(ValueError) as built:
+        apply_adapter(AutoModelForCausalLM.from_pretrained(student), later, student)
+    with pytest.raises(EvalError) as evaluation:
+        resolve_model(str(folder))
+    return str(options.value), str(built.value), str(evaluation.value)
+
+
+@pytest.mark.parametrize("fields,says", REFUSED, ids=[json.dumps(f) for f, _ in REFUSED])
+def test_a_peft_adapter_opdlab_cannot_merge_exactly_is_refused_in_one_line(fields, says, tiny_checkpoints, tmp_path):
+    """Adapters made with peft whose config makes them more than W + alpha / r * B @ A on listed linear layers (or
+    what opdlab records of them: rank, alpha, target_modules): refused wherever they enter, in one line naming the
+    folder, the field with its value, and what to do instead."""
+    folder = peft_adapter(tiny_checkpoints.student, tmp_path / "made_by_peft", **fields)
+    for line, option in zip(fit_and_eval_refusals(tiny_checkpoints.student, folder),
+                            ("student_adapter.path", "student_adapter.path", "--model"), strict=True):
+        assert "\n" not in line and line.startswith(f"{option} {folder}: its adapter_config.json sets "), line
+        assert says in line and "merge it into its base with peft" in line, line
+
+
+def changed(default):
+    """A value other than a LoraConfig field's default, of the kind the field holds."""
+    if isinstance(default, bool):
+        return not default
+    if isinstance(default, (int, float)):
+        return default + 1
+    if isinstance(default, str):
+        return default + ".other"
+    if isinstance(default, dict):
+        return {"q_proj": 2}
+    return [1, 2]  # a None default: a list or an object where set
+
+
+def test_every_lora_config_field_is_handled_or_refused_when_set(tiny_checkpoints, tmp_path):
+    """The class, not a list of cases: every field of the installed peft's LoraConfig is one opdlab handles (rank,
+    alpha, dropout, the record of where the adapter comes from), one that matters only with another field, or
+    refused as soon as it differs from peft's default, so a LoRA variant a later peft adds is refused too. A
+    field this peft does not know is refused when set (peft would ignore it)."""
+    from opdlab.adapters import CHECKED_FIELDS, FREE_FIELDS, ONLY_WITH, lora_defaults, read_adapter_config
+
+    folder = peft_adapter(tiny_checkpoints.student, tmp_path / "plain")
+    plain = json.loads((folder / "adapter_config.json").read_text())
+    read_adapter_config(folder, "plain")  # accepted as peft wrote it
+    defaults = lora_defaults()
+    assert set(plain) == set(defaults), "peft writes every field"
+    for name, default in defaults.items():
+        if name in FREE_FIELDS:
+            continue
+        value = changed(default)
+        (folder / "adapter_config.json").write_text(json.dumps({**plain, name: value}))
+        if name in ONLY_WITH:  # inert alone (peft reads it only for the other field), refused with it
+            read_adapter_config(folder, "x")
+            (folder / "adapter_config.json").write_text(json.dumps({**plain, name: value, ONLY_WITH[name]: [0]}))
+            name, value = ONLY_WITH[name], [0]
+        if name in CHECKED_FIELDS and CHECKED_FIELDS[name](value):
+            continue  # a value opdlab handles (target_modules as a list): test_a_peft_adapter_opdlab_accepts...
+        with pytest.raises(ValueError) as refused:
+            read_adapter_config(folder, f"student_adapter.path {folder}")
+        line = str(refused.value)
+        assert line.startswith(f"student_adapter.path {folder}: its adapter_config.json sets ") and "\n" not in line
+        assert f" {name}={json.dumps(value)} (" in line or f"sets {name}={json.dumps(value)} (" in line, line
+    (folder / "adapter_config.json").write_text(json.dumps({**plain, "use_quantum_lora": True, "new_but_off": None}))
+    with pytest.raises(ValueError, match=r"sets use_quantum_lora=true, which peft \S+ does not know .* upgrade peft"):
+        read_adapter_config(folder, "x")
+
+
+def test_a_config_that_hides_what_the_weights_hold_is_refused(tiny_checkpoints, tmp_path):
+    """A DoRA adapter whose adapter_config.json says use_dora false (edited by hand): peft would drop the magnitude
+    vectors without a word; the tensors of the file are checked too."""
+    folder = peft_adapter(tiny_checkpoints.student, tmp_path / "dora", {"use_dora": False}, use_dora=True)
+    for line in fit_and_eval_refusals(tiny_checkpoints.student, folder):
+        assert "adapter_model.safetensors holds model.layers.0.self_attn.q_proj.lora_magnitude_vector (and 1 more), " \
+               "not a lora_A or lora_B weight" in line, line
+
+
+def test_an_adapter_on_the_embeddings_is_refused(tiny_checkpoints, tmp_path):
+    folder = peft_adapter(tiny_checkpoints.student, tmp_path / "emb", target_modules=["embed_tokens", "q_proj"])
+    for line in fit_and_eval_refusals(tiny_checkpoints.student, folder):
+        assert "holds model.embed_tokens." in line and "LoRA on an embedding" in line, line
+
+
+def test_an_adapter_folder_given_as_the_student_says_what_to_pass(tiny_checkpoints, tmp_path):
+    """`--model.student <adapter folder>`: transformers would put the adapter on its base unmerged and frozen.
+    (`opdlab.adapters.check_not_adapter_folder` is the check; the student's loading is where it belongs.)"""
+    from opdlab.adapters import check_not_adapter_folder
+
+    folder = peft_adapter(tiny_checkpoints.student, tmp_path / "plain")
+    with pytest.raises(ValueError, match=rf"^--model.student {re.escape(str(folder))} is a peft adapter folder, not a "
+                                         rf"model; .* --model.student {re.escape(tiny_checkpoints.student)} and the "
+                                         rf"folder as --model.student_adapter.path {re.escape(str(folder))}$"):
+        check_not_adapter_folder(str(folder), "--model.student")
+    dora = peft_adapter(tiny_checkpoints.student, tmp_path / "dora", use_dora=True)
+    with pytest.raises(ValueError, match="use_dora=true"):
+        check_not_adapter_folder(str(dora), "--model.student")
+    check_not_adapter_folder(tiny_checkpoints.student, "--model.student")  # a model: nothing to say
