@@ -26,6 +26,10 @@ class FitSummary(L.Callback):
     after each later validation (`opdlab fit` validates once more when the last step was not validated), so
     the file ends with the accuracy after training. Every validation is listed with the optimizer step it
     followed (TensorBoard logs a validation inside fit at the step before).
+
+    What `opdlab fit` prints at the end (`lines`) is the reading the file holds (`reading`: one dict, computed
+    once per write), each number rounded for print from the file's own value (the file keeps full precision),
+    so the two never disagree.
     """
 
     FILENAME = "summary.json"
@@ -41,6 +45,7 @@ class FitSummary(L.Callback):
         self.validations: list[tuple[int, float]] = []  # (global step, val/accuracy) of every validation
         self.trained = False  # on_train_end was reached: summary.json is (re)written from then on
         self.path: Path | None = None  # where summary.json was written
+        self.reading: dict | None = None  # what it holds (the last one written): what `lines` prints
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking:
@@ -89,9 +94,9 @@ class FitSummary(L.Callback):
         """What summary.json holds; accuracies are fractions (null when not measured)."""
         return {
             "steps": steps,
-            "train_seconds": round(self.seconds, 3),  # training only (this process's part of a resumed run)
+            "train_seconds": self.seconds,  # training only (this process's part of a resumed run)
             "response_tokens": self.response_tokens,
-            "response_tokens_per_second": round(self.tokens_per_second, 3),
+            "response_tokens_per_second": self.tokens_per_second,  # from the same seconds
             "kept_tokens": self.kept_tokens,  # response tokens the selector kept (the loss's positions)
             "kept_token_share": finite_or_none(self.kept_share),
             "accuracy_before": finite_or_none(self.before),
@@ -109,32 +114,38 @@ class FitSummary(L.Callback):
             return None
         folder.mkdir(parents=True, exist_ok=True)
         path, partial = folder / self.FILENAME, folder / f".{self.FILENAME}.partial"
-        partial.write_text(json.dumps(self.as_dict(trainer.global_step), indent=2) + "\n")
+        reading = self.as_dict(trainer.global_step)
+        partial.write_text(json.dumps(reading, indent=2) + "\n")
         os.replace(partial, path)
-        self.path = path
+        self.path, self.reading = path, reading
         return path
 
-    def lines(self, steps: int, after: float) -> list[str]:
-        before = f"{self.before:.1%}" if self.before is not None else "n/a"
-        teacher = f"   (teacher {self.teacher:.1%})" if self.teacher is not None else ""
+    def lines(self, steps: int | None = None, after: float | None = None) -> list[str]:
+        """What `opdlab fit` prints at the end: the reading summary.json holds (the last one written), each number
+        rounded from the file's value. Where nothing was written (a dry run), a reading of `steps` made now.
+        `after` is not used (the reading's accuracy_after is printed); it is kept for callers that pass it."""
+        reading = self.reading if self.reading is not None else self.as_dict(steps or 0)
+        teacher = reading["teacher_accuracy"]
         if self.steps_here:
-            timing = (f"steps: {steps}   training wall time: {self.seconds:.1f} s   "
-                      f"response tokens/s: {self.tokens_per_second:.0f}")
+            timing = (f"steps: {reading['steps']}   training wall time: {reading['train_seconds']:.1f} s   "
+                      f"response tokens/s: {reading['response_tokens_per_second']:.0f}")
         else:
-            timing = f"steps: {steps} (all trained before this resume: this process trained none)"
+            timing = f"steps: {reading['steps']} (all trained before this resume: this process trained none)"
         return [
             timing,
-            *([self.kept_line()] if self.kept_share is not None else []),
-            f"student accuracy: before {before} -> after {after:.1%}{teacher}",
+            *([self.kept_line(reading)] if reading["kept_token_share"] is not None else []),
+            f"student accuracy: before {percent(reading['accuracy_before'])} -> after "
+            f"{percent(reading['accuracy_after'])}{f'   (teacher {percent(teacher)})' if teacher is not None else ''}",
             ("  (greedy decoding on the held-out prompts; `opdlab eval` reports Avg@k over sampled responses, "
              "lower at temperature 1)"),
             *([f"summary (JSON) in {self.path}"] if self.path is not None else []),
         ]
 
-    def kept_line(self) -> str:
-        """The share of response tokens trained on, and why it exceeds the budget when the floor raised it."""
-        share = self.kept_share or 0.0
-        line = f"trained on {share:.1%} of {self.response_tokens} sampled response tokens"
+    def kept_line(self, reading: dict) -> str:
+        """The share of response tokens trained on (the reading's), and why it exceeds the budget when the floor
+        raised it."""
+        share = reading["kept_token_share"] or 0.0
+        line = f"trained on {share:.1%} of {reading['response_tokens']} sampled response tokens"
         if self.budget is not None and self.budget < 1:
             line += f" (selector budget {self.budget:.0%}"
             if self.floor and share > self.budget * 1.05:
@@ -150,6 +161,11 @@ class FitSummary(L.Callback):
         """A resumed run keeps the accuracy before training and the validations of its first part."""
         self.before = state_dict.get("before", self.before)
         self.validations = [(int(s), float(a)) for s, a in state_dict.get("validations", [])] or self.validations
+
+
+def percent(fraction: float | None) -> str:
+    """An accuracy of summary.json as printed: a percentage with one decimal, or n/a where not measured."""
+    return f"{fraction:.1%}" if fraction is not None else "n/a"
 
 
 def finite_or_none(value: float | None) -> float | None:
