@@ -14,6 +14,10 @@ last error line and the next one runs; one that cannot run here is SKIPPED with 
              only decides what is missing and whether the wheelhouse has it, changing nothing
   main-job   the README's main job (`opdlab fit --config configs/ta_opd.yaml`) and its gate: the trained
              student's held-out accuracy inside the band the README promises (with --quick: a few steps, no gate)
+  placements benchmarks/placement_parity.py: one training step of a tiny Qwen3 student (full and LoRA) with each
+             rollout engine (static; vllm where installed; --quick: static only), reverse_kl and sampled_token,
+             against a local teacher and the same teacher served by the suite's fake vLLM server on the CPU:
+             the served first-step loss must equal the local one (issue 36; the student on --device)
   models     random-weight Qwen3-0.6B (student) and Qwen3-1.7B (teacher) shapes, a char tokenizer, prompts
   fit C E    `opdlab fit` (--fits C:E) with configs/qwen3_8b_to_1.7b_ta_opd.yaml (C = ta_opd) or
              configs/qwen3_full_opd.yaml (full_opd), bf16-mixed, FSDP2 on one GPU, at those shapes with rollout
@@ -541,6 +545,31 @@ def stage_bench(r: Runner, name: str, cmd: list[str], timeout: float) -> None:
     r.end(stage, "PASSED" if ok else "FAILED", err)
 
 
+def stage_placements(r: Runner) -> None:
+    """benchmarks/placement_parity.py on --device: PASSED when every pair it ran has the local loss."""
+    stage = r.begin("placements")
+    if stage is None:
+        return
+    out = r.args.workdir / "placements.json"
+    out.unlink(missing_ok=True)  # (a reused work folder's old result is no result)
+    engines = "static" if r.args.quick else "static,vllm"  # (vLLM on a CPU starts in minutes: not in the dry mode)
+    ok, err = r.run(stage, [*python(), str(HERE / "placement_parity.py"), "--device", r.args.device, "--engines",
+                            engines, "--out", str(out)], 120 if r.args.quick else 300, env=fit_env())
+    try:  # (a pair that differs still has its table)
+        result = json.loads(out.read_text())
+    except (OSError, ValueError):
+        result = None
+    if result is not None:
+        stage.data = {"table": result["table"], "summary": result["summary"], "max_diff": result["max_diff"]}
+        skipped = sorted({f"{row['engine']} {row['student']}: {row['reason']}" for row in result["rows"]
+                          if row["status"] == "SKIPPED"})
+        note = result["summary"] + (f"; SKIPPED {'; '.join(skipped)}" if skipped else "")
+        err = f"{err}; {note}" if err else note
+    elif ok:
+        ok, err = False, f"placement_parity.py wrote no {out.name}"
+    r.end(stage, "PASSED" if ok else "FAILED", err)
+
+
 def rollout_command(args) -> list[str]:
     if args.quick:
         return [str(HERE / "rollout.py"), "--device", args.device, "--sizes", "toy", "--new-tokens", str(args.new_tokens),
@@ -650,7 +679,8 @@ def render(r: Runner) -> str:
               "ms/decode step = (rollout - weight sync) / the longest response; peak: torch's allocator and, "
               "through NVML, the whole device (vLLM's pools included).", "", *fit_table(r.stages), ""]
     lines += ["## Targets", "", *targets(r.stages, args.device, dry=args.quick or args.device != "cuda"), ""]
-    for name, title in (("rollout", "Rollout engines (benchmarks/rollout.py)"),
+    for name, title in (("placements", "Teacher placements (benchmarks/placement_parity.py)"),
+                        ("rollout", "Rollout engines (benchmarks/rollout.py)"),
                         ("loss", "Loss path (benchmarks/loss_memory.py)")):
         stage = next((s for s in r.stages if s.name == name), None)
         lines += [f"## {title}", "", *(stage.data.get("table", []) if stage else []),
@@ -691,8 +721,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--require", nargs="*", default=[], metavar="REQ",
                    help="more requirements the install stage brings from the wheelhouse, e.g. vllm where its "
                         "wheels were carried (default: none beyond opdlab[math]'s)")
-    p.add_argument("--stages", nargs="*", default=["env", "install", "main-job", "fits", "rollout", "loss"],
-                   choices=["env", "install", "main-job", "fits", "rollout", "loss"],
+    p.add_argument("--stages", nargs="*", default=["env", "install", "main-job", "placements", "fits", "rollout",
+                                                   "loss"],
+                   choices=["env", "install", "main-job", "placements", "fits", "rollout", "loss"],
                    help="the stages to run (default: all, in that order)")
     p.add_argument("--budget-s", type=float, default=480.0,
                    help="total time budget in seconds; stages that would start after it are SKIPPED (default 480)")
@@ -776,6 +807,8 @@ def main(argv: list[str] | None = None) -> int:
         stage_install(r)
     if "main-job" in args.stages:
         stage_main_job(r)
+    if "placements" in args.stages:
+        stage_placements(r)
     if "fits" in args.stages and args.fits:
         models = stage_models(r)
         for spec in args.fits:

@@ -5,16 +5,20 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import re
 import subprocess
 import sys
 
 import pytest
+import torch
 from conftest import REPO_ROOT
 
 SCRIPT = REPO_ROOT / "benchmarks" / "gpu_acceptance.py"
+PARITY = REPO_ROOT / "benchmarks" / "placement_parity.py"
 SECTIONS = ["## Machine and versions", "## Stages", "## Install", "## Main job", "## Qwen3-shaped fits", "## Targets",
-            "## Rollout engines (benchmarks/rollout.py)", "## Loss path (benchmarks/loss_memory.py)", "## Commands"]
+            "## Teacher placements (benchmarks/placement_parity.py)", "## Rollout engines (benchmarks/rollout.py)",
+            "## Loss path (benchmarks/loss_memory.py)", "## Commands"]
 NUMBER = r"\d+\.\d+"
 
 
@@ -53,7 +57,7 @@ def test_dry_run_writes_every_section_with_numbers(tmp_path):
     assert "**CPU dry run, not a GPU result**" in report
     assert [s for s in SECTIONS if s not in report] == []
     stages = stage_rows(report)
-    for name in ("env", "install", "main-job", "models", "fit ta_opd static", "rollout", "loss"):
+    for name in ("env", "install", "main-job", "placements", "models", "fit ta_opd static", "rollout", "loss"):
         assert stages[name][0] == "PASSED", (name, stages[name])
     if not vllm:
         assert stages["fit ta_opd vllm"][0] == "SKIPPED" and "vllm is not installed" in stages["fit ta_opd vllm"][1]
@@ -63,6 +67,12 @@ def test_dry_run_writes_every_section_with_numbers(tmp_path):
     cells = static.split(" | ")
     assert re.fullmatch(r"16 x \d+", cells[2]) and all(re.fullmatch(NUMBER, c) for c in cells[3:11]), static
     assert "rss" in cells[12]
+    placements = section(report, "## Teacher placements (benchmarks/placement_parity.py)")
+    assert re.findall(r"^\| static \| (full|lora) \| (reverse_kl|sampled_token) \| .* \| PASSED \|$", placements,
+                      re.M) == [("full", "reverse_kl"), ("full", "sampled_token"), ("lora", "reverse_kl"),
+                                ("lora", "sampled_token")], placements
+    assert re.search(r"4 of 4 pairs equal within 0.0001 x max\(1, abs\(local\)\); largest abs diff \d",
+                     stages["placements"][1]), stages["placements"]
     for title in ("## Rollout engines (benchmarks/rollout.py)", "## Loss path (benchmarks/loss_memory.py)"):
         body = [line for line in section(report, title).splitlines() if line.startswith("| ") and "---" not in line]
         assert len(body) >= 2 and re.search(NUMBER, body[-1]), (title, body)
@@ -71,6 +81,45 @@ def test_dry_run_writes_every_section_with_numbers(tmp_path):
     assert "| met |" not in targets and "SHORT" not in targets  # a CPU's numbers are no verdict
     assert "opdlab.cli fit --config" in section(report, "## Commands")
     assert re.search(r"\[\d+\] main-job: PASSED in", proc.stdout)  # progress per stage
+
+
+def test_a_served_teacher_gives_the_local_teachers_first_step_loss(tmp_path):
+    """benchmarks/placement_parity.py (issue 36) on the CPU: one step of a full and a LoRA student per divergence,
+    local teacher against the same teacher behind the fake vLLM server, the same loss; the vllm engine's pairs
+    SKIPPED with the reason where vllm is not installed. (On a GPU the acceptance stage `placements` runs it with
+    --device cuda: the served rows parsed on the CPU must reach the student's device.)"""
+    vllm = importlib.util.find_spec("vllm") is not None
+    out = tmp_path / "parity.json"
+    proc = subprocess.run([sys.executable, str(PARITY), "--device", "cpu", "--engines",
+                           "static" if vllm else "static,vllm", "--out", str(out)],
+                          capture_output=True, text=True, timeout=170, check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "| engine | student | divergence | local loss | served loss | abs diff | status |" in proc.stdout
+    assert proc.stdout.strip().splitlines()[-1].startswith("placement_parity: PASSED in ")
+    result = json.loads(out.read_text())
+    ran = [row for row in result["rows"] if row["engine"] == "static"]
+    assert [(row["student"], row["divergence"], row["status"]) for row in ran] == [
+        ("full", "reverse_kl", "PASSED"), ("full", "sampled_token", "PASSED"), ("lora", "reverse_kl", "PASSED"),
+        ("lora", "sampled_token", "PASSED")]
+    for row in ran:  # the served step asked the server; its loss is the local one; a real loss, not a near-zero one
+        assert row["requests"] > 0 and row["diff"] <= 1e-4 * max(1.0, abs(row["local"])) and row["local"] > 0.5, row
+        assert row["student_device"] == row["rollout_device"] == "cpu" and row["rollout"] == "same", row
+    assert result["max_diff"] == max(row["diff"] for row in ran) and result["table"][0].startswith("| engine |")
+    if not vllm:
+        assert [row["status"] + ": " + row["reason"] for row in result["rows"] if row["engine"] == "vllm"] == \
+            ["SKIPPED: vllm is not installed"] * 4
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is here: --device cuda would run")
+def test_a_failing_placements_stage_keeps_its_reason(tmp_path):
+    """--device cuda without a GPU: the script refuses in one line and the stage is FAILED with that line."""
+    out = tmp_path / "gpu.md"
+    proc = run("--device", "cuda", "--install", "skip", "--stages", "placements", "--output", str(out),
+               "--workdir", str(tmp_path / "work"), timeout=90)
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    stages = stage_rows(out.read_text())
+    assert stages["placements"][0] == "FAILED"
+    assert "--device cuda: torch sees no CUDA device" in stages["placements"][1], stages["placements"]
 
 
 def test_a_failing_stage_is_reported_with_its_reason_and_the_next_stage_runs(tmp_path):
