@@ -15,7 +15,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics import MeanMetric
 
 from opdlab import building, step, student_checkpoint
-from opdlab.adapters import AdapterOptions, describe, is_adapted
+from opdlab.adapters import AdapterOptions, check_not_adapter_folder, describe, is_adapted
 from opdlab.callbacks.teacher import TeacherLifetime
 from opdlab.checkpointing import restore_rng_state
 from opdlab.distributed import world_size
@@ -132,6 +132,7 @@ class OPDModule(L.LightningModule):
     def connect_teacher(self) -> None:
         """The student's tokenizer, then the teacher placement's identity checks; what the placement then serves
         decides whether the selector and divergence can be served (before any weights load)."""
+        check_not_adapter_folder(self.student_path, "--model.student")  # before transformers half-loads one
         self.tokenizer = load_tokenizer(self.student_path)
         self.placement.connect(self.teacher_path, self.tokenizer,
                                building.max_sequence_len(self.student_path, self.rollout_options))

@@ -473,3 +473,13 @@ def test_an_adapter_folder_given_as_the_student_says_what_to_pass(tiny_checkpoin
     with pytest.raises(ValueError, match="use_dora=true"):
         check_not_adapter_folder(str(dora), "--model.student")
     check_not_adapter_folder(tiny_checkpoints.student, "--model.student")  # a model: nothing to say
+
+
+def test_the_module_refuses_an_adapter_folder_as_its_student_before_loading_it(tiny_checkpoints, tmp_path):
+    from opdlab.module import OPDModule
+
+    folder = peft_adapter(tiny_checkpoints.student, tmp_path / "plain")
+    module = OPDModule(student=str(folder), teacher=tiny_checkpoints.teacher)
+    with pytest.raises(ValueError, match="is a peft adapter folder, not a model"):
+        module.configure_model()
+    assert module.student is None and module.tokenizer is None
