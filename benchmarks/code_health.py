@@ -47,11 +47,12 @@ TOP = 15
 # pattern without "*" or "/" also matches `<name>/*` (the same name grown into a package).
 LAYERS: list[tuple[int, str, list[str]]] = [
     (0, "core", ["__init__", "maths", "heads", "options", "rollout", "console", "distributed", "timing",
-                 "checkpointing", "_deprecation", "progress", "runs", "models", "sharding", "data", "metrics",
-                 "loggers", "tasks/*", "chunks"]),
+                 "checkpointing", "_deprecation", "progress", "runs", "sharding", "data", "metrics",
+                 "loggers", "tasks/*", "chunks", "token_stats"]),
     (1, "interfaces", ["selectors/base", "divergences/base", "engines/base", "teachers/base", "teachers/rows",
                        "teachers/signal"]),
-    (2, "components", ["selectors/*", "divergences/*", "engines/*", "teachers/*", "adapters", "scoring", "loss",
+    # models loads checkpoints and resolves `toy:` names by building the toy: a component beside toy.
+    (2, "components", ["models", "selectors/*", "divergences/*", "engines/*", "teachers/*", "adapters", "scoring", "loss",
                        "step", "evaluation*", "diagnostics/*", "callbacks/*", "toy"]),
     # Discovery sits above the interfaces and components it finds; the module uses it (the placement a teacher
     # string implies), so the module's rooms come after it.

@@ -16,7 +16,7 @@ from torch import nn
 if TYPE_CHECKING:  # transformers is imported where models are loaded: `opdlab plugins` / --help stay fast
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from opdlab.options import DTYPES  # noqa: E402 (the dtype options; also read from here)
 
 
 def resolve_model_path(name: str) -> str:

@@ -11,9 +11,11 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
-from opdlab.chunks import SCORE_CHUNK_ROWS
-from opdlab.models import DTYPES
+import torch
 
+from opdlab.chunks import SCORE_CHUNK_ROWS
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # dtype options
 LossNormalization = Literal["kept", "valid"]  # the loss's denominator: kept or valid tokens of the whole batch
 
 

@@ -88,7 +88,7 @@ class RolloutEngine(ABC):
 def generation_dtype(setting: str, model: nn.Module, device: torch.device) -> torch.dtype:
     """The dtype an engine generates in: `setting` itself (float32, bfloat16, float16) or, for `auto`, the
     dtype the student computes in here: autocast's (bf16-mixed training) or its own weights'."""
-    from opdlab.models import DTYPES
+    from opdlab.options import DTYPES
 
     if setting != "auto":
         return DTYPES[setting]

@@ -19,7 +19,7 @@ import torch
 
 from opdlab import maths
 from opdlab.chunks import TOP_K
-from opdlab.scoring import TokenStats
+from opdlab.token_stats import TokenStats
 
 Normalization = Literal["quantile", "minmax", "none"]
 
