@@ -9,17 +9,23 @@ floating-point training differs between machines, thread counts and accelerators
 first use was not the same everywhere (a GPU build overshot the student's gate). `toy:<name>/<role>`
 resolves to the shipped files when they exist; `opdlab toy --name <name>` rebuilds into the cache and
 compares the result with the shipped build.
+
+Each build's `build.json` lists its files with their sizes and sha256; a toy is checked against it when it is
+used (a damaged cached build is rebuilt, a damaged shipped one refused in one line). Builds are written whole by
+whichever process builds (whatever its torch.distributed rank) and renamed into place in one step.
 """
 
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import importlib
 import json
 import math
 import os
 import shutil
 import signal
+import socket
 import tempfile
 import threading
 import time
@@ -32,6 +38,7 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
+from opdlab.console import OpdlabError
 from opdlab.evaluation import greedy_accuracy
 from opdlab.rollout import PromptBatch, Rollout, sample_rollouts
 from opdlab.tasks.addition import CHARSET
@@ -235,34 +242,57 @@ def train_supervised(model, tokenizer, task: PromptSource, spec: ModelSpec, toy:
     return accuracy, step
 
 
+class ToyError(OpdlabError, RuntimeError):
+    """A toy folder that cannot be used or replaced: one line naming the folder, what is wrong and what to do."""
+
+
+ROLES = ("teacher", "student")
+MODEL_FILES = ("config.json", "model.safetensors")  # every role's checkpoint has these ...
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")  # ... and these
+
+
 def build_toy(name: str = "add3", cache_dir: str | Path | None = None, seed: int = 0, force: bool = False) -> Path:
     """Train, gate and cache the toy teacher and student; returns the toy's directory.
 
-    The directory holds `teacher/` and `student/` (HF checkpoints with the tokenizer) and `build.json`.
-    A build is written to a temporary directory and renamed into place, so an interrupted build never
-    leaves a half-written cache. Builds of one toy take a file lock: a second process waits for the first
-    and reuses its result; a build stopped by SIGTERM removes its temporary directory, and temporary
-    directories left by killed builds are removed by the next one.
+    The directory holds `teacher/` and `student/` (HF checkpoints with the tokenizer) and `build.json`, which
+    records every file's size and sha256 (`toy_problem` checks them before a toy is used). A build is written to
+    a temporary directory beside the target, checked complete, and renamed into place, so the target is either
+    absent or a whole build. Every process that builds writes every file (no rank skips its saves). Builds of
+    one toy take a file lock: a second process waits for the first and reuses its result; where the file system
+    has no working lock, both build and the first rename wins. A cached build found damaged (build.json names
+    this toy) is rebuilt; a folder opdlab cannot tell it built is refused, never deleted. A build stopped by
+    SIGTERM removes its temporary directory; those left by killed builds are removed by the next build.
     """
     if name not in TOYS:
         raise ValueError(f"unknown toy {name!r}; available: {sorted(TOYS)}")
     spec = TOYS[name]
     target = Path(cache_dir or cache_root() / "toy") / build_name(name, seed)
-    if (target / "build.json").exists() and not force:
+    if not force and toy_problem(target, name, seed) is None:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    with build_lock(target), removed_on_sigterm():
-        if (target / "build.json").exists() and not force:
+    with build_lock(target) as locked, removed_on_sigterm():
+        problem = toy_problem(target, name, seed)
+        if problem is None and not force:
             return target  # another process built it while this one waited
-        for stale in target.parent.glob(f".{target.name}-*"):  # left by killed builds (we hold the lock)
-            shutil.rmtree(stale, ignore_errors=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+        if target.exists() or target.is_symlink():
+            if not built_by_opdlab(target, name, seed):
+                why = problem or "build.json does not name this toy"
+                raise ToyError(f"toy folder {target} is not an intact opdlab build ({why}) and opdlab cannot tell that "
+                               "it built it; delete or move it, then run again to build the toy there")
+            if problem is not None:
+                print(f"opdlab: toy folder {target} is damaged ({problem}); rebuilding it", flush=True)
+        remove_stale_builds(target, locked)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-build-{build_tag()}-", dir=target.parent))
         try:
             report = train_toy(name, spec, seed, tmp)
+            report["files"] = file_manifest(tmp)
+            missing = [f"{role}/{file}" for role in ROLES for file in (*MODEL_FILES, *TOKENIZER_FILES)
+                       if f"{role}/{file}" not in report["files"]]
+            if missing:  # never rename an incomplete build into place
+                raise ToyError(f"the build of toy {name} in {tmp} wrote no {', '.join(missing)}; nothing was cached; "
+                               "report this with the build log")
             (tmp / "build.json").write_text(json.dumps(report, indent=2))
-            if target.exists():
-                shutil.rmtree(target)
-            tmp.rename(target)
+            install(tmp, target, name, seed, replace=force or problem is not None)
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -290,24 +320,209 @@ def train_toy(name: str, spec: ToySpec, seed: int, out: Path) -> dict:
                 f"toy {name}: {role} accuracy {accuracy:.1%} is outside its gate [{lo:.0%}, {hi:.0%}] "
                 f"(seed {seed}); try another --seed or report this with the build log"
             )
-        model.save_pretrained(out / role)
-        tokenizer.save_pretrained(out / role)
+        save_role(model, tokenizer, out / role)
     return report
+
+
+def install(tmp: Path, target: Path, name: str, seed: int, replace: bool) -> None:
+    """Rename the finished build `tmp` to `target`. The folder it replaces (a damaged or forced one) is
+    first renamed aside, then removed. A target that appeared meanwhile (another process built without a
+    working lock) is kept when intact: both processes then use the same files."""
+    old = None
+    if replace and (target.exists() or target.is_symlink()):
+        old = target.parent / f".{target.name}-old-{build_tag()}-{os.urandom(4).hex()}"
+        target.rename(old)
+    try:
+        tmp.rename(target)
+    except OSError:
+        if toy_problem(target, name, seed) is not None:
+            raise
+    finally:
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True) if old.is_dir() and not old.is_symlink() else old.unlink()
+
+
+def save_role(model, tokenizer, out: Path) -> None:
+    """One role's HF checkpoint (config, generation config, weights, tokenizer), written by this process
+    whatever its rank: `save_pretrained` writes config and weights only on rank 0 once torch.distributed is
+    initialized, so a toy built by another rank had tokenizer files only. The files are those `save_pretrained`
+    writes on rank 0 (tests/test_toy_builds.py compares them)."""
+    from safetensors.torch import save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    model.config.dtype = str(model.dtype).removeprefix("torch.")  # as save_pretrained records them
+    model.config.architectures = [type(model).__name__]
+    save_file({key: value.detach().contiguous() for key, value in model.state_dict().items()},
+              out / "model.safetensors", metadata={"format": "pt"})
+    model.config.save_pretrained(out)
+    if model.can_generate():
+        model.generation_config.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+def file_manifest(folder: Path) -> dict[str, dict]:
+    """{path relative to `folder`: {"size", "sha256"}} of every file under it, build.json and hidden files
+    excepted, in sorted order."""
+    files = {}
+    for path in sorted(folder.rglob("*")):
+        rel = path.relative_to(folder).as_posix()
+        if path.is_file() and rel != "build.json" and not any(part.startswith(".") for part in rel.split("/")):
+            files[rel] = {"size": path.stat().st_size, "sha256": sha256(path)}
+    return files
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+_VERIFIED: dict[str, tuple] = {}  # folder -> the file sizes and times it was found intact with (hash once)
+
+
+def toy_problem(path: Path, name: str, seed: int) -> str | None:
+    """What is wrong with the toy folder `path` (build `name`, `seed`), in a few words; None when intact.
+
+    Checks build.json, then every file it records (size, then sha256, hashed once per process while the
+    files' sizes and times stay the same) and that each role has its config, weights and tokenizer. Builds of
+    older opdlab versions (no file list) are checked by their files: present, config.json with a model type,
+    weights whose safetensors header matches their size.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        return "it does not exist" if not path.exists() else "it is not a folder"
+    report, problem = read_build_json(path)
+    if problem is not None:
+        return problem
+    if report.get("name") != name or report.get("seed") != seed:
+        return f"build.json is for toy {report.get('name')!r} seed {report.get('seed')!r}"
+    required = [f"{role}/{file}" for role in ROLES for file in (*MODEL_FILES, *TOKENIZER_FILES)]
+    files = report.get("files")
+    if files is None:
+        return legacy_problem(path, required)
+    if not isinstance(files, dict):
+        return "build.json's file list is not a mapping"
+    for rel in required:
+        if rel not in files:
+            return f"build.json lists no {rel}"
+    stats = []
+    for rel, entry in files.items():
+        file = path / rel
+        if not file.is_file():
+            return f"{rel} is missing"
+        stat = file.stat()
+        if stat.st_size != entry.get("size"):
+            return f"{rel} has {stat.st_size} bytes, build.json records {entry.get('size')}"
+        stats.append((rel, stat.st_size, stat.st_mtime_ns, stat.st_ino))
+    key, stamp = str(path.resolve()), (tuple(stats), (path / "build.json").stat().st_mtime_ns)
+    if _VERIFIED.get(key) == stamp:
+        return None
+    for rel, entry in files.items():
+        if sha256(path / rel) != entry.get("sha256"):
+            return f"{rel} does not match its sha256 in build.json"
+    _VERIFIED[key] = stamp
+    return None
+
+
+def read_build_json(path: Path) -> tuple[dict, str | None]:
+    try:
+        report = json.loads((path / "build.json").read_text())
+    except FileNotFoundError:
+        return {}, "build.json is missing"
+    except (OSError, UnicodeDecodeError, ValueError):
+        return {}, "build.json is not valid JSON"
+    return (report, None) if isinstance(report, dict) else ({}, "build.json is not valid JSON")
+
+
+def legacy_problem(path: Path, required: list[str]) -> str | None:
+    """The check of a build without a file list (an older opdlab): every required file present and sound."""
+    for rel in required:
+        if not (path / rel).is_file():
+            return f"{rel} is missing"
+    for role in ROLES:
+        try:
+            if "model_type" not in json.loads((path / role / "config.json").read_text()):
+                return f"{role}/config.json has no model_type"
+        except (OSError, UnicodeDecodeError, ValueError):
+            return f"{role}/config.json is not valid JSON"
+        weights = path / role / "model.safetensors"
+        try:
+            with open(weights, "rb") as f:
+                header_size = int.from_bytes(f.read(8), "little")
+                header = json.loads(f.read(header_size)) if 0 < header_size < 1 << 27 else None
+            end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+        except (OSError, UnicodeDecodeError, ValueError, TypeError, KeyError, AttributeError):
+            return f"{role}/model.safetensors is truncated or not a safetensors file"
+        if weights.stat().st_size != 8 + header_size + end:
+            return f"{role}/model.safetensors is truncated or not a safetensors file"
+    return None
+
+
+def built_by_opdlab(path: Path, name: str, seed: int) -> bool:
+    """Whether opdlab built the folder `path` for this toy, so that it may replace it: a folder whose
+    build.json names the toy and seed (a build renames build.json into place with the rest)."""
+    report, problem = read_build_json(path)
+    ours = problem is None and (report.get("name"), report.get("seed")) == (name, seed)
+    return ours and path.is_dir() and not path.is_symlink()
+
+
+def build_tag() -> str:
+    """Who builds: the machine and process, in the names of temporary folders."""
+    return f"{socket.gethostname().replace('-', '_') or 'host'}-{os.getpid()}"
+
+
+def remove_stale_builds(target: Path, locked: bool) -> None:
+    """Remove temporary folders of `target`'s builds that no process uses: those of this machine whose process
+    has ended, those of older opdlab versions (no machine in the name) while holding the lock, and any older
+    than a day. Another machine's may belong to a build still running (a per-machine lock on a shared cache)."""
+    host = socket.gethostname().replace("-", "_") or "host"
+    for stale in target.parent.glob(f".{target.name}-*"):
+        if not stale.is_dir() or stale.is_symlink():
+            continue
+        parts = stale.name[len(target.name) + 2:].split("-")
+        if len(parts) == 4 and parts[0] in ("build", "old"):
+            dead = parts[1] == host and parts[2].isdigit() and not process_alive(int(parts[2]))
+        else:
+            dead = locked
+        try:
+            dead = dead or time.time() - stale.stat().st_mtime > 86400
+        except OSError:
+            continue
+        if dead:
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return pid < 1 << 22  # another user's process (or a pid no process can have)
+    return True
 
 
 @contextmanager
 def build_lock(target: Path):
-    """An exclusive lock on `target`'s build (a lock file beside it), announced when it has to wait."""
+    """An exclusive lock on `target`'s build (a lock file beside it), announced when it has to wait; yields
+    whether it holds one. A file system without working locks (some network file systems) yields False: the
+    build still only renames a complete folder into place, and the first rename wins."""
     with open(target.parent / f".{target.name}.lock", "w") as f:
+        locked = True
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             print(f"toy: another process is building {target.name}; waiting for it to finish", flush=True)
             fcntl.flock(f, fcntl.LOCK_EX)
+        except OSError:  # ENOLCK, EOPNOTSUPP: no locks on this file system
+            locked = False
         try:
-            yield
+            yield locked
         finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+            if locked:
+                fcntl.flock(f, fcntl.LOCK_UN)
 
 
 @contextmanager
@@ -340,7 +555,8 @@ def shipped_toy(name: str, seed: int) -> Path | None:
 
 def resolve_toy_path(spec: str) -> Path:
     """`toy:<name>/<role>` (role: teacher or student) -> checkpoint directory: the shipped build when the
-    package has one for this seed, else the cached build (trained on first use)."""
+    package has one for this seed, else the cached build (trained on first use, rebuilt when damaged). Either is
+    checked against its build.json first; a damaged shipped build is refused in one line."""
     body = spec.removeprefix("toy:")
     name, _, role = body.partition("/")
     if role not in ("teacher", "student"):
@@ -348,8 +564,13 @@ def resolve_toy_path(spec: str) -> Path:
     seed = int(os.environ.get("OPDLAB_TOY_SEED", "0"))
     shipped = shipped_toy(name, seed)
     if shipped is not None:
+        problem = toy_problem(shipped, name, seed)
+        if problem is not None:
+            raise ToyError(f"toy folder {shipped} (shipped with opdlab) is damaged ({problem}); reinstall opdlab to "
+                           "restore it (from a git checkout: git checkout -- opdlab/toy_checkpoints)")
         return shipped / role
-    if name in TOYS and not (cache_root() / "toy" / build_name(name, seed) / "build.json").exists():
+    target = cache_root() / "toy" / build_name(name, seed) if name in TOYS else None
+    if target is not None and not target.exists() and not target.is_symlink():
         from opdlab.runs import writable_folder
 
         what = "OPDLAB_CACHE" if "OPDLAB_CACHE" in os.environ else "the toy cache (set OPDLAB_CACHE to move it)"
