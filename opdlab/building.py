@@ -19,6 +19,13 @@ from opdlab.sharding import shard_model
 SMALL_MODEL_PARAMETERS = 50_000_000  # below this (student + teacher), one CPU thread: see choose_cpu_threads
 
 
+def check_top_k(top_k: int, tokenizer, student_path: str) -> None:
+    """The selector's K fits the vocabulary (checked before any weights load)."""
+    if top_k > len(tokenizer):
+        raise ValueError(f"selector top_k={top_k} exceeds the vocabulary ({len(tokenizer)} tokens of {student_path}); "
+                         f"use top_k <= {len(tokenizer)}")
+
+
 def check_engine_takes_adapter(engine, adapter: AdapterOptions) -> None:
     """A LoRA student needs a rollout engine that generates with the adapted student."""
     if adapter.enabled and not engine.loads_adapters:

@@ -169,7 +169,7 @@ class OPDLabCLI(LightningCLI):
             lock_run(base / version)  # a named or resumed run: one fit at a time
         if checkpoint is not None and logger.class_path.endswith("TensorBoardLogger"):
             # Steps after the checkpoint are trained again: TensorBoard drops their earlier points (purge_step).
-            # Points sit at the number of steps done (OPDModule.log_step_number): step N's are kept, N + 1's on go.
+            # Points sit at the number of steps done (OPDModule.log_step): step N's are kept, N + 1's on go.
             init.purge_step = step + 1
         self.trainer_log_dir_hint = str(base / version) if version is not None and checkpoint is not None else None
         if checkpoint is not None:

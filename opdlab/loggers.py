@@ -55,7 +55,7 @@ class CSVLogger(LightningCSVLogger):
     resumed step are kept, the redone steps' rows are replaced)."""
 
     def log_metrics(self, metrics: dict, step: int | None = None) -> None:
-        # opdlab logs its own "step" metric (OPDModule.log_step_number); Lightning 2.6 casts it to int, 2.5
+        # opdlab logs its own "step" metric (OPDModule.log_step); Lightning 2.6 casts it to int, 2.5
         # passes the float through, which would write "1.0" into the step column. Keep integer steps on both.
         super().log_metrics(metrics, None if step is None else int(step))
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from opdlab.console import OpdlabError
 from opdlab.distributed import all_reduce_sum
@@ -68,6 +68,16 @@ class RunWarnings:
             self.once("teacher_zero", f"the teacher ({teacher}) answers 0% of the validation set correctly: the data's "
                       "answers and its verifier disagree with what the models write, or this is not the teacher you "
                       "meant; distilling it teaches nothing the verifier accepts")
+
+    def announce(self, plan, placement, student, top_k: int) -> None:
+        """At the start of a fit: the step plan of a full batch (when known), the teacher's placement, the adapter."""
+        from opdlab.adapters import describe, is_adapted
+
+        adapter = describe(student) if is_adapted(student) else None
+        for line in (plan.describe() if plan is not None else None, placement.describe(), adapter):
+            if line:
+                rank_zero_info(f"opdlab: {line}")
+        self.top_k_above_sent(top_k, placement.signal.top_logprobs)
 
     def top_k_above_sent(self, top_k: int, sent: int | None) -> None:
         if sent is not None and top_k > sent:

@@ -119,6 +119,19 @@ def plan_step(
     )
 
 
+def plan_for(rows: int, memory, training, selector: TokenSelector, full_entropy: bool,
+             student_head: LogitHead | None) -> StepPlan:
+    """`plan_step` from a run's options and selector; a sharded (FSDP2) student head (not plain linear) takes
+    head_loss's autograd path, so scoring does not share its projection."""
+    return plan_step(
+        rows, micro_batch_size=memory.micro_batch_size, chunk_size=memory.chunk_size,
+        keeps_every_valid_position=selector.keeps_every_valid_position, full_kl=selector.needs_full_kl,
+        full_entropy=full_entropy, loss_denominator=training.loss_normalization,
+        shared_projection=student_head is None or student_head.is_plain_linear,
+        topk_lists=getattr(selector, "needs_topk_lists", False),
+    )
+
+
 def loss_scale(denominator: LossNormalization, keep: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """The factor on this rank's sum of kept-token losses: world size / global count.
 
@@ -189,6 +202,12 @@ def select(selector: TokenSelector, stats: TokenStats, generator: torch.Generato
     return keep
 
 
+def backward_shared(loss: HeadLoss, backward: Callable[[torch.Tensor], None]) -> torch.Tensor:
+    """Backpropagate the shared projection's loss (its gradients were computed with it); returns its global value."""
+    backward(loss.loss)
+    return global_loss(loss.loss)
+
+
 def backward_kept(hidden: Hidden, keep: torch.Tensor, rollout: Rollout, stats: TokenStats, plan: StepPlan,
                   student_head: LogitHead, divergence: Divergence, forward: Callable[[Rollout], torch.Tensor],
                   backward: Callable[[torch.Tensor], None]) -> torch.Tensor:
@@ -226,6 +245,11 @@ def optimizer_step(optimizer, scheduler, parameters, max_norm: float | None,
     if scheduler is not None:
         scheduler.step()
     return norm
+
+
+def default_optimizer(params) -> torch.optim.Optimizer:
+    """`--model.optimizer`'s default: AdamW at lr 1e-4, no weight decay."""
+    return torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0)
 
 
 def configure_optimizers(optimizer_factory, scheduler_factory, parameters):

@@ -6,7 +6,7 @@ skipped steps and what the adapter's weights mean; and the check that a checkpoi
 from __future__ import annotations
 
 from opdlab.adapters import adapter_config, is_adapted
-from opdlab.checkpointing import capture_rng_state
+from opdlab.checkpointing import capture_rng_state, restore_rng_state
 
 
 def saved_student_keys(student, state_dict_keys) -> set[str]:
@@ -44,3 +44,18 @@ def check_fits(checkpoint: dict, kept: set[str], signature: dict | None) -> None
     missing = sorted(kept - set(checkpoint["state_dict"]))
     if missing:
         raise KeyError(f"checkpoint lacks {len(missing)} student weights (e.g. {missing[:3]}); is it an opdlab checkpoint?")
+
+
+def on_save(checkpoint: dict, student, state_dict: dict, guard) -> None:
+    """`OPDModule.on_save_checkpoint`: the student's keys only, and opdlab's record (`guard`: the skipped steps)."""
+    kept = saved_student_keys(student, state_dict)
+    strip_to_student(checkpoint, kept, guard.skipped, adapter_signature(student))
+
+
+def on_load(checkpoint: dict, student, state_dict: dict, guard) -> None:
+    """`OPDModule.on_load_checkpoint`: refuse a checkpoint that does not fit, then restore the RNG states and the
+    count of skipped steps."""
+    check_fits(checkpoint, saved_student_keys(student, state_dict), adapter_signature(student))
+    if "opdlab" in checkpoint:
+        restore_rng_state(checkpoint["opdlab"]["rng"])
+        guard.skipped = checkpoint["opdlab"]["skipped_steps"]

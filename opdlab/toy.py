@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
 from opdlab.console import OpdlabError
-from opdlab.evaluation import greedy_accuracy
+from opdlab.evaluation.greedy import greedy_accuracy  # the module, not the package: evaluation/benchmarks uses toy
 from opdlab.rollout import PromptBatch, Rollout, sample_rollouts
 from opdlab.tasks.addition import CHARSET
 from opdlab.tasks.base import PromptSource
