@@ -96,7 +96,41 @@ def cases() -> list[Case]:
     return [*cases_before_28(),
             *(replace(case, issue=28) for case in [*cases_28(), *cases_28_retest(), *cases_28_parser()]),
             *(replace(case, issue=30) for case in cases_30()), *(replace(case, issue=31) for case in cases_31()),
-            *(replace(case, issue=36) for case in cases_36())]
+            *(replace(case, issue=36) for case in [*cases_36(), *cases_36_placements()])]
+
+
+def cases_36_placements() -> list[Case]:
+    """Issue 36: teacher strings and placement options, as a class: every kind of `--model.teacher` string (each URL
+    scheme, malformed addresses, lists), crossed with naming no placement, the wrong one, or an unknown one, and
+    placement options given without naming a placement. Nothing listens on port 9: a server there is down."""
+    down = "http://127.0.0.1:9/v1"
+    strings = {
+        "an unclaimed scheme": "grpc://127.0.0.1:9", "a plugin's scheme with no plugin": "sglang://127.0.0.1:9",
+        "a file URL": "file:///tmp/teacher", "an http URL without a host": "http://", "an upper-case HTTP URL":
+        "HTTP://127.0.0.1:9/v1", "a URL with a port that is not a number": "http://127.0.0.1:port/v1",
+        "a list with an empty entry": f"{down},", "a list mixing a URL and a path": f"{down},toy:add2/teacher",
+        "an empty string": "", "only commas": ",,", "a server that is down": down,
+    }
+    cases = [Case(f"fit --model.teacher {name}", fit("--model.teacher", teacher), "refuse")
+             for name, teacher in strings.items()]
+    for name, teacher in (("a URL", down), ("a checkpoint", "toy:add2/teacher"), ("an unclaimed scheme", "grpc://x")):
+        cases += [
+            Case(f"fit placement options without a placement name, teacher {name}",
+                 fit("--model.teacher", teacher, "--model.teacher_placement.top_logprobs", "4"), "refuse"),
+            Case(f"fit an unknown placement name, teacher {name}",
+                 fit("--model.teacher", teacher, "--model.teacher_placement", "sglang"), "refuse", says="sglang"),
+        ]
+    cases += [
+        Case("fit the local placement with a URL", fit("--model.teacher", down, "--model.teacher_placement", "local"),
+             "refuse", says="is an address"),
+        Case("fit the vllm_server placement with a checkpoint",
+             fit("--model.teacher", "toy:add2/teacher", "--model.teacher_placement", "vllm_server"), "refuse",
+             says="needs --model.teacher to be the server's URL"),
+        Case("diagnose with a teacher of an unclaimed scheme",
+             ["diagnose", "--config", DIAGNOSE, "--teacher", "grpc://127.0.0.1:9"], "refuse",
+             says="no teacher placement accepts"),
+    ]
+    return cases
 
 
 def cases_36() -> list[Case]:

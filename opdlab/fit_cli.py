@@ -585,8 +585,11 @@ def implied_placement(argv: list[str]) -> list[str]:
     if not options or any(a == key or a.startswith(key + "=") for a in argv):
         return argv
     teacher = option_value(argv, "--model.teacher") or config_teacher(argv)
-    name = plugins.placement_name_for(teacher) if teacher else None
+    if not teacher:
+        return argv
+    name = plugins.placement_name_for(teacher)
     if name is None:
+        plugins.default_placement(teacher)  # refuses the string in its own words (an unclaimed scheme, say)
         return argv
     return [*argv[: options[0]], key, name, *argv[options[0]:]]
 

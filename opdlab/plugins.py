@@ -200,6 +200,8 @@ def default_placement(teacher: str, need: str | None = None) -> TeacherPlacement
     `accepts` it (a server placement claims its URL scheme), else `local` for a string without a scheme (a
     directory, hub id or `toy:` name). With its default options, or set up to give `need` (`for_needs`; e.g.
     `opdlab diagnose` needs the teacher's whole distribution)."""
+    if not teacher.strip():
+        raise ValueError("--model.teacher is empty; give a checkpoint directory, a hub id, a toy: name or a server URL")
     placements = discover("opdlab.teacher_placements")
     claimed = sorted(name for name, plugin in placements.items() if plugin.cls.accepts(teacher))
     if len(claimed) > 1:

@@ -123,3 +123,15 @@ def test_placement_options_without_a_name_go_to_the_placement_that_accepts_the_t
     assert implied_placement(["--config", str(config), *option])[2:4] == ["--model.teacher_placement", "sglang"]
     named = ["--model.teacher", "http://h/v1", "--model.teacher_placement", "vllm_server", *option]
     assert implied_placement(named) == named  # a named placement is left alone
+
+
+def test_an_empty_teacher_and_options_for_an_unclaimed_scheme_are_one_line_each():
+    from opdlab.fit_cli import implied_placement
+
+    for teacher in ("", "  "):
+        with pytest.raises(ValueError, match="--model.teacher is empty"):
+            plugins.default_placement(teacher)
+        with pytest.raises(ValueError, match="--model.teacher is empty"):
+            LocalTeacher().check_spec(teacher)
+    with pytest.raises(ValueError, match="no teacher placement accepts teacher 'grpc://x'"):
+        implied_placement(["--model.teacher", "grpc://x", "--model.teacher_placement.timeout_s", "5"])

@@ -30,6 +30,8 @@ class LocalTeacher(TeacherPlacement):
         return not has_scheme(teacher)
 
     def check_spec(self, teacher: str) -> None:
+        if not teacher.strip():
+            raise ValueError("--model.teacher is empty; give a checkpoint directory, a hub id or a toy: name")
         if has_scheme(teacher):
             raise ValueError(f"teacher {teacher!r} is an address, and the local teacher placement loads a model; leave "
                              "--model.teacher_placement unset (the placement that accepts the address is chosen) or "
