@@ -293,7 +293,7 @@ def test_a_plugins_options_are_explained_by_its_short_name(option, name, says):
 
 
 def test_rollout_engine_is_described_in_fit_help():
-    assert "diagnostic's bank): `static`" in " ".join(run_opdlab(["fit", "--help"]).out.split())
+    assert "what generates the student's responses: `static`" in " ".join(run_opdlab(["fit", "--help"]).out.split())
 
 
 @pytest.mark.parametrize("name", ENGINES)
