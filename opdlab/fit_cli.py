@@ -297,7 +297,7 @@ class OPDLabCLI(LightningCLI):
                 trainer.validate(self.model, datamodule=self.datamodule, verbose=False)
             self.model.export_student(str(export))
         if trainer.is_global_zero:
-            lines = [*summary.lines(trainer.global_step, summary.accuracy), f"student exported to {export}"]
+            lines = [*summary.lines(trainer.global_step), f"student exported to {export}"]
             print("\n".join(["", "opdlab fit summary", *lines]))
         self.evaluate_exported(export)
 

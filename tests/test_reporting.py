@@ -128,7 +128,7 @@ def test_printed_summary_and_summary_json_are_one_reading(tmp_path):
     assert summary.lines()[:3] == printed_lines(written)  # no selector budget: the kept line ends there
     assert summary.lines()[0].startswith("steps: 4   training wall time: 2.0 s   response tokens/s: 526")
     summary.seconds, summary.accuracy = 99.0, 0.5  # changed after the last write: the print stays the file's
-    assert summary.lines(4, 0.5)[:3] == printed_lines(written)
+    assert summary.lines(4)[:3] == printed_lines(written)
 
 
 def test_summary_validations_survive_a_resume():

@@ -120,10 +120,9 @@ class FitSummary(L.Callback):
         self.path, self.reading = path, reading
         return path
 
-    def lines(self, steps: int | None = None, after: float | None = None) -> list[str]:
+    def lines(self, steps: int | None = None) -> list[str]:
         """What `opdlab fit` prints at the end: the reading summary.json holds (the last one written), each number
-        rounded from the file's value. Where nothing was written (a dry run), a reading of `steps` made now.
-        `after` is not used (the reading's accuracy_after is printed); it is kept for callers that pass it."""
+        rounded from the file's value. Where nothing was written (a dry run), a reading of `steps` made now."""
         reading = self.reading if self.reading is not None else self.as_dict(steps or 0)
         teacher = reading["teacher_accuracy"]
         if self.steps_here:
