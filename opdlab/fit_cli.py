@@ -17,6 +17,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from opdlab import plugins
 from opdlab.callbacks import FitSummary, RolloutSamples, SelectionMetrics, TeachabilityHistograms
 from opdlab.callbacks.interrupt import SaveOnInterrupt
+from opdlab.callbacks.trace import StageTrace
 from opdlab.console import refuse_in_one_line, silence_lightning_noise, stop_signals
 from opdlab.data import PromptDataModule
 from opdlab.evaluation import EvalOptions, load_benchmark, replacing_lists, response_limits
@@ -90,6 +91,7 @@ class OPDLabCLI(LightningCLI):
         parser.add_lightning_class_args(SelectionMetrics, "selection_metrics")
         parser.add_lightning_class_args(TeachabilityHistograms, "teachability_histograms")
         parser.add_lightning_class_args(RolloutSamples, "rollout_samples")
+        parser.add_lightning_class_args(StageTrace, "stage_trace")
         parser.add_class_arguments(EvalOptions, "eval", help="sampled evaluation of the exported student after "
                                    "training (off while eval.benchmarks is empty; same options as `opdlab eval`)")
         parser.add_argument("--run_name", type=Optional[str], default=None,

@@ -152,7 +152,7 @@ class OPDModule(L.LightningModule):
             stats = shared[0] if shared else step.score(hidden, rollout, plan, self.student_head, scoring)
         with timer("select"):
             keep = stats.valid.clone() if shared else self.select(stats)
-        record = StepRecord(rollout, stats, keep, timer.seconds, plan)
+        record = StepRecord(rollout, stats, keep, timer.seconds, plan, timer.spans)
         self.warnings.nothing_kept(keep, type(self.selector).__name__, self.global_step + 1)
         bad = stats.non_finite_models()
         paths = {"student": self.student_path, "teacher": self.teacher_path}

@@ -14,7 +14,7 @@ micro-batch), or `score_with_loss` (the shared projection: statistics and loss o
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -160,6 +160,7 @@ class StepRecord:
     keep: torch.Tensor  # (N, L) bool
     seconds: dict[str, float]
     plan: StepPlan
+    spans: list[tuple[str, float, float]] = field(default_factory=list)  # (stage, perf_counter start, seconds)
 
 
 # ----------------------------------------------------------------------------------------- the step's paths

@@ -9,10 +9,13 @@ import torch
 
 
 class StageTimer:
-    """Wall time of named stages of a step (synchronising CUDA so GPU time lands in the right stage)."""
+    """Wall time of named stages of a step (synchronising CUDA so GPU time lands in the right stage): `seconds`
+    (stage -> duration) and `spans` (stage, start, duration), the starts in `time.perf_counter()` seconds, the
+    clock a trace of the run (`opdlab.callbacks.trace.StageTrace`) places them on."""
 
     def __init__(self, device: torch.device) -> None:
         self.device, self.seconds = device, {}
+        self.spans: list[tuple[str, float, float]] = []
 
     @contextmanager
     def __call__(self, name: str):
@@ -22,3 +25,4 @@ class StageTimer:
         yield
         sync()
         self.seconds[name] = time.perf_counter() - start
+        self.spans.append((name, start, self.seconds[name]))

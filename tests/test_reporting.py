@@ -255,3 +255,50 @@ def test_compare_plots_keep_labels_apart_and_inside(figures, tmp_path):
                                                   "sweep_vs_step.png", "sweep_vs_tokens.png"]
     for fig, path in figures:
         check_layout(fig, path)
+
+
+# ------------------------------------------------------------------------------ the stage trace
+STAGES = ["rollout", "forward", "score", "select", "loss", "optimizer"]
+
+
+def test_fit_writes_a_trace_of_every_steps_stages(redirected_fit):
+    """trace.json beside summary.json: Chrome/Perfetto complete events, one per stage of each of the 3 steps, inside
+    their step's event, in order, plus one per validation during the fit; the file is a closed JSON array."""
+    root, _ = redirected_fit
+    (path,) = root.glob("*/*/trace.json")
+    events = json.loads(path.read_text())
+    steps = [e for e in events if e["name"].startswith("step ")]
+    assert [e["args"]["step"] for e in steps] == [1, 2, 3]  # numbered from 1, as the logged "step"
+    for step in steps:
+        stages = [e for e in events if e["ph"] == "X" and e.get("args", {}).get("step") == step["args"]["step"]
+                  and e["name"] in STAGES]
+        assert [e["name"] for e in stages] == STAGES
+        assert all(e["dur"] >= 0 and step["ts"] <= e["ts"] and e["ts"] + e["dur"] <= step["ts"] + step["dur"] + 1
+                   for e in stages)
+        assert [e["ts"] for e in stages] == sorted(e["ts"] for e in stages)
+    # the validation inside the fit (after step 2); the ones before and after it run outside the fit
+    assert [e["args"]["step"] for e in events if e["name"] == "validation"] == [2]
+
+
+def test_a_trace_cut_short_keeps_its_finished_steps_and_a_resume_continues_it(tmp_path):
+    """A run that ends without its closing bracket (killed) is still read event by event, and the next fit in the
+    same folder continues the array."""
+    from types import SimpleNamespace
+
+    from opdlab.callbacks.trace import StageTrace
+
+    trainer = SimpleNamespace(log_dir=str(tmp_path), logger=object(), fast_dev_run=False, global_rank=0, global_step=1)
+    record = SimpleNamespace(spans=[("rollout", 10.0, 0.5), ("loss", 10.5, 0.25)])
+    first = StageTrace()
+    first.on_fit_start(trainer, None)
+    first.on_train_batch_end(trainer, None, {"record": record}, None, 0)
+    first.file.close()  # killed: no closing bracket
+    cut = (tmp_path / "trace.json").read_text()
+    assert json.loads(cut.rstrip().removesuffix(",") + "]")[-1]["name"] == "loss"
+    second = StageTrace()
+    second.on_fit_start(trainer, None)
+    trainer.global_step = 2
+    second.on_train_batch_end(trainer, None, {"record": record, "loss": 0.0}, None, 0)
+    second.close()
+    events = json.loads((tmp_path / "trace.json").read_text())
+    assert [e["args"]["step"] for e in events if e["name"].startswith("step ")] == [2, 2]  # skipped, then stepped
