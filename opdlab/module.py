@@ -22,8 +22,8 @@ from opdlab.models import load_tokenizer
 from opdlab.options import MemoryOptions, RolloutOptions, TrainingOptions, as_options
 from opdlab.plugins import alternatives, default_placement
 from opdlab.rollout import PromptBatch, Rollout, derive_seed
-from opdlab.sampling import StudentSampler, student_hidden_states
 from opdlab.run_warnings import NonFiniteGuard, RunWarnings, stage_name
+from opdlab.sampling import StudentSampler, student_hidden_states
 from opdlab.scoring import TokenStats
 from opdlab.selectors import FullSelector, TokenSelector
 from opdlab.step import Hidden, StepPlan, StepRecord, default_optimizer

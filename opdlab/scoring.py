@@ -26,6 +26,7 @@ from opdlab.heads import Workspace, head_logits
 from opdlab.teachers.rows import DenseRows, TeacherRows, as_teacher_rows
 from opdlab.token_stats import FEATURES, TokenStats  # noqa: F401 (their stable path: opdlab.scoring)
 
+
 def chunk_stats(s_logits: torch.Tensor, teacher: torch.Tensor | TeacherRows, tokens: torch.Tensor, k: int = TOP_K,
                 full_kl: bool = False, work: Workspace | None = None, full_entropy: bool = FULL_ENTROPY,
                 topk_lists: bool = False) -> dict:

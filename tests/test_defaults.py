@@ -6,6 +6,7 @@ from __future__ import annotations
 import inspect
 
 import pytest
+from conftest import REPO_ROOT
 
 from opdlab import plugins
 from opdlab.chunks import FULL_ENTROPY, SCORE_CHUNK_ROWS, TOP_K, Scoring
@@ -13,8 +14,6 @@ from opdlab.diagnose import diagnose
 from opdlab.diagnostics.bank import BankOptions
 from opdlab.options import MemoryOptions
 from opdlab.scoring import chunk_stats, compute_token_stats, scatter_rows
-
-from conftest import REPO_ROOT
 
 
 def default_of(function, name: str):

@@ -5,8 +5,7 @@ in every training process, exact; the default) and `vllm_server` (a vLLM server'
 Plugins add placements through the entry-point group `opdlab.teacher_placements`.
 """
 
-from opdlab.teachers.base import (PendingTeacher, TeacherError, TeacherLoadOptions, TeacherPlacement, has_scheme,
-                                  is_url)
+from opdlab.teachers.base import PendingTeacher, TeacherError, TeacherLoadOptions, TeacherPlacement, has_scheme, is_url
 from opdlab.teachers.local import LocalTeacher
 from opdlab.teachers.rows import DenseRows, ExactRows, HeadRows, SparseRows, TeacherRows, TopLogprobs
 from opdlab.teachers.signal import TeacherNeedError, TeacherSignal, check_teacher_needs

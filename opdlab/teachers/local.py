@@ -10,7 +10,14 @@ from __future__ import annotations
 import torch
 
 from opdlab.heads import LogitHead
-from opdlab.models import check_tokenizers_compatible, check_vocab_sizes, final_hidden_states, freeze, load_causal_lm, load_tokenizer
+from opdlab.models import (
+    check_tokenizers_compatible,
+    check_vocab_sizes,
+    final_hidden_states,
+    freeze,
+    load_causal_lm,
+    load_tokenizer,
+)
 from opdlab.rollout import PromptBatch, Rollout, response_positions, sample_rollouts
 from opdlab.teachers.base import PendingTeacher, TeacherLoadOptions, TeacherPlacement, has_scheme
 from opdlab.teachers.rows import HeadRows
