@@ -292,7 +292,7 @@ def build_toy(name: str = "add3", cache_dir: str | Path | None = None, seed: int
                 raise ToyError(f"the build of toy {name} in {tmp} wrote no {', '.join(missing)}; nothing was cached; "
                                "report this with the build log")
             (tmp / "build.json").write_text(json.dumps(report, indent=2))
-            install(tmp, target, name, seed, replace=force or problem is not None)
+            install(tmp, target, name, seed, force)
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -324,12 +324,14 @@ def train_toy(name: str, spec: ToySpec, seed: int, out: Path) -> dict:
     return report
 
 
-def install(tmp: Path, target: Path, name: str, seed: int, replace: bool) -> None:
-    """Rename the finished build `tmp` to `target`. The folder it replaces (a damaged or forced one) is
-    first renamed aside, then removed. A target that appeared meanwhile (another process built without a
-    working lock) is kept when intact: both processes then use the same files."""
+def install(tmp: Path, target: Path, name: str, seed: int, force: bool) -> None:
+    """Rename the finished build `tmp` to `target`. A target found intact now is kept unless `force`: another
+    process built it meanwhile (without a working lock) and may be reading it, so both use the same files. A
+    damaged (or forced) target is first renamed aside, then removed."""
     old = None
-    if replace and (target.exists() or target.is_symlink()):
+    if target.exists() or target.is_symlink():
+        if not force and toy_problem(target, name, seed) is None:
+            return
         old = target.parent / f".{target.name}-old-{build_tag()}-{os.urandom(4).hex()}"
         target.rename(old)
     try:

@@ -14,6 +14,7 @@ import re
 import signal
 import socket
 import subprocess
+import shutil
 import sys
 import textwrap
 from pathlib import Path
@@ -306,3 +307,33 @@ def test_a_temporary_folder_of_a_live_build_elsewhere_is_left_alone(tmp_path, mo
     path = build_toy("tiny", cache_dir=tmp_path, seed=0)
     assert leftovers(tmp_path) == sorted([elsewhere.name, path.name])
     assert toy_problem(path, "tiny", 0) is None
+
+
+def test_a_second_build_keeps_the_intact_toy_another_process_installed(tmp_path, monkeypatch):
+    """Without a working lock both processes build. The one that finishes second must not rename the first one's
+    intact folder aside: that process may be reading it (it raced as FileNotFoundError in the floors environment,
+    because a target missing when the build began was treated as one to replace)."""
+    monkeypatch.setitem(toy.TOYS, "tiny", TINY_TOY)
+    ready = toy.build_toy("tiny", cache_dir=tmp_path / "elsewhere")
+    cache = tmp_path / "cache"
+    target = cache / TINY
+    train = toy.train_toy
+
+    def inodes() -> dict:
+        return {p.relative_to(target): p.stat().st_ino for p in target.rglob("*") if p.is_file()}
+
+    installed = {}
+
+    def other_process_installs_meanwhile(*args, **kwargs):
+        report = train(*args, **kwargs)
+        shutil.copytree(ready, target)  # the other process's rename lands while this one trains
+        installed.update(inodes())
+        return report
+
+    def no_locks(*args):
+        raise OSError(37, "No locks available")
+
+    monkeypatch.setattr(toy, "train_toy", other_process_installs_meanwhile)
+    monkeypatch.setattr(toy.fcntl, "flock", no_locks)
+    assert toy.build_toy("tiny", cache_dir=cache) == target
+    assert installed and inodes() == installed, "the other process's intact folder was replaced"
