@@ -283,3 +283,8 @@ def silence_lightning_noise() -> None:
     # sync_dist as soon as a process group exists (the vllm engine makes one even in a single process).
     warnings.filterwarnings("ignore", message=r"It is recommended to use `self.log\('val/")
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(drop_advertising)
+
+
+def error_summary(err: BaseException, limit: int = 600) -> str:
+    """`Type: message` of an error on one line (whitespace folded, the message cut at `limit` characters)."""
+    return f"{type(err).__name__}: {' '.join(str(err).split())[:limit]}"

@@ -10,6 +10,7 @@ from collections.abc import Callable
 import torch
 
 from opdlab.building import position_limit
+from opdlab.console import error_summary
 from opdlab.distributed import world_size
 from opdlab.engines import RolloutEngine, SamplingParams
 from opdlab.models import final_hidden_states
@@ -66,7 +67,7 @@ class StudentSampler:
             return self.engine.generate(prompts, params)
         except Exception as err:  # noqa: BLE001 - any engine failure (an external engine raises its own types)
             raise RuntimeError(f"rollout engine {type(self.engine).__name__} failed {self.where()}: "
-                               f"{type(err).__name__}: {' '.join(str(err).split())[:600]}") from err
+                               f"{error_summary(err)}") from err
 
 
 def student_hidden_states(student, rollout: Rollout, grad: bool = True) -> torch.Tensor:

@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
 
+from opdlab.console import error_summary
 from opdlab.tasks.base import DataError, Problem
 from opdlab.tasks.jsonl import (MAGIC, FileSplits, answer_text, check_num_eval, hold_out, shuffled_passes,
                                  warn_overlap)
@@ -46,7 +47,7 @@ def one_line(err: BaseException, limit: int = 200) -> str:
     replaced by the error that caused it (which says what is wrong with the file)."""
     while type(err).__name__ == "DatasetGenerationError" and err.__cause__ is not None:
         err = err.__cause__
-    return f"{type(err).__name__}: {' '.join(str(err).split())[:limit]}"
+    return error_summary(err, limit)
 
 
 def file_kind(path: Path) -> str:

@@ -95,10 +95,6 @@ class TeacherRows(ABC):
     def to(self, device: torch.device | str) -> TeacherRows:
         """The same rows on `device`."""
 
-    @property
-    def device(self) -> torch.device:
-        return self.tensors()[0].device
-
     @abstractmethod
     def chunk_stats(self, student: StudentChunk, scoring: Scoring, work: Workspace) -> dict:
         """The teacher's half of these rows' statistics (`opdlab.scoring.TokenStats` field -> (R,) or (R, K)):

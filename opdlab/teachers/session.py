@@ -10,6 +10,7 @@ from contextlib import contextmanager
 
 import torch
 
+from opdlab.console import error_summary
 from opdlab.rollout import PromptBatch, Rollout
 from opdlab.teachers.base import PendingTeacher, TeacherError, TeacherPlacement
 from opdlab.teachers.rows import TeacherRows, to_device
@@ -44,4 +45,4 @@ class TeacherSession:
             raise type(err)(f"{err} {self.where()}") from None
         except Exception as err:  # noqa: BLE001 - a plugin placement raises its own types
             raise TeacherError(f"teacher placement {self.placement.name} failed {self.where()}: "
-                               f"{type(err).__name__}: {' '.join(str(err).split())[:600]}") from err
+                               f"{error_summary(err)}") from err
