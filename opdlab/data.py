@@ -8,6 +8,7 @@ in checkpoints, so a resumed run continues the stream where it stopped (at batch
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 
 import lightning as L
@@ -83,6 +84,15 @@ class PromptDataModule(L.LightningDataModule):
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
         stream = PromptStream(self.source, start=self.consumed, rank=rank, world_size=world)
         return DataLoader(stream, batch_size=self.batch_size, collate_fn=collate_problems)
+
+    def read_ahead(self, skip_batches: int = 0) -> Iterator[dict]:
+        """The training batches this rank's `train_dataloader()` yields from now on, after its next `skip_batches`
+        (the rollout pipeline reads them before the training loop does, and checks they are the same)."""
+        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
+        start = self.consumed + skip_batches * self.batch_size * world
+        items = iter(PromptStream(self.source, start=start, rank=rank, world_size=world))
+        while chunk := list(itertools.islice(items, self.batch_size)):
+            yield collate_problems(chunk)
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.source.eval_problems(), batch_size=self.val_batch_size, collate_fn=collate_problems)

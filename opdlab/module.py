@@ -5,13 +5,15 @@ warnings: `run_warnings`; the teacher's calls: `teachers.session`."""
 
 from __future__ import annotations
 
+import copy
+
 import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
 from opdlab import building, step, student_checkpoint
 from opdlab.adapters import AdapterOptions, check_not_adapter_folder
-from opdlab.callbacks.teacher import TeacherLifetime
+from opdlab.callbacks.teacher import PipelineLifetime, TeacherLifetime
 from opdlab.distributed import world_size
 from opdlab.divergences import Divergence, SampledTokenOPD
 from opdlab.engines import RolloutEngine, SamplingParams, StaticCacheEngine
@@ -20,6 +22,7 @@ from opdlab.export import export_student
 from opdlab.heads import LogitHead
 from opdlab.models import load_tokenizer
 from opdlab.options import MemoryOptions, RolloutOptions, TrainingOptions, as_options
+from opdlab.pipeline import PipelineOptions, Produced, RolloutPipeline, Taken, make_producer
 from opdlab.plugins import alternatives, default_placement
 from opdlab.rollout import PromptBatch, Rollout, derive_seed
 from opdlab.run_warnings import NonFiniteGuard, RunWarnings, stage_name
@@ -56,6 +59,8 @@ class OPDModule(L.LightningModule):
             (`--model.training.seed` ...).
         student_adapter: train a LoRA adapter on the frozen student instead of all its weights
             (`--model.student_adapter.rank 32` ...; `pip install -e ".[peft]"`). See `opdlab.adapters`.
+        pipeline: asynchronous rollouts with bounded staleness (`--model.pipeline.max_staleness 1`, its producer:
+            a worker process, this process or a vLLM server fleet). Default 0: the synchronous loop.
     """
 
     def __init__(
@@ -72,6 +77,7 @@ class OPDModule(L.LightningModule):
         memory: MemoryOptions = MemoryOptions(),  # noqa: B008
         training: TrainingOptions = TrainingOptions(),  # noqa: B008
         student_adapter: AdapterOptions = AdapterOptions(),  # noqa: B008
+        pipeline: PipelineOptions = PipelineOptions(),  # noqa: B008
     ) -> None:
         super().__init__()
         self.student_path, self.teacher_path = student, teacher
@@ -79,9 +85,11 @@ class OPDModule(L.LightningModule):
         self.memory_options = as_options(MemoryOptions, memory)
         self.training_options = as_options(TrainingOptions, training)  # (`self.training` is torch's train-mode flag)
         self.adapter_options = as_options(AdapterOptions, student_adapter)
+        self.pipeline_options = as_options(PipelineOptions, pipeline)
         self.save_hyperparameters({"student": student, "teacher": teacher, "rollout": vars(self.rollout_options),
                                    "memory": vars(self.memory_options), "training": vars(self.training_options),
-                                   "student_adapter": vars(self.adapter_options)})
+                                   "student_adapter": vars(self.adapter_options),
+                                   "pipeline": vars(self.pipeline_options)})
         self.selector = selector if selector is not None else FullSelector()
         self.divergence = divergence if divergence is not None else SampledTokenOPD()
         self.placement = teacher_placement if teacher_placement is not None else default_placement(teacher)
@@ -90,6 +98,10 @@ class OPDModule(L.LightningModule):
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.rollout_engine = rollout_engine if rollout_engine is not None else StaticCacheEngine()
         building.check_engine_takes_adapter(self.rollout_engine, self.adapter_options)
+        # The rollouts of later steps, generated while this step trains (None: the synchronous loop).
+        self.pipeline = None if self.pipeline_options.synchronous else RolloutPipeline(
+            self.pipeline_options, make_producer(self.pipeline_options))
+        self.producer_engine_template = copy.deepcopy(self.rollout_engine)  # unbound: a producer process's engine
         self.student = self.teacher = self.tokenizer = None
         self.accuracy = HeldOutAccuracy()
         self.strict_loading = False  # checkpoints leave out the frozen teacher (see on_save_checkpoint)
@@ -139,25 +151,31 @@ class OPDModule(L.LightningModule):
     # ----------------------------------------------------------------------------- the OPD step
     def training_step(self, batch: dict, batch_idx: int) -> dict:
         """rollout -> score -> select -> loss, then one optimizer step (manual optimisation)."""
-        timer = StageTimer(self.device)
-        with timer("rollout"):
-            rollout = self.rollout(self.encode(batch), seeds=self.sampler.prompt_seeds(batch))
+        timer, taken = StageTimer(self.device), None
+        if self.pipeline is None:
+            with timer("rollout"):
+                rollout = self.rollout(self.encode(batch), seeds=self.sampler.prompt_seeds(batch))
+        else:
+            with timer("rollout_wait"):  # the producer generated it while earlier steps trained
+                taken = self.pipeline.take(batch, self)
+            rollout = taken.produced.rollout
         plan = self.plan(rollout.response_mask.shape[0])
         scoring = plan.scoring(self.selector.top_k)
         with timer("forward"):
-            hidden = self.hidden_states(rollout, plan)
+            hidden = self.hidden_states(rollout, plan, pending=taken.produced.pending if taken else None)
         with timer("score"):
             shared = step.score_with_loss(hidden, rollout, plan, self.student_head, self.divergence, scoring) \
                 if plan.shared_projection else None
             stats = shared[0] if shared else step.score(hidden, rollout, plan, self.student_head, scoring)
         with timer("select"):
             keep = stats.valid.clone() if shared else self.select(stats)
-        record = StepRecord(rollout, stats, keep, timer.seconds, plan, timer.spans)
+        record = StepRecord(rollout, stats, keep, timer.seconds, plan, timer.spans, taken)
         self.warnings.nothing_kept(keep, type(self.selector).__name__, self.global_step + 1)
         bad = stats.non_finite_models()
         paths = {"student": self.student_path, "teacher": self.teacher_path}
         if self.skip_non_finite(not bad, f"{' and '.join(bad)} log-probs ({', '.join(f'{m} {paths[m]}' for m in bad)})"):
             self.log_step(stepped=False)
+            self.after_step(timer)
             return {"record": record}
         with timer("loss"):
             loss = step.backward_shared(shared[1], self.manual_backward) if shared else step.backward_kept(
@@ -165,14 +183,39 @@ class OPDModule(L.LightningModule):
                 self.manual_backward)
         with timer("optimizer"):
             stepped = self.optimizer_step()
-        self.log_step(stepped, loss, timer.seconds, rows=rollout.response_mask.shape[0])
+        self.after_step(timer)
+        self.log_step(stepped, loss, timer.seconds, rows=rollout.response_mask.shape[0], taken=taken)
         return {"loss": loss, "record": record} if stepped else {"record": record}
 
     def select(self, stats: TokenStats) -> torch.Tensor:
         """Keep mask for this rank's rows (`opdlab.step.select`; one generator on every rank)."""
         return step.select(self.selector, stats, self.step_generator(salt=1, device="cpu", per_rank=False))
 
-    def log_step(self, stepped: bool, loss: torch.Tensor | None = None, seconds: dict | None = None, rows: int = 1) -> None:
+    def after_step(self, timer: StageTimer) -> None:
+        """Hand the producer this step's weights and the next job (an inline producer generates it now)."""
+        if self.pipeline is not None:
+            with timer("publish"):
+                self.pipeline.after_step(self)
+
+    def finish_rollout(self, produced: Produced) -> Produced:
+        """A producer's rollout as it arrives: on the student's device, and sent to a served teacher at once."""
+        produced.rollout = produced.rollout.to(self.device)
+        produced.pending = self.teacher_session.request(produced.rollout)
+        return produced
+
+    def sampling_params(self, batch: dict) -> SamplingParams:
+        """`batch`'s training rollouts' sampling settings (`rollout` options, the prompts' seeds; no generator)."""
+        opts = self.rollout_options
+        return SamplingParams(num_samples=opts.num_samples, max_new_tokens=opts.max_new_tokens,
+                              temperature=opts.temperature, top_p=opts.top_p, seeds=self.sampler.prompt_seeds(batch),
+                              sync_ranks=world_size() > 1)
+
+    def generator_seed(self, step: int, salt: int = 0) -> int:
+        """The seed of `step_generator` at global step `step` on this rank."""
+        return derive_seed(self.training_options.seed, step, self.global_rank if self._trainer is not None else 0, salt)
+
+    def log_step(self, stepped: bool, loss: torch.Tensor | None = None, seconds: dict | None = None, rows: int = 1,
+                 taken: Taken | None = None) -> None:
         """The x-axis of this step's points is its number from 1 (Lightning's counter is one behind in training), so
         step 50's loss and the validation after it both sit at 50; a skipped update does not advance global_step."""
         self.log("step", float(self.global_step + (0 if stepped else 1)), batch_size=1)
@@ -181,6 +224,10 @@ class OPDModule(L.LightningModule):
             return
         self.log("train/loss", loss, prog_bar=True, batch_size=rows)
         self.log_dict({f"time/{k}": v for k, v in seconds.items()}, batch_size=1)
+        if taken is not None:
+            self.log_dict({"rollout/staleness": float(taken.staleness), "rollout/staleness_max": float(taken.staleness),
+                           "rollout/wait_seconds": taken.waited, "rollout/policy_version": float(taken.produced.version)},
+                          batch_size=1)
         metrics = self.placement.step_metrics()  # a served teacher's wire bytes, waits, retries
         if metrics:
             self.log_dict(metrics, batch_size=1)
@@ -196,6 +243,12 @@ class OPDModule(L.LightningModule):
         self.warnings.announce(self.plan(batch_size * self.rollout_options.num_samples) if batch_size else None,
                                self.placement, self.student, self.selector.top_k)
 
+    def on_train_start(self) -> None:
+        """An asynchronous run starts its producer and submits the first N + 1 steps' rollouts (after a resume has
+        restored the data position and the rollouts in flight)."""
+        if self.pipeline is not None:
+            self.pipeline.begin(self, self.finish_rollout)
+
     def encode(self, batch: dict) -> PromptBatch:
         return self.sampler.encode(batch, self.chat_template)
 
@@ -208,11 +261,14 @@ class OPDModule(L.LightningModule):
     def stage_name(self) -> str:
         return stage_name(self.trainer if self._trainer is not None else None, self.global_step)
 
-    def hidden_states(self, rollout: Rollout, plan: StepPlan, student_grad: bool | None = None) -> Hidden:
+    def hidden_states(self, rollout: Rollout, plan: StepPlan, student_grad: bool | None = None,
+                      pending: object | None = None) -> Hidden:
         """Each micro-batch's student hidden states (with their graph when the loss reuses them) and teacher rows on the
-        student's device; a served teacher's requests go out first and run while the student's forward does."""
+        student's device; a served teacher's requests go out first (or went out when a producer's rollout arrived,
+        `pending`) and run while the student's forward does."""
         grad = plan.reuse_student_graph if student_grad is None else student_grad
-        pending, device = self.teacher_session.request(rollout), self.student_head.proj.weight.device
+        pending = pending if pending is not None else self.teacher_session.request(rollout)
+        device = self.student_head.proj.weight.device
         return [(self.student_hidden_states(rollout.rows(rows), grad), self.teacher_session.rows(pending, rows, device))
                 for rows in plan.micro_batches]
 
@@ -276,14 +332,24 @@ class OPDModule(L.LightningModule):
         return step.configure_optimizers(self.optimizer_factory, self.scheduler_factory, self.student.parameters())
 
     def configure_callbacks(self) -> list:
-        return [TeacherLifetime()]  # closes the teacher placement at the end, on failure and on Ctrl-C
+        return [TeacherLifetime(), PipelineLifetime()]  # close the teacher placement and the rollout producer at the
+        # end, on failure and on Ctrl-C
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         student_checkpoint.on_save(checkpoint, self.student, self.state_dict(), self.guard)
+        if self.pipeline is not None and self.pipeline.started:  # the rollouts in flight (exact resume)
+            checkpoint["rollout_pipeline"] = self.pipeline.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.sampler.stale = True  # the restored weights replace the student's after this hook
         student_checkpoint.on_load(checkpoint, self.student, self.state_dict(), self.guard)
+        if "rollout_pipeline" in checkpoint:
+            if self.pipeline is not None:
+                self.pipeline.load_state_dict(checkpoint["rollout_pipeline"])
+            else:
+                self.warnings.once("pipeline_resume", "opdlab: this checkpoint holds rollouts sampled ahead by an "
+                                   "asynchronous run; this run is synchronous (--model.pipeline.max_staleness 0) and "
+                                   "samples its own instead")
 
     def export_student(self, path: str) -> None:
         """Save the student as a plain HF checkpoint (with its tokenizer), or its adapter. Call on every rank."""
@@ -291,7 +357,7 @@ class OPDModule(L.LightningModule):
 
 
 # Moved after 0.2.0; the old paths warn and work for one release.
-from opdlab._deprecation import moved_names  # noqa: E402
+from opdlab._deprecation import moved_names
 
 __getattr__ = moved_names(__name__, {
     "choose_cpu_threads": "opdlab.building:choose_cpu_threads", "SMALL_MODEL_PARAMETERS": "opdlab.building:SMALL_MODEL_PARAMETERS",

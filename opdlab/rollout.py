@@ -49,6 +49,13 @@ class Rollout:
     def response_ids(self) -> torch.Tensor:  # (N, L)
         return self.input_ids[:, self.prompt_len :]
 
+    def to(self, device: torch.device | str) -> Rollout:
+        """This rollout on `device` (the same object when every tensor is there already)."""
+        tensors = ("input_ids", "attention_mask", "response_mask", "sampling_logp")
+        if all(getattr(self, name).device == torch.device(device) for name in tensors):
+            return self
+        return replace(self, **{name: getattr(self, name).to(device) for name in tensors})
+
     def rows(self, rows: slice) -> Rollout:
         """The rollout of rows `rows` (a micro-batch)."""
         return replace(self, input_ids=self.input_ids[rows], attention_mask=self.attention_mask[rows],

@@ -161,6 +161,7 @@ class StepRecord:
     seconds: dict[str, float]
     plan: StepPlan
     spans: list[tuple[str, float, float]] = field(default_factory=list)  # (stage, perf_counter start, seconds)
+    taken: object | None = None  # an asynchronous run's `opdlab.pipeline.Taken`: the producer's span, staleness, wait
 
 
 # ----------------------------------------------------------------------------------------- the step's paths

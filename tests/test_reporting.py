@@ -95,7 +95,9 @@ def test_fit_writes_summary_json_in_its_run_folder(redirected_fit):
     assert summary["response_tokens_per_second"] == summary["response_tokens"] / summary["train_seconds"]
     printed = result.out[result.out.index("opdlab fit summary"):].splitlines()
     expected = printed_lines(summary)  # the kept line goes on with the selector's budget (words, no other number)
-    assert [printed[1], printed[2][:len(expected[1])], printed[3]] == expected, "summary.json's numbers, rounded"
+    assert [printed[1], printed[2][:len(expected[1])], printed[4]] == expected, "summary.json's numbers, rounded"
+    assert printed[3].startswith(f"rollouts took {summary['rollout_share']:.1%} of training wall time (synchronous")
+    assert 0 < summary["rollout_seconds"] < summary["train_seconds"] and summary["max_staleness"] == 0
     assert f"summary (JSON) in {path}" in printed
     assert not list(path.parent.glob(".summary.json*")), "no partial file left"
 
@@ -125,10 +127,11 @@ def test_printed_summary_and_summary_json_are_one_reading(tmp_path):
     written = json.loads(path.read_text())
     assert written == summary.reading and written["train_seconds"] == 1.9504  # full precision in the file
     assert written["response_tokens_per_second"] == 1025 / 1.9504
-    assert summary.lines()[:3] == printed_lines(written)  # no selector budget: the kept line ends there
+    without_rollouts = [line for line in summary.lines() if not line.startswith("rollouts took")]
+    assert without_rollouts[:3] == printed_lines(written)  # no selector budget: the kept line ends there
     assert summary.lines()[0].startswith("steps: 4   training wall time: 2.0 s   response tokens/s: 526")
     summary.seconds, summary.accuracy = 99.0, 0.5  # changed after the last write: the print stays the file's
-    assert summary.lines(4)[:3] == printed_lines(written)
+    assert [line for line in summary.lines(4) if not line.startswith("rollouts took")][:3] == printed_lines(written)
 
 
 def test_summary_validations_survive_a_resume():

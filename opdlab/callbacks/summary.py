@@ -46,6 +46,9 @@ class FitSummary(L.Callback):
         self.trained = False  # on_train_end was reached: summary.json is (re)written from then on
         self.path: Path | None = None  # where summary.json was written
         self.reading: dict | None = None  # what it holds (the last one written): what `lines` prints
+        self.rollout_seconds = 0.0  # the trainer's time in rollouts: generating them (synchronous) or waiting
+        self.pipeline: tuple[int, str] | None = None  # an asynchronous run's (max staleness, producer)
+        self.staleness: list[int] = []
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking:
@@ -67,6 +70,8 @@ class FitSummary(L.Callback):
         ratio = getattr(selector, "ratio", None)
         self.budget = float(ratio) if isinstance(ratio, (int, float)) else None
         self.floor = bool(getattr(selector, "per_response_floor", False))
+        pipeline = getattr(pl_module, "pipeline", None)
+        self.pipeline = (pipeline.max_staleness, pipeline.producer.name) if pipeline is not None else None
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
         record = step_record(outputs)
@@ -74,6 +79,10 @@ class FitSummary(L.Callback):
         if record is not None:  # valid response tokens sampled in training, this process
             self.response_tokens += int(record.rollout.response_mask.sum())
             self.kept_tokens += int((record.keep.bool() & record.rollout.response_mask.bool()).sum())
+            taken = getattr(record, "taken", None)
+            self.rollout_seconds += taken.waited if taken is not None else record.seconds.get("rollout", 0.0)
+            if taken is not None:
+                self.staleness.append(taken.staleness)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.started is not None:
@@ -99,6 +108,12 @@ class FitSummary(L.Callback):
             "response_tokens_per_second": self.tokens_per_second,  # from the same seconds
             "kept_tokens": self.kept_tokens,  # response tokens the selector kept (the loss's positions)
             "kept_token_share": finite_or_none(self.kept_share),
+            # The trainer's time in rollouts (generating them, or with max_staleness >= 1 waiting for the producer)
+            "rollout_seconds": self.rollout_seconds,
+            "rollout_share": finite_or_none(self.rollout_seconds / self.seconds if self.seconds else None),
+            "max_staleness": self.pipeline[0] if self.pipeline else 0,
+            "producer": self.pipeline[1] if self.pipeline else None,
+            "staleness_mean": finite_or_none(sum(self.staleness) / len(self.staleness) if self.staleness else None),
             "accuracy_before": finite_or_none(self.before),
             "accuracy_after": finite_or_none(self.accuracy),
             "accuracy_after_step": self.accuracy_step if self.accuracy_step >= 0 else None,
@@ -133,12 +148,23 @@ class FitSummary(L.Callback):
         return [
             timing,
             *([self.kept_line(reading)] if reading["kept_token_share"] is not None else []),
+            *([self.rollout_line(reading)] if self.steps_here and reading.get("rollout_share") is not None else []),
             f"student accuracy: before {percent(reading['accuracy_before'])} -> after "
             f"{percent(reading['accuracy_after'])}{f'   (teacher {percent(teacher)})' if teacher is not None else ''}",
             ("  (greedy decoding on the held-out prompts; `opdlab eval` reports Avg@k over sampled responses, "
              "lower at temperature 1)"),
             *([f"summary (JSON) in {self.path}"] if self.path is not None else []),
         ]
+
+    def rollout_line(self, reading: dict) -> str:
+        """How much of the training time the trainer spent on rollouts: generating them itself, or waiting for an
+        asynchronous producer."""
+        share = f"{reading['rollout_share']:.1%} of training wall time"
+        if self.pipeline is None:
+            return (f"rollouts took {share} (synchronous; --model.pipeline.max_staleness 1 generates the next step's "
+                    "while this one trains: docs/runs.md)")
+        return (f"trainer waited for rollouts {share} (max staleness {self.pipeline[0]}, producer {self.pipeline[1]}; "
+                f"mean staleness {reading['staleness_mean']:.2f} steps)")
 
     def kept_line(self, reading: dict) -> str:
         """The share of response tokens trained on (the reading's), and why it exceeds the budget when the floor

@@ -70,6 +70,12 @@ class StageTrace(L.Callback):
         self.emit(f"step {step}", first, end - first, {"step": step})
         for name, start, seconds in record.spans:
             self.emit(name, start, seconds, {"step": step})
+        taken = getattr(record, "taken", None)
+        if taken is not None and taken.produced.seconds > 0:  # where and when the producer generated these rollouts
+            produced = taken.produced
+            self.emit("generate", produced.start, produced.seconds,
+                      {"step": step, "policy_version": produced.version, "staleness": taken.staleness},
+                      thread=produced.worker)
         self.file.flush()
 
     def on_validation_start(self, trainer, pl_module) -> None:
