@@ -189,3 +189,18 @@ def test_two_processes_with_a_sharded_lora_student_match_one_process(tiny_checkp
         assert ranks[0][step]["loss"] == pytest.approx(single[step]["loss"], rel=1e-4, abs=1e-6)
     exported = sorted(tmp_path.glob("two/**/student/adapter_config.json"))
     assert exported, "the two-rank run exported no peft adapter"
+
+
+def test_two_ranks_with_a_producer_process_each_match_one_process_inline(tiny_checkpoints, tmp_path):
+    """An asynchronous run on two ranks (sharded student: each rank's producer process gets the gathered weights every
+    step) trains the losses of one process with the inline producer on the whole batch, N = 1."""
+    pipeline = ["--model.pipeline.max_staleness", "1", "--model.optimizer.init_args.lr", "0.05"]  # samples change
+    _, one = fit_subprocess(tiny_checkpoints, tmp_path, "one", [*pipeline, "--model.pipeline.producer", "inline"],
+                            batch_size=8)
+    _, two = fit_subprocess(tiny_checkpoints, tmp_path, "two", [*MODEL_PARALLEL_2, *pipeline], batch_size=4)
+    single, ranks = read_records(one), [read_records(two, r) for r in (0, 1)]
+    assert [len(r) for r in ranks] == [3, 3]
+    for step in range(3):
+        assert sorted(ranks[0][step]["indices"] + ranks[1][step]["indices"]) == sorted(single[step]["indices"])
+        assert ranks[0][step]["student_sharded"]
+        assert ranks[0][step]["loss"] == pytest.approx(single[step]["loss"], rel=1e-4, abs=1e-6)

@@ -40,7 +40,9 @@ def overrides(root: Path, tiny, name: str, steps: int = 4, pipeline: dict | None
                            "init_args": {"dirpath": str(root / f"ckpt_{name}"), "every_n_train_steps": 1,
                                          "save_top_k": -1, "filename": "{step}"}}],
         },
-        "model": {"student": tiny.student, "teacher": tiny.teacher, "pipeline": pipeline or {}},
+        # lr 0.05: every update changes what the student samples, so rollouts of the wrong weights would show
+        "model": {"student": tiny.student, "teacher": tiny.teacher, "pipeline": pipeline or {},
+                  "optimizer": {"class_path": "torch.optim.AdamW", "init_args": {"lr": 0.05}}},
         "data": {"source": {"class_path": "opdlab.tasks.AdditionTask", "init_args": {"digits": 2, "num_eval": 16}},
                  "batch_size": BATCH, "val_batch_size": 16},
     }
@@ -115,6 +117,7 @@ def test_rollouts_are_sampled_n_steps_off_and_never_older(runs, n):
     assert all(v >= 0 for v in logged["rollout/wait_seconds"].values())
     sync = scalars(root, "sync")
     assert logged["train/loss"][1] == sync["train/loss"][1]  # step 1: nothing stale yet
+    assert all(logged["train/loss"][t] != sync["train/loss"][t] for t in (2, 3, 4))  # then older samples
 
 
 def test_the_fit_summary_gives_the_share_of_time_the_trainer_waited(runs):

@@ -42,7 +42,7 @@ class ProcessProducer(RolloutProducer):
         super().start(context)
         module = context.module
         ctx = mp.get_context("spawn")
-        self.shared = {name: p.detach().to("cpu", copy=True).share_memory_()
+        self.shared = {name: full(p).to("cpu", copy=True).share_memory_()
                        for name, p in module.student.named_parameters() if p.requires_grad}
         self.version_value = ctx.Value("q", -1)
         self.started_value = ctx.Value("q", -1)  # the last job index whose weights the worker has taken
@@ -84,11 +84,10 @@ class ProcessProducer(RolloutProducer):
             self.wait(lambda: not any(v < version for v in self.submitted_versions.values()), max(older),
                       "to take the previous weights")
         params = dict(student.named_parameters())
+        values = {name: full(params[name]) for name in self.shared}  # a sharded student: gathered on every rank
         with self.lock:
             for name, shared in self.shared.items():
-                value = params[name].detach()
-                value = value.full_tensor() if hasattr(value, "full_tensor") else value
-                shared.copy_(value)
+                shared.copy_(values[name])
             self.version_value.value = version
 
     def submit(self, job: Job) -> None:
@@ -169,6 +168,12 @@ class ProcessProducer(RolloutProducer):
         if self.collector is not None:
             self.collector.join(timeout=2)
         self.done.clear()
+
+
+def full(parameter: torch.Tensor) -> torch.Tensor:
+    """A parameter's whole value (a sharded DTensor is gathered: a collective every rank calls at the same point)."""
+    value = parameter.detach()
+    return value.full_tensor() if hasattr(value, "full_tensor") else value
 
 
 def worker_main(spec, engine, shared, version_value, started_value, lock, jobs, results) -> None:
