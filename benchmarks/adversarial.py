@@ -96,7 +96,128 @@ def cases() -> list[Case]:
     return [*cases_before_28(),
             *(replace(case, issue=28) for case in [*cases_28(), *cases_28_retest(), *cases_28_parser()]),
             *(replace(case, issue=30) for case in cases_30()), *(replace(case, issue=31) for case in cases_31()),
-            *(replace(case, issue=36) for case in [*cases_36(), *cases_36_placements()])]
+            *(replace(case, issue=36) for case in [*cases_36(), *cases_36_placements()]),
+            *(replace(case, issue=37) for case in [*cases_37(), *cases_37_fleet(), *cases_37_servers()])]
+
+
+PIPELINE_BAD = {  # issue 37: each pipeline option's class of bad values, as typed on the command line
+    "max_staleness": ["-1", "1.5", "many", "true"],
+    "producer": ["threads", "PROCESS", "''"],
+    "producer_threads": ["0", "-2", "1.5", "all"],
+    "producer_device": ["gpu0", "cuda:7", "meta"],
+    "timeout": ["0", "-1", "nan", "inf", "soon"],
+    "urls": ["[127.0.0.1:9/v1]", "[http://127.0.0.1:9/v1]"],  # not a URL; a URL without the fleet producer
+}
+
+
+def cases_37_fleet() -> list[Case]:
+    """Issue 37: the vllm_fleet producer's URLs, as a class (no server needed)."""
+    fleet = ["--model.pipeline.producer", "vllm_fleet"]
+    down = "[http://127.0.0.1:9/v1]"
+    return [
+        Case("fit fleet with an empty url list", fit(*fleet, "--model.pipeline.urls", "[]"), "refuse",
+             says="needs pipeline.urls"),
+        Case("fit fleet url a bare string", fit(*fleet, "--model.pipeline.urls", "http://127.0.0.1:9/v1"), "refuse",
+             says="--model.pipeline.urls"),
+        Case("fit fleet url bad port", fit(*fleet, "--model.pipeline.urls", "[http://127.0.0.1:99999/v1]"), "refuse",
+             says="pipeline.urls: bad port"),
+        Case("fit fleet url without host", fit(*fleet, "--model.pipeline.urls", "[http://]"), "refuse",
+             says="pipeline.urls"),
+        Case("fit fleet url twice", fit(*fleet, "--model.pipeline.urls", "[http://127.0.0.1:9/v1, http://127.0.0.1:9/v1]"),
+             "refuse", says="lists a server twice"),
+        Case("fit fleet https, nothing listening", fit(*fleet, "--model.pipeline.urls", "[https://127.0.0.1:9/v1]"),
+             "refuse", says="https://127.0.0.1:9/v1"),
+        Case("fit fleet, one of two servers down", fit(*fleet, "--model.pipeline.urls",
+                                                       "[http://127.0.0.1:9/v1, http://127.0.0.1:10/v1]"), "refuse",
+             says="http://127.0.0.1:9/v1"),
+        Case("fit fleet negative staleness", fit(*fleet, "--model.pipeline.urls", down,
+                                                 "--model.pipeline.max_staleness", "-1"), "refuse",
+             says="max_staleness must be an integer >= 0"),
+    ]
+
+
+def served(faults: str, *args: str, mode: str = "processed", urls: str = "$U") -> list[str]:
+    """A bash script: the suite's stand-in for a vLLM server of the student (tests/fake_rollout_server.py) with
+    `faults`, then `opdlab fit` at max_staleness 1 on it; the server is stopped whatever happens."""
+    fake = f"{sys.executable} {REPO / 'tests' / 'fake_rollout_server.py'} toy:add2/student"
+    fit_cmd = " ".join([sys.executable, "-m", "opdlab.cli", *fit("--trainer.max_steps", "3",
+                        "--model.pipeline.producer", "vllm_fleet", "--model.pipeline.max_staleness", "1", *args)])
+    return [f"{fake} --faults '{faults}' --logprobs-mode {mode} --url-file u.txt >/dev/null 2>&1 & P=$!; "
+            "for i in $(seq 300); do [ -s u.txt ] && break; sleep 0.2; done; U=$(cat u.txt); "
+            f"{fit_cmd} --model.pipeline.urls \"[{urls}]\"; R=$?; kill $P; exit $R"]
+
+
+def cases_37_servers() -> list[Case]:
+    """Issue 37: what a rollout server may do wrong, each through `opdlab fit` against the suite's stand-in with that
+    fault (tests/fake_rollout_server.py documents them): late, another policy version, a sync failing halfway or
+    doing nothing, answers out of the wire format, the wrong log-probs mode, no dev endpoints, a dead fleet member."""
+    bash = ["bash", "-c"]
+    return [
+        Case("fleet server healthy", served("{}"), "run", program=bash),
+        Case("fleet server slower than the timeout", served('{"delay_s": 30}', "--model.pipeline.timeout", "3"),
+             "refuse", program=bash, says="127.0.0.1"),
+        Case("fleet server answering for another policy version", served('{"relabel_after": 2}'), "refuse",
+             program=bash, says="127.0.0.1"),
+        Case("fleet sync failing halfway", served('{"reload_fail_from": 2}'), "refuse", program=bash, says="127.0.0.1"),
+        Case("fleet sync that keeps the old weights (lr 0.05: the policies part within a step)",
+             served('{"reload_noop": true}', "--model.optimizer.init_args.lr", "0.05"), "refuse", program=bash,
+             says="does not sample with the student's weights"),
+        Case("fleet answer with a token id past the vocabulary", served('{"token_id": 99999}'), "refuse", program=bash,
+             says="127.0.0.1"),
+        Case("fleet answer with a NaN log-prob", served('{"logprob": NaN}'), "refuse", program=bash, says="127.0.0.1"),
+        Case("fleet answer with a positive log-prob", served('{"logprob": 0.5}'), "refuse", program=bash,
+             says="127.0.0.1"),
+        Case("fleet answer with more tokens than max_tokens", served('{"too_many": 4}'), "refuse", program=bash,
+             says="127.0.0.1"),
+        Case("fleet answer with two choices for one", served('{"choices": 2}'), "refuse", program=bash,
+             says="127.0.0.1"),
+        Case("fleet answer without token_ids", served('{"drop": "token_ids"}'), "refuse", program=bash,
+             says="127.0.0.1"),
+        Case("fleet answer naming another model", served('{"model": "someone-else"}'), "refuse", program=bash,
+             says="127.0.0.1"),
+        Case("fleet server with raw log-probs", served("{}", mode="raw"), "refuse", program=bash,
+             says="processed_logprobs"),
+        Case("fleet server without the dev endpoints", served('{"no_dev_mode": true}'), "refuse", program=bash,
+             says="VLLM_SERVER_DEV_MODE"),
+        Case("fleet with one dead member", served("{}", urls="$U, http://127.0.0.1:9/v1"), "refuse", program=bash,
+             says="http://127.0.0.1:9/v1"),
+    ]
+
+
+def cases_37() -> list[Case]:
+    """Issue 37: the asynchronous pipeline's options (every option crossed with its class of bad values, generated from
+    PIPELINE_BAD) and behaviours: N larger than the run, a producer slower than the timeout, resuming an asynchronous
+    checkpoint with a smaller N or synchronously. The vLLM fleet's server behaviours are in cases_37_fleet."""
+    async1 = ["--model.pipeline.max_staleness", "1"]
+    cases = [Case(f"fit --model.pipeline.{option} {value}", fit(*async1, f"--model.pipeline.{option}", value), "refuse",
+                  says=f"pipeline.{option}")
+             for option, values in PIPELINE_BAD.items() for value in values]
+    cases += [
+        Case("fit max_staleness larger than the run", fit("--model.pipeline.max_staleness", "50"), "run"),
+        Case("fit the inline producer", fit(*async1, "--model.pipeline.producer", "inline"), "run"),
+        Case("fit a producer slower than its timeout", fit(*async1, "--model.pipeline.timeout", "0.01"), "refuse",
+             says="--model.pipeline.timeout"),
+        Case("fit the fleet producer without urls", fit(*async1, "--model.pipeline.producer", "vllm_fleet"), "refuse",
+             says="pipeline.urls"),
+        Case("fit the fleet producer at a server that is down",
+             fit(*async1, "--model.pipeline.producer", "vllm_fleet", "--model.pipeline.urls", "[http://127.0.0.1:9/v1]"),
+             "refuse", says="127.0.0.1:9"),
+    ]
+    first = " ".join([sys.executable, "-m", "opdlab.cli", "fit", "--config", FAST, "--trainer.max_steps", "4",
+                      "--trainer.enable_progress_bar", "false", "--model.pipeline.max_staleness", "2",
+                      "--model.pipeline.producer", "inline", "--run_name", "async",
+                      "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
+                      "--trainer.callbacks.every_n_train_steps", "1", "--trainer.callbacks.save_top_k", "-1"])
+    resume = (f"{sys.executable} -m opdlab.cli fit --config {FAST} --trainer.max_steps 4 --run_name again "
+              "--ckpt_path runs/fast/async/checkpoints/epoch=0-step=2.ckpt")
+    cases += [
+        Case("resume an asynchronous checkpoint with a smaller max_staleness", [f"{first} >/dev/null 2>&1 && {resume} "
+             "--model.pipeline.max_staleness 1 --model.pipeline.producer inline"], "refuse", program=["bash", "-c"],
+             says="resume with max_staleness >= 2"),
+        Case("resume an asynchronous checkpoint synchronously", [f"{first} >/dev/null 2>&1 && {resume}"], "warn",
+             program=["bash", "-c"]),
+    ]
+    return cases
 
 
 def cases_36_placements() -> list[Case]:

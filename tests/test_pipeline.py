@@ -251,3 +251,17 @@ def test_pipeline_options_refuse_bad_values_naming_the_option(options, message):
 
 def test_pipeline_error_is_a_runtime_error():
     assert issubclass(PipelineError, RuntimeError)
+
+
+def test_resuming_an_asynchronous_checkpoint_synchronously_says_what_it_does(runs, tiny_checkpoints, tmp_path):
+    root, _ = runs
+    with pytest.warns(UserWarning, match="holds rollouts sampled ahead by an asynchronous run"):
+        result = fit(tmp_path, tiny_checkpoints, "sync_resume", "--ckpt_path", str(root / "ckpt_process2" / "step=2.ckpt"))
+    assert result.code == 0, result.err[-3000:]
+
+
+def test_resuming_with_a_smaller_staleness_than_the_checkpoints_rollouts_is_refused(runs, tiny_checkpoints, tmp_path):
+    root, _ = runs
+    result = fit(tmp_path, tiny_checkpoints, "smaller", "--ckpt_path", str(root / "ckpt_process2" / "step=2.ckpt"),
+                 pipeline={"max_staleness": 1, "producer": "inline"})
+    assert "resume with max_staleness >= 2" in str(result.code), result.code

@@ -52,6 +52,14 @@ class PipelineOptions:
             raise ValueError(f"pipeline.producer_threads must be an integer >= 1, got {self.producer_threads!r}")
         if not (isinstance(self.timeout, (int, float)) and self.timeout > 0 and self.timeout < float("inf")):
             raise ValueError(f"pipeline.timeout must be a finite number of seconds > 0, got {self.timeout!r}")
+        if self.producer_device is not None:
+            import torch
+
+            try:
+                torch.device(self.producer_device)
+            except (RuntimeError, TypeError, ValueError):
+                raise ValueError(f"pipeline.producer_device must be a torch device (cpu, cuda, cuda:1 ...), got "
+                                 f"{self.producer_device!r}") from None
         self.urls = list(self.urls or [])
         bad = [u for u in self.urls if not isinstance(u, str) or not u.startswith(("http://", "https://"))]
         if bad:

@@ -62,7 +62,14 @@ class RolloutPipeline:
         self.producer.publish(self.version, module.student)
         max_steps = module.trainer.max_steps
         self.limit = max_steps - module.global_step if max_steps and max_steps > 0 else None
-        for saved in self.restored:
+        for position, saved in enumerate(self.restored):
+            oldest = module.global_step + position - int(saved["version"])
+            if oldest > self.max_staleness:
+                raise PipelineError(f"the checkpoint's rollouts in flight for step {module.global_step + position + 1} "
+                                    f"were sampled {oldest} optimizer steps before it (policy version "
+                                    f"{saved['version']}), more than --model.pipeline.max_staleness "
+                                    f"{self.max_staleness}: resume with max_staleness >= "
+                                    f"{state_staleness(self.restored, module.global_step)}, as the run was saved")
             self.restore(saved)
         self.batches = datamodule.read_ahead(skip_batches=len(self.restored))
         self.restored = []
@@ -148,6 +155,11 @@ class RolloutPipeline:
 
     def close(self) -> None:
         self.producer.close()
+
+
+def state_staleness(saved: list[dict], step: int) -> int:
+    """The largest staleness the saved rollouts in flight will have when trained (from global step `step`)."""
+    return max(step + i - int(job["version"]) for i, job in enumerate(saved))
 
 
 def check_same_batch(batch: dict, expected: dict, step: int) -> None:

@@ -11,10 +11,12 @@ sets its own torch thread count (`--model.pipeline.producer_threads`).
 from __future__ import annotations
 
 import copy
+import os
 import queue
 import threading
 import time
 import traceback
+import warnings
 from dataclasses import replace
 
 import torch
@@ -31,6 +33,8 @@ class ProcessProducer(RolloutProducer):
 
     def __init__(self, threads: int = 1, device: str | None = None, startup_timeout: float = 600.0) -> None:
         self.threads, self.device, self.startup_timeout = threads, device, startup_timeout
+        if device is not None:
+            check_device(device)  # before any model loads
         self.process = None
         self.done: dict[int, Produced] = {}
         self.failure: str | None = None
@@ -50,6 +54,11 @@ class ProcessProducer(RolloutProducer):
         self.jobs, self.results = ctx.Queue(), ctx.Queue()
         engine = copy.deepcopy(module.producer_engine_template)
         device = self.device or str(module.device)
+        check_device(device)
+        if torch.device(device).type == "cpu" and self.threads + torch.get_num_threads() > (os.cpu_count() or 1):
+            warnings.warn(f"the rollout producer's {self.threads} thread(s) and the trainer's {torch.get_num_threads()} "
+                          f"exceed this machine's {os.cpu_count()} CPUs: they will take turns instead of overlapping "
+                          "(--model.pipeline.producer_threads, OMP_NUM_THREADS)", stacklevel=2)
         spec = {"student": module.student_path, "memory": module.memory_options, "adapter": module.adapter_options,
                 "seed": module.training_options.seed, "eos": module.tokenizer.eos_token_id,
                 "pad": module.tokenizer.pad_token_id, "threads": self.threads, "device": device}
@@ -74,7 +83,8 @@ class ProcessProducer(RolloutProducer):
             if kind == "ready":
                 return
             raise PipelineError(f"process producer: the worker failed while loading the student: {rest[-1]}")
-        raise PipelineError(f"process producer: the worker did not load the student in {self.startup_timeout:.0f} s")
+        raise PipelineError(f"process producer: the worker did not load the student in {self.startup_timeout:g} s "
+                            "(--model.pipeline.timeout)")
 
     def publish(self, version: int, student: torch.nn.Module) -> None:
         """Wait until the worker has taken the current weights for every job that names them, then write `version`'s."""
@@ -108,8 +118,8 @@ class ProcessProducer(RolloutProducer):
                     self.failure = f"the worker process died (exit code {self.process.exitcode})"
                     break
                 if time.monotonic() > deadline:
-                    raise PipelineError(f"process producer: waited {timeout or self.startup_timeout:.0f} s for job "
-                                        f"{index} {what} (--model.pipeline.timeout)")
+                    raise PipelineError(f"process producer: waited {timeout or self.startup_timeout:g} s for job "
+                                        f"{index} {what}, {self.context.where()} (--model.pipeline.timeout)")
                 self.cond.wait(POLL_SECONDS)
             if self.failure is not None:
                 raise PipelineError(f"process producer failed {self.context.where()}: {self.failure}")
@@ -168,6 +178,17 @@ class ProcessProducer(RolloutProducer):
         if self.collector is not None:
             self.collector.join(timeout=2)
         self.done.clear()
+
+
+def check_device(device: str) -> None:
+    """The producer's device exists here (a CUDA device on a machine without one is refused before the worker starts)."""
+    kind = torch.device(device)
+    if kind.type == "cuda" and (not torch.cuda.is_available() or (kind.index or 0) >= torch.cuda.device_count()):
+        raise PipelineError(f"--model.pipeline.producer_device {device}: this machine has "
+                            f"{torch.cuda.device_count()} CUDA device(s); give cpu or an existing cuda:<i>")
+    if kind.type not in ("cpu", "cuda"):
+        raise PipelineError(f"--model.pipeline.producer_device {device}: the process producer generates on cpu or "
+                            "cuda devices")
 
 
 def full(parameter: torch.Tensor) -> torch.Tensor:
