@@ -70,10 +70,11 @@ def fit_command(args, n: int, out: Path) -> list[str]:
     steps = args.warmup + args.steps + 1
     common = ["--trainer.max_steps", str(steps), "--trainer.limit_val_batches", "0", "--trainer.callbacks", "[]",
               "--trainer.enable_checkpointing", "false", "--trainer.logger.init_args.save_dir", str(out),
-              "--trainer.logger.init_args.name", f"N{n}", "--trainer.accelerator", "cpu"]
+              "--trainer.logger.init_args.name", f"N{n}", "--trainer.accelerator",
+              "gpu" if args.device == "cuda" else "cpu"]
     if n:
         common += ["--model.pipeline.max_staleness", str(n), "--model.pipeline.producer", "process",
-                   "--model.pipeline.producer_threads", "1"]
+                   "--model.pipeline.producer_threads", "1", "--model.pipeline.producer_device", args.device]
     if args.workload == "toy":
         return ["fit", "--config", str(REPO / "configs" / "ta_opd.yaml"), *common]
     models = args.models
@@ -104,13 +105,16 @@ def read_trace(events: list[dict], warmup: int) -> dict:
                 e["args"]["step"] > warmup:
             stages[e["name"]] = stages.get(e["name"], 0.0) + e["dur"] / 1e6
     generate = [e["dur"] / 1e6 for e in events if e.get("name") == "generate" and e["args"]["step"] > warmup]
+    stale = [e["args"]["staleness"] for e in events if e.get("name") == "generate"]
     return {"step": statistics.median(gaps), "stages": stages, "generate": statistics.median(generate) if generate
-            else None}
+            else None, "max_staleness_seen": max(stale, default=0)}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workload", choices=["toy", "qwen3-0.6b"], default="toy")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                        help="where the trainer and the producer process run (cuda: both on the one GPU)")
     parser.add_argument("--staleness", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=20, help="timed steps per run (default 20)")
@@ -138,6 +142,9 @@ def main() -> None:
     rows = ["| max staleness N | step (s), median per round | speed-up vs N=0 (median of rounds) | per round |",
             "|---|---|---|---|"]
     for n in args.staleness:
+        seen = max(run["max_staleness_seen"] for run in results[n])
+        if seen > n:
+            raise SystemExit(f"N={n}: a rollout was trained {seen} steps stale (trace.json)")
         ratios = [b["step"] / run["step"] for run, b in zip(results[n], base, strict=True)]
         times = ", ".join(f"{run['step']:.3f}" for run in results[n])
         rows.append(f"| {n} | {times} | "
@@ -153,7 +160,7 @@ def main() -> None:
                   " (configs/ta_opd.yaml: add3, batch 128, 6 new tokens)")
                + f"; {args.steps} timed steps after {args.warmup} per run, {args.rounds} rounds; trainer and producer "
                "one torch thread each; producer `process`.\n")
-    machine = f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}"
+    machine = f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, device {args.device}"
     publish("Asynchronous pipeline throughput", machine, setting, body, args.output)
 
 

@@ -23,6 +23,9 @@ last error line and the next one runs; one that cannot run here is SKIPPED with 
              configs/qwen3_full_opd.yaml (full_opd), bf16-mixed, FSDP2 on one GPU, at those shapes with rollout
              engine E, 1 warm-up + --steps timed steps: ms per decode step, seconds per step by stage, the
              engine's weight sync, peak memory
+  async      benchmarks/async_throughput.py: steps per second at max_staleness 0, 1, 2 with the rollouts in a
+             producer process on the same device (issue 37; --quick: the add3 toy on the CPU, a few steps, 1 round),
+             and no rollout trained more than N steps stale
   rollout    benchmarks/rollout.py at the 0.6B shape (16 rows x 256 new tokens)
   loss       benchmarks/loss_memory.py at 8,192 tokens
 Everything is written to --output (default benchmarks/results/gpu.md, overwritten): machine, versions, every
@@ -539,7 +542,7 @@ def stage_bench(r: Runner, name: str, cmd: list[str], timeout: float) -> None:
     ok, err = r.run(stage, [*python(), *cmd, "--output", str(out)], timeout, env={"PYTHONUNBUFFERED": "1"})
     if ok:
         stage.data["table"] = [line for line in out.read_text().splitlines()
-                               if line.startswith("|") or line.startswith("full OPD step")]
+                               if line.startswith(("|", "full OPD step", "Synchronous step", "Overlap ceiling"))]
         if not stage.data["table"]:
             ok, err = False, f"{Path(cmd[0]).name} printed no table"
     r.end(stage, "PASSED" if ok else "FAILED", err)
@@ -577,6 +580,14 @@ def rollout_command(args) -> list[str]:
     engines = ["reference", "static", *(["vllm"] if vllm_installed() else [])]
     return [str(HERE / "rollout.py"), "--device", args.device, "--sizes", "qwen3-0.6b", "--new-tokens",
             str(args.new_tokens), "--batch-size", str(args.rows), "--rounds", "3", "--engines", *engines]
+
+
+def async_command(args) -> list[str]:
+    if args.quick:
+        return [str(HERE / "async_throughput.py"), "--device", args.device, "--workload", "toy", "--steps", "3",
+                "--warmup", "1", "--rounds", "1"]
+    return [str(HERE / "async_throughput.py"), "--device", args.device, "--workload", "qwen3-0.6b", "--steps", "4",
+            "--warmup", "1", "--rounds", "1", "--batch-size", "8", "--new-tokens", str(args.new_tokens)]
 
 
 def loss_command(args) -> list[str]:
@@ -680,6 +691,7 @@ def render(r: Runner) -> str:
               "through NVML, the whole device (vLLM's pools included).", "", *fit_table(r.stages), ""]
     lines += ["## Targets", "", *targets(r.stages, args.device, dry=args.quick or args.device != "cuda"), ""]
     for name, title in (("placements", "Teacher placements (benchmarks/placement_parity.py)"),
+                        ("async", "Asynchronous pipeline (benchmarks/async_throughput.py)"),
                         ("rollout", "Rollout engines (benchmarks/rollout.py)"),
                         ("loss", "Loss path (benchmarks/loss_memory.py)")):
         stage = next((s for s in r.stages if s.name == name), None)
@@ -721,9 +733,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--require", nargs="*", default=[], metavar="REQ",
                    help="more requirements the install stage brings from the wheelhouse, e.g. vllm where its "
                         "wheels were carried (default: none beyond opdlab[math]'s)")
-    p.add_argument("--stages", nargs="*", default=["env", "install", "main-job", "placements", "fits", "rollout",
-                                                   "loss"],
-                   choices=["env", "install", "main-job", "placements", "fits", "rollout", "loss"],
+    p.add_argument("--stages", nargs="*", default=["env", "install", "main-job", "placements", "fits", "async",
+                                                   "rollout", "loss"],
+                   choices=["env", "install", "main-job", "placements", "fits", "async", "rollout", "loss"],
                    help="the stages to run (default: all, in that order)")
     p.add_argument("--budget-s", type=float, default=480.0,
                    help="total time budget in seconds; stages that would start after it are SKIPPED (default 480)")
@@ -813,6 +825,8 @@ def main(argv: list[str] | None = None) -> int:
         models = stage_models(r)
         for spec in args.fits:
             stage_fit(r, models, spec)
+    if "async" in args.stages:
+        stage_bench(r, "async", async_command(args), 180 if args.quick else 420)
     if "rollout" in args.stages:
         stage_bench(r, "rollout", rollout_command(args), 120 if args.quick else 300)
     if "loss" in args.stages:

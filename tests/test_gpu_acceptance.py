@@ -17,7 +17,8 @@ from conftest import REPO_ROOT
 SCRIPT = REPO_ROOT / "benchmarks" / "gpu_acceptance.py"
 PARITY = REPO_ROOT / "benchmarks" / "placement_parity.py"
 SECTIONS = ["## Machine and versions", "## Stages", "## Install", "## Main job", "## Qwen3-shaped fits", "## Targets",
-            "## Teacher placements (benchmarks/placement_parity.py)", "## Rollout engines (benchmarks/rollout.py)",
+            "## Teacher placements (benchmarks/placement_parity.py)",
+            "## Asynchronous pipeline (benchmarks/async_throughput.py)", "## Rollout engines (benchmarks/rollout.py)",
             "## Loss path (benchmarks/loss_memory.py)", "## Commands"]
 NUMBER = r"\d+\.\d+"
 
@@ -30,7 +31,7 @@ def load():
     return module
 
 
-def run(*args: str, timeout: int = 170) -> subprocess.CompletedProcess:
+def run(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=timeout,
                           check=False)
 
@@ -57,7 +58,8 @@ def test_dry_run_writes_every_section_with_numbers(tmp_path):
     assert "**CPU dry run, not a GPU result**" in report
     assert [s for s in SECTIONS if s not in report] == []
     stages = stage_rows(report)
-    for name in ("env", "install", "main-job", "placements", "models", "fit ta_opd static", "rollout", "loss"):
+    for name in ("env", "install", "main-job", "placements", "models", "fit ta_opd static", "async", "rollout",
+                 "loss"):
         assert stages[name][0] == "PASSED", (name, stages[name])
     if not vllm:
         assert stages["fit ta_opd vllm"][0] == "SKIPPED" and "vllm is not installed" in stages["fit ta_opd vllm"][1]
@@ -73,6 +75,10 @@ def test_dry_run_writes_every_section_with_numbers(tmp_path):
                                 ("lora", "sampled_token")], placements
     assert re.search(r"4 of 4 pairs equal within 0.0001 x max\(1, abs\(local\)\); largest abs diff \d",
                      stages["placements"][1]), stages["placements"]
+    pipeline = section(report, "## Asynchronous pipeline (benchmarks/async_throughput.py)")
+    assert [line.split(" | ")[0] for line in pipeline.splitlines() if re.match(r"\| \d \|", line)] == \
+        ["| 0", "| 1", "| 2"], pipeline
+    assert "Overlap ceiling with one producer" in pipeline, pipeline
     for title in ("## Rollout engines (benchmarks/rollout.py)", "## Loss path (benchmarks/loss_memory.py)"):
         body = [line for line in section(report, title).splitlines() if line.startswith("| ") and "---" not in line]
         assert len(body) >= 2 and re.search(NUMBER, body[-1]), (title, body)
