@@ -46,6 +46,7 @@ PUBLIC = {
     ],
     "opdlab.testing": ["check_selector", "check_divergence", "check_rollout_engine", "top_logprobs_of"],
     "opdlab.adapters": ["AdapterOptions", "plain_parameters"],
+    "opdlab.pipeline": ["PipelineOptions", "PipelineError"],
     "opdlab.evaluation": [
         "EvalOptions", "Benchmark", "EvalError", "check_config_files", "replacing_lists", "load_benchmark",
         "LoadedBenchmark", "Verifier", "response_limits", "resolve_model", "ModelSource", "load_model",
@@ -99,7 +100,7 @@ def test_public_names_import_from_their_stable_paths_without_warnings(module):
 
 
 @pytest.mark.parametrize("package", ["opdlab.selectors", "opdlab.divergences", "opdlab.engines", "opdlab.tasks",
-                                     "opdlab.evaluation"])
+                                     "opdlab.evaluation", "opdlab.pipeline"])
 def test_every_exported_name_is_recorded_as_public(package):
     """`__all__` of a public package is the public API: a new name is recorded in PUBLIC (and docs/api.md)."""
     exported = set(importlib.import_module(package).__all__)

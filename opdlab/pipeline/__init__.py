@@ -1,4 +1,4 @@
-"""Bounded-staleness asynchronous rollouts: `RolloutPipeline` and its producers (docs/runs.md, docs/method.md §7)."""
+"""Bounded-staleness asynchronous rollouts: `RolloutPipeline` and its producers (docs/runs.md, docs/method.md §6)."""
 
 from opdlab.pipeline.options import PipelineOptions
 from opdlab.pipeline.pipeline import RolloutPipeline, Taken
@@ -25,5 +25,6 @@ def make_producer(options: PipelineOptions) -> RolloutProducer:
     return FleetProducer(options.urls, options.timeout)
 
 
-__all__ = ["InlineProducer", "Job", "PipelineError", "PipelineOptions", "Produced", "ProducerContext",
-           "RolloutPipeline", "RolloutProducer", "Taken", "make_producer"]
+# Public: the options (what `--model.pipeline.*` sets) and the error a failed pipeline raises. The producers and the
+# schedule are internal for now (no plugin group chooses a producer yet).
+__all__ = ["PipelineError", "PipelineOptions"]
