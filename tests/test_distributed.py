@@ -204,3 +204,23 @@ def test_two_ranks_with_a_producer_process_each_match_one_process_inline(tiny_ch
         assert sorted(ranks[0][step]["indices"] + ranks[1][step]["indices"]) == sorted(single[step]["indices"])
         assert ranks[0][step]["student_sharded"]
         assert ranks[0][step]["loss"] == pytest.approx(single[step]["loss"], rel=1e-4, abs=1e-6)
+
+
+def test_two_ranks_resume_an_asynchronous_run_exactly(tiny_checkpoints, tmp_path):
+    """Each rank's rollouts in flight are in the checkpoint (gathered: rank 0 writes it), and each rank resumes its
+    own: the resumed steps' losses are the uninterrupted run's on both ranks."""
+    ddp = ["--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp",
+           "--model.pipeline.max_staleness", "1", "--model.pipeline.producer", "inline",
+           "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
+           "--trainer.callbacks.every_n_train_steps=1", "--trainer.callbacks.save_top_k=-1",
+           f"--trainer.callbacks.dirpath={tmp_path / 'ckpt'}", "--trainer.callbacks.filename={step}"]
+    _, whole = fit_subprocess(tiny_checkpoints, tmp_path, "whole", ddp, batch_size=4)
+    saved = torch.load(tmp_path / "ckpt" / "step=1.ckpt", map_location="cpu", weights_only=False)["rollout_pipeline"]
+    assert len(saved["ranks"]) == 2 and saved["ranks"][0]["jobs"][0]["batch"] != saved["ranks"][1]["jobs"][0]["batch"]
+    resume = [*ddp[:-1], f"--trainer.callbacks.dirpath={tmp_path / 'ckpt2'}", "--ckpt_path",
+              str(tmp_path / "ckpt" / "step=1.ckpt")]
+    _, resumed = fit_subprocess(tiny_checkpoints, tmp_path, "resumed", resume, batch_size=4)
+    for rank in (0, 1):
+        first, again = read_records(whole, rank), read_records(resumed, rank)
+        assert [r["loss"] for r in again] == [r["loss"] for r in first[1:]]
+        assert [r["indices"] for r in again] == [r["indices"] for r in first[1:]]

@@ -265,3 +265,102 @@ def test_resuming_with_a_smaller_staleness_than_the_checkpoints_rollouts_is_refu
     result = fit(tmp_path, tiny_checkpoints, "smaller", "--ckpt_path", str(root / "ckpt_process2" / "step=2.ckpt"),
                  pipeline={"max_staleness": 1, "producer": "inline"})
     assert "resume with max_staleness >= 2" in str(result.code), result.code
+
+
+def test_a_skipped_step_takes_one_batch_more_and_the_run_still_ends(tiny_checkpoints, tmp_path):
+    """A non-finite step does not count towards max_steps: the run trains one batch more, and the pipeline has a job
+    for it (it submits by optimizer steps, not by batches)."""
+    from unittest import mock
+
+    from opdlab.scoring import TokenStats
+
+    calls, original = {"n": 0}, TokenStats.non_finite_models
+
+    def second_step_non_finite(self):
+        calls["n"] += 1
+        return ["student"] if calls["n"] == 2 else original(self)
+
+    with mock.patch.object(TokenStats, "non_finite_models", second_step_non_finite):
+        result = fit(tmp_path, tiny_checkpoints, "skip", steps=3, pipeline={"max_staleness": 1, "producer": "inline"})
+    assert result.code == 0, str(result.code)[-2000:]
+    assert calls["n"] == 4 and "steps: 3" in result.out  # four batches for three updates
+
+
+@pytest.mark.parametrize("producer", ["inline", "process"])
+def test_mixed_precision_producers_sample_under_the_training_steps_autocast(runs, tiny_checkpoints, tmp_path,
+                                                                            producer):
+    """bf16-mixed without a validation before training (the engine's first copy is made by the producer): both
+    producers sample in the training step's autocast, so they train the same losses."""
+    result = fit(tmp_path, tiny_checkpoints, producer, "--trainer.precision", "bf16-mixed", steps=3,
+                 pipeline={"max_staleness": 1, "producer": producer})
+    assert result.code == 0, str(result.code)[-2000:]
+    mixed[producer] = scalars(tmp_path, producer)["train/loss"]
+    if len(mixed) == 2:
+        assert mixed["inline"] == mixed["process"]
+
+
+mixed: dict[str, dict] = {}
+
+
+def test_ctrl_c_saves_the_rollouts_in_flight_and_the_worker_ignores_it(tiny_checkpoints, tmp_path):
+    """Ctrl-C reaches the whole process group (the worker too): the worker leaves it to the trainer, which saves
+    last.ckpt with the rollouts in flight, then stops the worker."""
+    import subprocess
+    import sys
+    import time
+
+    from conftest import REPO_ROOT
+
+    args = [sys.executable, "-m", "opdlab.cli", "fit", "--config", FAST, "--config",
+            str(overrides(tmp_path, tiny_checkpoints, "ctrl_c", steps=100000, pipeline={"max_staleness": 1})),
+            "--trainer.callbacks", "[]"]
+    env = {**os.environ, "PYTHONPATH": f"{REPO_ROOT / 'tests'}{os.pathsep}{REPO_ROOT}", "OMP_NUM_THREADS": "1"}
+    log = tmp_path / "log.txt"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None and not re.search(r"^train \d+/", log.read_text(), re.M):
+            time.sleep(0.5)
+        time.sleep(2)  # a few steps more
+        os.killpg(proc.pid, signal.SIGINT)
+        proc.wait(timeout=120)
+    text = log.read_text()
+    (last,) = list(tmp_path.rglob("last.ckpt")) or [None]
+    assert last is not None, text[-3000:]
+    saved = torch.load(last, map_location="cpu", weights_only=False)
+    step = saved["global_step"]  # N + 1 jobs in flight after a step: those of the next two steps
+    assert [job["step"] for job in saved["rollout_pipeline"]["jobs"]] == [step, step + 1], text[-2000:]
+    assert "KeyboardInterrupt" not in text, text[-2000:]
+
+
+def test_a_worker_whose_trainer_was_killed_exits(tiny_checkpoints, tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    from conftest import REPO_ROOT
+
+    args = [sys.executable, "-m", "opdlab.cli", "fit", "--config", FAST, "--config",
+            str(overrides(tmp_path, tiny_checkpoints, "orphan", steps=100000, pipeline={"max_staleness": 1})),
+            "--trainer.callbacks", "[]"]
+    env = {**os.environ, "PYTHONPATH": f"{REPO_ROOT / 'tests'}{os.pathsep}{REPO_ROOT}", "OMP_NUM_THREADS": "1"}
+    log = tmp_path / "log.txt"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT)
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None and not re.search(r"^train \d+/", log.read_text(), re.M):
+            time.sleep(0.5)
+        children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+        workers = [int(c) for c in children if b"spawn" in Path(f"/proc/{c}/cmdline").read_bytes()]
+        assert workers, (children, log.read_text()[-2000:])
+        proc.kill()
+        proc.wait()
+    deadline = time.time() + 20
+    while time.time() < deadline and any(Path(f"/proc/{w}").exists() and
+                                         "Z" not in Path(f"/proc/{w}/stat").read_text().split()[2] for w in workers):
+        time.sleep(0.2)
+    alive = [w for w in workers if Path(f"/proc/{w}").exists() and "Z" not in Path(f"/proc/{w}/stat").read_text().split()[2]]
+    for w in alive:
+        os.kill(w, signal.SIGKILL)
+    assert not alive, "the producer process outlived its trainer"

@@ -80,7 +80,10 @@ class FitSummary(L.Callback):
             self.response_tokens += int(record.rollout.response_mask.sum())
             self.kept_tokens += int((record.keep.bool() & record.rollout.response_mask.bool()).sum())
             taken = getattr(record, "taken", None)
-            self.rollout_seconds += taken.waited if taken is not None else record.seconds.get("rollout", 0.0)
+            # an asynchronous step waits for its rollouts and, publishing its weights, for the producer to take the
+            # previous ones (an inline producer generates there): both count
+            self.rollout_seconds += (taken.waited + record.seconds.get("publish", 0.0) if taken is not None
+                                     else record.seconds.get("rollout", 0.0))
             if taken is not None:
                 self.staleness.append(taken.staleness)
 
@@ -163,8 +166,9 @@ class FitSummary(L.Callback):
         if self.pipeline is None:
             return (f"rollouts took {share} (synchronous; --model.pipeline.max_staleness 1 generates the next step's "
                     "while this one trains: docs/runs.md)")
-        return (f"trainer waited for rollouts {share} (max staleness {self.pipeline[0]}, producer {self.pipeline[1]}; "
-                f"mean staleness {reading['staleness_mean']:.2f} steps)")
+        return (f"trainer waited for rollouts {share} (for the producer's rollouts and weight updates; max staleness "
+                f"{self.pipeline[0]}, producer {self.pipeline[1]}; mean staleness {reading['staleness_mean']:.2f} "
+                "steps)")
 
     def kept_line(self, reading: dict) -> str:
         """The share of response tokens trained on (the reading's), and why it exceeds the budget when the floor

@@ -1,6 +1,6 @@
 """`RolloutPipeline`: the rollouts of the next steps, generated while this step trains, with bounded staleness.
 
-The schedule ("N-step-off", docs/method.md §7): with `max_staleness` N, the fit's first N + 1 jobs are submitted
+The schedule ("N-step-off", docs/method.md §6): with `max_staleness` N, the fit's first N + 1 jobs are submitted
 with the weights of its first step; after every step (stepped or skipped) the weights are published and one more
 job is submitted with them. The rollouts trained at step t were therefore sampled with the policy of step
 max(t - N, first), at most N optimizer steps old. A job is only admitted once its weights exist (the producer
@@ -37,9 +37,9 @@ class RolloutPipeline:
         self.jobs: deque[Job] = deque()  # submitted, not yet trained, oldest first
         self.ready: dict[int, Produced] = {}  # finished (and restored) jobs' rollouts
         self.next_index = 0
-        self.restored: list[dict] = []
+        self.restored: dict | list[dict] = []  # a checkpoint's rollouts in flight (its state, then this rank's)
         self.batches: Iterator[dict] | None = None
-        self.limit: int | None = None  # jobs this fit can still train (max_steps); none submitted past it
+        self.max_steps: int | None = None  # the run's last step: no job is submitted for a step past it
         self.version: int | None = None
         self.started = False
         self.waited = 0.0  # seconds the trainer waited for rollouts, this fit
@@ -57,12 +57,8 @@ class RolloutPipeline:
             raise PipelineError(f"--model.pipeline.max_staleness {self.max_staleness} (or a rollout fleet) needs a data "
                                 "module that can read its training batches ahead (opdlab.data.PromptDataModule or a "
                                 f"subclass); got {type(datamodule).__name__}")
-        self.producer.start(ProducerContext(module, module.stage_name, finish))
-        self.version = module.global_step
-        self.producer.publish(self.version, module.student)
-        max_steps = module.trainer.max_steps
-        self.limit = max_steps - module.global_step if max_steps and max_steps > 0 else None
-        for position, saved in enumerate(self.restored):
+        self.restored = self.this_ranks(self.restored, module)
+        for position, saved in enumerate(self.restored):  # before the producer starts: refused at once
             oldest = module.global_step + position - int(saved["version"])
             if oldest > self.max_staleness:
                 raise PipelineError(f"the checkpoint's rollouts in flight for step {module.global_step + position + 1} "
@@ -70,6 +66,12 @@ class RolloutPipeline:
                                     f"{saved['version']}), more than --model.pipeline.max_staleness "
                                     f"{self.max_staleness}: resume with max_staleness >= "
                                     f"{state_staleness(self.restored, module.global_step)}, as the run was saved")
+        self.producer.start(ProducerContext(module, module.stage_name, finish))
+        self.version = module.global_step
+        self.producer.publish(self.version, module.student)
+        max_steps = module.trainer.max_steps
+        self.max_steps = max_steps if max_steps and max_steps > 0 else None
+        for saved in self.restored:
             self.restore(saved)
         self.batches = datamodule.read_ahead(skip_batches=len(self.restored))
         self.restored = []
@@ -78,8 +80,9 @@ class RolloutPipeline:
             pass
 
     def submit_next(self) -> bool:
-        """Submit the next batch's job with the current weights; False when the run or the data has no more."""
-        if self.limit is not None and self.next_index >= self.limit:
+        """Submit the next batch's job with the current weights; False when the run or the data has no more. The run
+        trains until `max_steps` updates: a skipped (non-finite) step does not count, so it takes one batch more."""
+        if self.max_steps is not None and self.module.global_step + len(self.jobs) >= self.max_steps:
             return False
         batch = next(self.batches, None)
         if batch is None:
@@ -130,8 +133,19 @@ class RolloutPipeline:
 
     # ----------------------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict:
-        """The rollouts in flight, finished first (each job's version was published before it was submitted, so
-        each finishes), on the CPU; a resumed run trains them before anything new."""
+        """The rollouts in flight of every rank (each rank's own; gathered, as only rank 0 writes the checkpoint),
+        finished first (each job's version was published before it was submitted, so each finishes), on the CPU; a
+        resumed run trains them before anything new."""
+        from opdlab.distributed import world_size
+
+        mine = self.own_state()
+        if world_size() == 1:
+            return mine
+        gathered = [None] * world_size()
+        torch.distributed.all_gather_object(gathered, mine)
+        return {"ranks": gathered, "max_staleness": self.max_staleness}
+
+    def own_state(self) -> dict:
         jobs = []
         for job in self.jobs:
             if job.index not in self.ready:
@@ -142,7 +156,22 @@ class RolloutPipeline:
         return {"jobs": jobs, "max_staleness": self.max_staleness}
 
     def load_state_dict(self, state: dict) -> None:
-        self.restored = list(state.get("jobs", []))
+        self.restored = state  # this rank's part is taken in `begin` (the trainer's rank is known there)
+
+    def this_ranks(self, state, module) -> list[dict]:
+        """This rank's rollouts in flight from a loaded state ([] when none was loaded)."""
+        if not state:
+            return []
+        if "ranks" not in state:
+            ranks = 1
+            mine = state.get("jobs", [])
+        else:
+            ranks = len(state["ranks"])
+            mine = state["ranks"][module.global_rank]["jobs"] if module.global_rank < ranks else None
+        if ranks != module.trainer.world_size:
+            raise PipelineError(f"the checkpoint holds the rollouts in flight of {ranks} rank(s) and this run has "
+                                f"{module.trainer.world_size}: resume an asynchronous run on as many ranks as saved it")
+        return list(mine)
 
     def restore(self, saved: dict) -> None:
         index = self.next_index
@@ -154,7 +183,11 @@ class RolloutPipeline:
         self.next_index += 1
 
     def close(self) -> None:
+        """Stop the producer and forget the schedule (a later fit of the same module starts afresh)."""
         self.producer.close()
+        self.jobs.clear()
+        self.ready.clear()
+        self.started, self.next_index, self.batches = False, 0, None
 
 
 def state_staleness(saved: list[dict], step: int) -> int:

@@ -15,7 +15,6 @@ import os
 import queue
 import threading
 import time
-import traceback
 import warnings
 from dataclasses import replace
 
@@ -49,7 +48,6 @@ class ProcessProducer(RolloutProducer):
         self.shared = {name: full(p).to("cpu", copy=True).share_memory_()
                        for name, p in module.student.named_parameters() if p.requires_grad}
         self.version_value = ctx.Value("q", -1)
-        self.started_value = ctx.Value("q", -1)  # the last job index whose weights the worker has taken
         self.lock = ctx.Lock()
         self.jobs, self.results = ctx.Queue(), ctx.Queue()
         engine = copy.deepcopy(module.producer_engine_template)
@@ -61,9 +59,10 @@ class ProcessProducer(RolloutProducer):
                           "(--model.pipeline.producer_threads, OMP_NUM_THREADS)", stacklevel=2)
         spec = {"student": module.student_path, "memory": module.memory_options, "adapter": module.adapter_options,
                 "seed": module.training_options.seed, "eos": module.tokenizer.eos_token_id,
-                "pad": module.tokenizer.pad_token_id, "threads": self.threads, "device": device}
+                "pad": module.tokenizer.pad_token_id, "threads": self.threads, "device": device,
+                "autocast": autocast_dtype(module)}
         self.process = ctx.Process(target=worker_main, name="opdlab-rollout-producer", daemon=True,
-                                   args=(spec, engine, self.shared, self.version_value, self.started_value, self.lock,
+                                   args=(spec, engine, self.shared, self.version_value, self.lock,
                                          self.jobs, self.results))
         self.process.start()
         self.wait_ready()
@@ -94,10 +93,9 @@ class ProcessProducer(RolloutProducer):
             self.wait(lambda: not any(v < version for v in self.submitted_versions.values()), max(older),
                       "to take the previous weights")
         params = dict(student.named_parameters())
-        values = {name: full(params[name]) for name in self.shared}  # a sharded student: gathered on every rank
-        with self.lock:
+        with self.lock:  # (one parameter gathered at a time: a sharded student is never whole on the device)
             for name, shared in self.shared.items():
-                shared.copy_(values[name])
+                shared.copy_(full(params[name]))
             self.version_value.value = version
 
     def submit(self, job: Job) -> None:
@@ -197,8 +195,22 @@ def full(parameter: torch.Tensor) -> torch.Tensor:
     return value.full_tensor() if hasattr(value, "full_tensor") else value
 
 
-def worker_main(spec, engine, shared, version_value, started_value, lock, jobs, results) -> None:
-    """The worker: build the student as the trainer did, then take jobs in order until None."""
+def autocast_dtype(module) -> torch.dtype | None:
+    """The dtype the trainer's precision plugin autocasts its training step to (bf16-mixed: bfloat16 ...), so that
+    the worker samples as the synchronous loop would; None without autocast."""
+    precision = str(getattr(getattr(module, "_trainer", None), "precision", "") or "")
+    return {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(precision)
+
+
+def worker_main(spec, engine, shared, version_value, lock, jobs, results) -> None:
+    """The worker: build the student as the trainer did, then take jobs in order until None. Ctrl-C and SIGTERM are
+    the trainer's to handle (it saves a checkpoint, which needs the rollouts in flight, then stops the worker); a
+    worker whose trainer died exits on its own."""
+    import multiprocessing
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     try:
         torch.set_num_threads(spec["threads"])
         from opdlab.building import build_student
@@ -212,11 +224,18 @@ def worker_main(spec, engine, shared, version_value, started_value, lock, jobs, 
         engine.bind(student, spec["eos"], spec["pad"])
         results.put(("ready",))
     except Exception as err:  # noqa: BLE001
-        results.put(("error", -1, f"{error_summary(err)}\n{traceback.format_exc(limit=3)}"))
+        results.put(("error", -1, error_summary(err)))
         return
+    autocast = spec.get("autocast")
     loaded = None
     while True:
-        job: Job | None = jobs.get()
+        try:
+            job: Job | None = jobs.get(timeout=POLL_SECONDS * 5)
+        except queue.Empty:
+            parent = multiprocessing.parent_process()
+            if parent is not None and not parent.is_alive():
+                return  # the trainer was killed (SIGKILL, out of memory): nothing will ask for rollouts again
+            continue
         if job is None:
             results.put(("closed",))
             return
@@ -232,14 +251,14 @@ def worker_main(spec, engine, shared, version_value, started_value, lock, jobs, 
                             params[name].copy_(value)
                 engine.load_weights(student)
                 loaded = job.version
-            started_value.value = job.index
             results.put(("started", job.index))
             start = time.perf_counter()
-            rollout = engine.generate(job.prompts, replace(job.sampling(device), sync_ranks=False))
+            with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
+                rollout = engine.generate(job.prompts, replace(job.sampling(device), sync_ranks=False))
             rollout = copy.copy(rollout)
             for field in ("input_ids", "attention_mask", "response_mask", "sampling_logp"):
                 setattr(rollout, field, getattr(rollout, field).cpu())
             results.put(("done", job, rollout, loaded, start, time.perf_counter() - start))
         except Exception as err:  # noqa: BLE001 - the trainer reports it naming the step
-            results.put(("error", job.index, f"step {job.step + 1}: {error_summary(err)}"))
+            results.put(("error", job.index, f"while sampling job {job.index}: {error_summary(err)}"))
             return

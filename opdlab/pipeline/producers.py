@@ -113,7 +113,8 @@ class InlineProducer(RolloutProducer):
                                 f"but this process holds version {self.version}")
         module = self.context.module
         start = time.perf_counter()
-        rollout = module.sampler.generate(job.prompts, job.sampling(module.device))
+        with module.trainer.precision_plugin.train_step_context():  # as the synchronous loop samples (bf16-mixed ...)
+            rollout = module.sampler.generate(job.prompts, job.sampling(module.device))
         seconds = time.perf_counter() - start
         self.done[job.index] = self.context.finish(Produced(job, rollout, self.version, start, seconds, "inline"))
 
