@@ -191,6 +191,7 @@ def test_two_processes_with_a_sharded_lora_student_match_one_process(tiny_checkp
     assert exported, "the two-rank run exported no peft adapter"
 
 
+@pytest.mark.slow  # two ranks, two fits (~30 s): run with -m slow
 def test_two_ranks_with_a_producer_process_each_match_one_process_inline(tiny_checkpoints, tmp_path):
     """An asynchronous run on two ranks (sharded student: each rank's producer process gets the gathered weights every
     step) trains the losses of one process with the inline producer on the whole batch, N = 1."""
@@ -206,6 +207,7 @@ def test_two_ranks_with_a_producer_process_each_match_one_process_inline(tiny_ch
         assert ranks[0][step]["loss"] == pytest.approx(single[step]["loss"], rel=1e-4, abs=1e-6)
 
 
+@pytest.mark.slow  # two ranks, two fits (~30 s): run with -m slow
 def test_two_ranks_resume_an_asynchronous_run_exactly(tiny_checkpoints, tmp_path):
     """Each rank's rollouts in flight are in the checkpoint (gathered: rank 0 writes it), and each rank resumes its
     own: the resumed steps' losses are the uninterrupted run's on both ranks."""

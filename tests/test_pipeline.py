@@ -286,9 +286,9 @@ def test_a_skipped_step_takes_one_batch_more_and_the_run_still_ends(tiny_checkpo
     assert calls["n"] == 4 and "steps: 3" in result.out  # four batches for three updates
 
 
+@pytest.mark.slow  # two bf16-mixed fits (~30 s): run with -m slow
 @pytest.mark.parametrize("producer", ["inline", "process"])
-def test_mixed_precision_producers_sample_under_the_training_steps_autocast(runs, tiny_checkpoints, tmp_path,
-                                                                            producer):
+def test_mixed_precision_producers_sample_under_the_training_steps_autocast(tiny_checkpoints, tmp_path, producer):
     """bf16-mixed without a validation before training (the engine's first copy is made by the producer): both
     producers sample in the training step's autocast, so they train the same losses."""
     result = fit(tmp_path, tiny_checkpoints, producer, "--trainer.precision", "bf16-mixed", steps=3,
