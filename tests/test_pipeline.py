@@ -302,9 +302,9 @@ def test_mixed_precision_producers_sample_under_the_training_steps_autocast(tiny
 mixed: dict[str, dict] = {}
 
 
-def test_ctrl_c_saves_the_rollouts_in_flight_and_the_worker_ignores_it(tiny_checkpoints, tmp_path):
-    """Ctrl-C reaches the whole process group (the worker too): the worker leaves it to the trainer, which saves
-    last.ckpt with the rollouts in flight, then stops the worker."""
+def started_fit(tiny, tmp_path: Path, name: str, **popen):
+    """An endless asynchronous `opdlab fit` in a subprocess, returned once it printed its first step: (process, log
+    path, the open log file)."""
     import subprocess
     import sys
     import time
@@ -312,16 +312,24 @@ def test_ctrl_c_saves_the_rollouts_in_flight_and_the_worker_ignores_it(tiny_chec
     from conftest import REPO_ROOT
 
     args = [sys.executable, "-m", "opdlab.cli", "fit", "--config", FAST, "--config",
-            str(overrides(tmp_path, tiny_checkpoints, "ctrl_c", steps=100000, pipeline={"max_staleness": 1})),
-            "--trainer.callbacks", "[]"]
+            str(overrides(tmp_path, tiny, name, steps=100000, pipeline={"max_staleness": 1})), "--trainer.callbacks", "[]"]
     env = {**os.environ, "PYTHONPATH": f"{REPO_ROOT / 'tests'}{os.pathsep}{REPO_ROOT}", "OMP_NUM_THREADS": "1"}
     log = tmp_path / "log.txt"
-    with open(log, "w") as out:
-        proc = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-        deadline = time.time() + 240
-        while time.time() < deadline and proc.poll() is None and not re.search(r"^train \d+/", log.read_text(), re.M):
-            time.sleep(0.5)
+    out = open(log, "w")  # noqa: SIM115 - the caller closes it
+    proc = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT, **popen)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None and not re.search(r"^train \d+/", log.read_text(), re.M):
+        time.sleep(0.5)
+    return proc, log, out
+
+
+def test_ctrl_c_saves_the_rollouts_in_flight_and_the_worker_ignores_it(tiny_checkpoints, tmp_path):
+    """Ctrl-C reaches the whole process group (the worker too): the worker leaves it to the trainer, which saves
+    last.ckpt with the rollouts in flight, then stops the worker."""
+    import time
+
+    proc, log, out = started_fit(tiny_checkpoints, tmp_path, "ctrl_c", start_new_session=True)
+    with out:
         time.sleep(2)  # a few steps more
         os.killpg(proc.pid, signal.SIGINT)
         proc.wait(timeout=120)
@@ -335,22 +343,10 @@ def test_ctrl_c_saves_the_rollouts_in_flight_and_the_worker_ignores_it(tiny_chec
 
 
 def test_a_worker_whose_trainer_was_killed_exits(tiny_checkpoints, tmp_path):
-    import subprocess
-    import sys
     import time
 
-    from conftest import REPO_ROOT
-
-    args = [sys.executable, "-m", "opdlab.cli", "fit", "--config", FAST, "--config",
-            str(overrides(tmp_path, tiny_checkpoints, "orphan", steps=100000, pipeline={"max_staleness": 1})),
-            "--trainer.callbacks", "[]"]
-    env = {**os.environ, "PYTHONPATH": f"{REPO_ROOT / 'tests'}{os.pathsep}{REPO_ROOT}", "OMP_NUM_THREADS": "1"}
-    log = tmp_path / "log.txt"
-    with open(log, "w") as out:
-        proc = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT)
-        deadline = time.time() + 240
-        while time.time() < deadline and proc.poll() is None and not re.search(r"^train \d+/", log.read_text(), re.M):
-            time.sleep(0.5)
+    proc, log, out = started_fit(tiny_checkpoints, tmp_path, "orphan")
+    with out:
         children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
         workers = [int(c) for c in children if b"spawn" in Path(f"/proc/{c}/cmdline").read_bytes()]
         assert workers, (children, log.read_text()[-2000:])
